@@ -1,0 +1,3 @@
+from ezoforge.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""Chat-formatted generation: batched (left padding), streamed, and the JSONL batch command."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ezoforge.models import Loaded
+from ezoforge.records import RecordError, atomic_path, read_jsonl, require
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class Generator:
+    """Owns a loaded model; one request at a time (a lock), so concurrent callers queue safely."""
+
+    def __init__(self, loaded: Loaded):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.lock = threading.Lock()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self.eos_ids = sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
+
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
+
+    def _generate_kwargs(self, sampling: Sampling) -> dict:
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _encode(self, batch: list[list[dict[str, str]]]):
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left so every row ends at its prompt
+        texts = [self.prompt_text(m) for m in batch]
+        # The chat template already holds the special tokens (BOS included where the model wants one).
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.loaded.device) for k, v in enc.items()}
+
+    def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
+        enc = self._encode(batch)
+        with self.lock, torch.inference_mode():
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(**enc, **self._generate_kwargs(sampling))
+        width = enc["input_ids"].shape[1]
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, plen in zip(out[:, width:].tolist(), prompt_lens):
+            n = len(row)
+            ended = False
+            for i, tok in enumerate(row):
+                if tok in self.eos_ids:
+                    n, ended = i + 1, True
+                    break
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, sampling.stop)
+            reason = "stop" if ended or stopped or n < sampling.max_new_tokens else "length"
+            results.append(Completion(text.strip(), int(plen), n, reason))
+        return results
+
+    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
+        """Yield text pieces as they are generated, then one final Completion with the totals."""
+        from transformers import TextIteratorStreamer
+
+        enc = self._encode([messages])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+
+        def work() -> None:
+            with self.lock, torch.inference_mode():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                try:
+                    result["out"] = self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=streamer)
+                except BaseException as e:  # surfaced to the consumer below
+                    result["error"] = e
+                    streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        # Hold back a stop string's worth of text so a stop sequence is never partly emitted.
+        hold = max((len(s) for s in sampling.stop), default=1) - 1
+        text, sent, stopped = "", 0, False
+        for piece in streamer:
+            if stopped:
+                continue  # drain so the worker finishes
+            text += piece
+            cut, stopped = _cut_at_stop(text, sampling.stop)
+            ready = len(cut) if stopped else max(sent, len(text) - hold)
+            if ready > sent:
+                yield cut[sent:ready] if stopped else text[sent:ready]
+                sent = ready
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        if not stopped and len(text) > sent:
+            yield text[sent:]
+        new = result["out"][0, enc["input_ids"].shape[1]:].tolist()
+        n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), len(new))
+        ended = any(t in self.eos_ids for t in new)
+        reason = "stop" if stopped or ended or n < sampling.max_new_tokens else "length"
+        yield Completion(_cut_at_stop(text, sampling.stop)[0], int(enc["input_ids"].shape[1]), n, reason)
+
+
+def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
+                  batch_size: int = 8) -> int:
+    """`{"id", "prompt"}` lines in, `{"id", "prompt", "answer"}` lines out, in input order.
+
+    Finished answers are appended to `OUT.partial` as each batch completes, so a killed run resumes
+    where it stopped; the final file appears atomically when all are done.
+    """
+    from rich.progress import Progress
+
+    rows, seen = [], set()
+    for lineno, obj in read_jsonl(input_path):
+        prompt = require(input_path, lineno, obj, "prompt")
+        row_id = str(obj.get("id", lineno))
+        if row_id in seen:
+            raise RecordError(f"{input_path}:{lineno}: duplicate id {row_id!r}")
+        seen.add(row_id)
+        rows.append({"id": row_id, "prompt": prompt})
+    partial = out_path.with_name(out_path.name + ".partial")
+    done: dict[str, str] = {}
+    if partial.exists():
+        for _, obj in read_jsonl(partial, on_error="skip"):
+            if isinstance(obj, dict):  # a torn last line from a kill is skipped and redone
+                done[obj["id"]] = obj["answer"]
+    todo = [r for r in rows if r["id"] not in done]
+    with Progress() as progress, open(partial, "a", encoding="utf-8") as sink:
+        task = progress.add_task("generating", total=len(rows), completed=len(rows) - len(todo))
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i: i + batch_size]
+            outs = gen.complete([build_messages(r["prompt"], system) for r in chunk], sampling)
+            for r, c in zip(chunk, outs):
+                done[r["id"]] = c.text
+                sink.write(json.dumps({"id": r["id"], "answer": c.text}, ensure_ascii=False) + "\n")
+            sink.flush()
+            progress.advance(task, len(chunk))
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "answer": done[r["id"]]}, ensure_ascii=False) + "\n")
+    partial.unlink()
+    return len(rows)

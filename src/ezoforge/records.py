@@ -1,0 +1,208 @@
+"""Records that flow between stages, and the IO every stage shares.
+
+Readers name FILE:LINE and the field on bad input; writers go through a temporary name and an
+atomic rename so a killed run never leaves a half-written file under a final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ezoforge.errors import RecordError
+
+DONE = "DONE"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Document(Record):
+    id: str
+    text: str
+    source: str
+    title: str | None = None
+    url: str | None = None
+    meta: dict[str, Any] = {}
+
+
+class Pair(Record):
+    id: str
+    doc_id: str
+    instruction: str
+    response: str
+    context: str | None = None
+    generator: str
+
+
+class Judgement(Record):
+    task_id: str
+    model: str
+    answer: str
+    judge: str
+    grade: int | None = Field(None, ge=1, le=5)
+    error: str | None = None
+    reason: str = ""
+    prompt_version: str
+
+
+# ---------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
+def write_parquet(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> int:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return len(rows)
+
+
+# ---------------------------------------------------------------- reading
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+def read_jsonl(path: str | Path, on_error: str = "fail") -> Iterator[tuple[int, dict[str, Any] | RecordError]]:
+    """Yield (line number, object). A bad line raises RecordError, or with on_error="skip" is yielded as one."""
+    path = Path(path)
+    try:
+        with _open_text(path) as f:
+            lineno = 0
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    raise RecordError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                except ValueError as e:
+                    err = RecordError(f"{path}:{lineno}: invalid JSON: {e}")
+                    if on_error == "skip":
+                        yield lineno, err
+                        continue
+                    raise err from None
+                yield lineno, obj
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise RecordError(f"{path}: no such file") from None
+        raise RecordError(f"{path}: truncated or corrupt compressed file ({e})") from None
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number, row) from JSONL, JSONL.gz or Parquet; the number is 1-based."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise RecordError(f"{path}: not a readable Parquet file ({e})") from None
+        n = 0
+        for batch in pf.iter_batches():
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+        return
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        yield from read_jsonl(path)  # type: ignore[misc]
+        return
+    raise RecordError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+
+
+def require(path: str | Path, lineno: int, row: dict[str, Any], field: str, kind: type = str) -> Any:
+    """A field's value, or a RecordError naming FILE:LINE and the field."""
+    if field not in row or row[field] is None:
+        raise RecordError(f"{path}:{lineno}: missing field '{field}'")
+    value = row[field]
+    if not isinstance(value, kind):
+        raise RecordError(f"{path}:{lineno}: field '{field}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_record(model: type[Record], path: str | Path, lineno: int, row: dict[str, Any]) -> Record:
+    try:
+        return model.model_validate(row)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise RecordError(f"{path}:{lineno}: field '{field}': {first['msg']}") from None
+
+
+def stage_files(folder: str | Path, patterns: tuple[str, ...] = ("*.parquet", "*.jsonl", "*.jsonl.gz")) -> list[Path]:
+    """The data shards of a stage output folder (its data/ subfolder), or of a plain folder, sorted."""
+    folder = Path(folder)
+    base = folder / "data" if (folder / "data").is_dir() else folder
+    files = sorted({p for pat in patterns for p in base.glob(pat)})
+    if not files:
+        raise RecordError(f"{folder}: no data files ({', '.join(patterns)})")
+    return files
+
+
+# ---------------------------------------------------------------- completion markers
+
+def mark_done(folder: str | Path, fingerprint: str, **info: Any) -> None:
+    """Write DONE last: its presence says every other output in the folder is complete."""
+    write_json(Path(folder) / DONE, {"fingerprint": fingerprint, **info})
+
+
+def done_fingerprint(folder: str | Path) -> str | None:
+    marker = Path(folder) / DONE
+    if not marker.exists():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
+    except ValueError:
+        return None
