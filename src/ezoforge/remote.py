@@ -1,0 +1,62 @@
+"""Calls to any OpenAI-compatible chat endpoint (our `ezo serve`, `vllm serve`, a hosted API).
+
+Retries come from the official client: connection errors, timeouts, 408, 409, 429 and 5xx are retried
+with exponential backoff and jitter, honouring Retry-After; other 4xx fail at once. A call that still
+fails raises RemoteError: callers record it as an error, never as text.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import openai
+
+from ezoforge.errors import ConfigError, EzoError
+
+
+class RemoteError(EzoError):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ChatReply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 120.0,
+                max_retries: int = 4) -> openai.OpenAI:
+    """The key is read from the named environment variable only; it is never stored or logged."""
+    key = "none"
+    if api_key_env:
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            raise ConfigError(f"api_key_env {api_key_env}: environment variable is not set or empty")
+    return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+
+
+def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int,
+         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> ChatReply:
+    try:
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                              temperature=temperature, top_p=top_p, seed=seed)
+    except openai.APIStatusError as e:
+        raise RemoteError(f"{client.base_url}: HTTP {e.status_code}: {_message(e)}", e.status_code) from None
+    except openai.APITimeoutError:
+        raise RemoteError(f"{client.base_url}: timed out after {client.max_retries} retries") from None
+    except openai.APIConnectionError as e:
+        raise RemoteError(f"{client.base_url}: cannot connect ({e.__cause__ or e})") from None
+    choice = resp.choices[0]
+    usage = resp.usage
+    return ChatReply(choice.message.content or "", usage.prompt_tokens if usage else 0,
+                     usage.completion_tokens if usage else 0, choice.finish_reason or "stop")
+
+
+def _message(e: openai.APIStatusError) -> str:
+    body = e.body if isinstance(e.body, dict) else {}
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    return (err.get("message") if isinstance(err, dict) else None) or str(e.message)
