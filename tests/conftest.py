@@ -30,3 +30,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def live_server(bundled):
+    """`ezo serve`'s app with the bundled model on a loopback port; yields the base URL (…/v1 for clients)."""
+    from ezoforge.infer.generate import Generator
+    from ezoforge.infer.serve import BackgroundServer, create_app
+
+    with BackgroundServer(create_app(Generator(bundled), BUNDLED)) as url:
+        yield url

@@ -183,3 +183,40 @@ def serve(gen: Generator, served_model_name: str, host: str = "127.0.0.1", port:
 
     app = create_app(gen, served_model_name, api_key_from_env(api_key_env))
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+class BackgroundServer:
+    """Serve an app on loopback from a thread (for a local judge/synthesizer and for tests): `with ... as url:`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = None
+
+    def __enter__(self) -> str:
+        import threading
+
+        import httpx
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server on {self.url} did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
