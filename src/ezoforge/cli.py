@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ezoforge.config import Recipe, dump_yaml, load_recipe
 from ezoforge.errors import EzoError
@@ -177,7 +178,7 @@ def main() -> None:
     try:
         app()
     except EzoError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        console.print("[bold red]error:[/bold red]", escape(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

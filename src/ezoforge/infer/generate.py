@@ -68,19 +68,25 @@ class Generator:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def _encode(self, batch: list[list[dict[str, str]]]):
+    def _encode(self, texts: list[str], pad_to_multiple_of: int | None = None):
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left so every row ends at its prompt
-        texts = [self.prompt_text(m) for m in batch]
         # The chat template already holds the special tokens (BOS included where the model wants one).
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                             pad_to_multiple_of=pad_to_multiple_of)
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
-        enc = self._encode(batch)
+        return self.complete_text([self.prompt_text(m) for m in batch], sampling)
+
+    def complete_text(self, texts: list[str], sampling: Sampling, pad_to_multiple_of: int | None = None,
+                      **generate_kwargs) -> list[Completion]:
+        """Complete raw prompts: chat-formatted ones (a prefilled assistant turn) or a base model's own format.
+        `pad_to_multiple_of` and `generate_kwargs` (e.g. a static cache) let a caller keep shapes stable."""
+        enc = self._encode(texts, pad_to_multiple_of)
         with self.lock, torch.inference_mode():
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            out = self.model.generate(**enc, **self._generate_kwargs(sampling))
+            out = self.model.generate(**enc, **self._generate_kwargs(sampling), **generate_kwargs)
         width = enc["input_ids"].shape[1]
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         results = []
@@ -101,7 +107,7 @@ class Generator:
         """Yield text pieces as they are generated, then one final Completion with the totals."""
         from transformers import TextIteratorStreamer
 
-        enc = self._encode([messages])
+        enc = self._encode([self.prompt_text(messages)])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 

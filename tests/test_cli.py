@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from conftest import BUNDLED
+from ezoforge.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    out = runner.invoke(app, ["--help"]).output
+    for command in ("generate", "chat", "serve", "run", "validate"):
+        assert command in out
+
+
+def test_validate_prints_resolved_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("workdir: runs/x\ntrain:\n  lora_r: 8\n", encoding="utf-8")
+    result = runner.invoke(app, ["validate", str(recipe), "--set", "train.max_steps=3"])
+    assert result.exit_code == 0
+    assert "lora_r: 8" in result.output and "max_steps: 3" in result.output
+
+
+def test_validate_rejects_unknown_key_by_name(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lora_rank: 8\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "ezoforge", "validate", str(recipe)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "r.yaml:2: train.lora_rank: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_prints_a_reply(bundled):
+    result = runner.invoke(app, ["generate", "--model", BUNDLED, "--prompt", "日本の首都はどこですか？",
+                                 "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+
+
+def test_generate_flags_that_contradict():
+    result = runner.invoke(app, ["generate", "--prompt", "x", "--system", "s", "--no-system"])
+    assert result.exit_code != 0
