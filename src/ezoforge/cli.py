@@ -171,6 +171,21 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetO
     run_recipe(load_recipe(recipe, set_), recipe, force=force)
 
 
+@app.command()
+def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetOpt = None,
+         gpu: Annotated[str, typer.Option("--gpu", help="Card to estimate for: h100, h200, a100-80gb, a100-40gb, l40s, l4, rtx4090.")] = "h100",
+         as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False) -> None:
+    """Estimate a run before starting it: tokens per stage, training GPU memory, hours on the card."""
+    import json
+
+    from ezoforge.plan import CARDS, plan as make_plan, print_plan
+
+    if gpu not in CARDS:
+        raise EzoError(f"--gpu {gpu}: unknown card (known: {', '.join(CARDS)})")
+    result = make_plan(load_recipe(recipe, set_), gpu)
+    print(json.dumps(result, indent=2)) if as_json else print_plan(result)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "urllib3", "datatrove"):

@@ -223,7 +223,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, lines)) from None
+    recipe.curate.inputs = [bundled_data(p) for p in recipe.curate.inputs]
+    recipe.eval.tasks = [_expand_task(t) for t in recipe.eval.tasks]
     return recipe
+
+
+BUNDLED_DATA = "bundled:"
+
+
+def bundled_data(path: str) -> str:
+    """`bundled:web/fineweb-demo.parquet` -> the file shipped in ezoforge/data (works from any install)."""
+    if not path.startswith(BUNDLED_DATA) or path == BUNDLED_MODEL:
+        return path
+    return str(Path(__file__).parent / "data" / path[len(BUNDLED_DATA):])
+
+
+def _expand_task(spec: str) -> str:
+    name, sep, rest = spec.partition(":")
+    return f"{name}:{bundled_data(rest)}" if sep else spec
 
 
 # ---------------------------------------------------------------- identity and saving
