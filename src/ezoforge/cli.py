@@ -186,6 +186,170 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: Set
     print(json.dumps(result, indent=2)) if as_json else print_plan(result)
 
 
+eval_app = typer.Typer(help="Evaluate a model (ELYZA-tasks-100 with an LLM judge, chrF, JCommonsenseQA, perplexity); "
+                            "`ezo eval compare DIR DIR…` puts runs side by side.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", "-t", help="SPEC[,SPEC…]: elyza100[:PATH], jcqa[:PATH], mt-bench-ja:PATH, ppl:PATH.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (answers, judgements, report).")] = None,
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL, or `local` to serve --judge-model in-process.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name (with `local`: a model spec).")] = None,
+    judge_api_key_env: Annotated[Optional[str], typer.Option("--judge-api-key-env", help="Env var holding the judge's API key.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="First N items of each task.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Judge requests in flight.")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Report a mean over graded tasks even if some judgements failed.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    chat_template: TemplateOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda …")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer, judge and score a model into --out (report.json, report.html)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ezoforge.errors import ConfigError
+    from ezoforge.eval.run import run as run_eval
+
+    recipe = _recipe(config, set_, **{
+        "model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
+        "eval.tasks": tasks.split(",") if tasks else None, "eval.judge_url": judge_url,
+        "eval.judge_model": judge_model, "eval.judge_api_key_env": judge_api_key_env, "eval.limit": limit,
+        "eval.concurrency": concurrency, "eval.allow_partial": allow_partial or None,
+        "eval.generation.max_new_tokens": max_new_tokens})
+    if out is None:
+        raise ConfigError("ezo eval needs --out DIR")
+    report = run_eval(recipe, out, adapter, force)
+    console.print(f"[bold]{report['status']}[/bold] · mean grade {report['mean_grade']} (95% CI {report['ci95']}) · "
+                  f"{report['n_scored']}/{report['n_tasks']} graded · chrF {report['chrf']} · "
+                  f"accuracy {report['accuracy']} · perplexity {report['perplexity']} → {out / 'report.html'}",
+                  highlight=False)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    dirs: Annotated[list[Path], typer.Argument(help="Eval output folders; the first is the baseline.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json and compare.html here.")] = None,
+) -> None:
+    """Runs side by side: mean grade with 95% CI, paired bootstrap difference vs the first, chrF, accuracy, perplexity."""
+    from rich.table import Table
+
+    from ezoforge.eval.report import COMPARE_COLUMNS, compare_rows
+    from ezoforge.eval.run import compare
+
+    result = compare(dirs, out)
+    table = Table(*COMPARE_COLUMNS, title=f"baseline: {result['baseline']}")
+    for row in compare_rows(result):
+        table.add_row(*("–" if v is None else str(v) for v in row))
+    Console().print(table)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if out is not None:
+        console.print(f"wrote {out / 'compare.html'}")
+
+
+@app.command()
+def curate(
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        help="Inputs: .xml/.xml.bz2 (MediaWiki export), .parquet, .jsonl/.jsonl.gz, folders or globs "
+             "(default: curate.inputs from the recipe).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/, rejected/, stats.json, DONE).")] = ...,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Parallel tasks.")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (default) or skip: bad rows go to rejected/.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Extract clean, deduplicated Japanese documents from Wikipedia dumps and FineWeb-style web text."""
+    from ezoforge.curate.run import run as run_curate
+
+    recipe = _recipe(config, set_, **{"curate.workers": workers, "curate.on_error": on_error})
+    stats = run_curate(recipe, inputs or [], out, force=force)
+    removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "none"
+    console.print(f"kept {stats['docs_out']} of {stats['docs_in']} documents in {out / 'data'} (removed: {removed})")
+
+
+@app.command()
+def synth(
+    input: Annotated[Path, typer.Argument(help="A curate output folder, or JSONL/Parquet file(s) with `text` (and `id`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/, rejected/, stats.json, DONE).")] = ...,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model spec, or the served model name with --backend openai (default: the recipe's).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="transformers, vllm or openai.")] = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the server's API key.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="prompted (any chat model) or synthesizer (Instruction Pre-Training format).")] = None,
+    pairs_per_doc: Annotated[Optional[int], typer.Option("--pairs-per-doc", help="Pairs asked for per passage (prompted mode).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N documents.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight (openai backend).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Synthesize instruction/response pairs from documents, resumably (completed requests are never resent)."""
+    from ezoforge.synth.run import run as run_synth
+
+    recipe = _recipe(config, set_, **{
+        "synth.model": model, "synth.backend": backend, "synth.base_url": base_url, "synth.api_key_env": api_key_env,
+        "synth.mode": mode, "synth.pairs_per_doc": pairs_per_doc, "synth.limit": limit,
+        "synth.concurrency": concurrency})
+    stats = run_synth(recipe, input, out, force=force)
+    console.print(f"{stats['pairs']} pairs from {stats['documents']} documents ({stats['requests']} requests, "
+                  f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} errors) in {out / 'data'}")
+
+
+@app.command()
+def train(
+    inputs: Annotated[list[Path], typer.Argument(help="A synth output folder, or JSONL/Parquet with instruction+response (+context) or messages.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, DONE).")] = ...,
+    model: ModelOpt = None,
+    qlora: Annotated[Optional[bool], typer.Option("--qlora/--no-qlora", help="4-bit NF4 base (default: wherever bitsandbytes 4-bit works).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data (instead of --max-steps).")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint (and eval) every N steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    chat_template: TemplateOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Start over in a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Instruction-tune a LoRA/QLoRA adapter with assistant-only loss; rerun the same command to resume after a kill."""
+    from ezoforge.train.run import run as run_train
+
+    recipe = _recipe(config, set_, **{
+        "model.name": model, "model.chat_template": chat_template, "train.qlora": qlora,
+        "train.max_steps": max_steps, "train.epochs": epochs, "train.save_every": save_every, "train.seed": seed})
+    stats = run_train(recipe, inputs, out, force=force)
+    if stats:
+        console.print(f"{stats['steps']} steps · loss {stats['train_loss_first']} → {stats['train_loss_last']} · "
+                      f"eval loss {stats['eval_loss']} · {stats['tokens_per_s']} tok/s → {out / 'adapter'}",
+                      highlight=False)
+
+
+@app.command()
+def merge(
+    train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` output folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the standalone merged model.")] = ...,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16 (default), float32 or float16.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Merge the adapter into a full-precision copy of its base and save a model plain transformers and vLLM load."""
+    from ezoforge.train.merge import run as run_merge
+
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    recipe = _recipe(config, set_, **{"merge.dtype": aliases.get(dtype, dtype)})
+    stats = run_merge(train_dir, out, recipe.merge.dtype, force=force)
+    console.print(f"merged {stats['base']} + {train_dir / 'adapter'} → {out} ({stats['dtype']})", highlight=False)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "urllib3", "datatrove"):

@@ -44,10 +44,158 @@ class GenerationConfig(Section):
     seed: int = 0
 
 
+# Curation thresholds. Sources: Swallow corpus v1 (Okazaki et al. 2024, "Building a Large Japanese Web Corpus
+# for Large Language Models", quality filtering), FineWeb-2 `jpn_Jpan` (Penedo et al. 2025), llm-jp-corpus v1
+# cleaning; "ours" where no published value fits character-level Japanese (see ezoforge/curate/ja_filters.py).
+
+class Rule(Section):
+    enabled: bool = True
+
+
+class MojibakeRule(Rule):
+    # ours: share of mojibake markers (U+FFFD, C1, Latin-1 letters, 縺繧繝). Mis-decoded pages score 0.3+;
+    # a clean FineWeb-2 page on Bézier with French names scores 0.02.
+    max_ratio: float = Field(0.05, ge=0, le=1)
+
+
+class JapaneseRule(Rule):
+    min_ratio: float = Field(0.5, ge=0, le=1)  # Swallow: Japanese characters ≥ 0.5
+
+
+class LengthRule(Rule):
+    min_chars: int = Field(400, ge=0)  # Swallow: ≥ 400 characters
+    min_ja_chars: int = Field(400, ge=0)  # Swallow: ≥ 400 Japanese characters
+
+
+class KanaRule(Rule):
+    min_hiragana: float = Field(0.2, ge=0, le=1)  # Swallow
+    max_katakana: float = Field(0.5, ge=0, le=1)  # Swallow
+
+
+class SentenceRule(Rule):
+    min_avg: float = Field(20, ge=0)  # Swallow: average sentence length 20–90
+    max_avg: float = Field(90, ge=0)
+    # Swallow: longest sentence ≤ 200, but 10 of JSQuAD's 91 Wikipedia articles (≥ 400 chars) have a genuine
+    # 202–383-character sentence; 400 keeps clean encyclopedic text and still drops unpunctuated walls.
+    max_len: int = Field(400, ge=1)
+
+
+class EllipsisRule(Rule):
+    max_ratio: float = Field(0.2, ge=0, le=1)  # Swallow: lines ending in an ellipsis ≤ 0.2
+
+
+class DuplicatesRule(Rule):
+    # Swallow (after Gopher): duplicate lines/paragraphs ≤ 0.30 by count, ≤ 0.20 by characters.
+    # FineWeb-2 jpn_Jpan's duplicate-line fraction is 0.375, looser than Swallow's, so Swallow's applies.
+    max_lines: float = Field(0.30, ge=0, le=1)
+    max_line_chars: float = Field(0.20, ge=0, le=1)
+    max_paragraphs: float = Field(0.30, ge=0, le=1)
+    max_paragraph_chars: float = Field(0.20, ge=0, le=1)
+
+
+# Swallow's n-gram rules come from Gopher, whose n counts words; without a tokenizer we count characters and
+# take a Japanese word as 2 characters (UniDic short units average about that), so word n-gram -> 2n characters.
+# At n characters (5..10) the rule dropped 57% of JSQuAD's Wikipedia articles; at 2n it keeps them.
+
+class TopNgramRule(Rule):
+    max_ratio: dict[int, float] = {4: 0.20, 6: 0.18, 8: 0.16}  # Swallow: top 2/3/4-gram share, as 2n characters
+
+
+class DupNgramRule(Rule):
+    # Swallow: characters in duplicated 5..10-grams ≤ 0.15 … 0.10, as 2n characters
+    max_ratio: dict[int, float] = {10: 0.15, 12: 0.14, 14: 0.13, 16: 0.12, 18: 0.11, 20: 0.10}
+
+
+class LinesRule(Rule):
+    min_punct_lines: float = Field(0.12, ge=0, le=1)  # FineWeb line_punct_thr (FineWeb-2 keeps the rule)
+    max_newline_ratio: float = Field(0.1, ge=0)  # ours: newlines per character (FineWeb: 0.3 per word)
+
+
+class StopwordRule(Rule):
+    words: list[str] = list("のにをはたてがとで年し・月れさ")  # FineWeb-2 jpn_Jpan stopwords
+    min_count: int = Field(2, ge=0)  # Gopher / FineWeb-2: at least 2 stopwords
+
+
+class NgWordRule(Rule):
+    # Swallow drops pages by an NG-expression ratio; this short list and ratio are ours.
+    words: list[str] = ["アダルト", "無修正", "出会い系", "セフレ", "エロ動画", "オンラインカジノ", "高収入",
+                        "即金", "稼げる", "今すぐ登録", "激安", "最安値", "送料無料", "完全無料"]
+    max_ratio: float = Field(0.03, ge=0, le=1)
+
+
+class FiltersConfig(Section):
+    """The Japanese quality filters, in the order they run (the first that fails names the reason)."""
+
+    mojibake: MojibakeRule = MojibakeRule()
+    japanese: JapaneseRule = JapaneseRule()
+    kana: KanaRule = KanaRule()
+    length: LengthRule = LengthRule()
+    sentences: SentenceRule = SentenceRule()
+    ellipsis: EllipsisRule = EllipsisRule()
+    duplicates: DuplicatesRule = DuplicatesRule()
+    top_ngram: TopNgramRule = TopNgramRule()
+    dup_ngram: DupNgramRule = DupNgramRule()
+    lines: LinesRule = LinesRule()
+    stopwords: StopwordRule = StopwordRule()
+    ng_words: NgWordRule = NgWordRule()
+
+
+class NormalizeConfig(Section):
+    nfkc: bool = True
+    keep: str = "…‥！？～"  # NFKC would fold these to ASCII ("...", "!", "~"), changing Japanese typography
+    strip_urls: bool = True  # llm-jp-corpus
+    max_ascii_run: int | None = Field(100, ge=1)  # llm-jp-corpus strips long ASCII runs; the length is ours
+    drop_lines_without_kana: bool = True  # llm-jp-corpus
+
+
+class DedupConfig(Section):
+    enabled: bool = True
+    n_grams: int = Field(5, ge=1)  # Swallow: character 5-grams
+    # Swallow: 20 bands x 20 rows; P(a Jaccard-0.9 pair shares a band) = 1 - (1 - 0.9**20)**20 = 0.925
+    num_buckets: int = Field(20, ge=1)
+    hashes_per_bucket: int = Field(20, ge=1)
+    seed: int = 1
+
+
+class ExecutorConfig(Section):
+    """Which datatrove executor runs the passes: local processes, Slurm job arrays, or a Ray cluster."""
+
+    kind: Literal["local", "slurm", "ray"] = "local"
+    partition: str | None = None  # slurm
+    time: str = "24:00:00"  # slurm time limit per task
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(2, gt=0)
+    venv_path: str | None = None  # slurm: venv to activate on the nodes
+    job_name: str = "ezo-curate"
+    sbatch_args: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _slurm_partition(self) -> "ExecutorConfig":
+        if self.kind == "slurm" and not self.partition:
+            raise ValueError("executor 'slurm' needs partition")
+        return self
+
+
 class CurateConfig(Section):
     inputs: list[str] = []
     workers: int = Field(1, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
+    split_mb: float = Field(64, gt=0)  # inputs bigger than this are read as several strided shards (tasks)
+    normalize: NormalizeConfig = NormalizeConfig()
+    filters: FiltersConfig = FiltersConfig()
+    dedup: DedupConfig = DedupConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+
+class PairFilters(Section):
+    """What a synthesized pair must meet to be kept (lengths in characters)."""
+
+    min_instruction_chars: int = Field(4, ge=1)
+    max_instruction_chars: int = Field(500, ge=1)
+    min_response_chars: int = Field(2, ge=1)
+    max_response_chars: int = Field(2000, ge=1)
+    min_japanese: float = Field(0.5, ge=0.0, le=1.0)  # share of letters that are kana or kanji
+    max_copy_fraction: float = Field(0.8, gt=0.0, le=1.0)  # a verbatim run this share of the passage is a copy
 
 
 class SynthConfig(Section):
@@ -59,7 +207,16 @@ class SynthConfig(Section):
     pairs_per_doc: int = Field(3, ge=1)
     limit: int | None = Field(None, ge=1)
     concurrency: int = Field(4, ge=1)
-    generation: GenerationConfig = GenerationConfig(max_new_tokens=400)
+    # Upstream's synthesizer uses 400 new tokens; prompted pairs need fewer, and CPU runs of small models more so.
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=256)
+    max_passage_tokens: int = Field(1024, ge=32)  # longer documents are split on sentence boundaries
+    context_tokens: int | None = Field(None, ge=128)  # None: the model's own (openai backend: 4096, as upstream)
+    tokenizer: str | None = None  # counts tokens for the openai backend; None: the served model's, when loadable
+    timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
+    max_retries: int = Field(4, ge=0)
+    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
+    static_cache: bool = True  # CUDA only: static KV cache + compiled decode step (CUDA graphs)
+    filters: PairFilters = PairFilters()
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "SynthConfig":
@@ -69,7 +226,7 @@ class SynthConfig(Section):
 
 
 class TrainConfig(Section):
-    qlora: bool | None = None  # None: QLoRA where bitsandbytes 4-bit works (CUDA), LoRA otherwise
+    qlora: bool | None = None  # None: QLoRA where bitsandbytes 4-bit trains (CUDA, most x86 CPUs), LoRA otherwise
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -87,6 +244,11 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     seed: int = 0
+    target_modules: str | list[str] = "all-linear"
+    liger: bool | None = None  # None: Liger kernels on CUDA when liger-kernel is installed
+    selective_checkpointing: bool = False  # keep attention outputs, recompute the rest (with gradient_checkpointing)
+    compile: bool = False  # torch.compile the model
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -101,13 +263,22 @@ class MergeConfig(Section):
 
 class EvalConfig(Section):
     tasks: list[str] = ["elyza100"]
-    judge_url: str | None = None
+    judge_url: str | None = None  # any OpenAI-compatible base URL, or "local": serve judge_model in-process
     judge_model: str | None = None
     judge_api_key_env: str | None = None
+    judge_max_tokens: int = Field(512, ge=16)
+    judge_reasks: int = Field(2, ge=0)  # follow-up requests after an unparseable verdict
+    judge_max_retries: int = Field(4, ge=0)  # transport retries per request (backoff + jitter)
+    judge_timeout: float = Field(120.0, gt=0)
     limit: int | None = Field(None, ge=1)
     concurrency: int = Field(4, ge=1)
     allow_partial: bool = False
     generation: GenerationConfig = GenerationConfig(max_new_tokens=512)
+    jcqa_normalization: Literal["sum", "per_char"] = "sum"
+    ppl_window: int = Field(1024, ge=8)  # tokens per scored window of a long paragraph
+    bootstrap_samples: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
+    cache: Path | None = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge) / eval-requests.sqlite
 
     @model_validator(mode="after")
     def _judge_pair(self) -> "EvalConfig":

@@ -146,15 +146,17 @@ class Loaded:
 
 
 def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-         chat_template: str | Path | None = None) -> Loaded:
-    """Model + tokenizer, in eval mode on the chosen device, with an optional PEFT adapter applied."""
+         chat_template: str | Path | None = None, need_chat_template: bool = True) -> Loaded:
+    """Model + tokenizer, in eval mode on the chosen device, with an optional PEFT adapter applied.
+    `need_chat_template=False` is for base-format models prompted with raw text (an instruction synthesizer)."""
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
     dev = pick_device(device)
     source = resolve(spec)
     tokenizer = load_tokenizer(spec, chat_template)
-    require_chat_template(tokenizer, spec)
+    if need_chat_template:
+        require_chat_template(tokenizer, spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, dev))
     except OSError as e:

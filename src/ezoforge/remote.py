@@ -40,20 +40,37 @@ def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 
 
 
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int,
-         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> ChatReply:
+         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+         stop: tuple[str, ...] = ()) -> ChatReply:
+    resp = _call(client, client.chat.completions.create, model=model, messages=messages, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None)
+    choice = resp.choices[0]
+    return _reply(choice.message.content, resp.usage, choice.finish_reason)
+
+
+def complete(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> ChatReply:
+    """A plain-text completion (`/v1/completions`), for base-format models such as an instruction synthesizer."""
+    resp = _call(client, client.completions.create, model=model, prompt=prompt, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None)
+    choice = resp.choices[0]
+    return _reply(choice.text, resp.usage, choice.finish_reason)
+
+
+def _call(client: openai.OpenAI, create, **kwargs):
     try:
-        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                              temperature=temperature, top_p=top_p, seed=seed)
+        return create(**kwargs)
     except openai.APIStatusError as e:
         raise RemoteError(f"{client.base_url}: HTTP {e.status_code}: {_message(e)}", e.status_code) from None
     except openai.APITimeoutError:
         raise RemoteError(f"{client.base_url}: timed out after {client.max_retries} retries") from None
     except openai.APIConnectionError as e:
         raise RemoteError(f"{client.base_url}: cannot connect ({e.__cause__ or e})") from None
-    choice = resp.choices[0]
-    usage = resp.usage
-    return ChatReply(choice.message.content or "", usage.prompt_tokens if usage else 0,
-                     usage.completion_tokens if usage else 0, choice.finish_reason or "stop")
+
+
+def _reply(text: str | None, usage, finish_reason: str | None) -> ChatReply:
+    return ChatReply(text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                     finish_reason or "stop")
 
 
 def _message(e: openai.APIStatusError) -> str:

@@ -1,0 +1,119 @@
+"""Character-level views of Japanese text that the filters and MinHash share: classes and n-gram hashes.
+
+Everything is vectorised over the text's code points (numpy), because per-character Python loops would
+cap the whole chain well under 1 MB/s.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+OTHER, HIRAGANA, KATAKANA, KANJI, JA_PUNCT, SPACE, MOJIBAKE = range(7)
+
+# (first, last, class) code point ranges; anything not listed is OTHER.
+_RANGES = [
+    (0x09, 0x0D, SPACE), (0x20, 0x20, SPACE),
+    (0x80, 0x9F, MOJIBAKE),  # C1 controls: bytes decoded as latin-1
+    (0xC0, 0xD6, MOJIBAKE), (0xD8, 0xF6, MOJIBAKE), (0xF8, 0xFF, MOJIBAKE),  # Latin-1 letters (not × ÷)
+    # cp1252's letters for bytes 0x80-0x9F, as Shift_JIS lead bytes read on Windows come out (‚ƒˆŠ‹ŒŽšœžŸ˜™›)
+    (0x152, 0x153, MOJIBAKE), (0x160, 0x161, MOJIBAKE), (0x178, 0x178, MOJIBAKE), (0x17D, 0x17E, MOJIBAKE),
+    (0x192, 0x192, MOJIBAKE), (0x2C6, 0x2C6, MOJIBAKE), (0x2DC, 0x2DC, MOJIBAKE), (0x201A, 0x201A, MOJIBAKE),
+    (0x2039, 0x203A, MOJIBAKE), (0x2122, 0x2122, MOJIBAKE),
+    (0x3000, 0x3000, SPACE), (0x3001, 0x3004, JA_PUNCT), (0x3005, 0x3007, KANJI), (0x3008, 0x303F, JA_PUNCT),
+    (0x3041, 0x309F, HIRAGANA), (0x30A0, 0x30FF, KATAKANA), (0x31F0, 0x31FF, KATAKANA),
+    (0x3400, 0x4DBF, KANJI),
+    (0x4E00, 0x7E39, KANJI), (0x7E3A, 0x7E3A, MOJIBAKE), (0x7E3B, 0x7E5C, KANJI), (0x7E5D, 0x7E5D, MOJIBAKE),
+    (0x7E5E, 0x7E66, KANJI), (0x7E67, 0x7E67, MOJIBAKE), (0x7E68, 0x9FFF, KANJI),  # 縺 繝 繧: UTF-8 kana read as cp932
+    (0xF900, 0xFAFF, KANJI), (0xFF01, 0xFF60, JA_PUNCT), (0xFFFD, 0xFFFD, MOJIBAKE), (0x20000, 0x2FFFF, KANJI),
+]
+
+
+def _table() -> tuple[np.ndarray, np.ndarray]:
+    starts, classes, expected = [], [], 0
+    for first, last, cls in _RANGES:
+        assert first >= expected, "ranges must be sorted and disjoint"
+        if first > expected:
+            starts.append(expected)
+            classes.append(OTHER)
+        starts.append(first)
+        classes.append(cls)
+        expected = last + 1
+    starts.append(expected)
+    classes.append(OTHER)
+    return np.array(starts, dtype=np.uint32), np.array(classes, dtype=np.int8)
+
+
+_STARTS, _CLASSES = _table()
+_K = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier for the polynomial n-gram hash
+
+
+def codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+_ASCII_PUNCT = np.zeros(128, dtype=bool)
+_ASCII_PUNCT[[ord(c) for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]] = True
+
+
+def simplified_codes(text: str) -> np.ndarray:
+    """Code points as near-duplicate detection sees them (datatrove's simplify_text, vectorised): lowercase,
+    every digit 0, no whitespace and no punctuation (ASCII, Japanese, general)."""
+    codes = codepoints(text)
+    cls = char_classes(codes)
+    punct = (codes < 128) & _ASCII_PUNCT[np.minimum(codes, 127)] | (codes >= 0x2000) & (codes <= 0x206F)
+    codes = codes[(cls != SPACE) & (cls != JA_PUNCT) & ~punct]
+    codes = np.where((codes >= 0x41) & (codes <= 0x5A), codes + 32, codes)
+    return np.where((codes >= 0x30) & (codes <= 0x39), np.uint32(0x30), codes)
+
+
+def char_classes(codes: np.ndarray) -> np.ndarray:
+    return _CLASSES[np.searchsorted(_STARTS, codes, side="right") - 1]
+
+
+def class_counts(text: str) -> np.ndarray:
+    """How many characters of `text` fall in each class (index by the class constants)."""
+    return np.bincount(char_classes(codepoints(text)), minlength=MOJIBAKE + 1)
+
+
+def ngram_hashes(codes: np.ndarray, sizes: list[int]) -> dict[int, np.ndarray]:
+    """A 64-bit polynomial hash for every character n-gram of each size n (entry i covers codes[i:i+n]),
+    built incrementally so all sizes cost max(sizes) vector operations; empty where the text is shorter."""
+    out: dict[int, np.ndarray] = {}
+    wide = codes.astype(np.uint64)
+    h = wide.copy()
+    for n in range(1, max(sizes, default=0) + 1):
+        if n > 1:
+            h = h[:-1] * _K + wide[n - 1:]
+        if n in sizes:
+            out[n] = h
+    return out
+
+
+def mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads polynomial hashes over all 64 bits before min-hashing."""
+    h = h ^ (h >> np.uint64(31))
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    return h
+
+
+def duplicate_coverage(hashes: np.ndarray, n: int) -> int:
+    """Characters covered by the second and later occurrences of any repeated n-gram (overlaps counted once).
+
+    Gopher's duplicate n-gram rule on characters: the first occurrence stays, its repeats are the redundancy.
+    """
+    if hashes.size < 2:
+        return 0
+    order = np.argsort(hashes, kind="stable")  # stable: the first occurrence of a value sorts first
+    ranked = hashes[order]
+    repeats = order[1:][ranked[1:] == ranked[:-1]]
+    if repeats.size == 0:
+        return 0
+    repeats.sort()
+    gaps = np.diff(repeats, append=repeats[-1] + n)
+    return int(np.minimum(gaps, n).sum())
+
+
+def top_ngram_count(hashes: np.ndarray) -> int:
+    if hashes.size == 0:
+        return 0
+    return int(np.unique(hashes, return_counts=True)[1].max())

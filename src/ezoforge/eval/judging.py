@@ -1,0 +1,82 @@
+"""Sending answers to the judge: a durable cache in front, a lazily started loopback server for `local`,
+a thread pool for concurrency, and a stop on failures every later request would share."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+
+from rich.progress import Progress
+
+from ezoforge.cache import RequestCache, request_key
+from ezoforge.config import EvalConfig
+from ezoforge.eval.judge import PROMPT_VERSION, Verdict, judge_answer
+from ezoforge.eval.tasks import OpenTask
+from ezoforge.infer.generate import Generator
+from ezoforge.infer.serve import BackgroundServer, create_app
+from ezoforge.models import Loaded
+from ezoforge.records import Judgement
+from ezoforge.remote import RemoteError, chat, make_client
+
+# Statuses that mean the judge itself is unusable (unreachable, bad key, unknown model), not this one request.
+_FATAL = (None, 401, 403, 404)
+
+
+class Judge:
+    def __init__(self, cfg: EvalConfig, cache: RequestCache, stack: ExitStack, local_model: Callable[[], Loaded]):
+        self.cfg, self.cache, self.stack, self.local_model = cfg, cache, stack, local_model
+        self.lock = threading.Lock()
+        self.sent = self.cached = 0
+        self.broken: str | None = None
+        # A remote client is built now so a missing API key fails before any work; `local` starts on first need.
+        self.client = None if cfg.judge_url == "local" else self._make_client(cfg.judge_url)
+
+    def _make_client(self, url: str):
+        return make_client(url, self.cfg.judge_api_key_env, self.cfg.judge_timeout, self.cfg.judge_max_retries)
+
+    def _connect(self):
+        with self.lock:
+            if self.client is None:
+                app = create_app(Generator(self.local_model()), self.cfg.judge_model)
+                self.client = self._make_client(self.stack.enter_context(BackgroundServer(app)) + "/v1")
+            return self.client
+
+    def ask(self, messages: list[dict[str, str]]) -> str:
+        key = request_key(kind="judge", judge=self.cfg.judge_model, prompt_version=PROMPT_VERSION,
+                          messages=messages, max_tokens=self.cfg.judge_max_tokens, temperature=0.0)
+        hit = self.cache.get(key)
+        if hit is not None:
+            with self.lock:
+                self.cached += 1
+            return hit["text"]
+        if self.broken:
+            raise RemoteError(self.broken)
+        try:
+            reply = chat(self._connect(), self.cfg.judge_model, messages, self.cfg.judge_max_tokens, temperature=0.0)
+        except RemoteError as e:
+            if e.status in _FATAL:
+                self.broken = f"not sent: an earlier request failed ({e})"
+            raise
+        self.cache.put(key, {"text": reply.text, "finish_reason": reply.finish_reason})
+        with self.lock:
+            self.sent += 1
+        return reply.text
+
+    def judge_all(self, tasks: list[OpenTask], answers: list[str], model_name: str) -> list[dict]:
+        """One Judgement per task, in task order; a request that fails is recorded as an error, never a grade."""
+        def one(task: OpenTask, answer: str) -> dict:
+            try:
+                verdict = judge_answer(self.ask, task, answer, self.cfg.judge_reasks)
+            except RemoteError as e:
+                verdict = Verdict(None, "", f"judge request failed: {e}")
+            return Judgement(task_id=task.id, model=model_name, answer=answer, judge=self.cfg.judge_model,
+                             grade=verdict.grade, error=verdict.error, reason=verdict.reason,
+                             prompt_version=PROMPT_VERSION).model_dump()
+
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress() as progress:
+            bar = progress.add_task("judging", total=len(tasks))
+            futures = [pool.submit(one, t, a) for t, a in zip(tasks, answers)]
+            for _ in as_completed(futures):
+                progress.advance(bar)
+            return [f.result() for f in futures]

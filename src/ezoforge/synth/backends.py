@@ -1,0 +1,178 @@
+"""Where completions come from: a local transformers model, vLLM (optional `gpu` extra), or any OpenAI-compatible
+server. Every backend takes a list of Requests and reports each result (or the exception that ended it) through
+`done(index, Output | Exception)` as soon as it exists, so the caller can store it durably before the next one.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from ezoforge.errors import ConfigError, EzoError
+from ezoforge.infer.generate import Sampling
+from ezoforge.synth.prompts import Request
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[int, "Output | Exception"], None]
+
+
+@dataclass
+class Output:
+    text: str  # the prefill (when the backend could prefill) followed by the completion: what the parser reads
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str
+
+
+class LocalBackend:
+    """Shared by transformers and vLLM: we render prompts ourselves, so a chat request can end in a prefill."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def render(self, req: Request) -> str:
+        if req.prompt is not None:
+            return req.prompt
+        return self.tokenizer.apply_chat_template(req.chat(), tokenize=False, add_generation_prompt=True) + req.prefill
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def request_tokens(self, req: Request) -> int:
+        return self.count_tokens(self.render(req))
+
+
+class TransformersBackend(LocalBackend):
+    """Batched generation through our Generator. With `static_cache` (meant for CUDA) the KV cache is preallocated
+    at a fixed size and transformers compiles the decode step (CUDA graphs), removing per-step launch overhead
+    that dominates batched decoding of 8B-class models."""
+
+    name = "transformers"
+
+    def __init__(self, loaded, batch_size: int, static_cache: bool = False):
+        from ezoforge.infer.generate import Generator
+
+        super().__init__(loaded.tokenizer, loaded.context_length)
+        self.gen = Generator(loaded)
+        self.batch_size = batch_size
+        self.static_cache = static_cache
+
+    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        texts = [self.render(r) for r in reqs]
+        lengths = [self.count_tokens(t) for t in texts]
+        extra: dict = {}
+        pad = None
+        if self.static_cache:
+            # One cache size and prompt widths in steps of 64 keep the compiled graphs few (one per batch shape).
+            pad = 64
+            ceiling = -(-max(lengths, default=0) // pad) * pad + sampling.max_new_tokens
+            extra = {"cache_implementation": "static", "max_cache_len": -(-ceiling // 256) * 256}
+        # Similar lengths batched together waste less compute on padding.
+        order = sorted(range(len(reqs)), key=lambda i: -lengths[i])
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            outs = self.gen.complete_text([texts[i] for i in chunk], sampling, pad_to_multiple_of=pad, **extra)
+            for i, c in zip(chunk, outs):
+                done(i, Output(reqs[i].prefill + c.text if reqs[i].prompt is None else c.text,
+                               c.prompt_tokens, c.completion_tokens, c.finish_reason))
+
+
+class VLLMBackend(LocalBackend):
+    name = "vllm"
+
+    def __init__(self, spec: str, dtype: str, chat_template, context_length: int | None, seed: int):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ConfigError("backend 'vllm' needs the gpu extra: pip install 'ezoforge[gpu]'") from None
+        from ezoforge.models import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(spec, chat_template)
+        self.llm = LLM(model=resolve(spec), dtype="auto" if dtype == "auto" else dtype, seed=seed,
+                       max_model_len=context_length)
+        super().__init__(tokenizer, self.llm.llm_engine.model_config.max_model_len)
+
+    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop) or None)
+        step = 512  # results reach the durable cache every few hundred prompts, not only at the very end
+        for start in range(0, len(reqs), step):
+            chunk = reqs[start: start + step]
+            # Our own token ids: the synthesizer format must not get a second BOS.
+            prompts = [{"prompt_token_ids": self.tokenizer(self.render(r), add_special_tokens=False)["input_ids"]}
+                       for r in chunk]
+            for offset, res in enumerate(self.llm.generate(prompts, params, use_tqdm=False)):
+                req, gen = chunk[offset], res.outputs[0]
+                text = gen.text.strip()
+                done(start + offset, Output(req.prefill + text if req.prompt is None else text,
+                                            len(res.prompt_token_ids), len(gen.token_ids),
+                                            "length" if gen.finish_reason == "length" else "stop"))
+
+
+class OpenAIBackend:
+    """Concurrent requests to an OpenAI-compatible server. A chat API cannot prefill the assistant turn, so the
+    prefill is given as the text to continue from and put back in front of the reply when the reply lacks it."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout: float, max_retries: int,
+                 concurrency: int, tokenizer, context_length: int):
+        from ezoforge.remote import make_client
+
+        self.client = make_client(base_url, api_key_env, timeout, max_retries)
+        self.model = model
+        self.concurrency = concurrency
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is None:
+            return len(text)  # no tokenizer for a remote model: about one token per Japanese character or less
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def request_tokens(self, req: Request) -> int:
+        return self.count_tokens(req.prompt if req.prompt is not None else
+                                 "\n".join(m["content"] for m in self.messages(req)))
+
+    @staticmethod
+    def messages(req: Request) -> list[dict[str, str]]:
+        msgs = req.chat()
+        if req.prefill:
+            msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n\n次の続きを書いてください。\n{req.prefill}"}
+        return msgs
+
+    def _one(self, req: Request, sampling: Sampling) -> Output:
+        from ezoforge.remote import chat, complete
+
+        if req.prompt is not None:
+            # A server tokenizes a completion prompt with its own BOS; the literal one would be doubled.
+            reply = complete(self.client, self.model, req.prompt.removeprefix("<s> "), sampling.max_new_tokens,
+                             sampling.temperature, sampling.top_p, sampling.seed, sampling.stop)
+            text = reply.text
+        else:
+            reply = chat(self.client, self.model, self.messages(req), sampling.max_new_tokens, sampling.temperature,
+                         sampling.top_p, sampling.seed, sampling.stop)
+            head = req.prefill.split(":", 1)[0]
+            text = reply.text.strip() if reply.text.lstrip().startswith(head) else f"{req.prefill} {reply.text}"
+        return Output(text, reply.prompt_tokens, reply.completion_tokens,
+                      "length" if reply.finish_reason == "length" else "stop")
+
+    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._one, r, sampling): i for i, r in enumerate(reqs)}
+            try:
+                for fut in as_completed(futures):
+                    try:
+                        result = fut.result()
+                    except EzoError as e:  # a request that failed after its retries: an error for its document
+                        result = e
+                    done(futures[fut], result)
+            except BaseException:
+                for fut in futures:  # on Ctrl-C, send nothing more
+                    fut.cancel()
+                raise

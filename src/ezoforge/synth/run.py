@@ -1,0 +1,205 @@
+"""`ezo synth`: documents → passages → requests → (durably cached) completions → parsed, filtered pairs.
+
+Every completion is stored in OUT/requests.sqlite the moment it arrives, keyed by everything that determines
+it, so a killed run sends only the missing requests when restarted. The output shards are written from that
+store at the end, in document order, then stats.json and DONE.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ezoforge.cache import RequestCache, request_key
+from ezoforge.config import Recipe, to_plain
+from ezoforge.errors import ConfigError, EzoError, ModelError
+from ezoforge.infer.generate import Sampling
+from ezoforge.records import Pair, write_parquet
+from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.synth import prompts
+from ezoforge.synth.backends import Output
+from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
+from ezoforge.synth.passages import input_files, read_docs, split
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 50_000
+# Settings that change how requests are sent, not what comes back: a run may resume with other values.
+OPERATIONAL = ("concurrency", "timeout", "max_retries", "api_key_env", "static_cache")
+# Tokens kept free beyond prompt + passage + new tokens: sentence-wise counts can differ slightly from the whole.
+MARGIN = 16
+PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in Pair.model_fields])
+REJECT_SCHEMA = pa.schema([("doc_id", pa.string()), ("passage", pa.int32()), ("reason", pa.string()),
+                           ("text", pa.string()), ("output", pa.string())])
+
+
+def _version(mode: str) -> str:
+    return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
+
+
+def make_backend(recipe: Recipe, model: str):
+    cfg = recipe.synth
+    if cfg.backend == "openai":
+        from ezoforge.models import load_tokenizer
+        from ezoforge.synth.backends import OpenAIBackend
+
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer or model)
+        except (EzoError, OSError, ValueError) as e:
+            if cfg.tokenizer:
+                raise
+            log.warning("no tokenizer for %s (%s): counting one token per character; set synth.tokenizer", model, e)
+            tokenizer = None
+        return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
+                             tokenizer, cfg.context_tokens or 4096)
+    if cfg.backend == "vllm":
+        from ezoforge.synth.backends import VLLMBackend
+
+        return VLLMBackend(model, recipe.model.dtype, recipe.model.chat_template, cfg.context_tokens,
+                           cfg.generation.seed)
+    from ezoforge.models import load
+    from ezoforge.synth.backends import TransformersBackend
+
+    m = recipe.model
+    loaded = load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template,
+                  need_chat_template=cfg.mode == "prompted")
+    return TransformersBackend(loaded, cfg.generation.batch_size, cfg.static_cache and loaded.device.type == "cuda")
+
+
+def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
+    cfg = recipe.synth
+    make = ((lambda d, p: prompts.prompted(d, p, cfg.pairs_per_doc)) if cfg.mode == "prompted"
+            else prompts.synthesizer)
+    context = min(backend.context_length, cfg.context_tokens or backend.context_length)
+    overhead = backend.request_tokens(make("", ""))
+    budget = min(cfg.max_passage_tokens, context - overhead - cfg.generation.max_new_tokens - MARGIN)
+    if budget < 32:
+        raise ConfigError(f"synth: the prompt ({overhead} tokens) and generation.max_new_tokens "
+                          f"({cfg.generation.max_new_tokens}) leave no room for a passage in {context} tokens")
+    return [make(d.id, p) for d in docs for p in split(d.text, budget, backend.count_tokens)]
+
+
+def run(recipe: Recipe, input: Path, out: Path, force: bool = False) -> dict:
+    cfg = recipe.synth
+    model = cfg.model or recipe.model.name
+    files = input_files(Path(input))
+    settings = {"synth": {k: v for k, v in to_plain(cfg).items() if k not in OPERATIONAL}, "model": model,
+                "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
+                "version": _version(cfg.mode), "inputs": input_fingerprints(files)}
+    stage = Stage("synth", out, settings)
+    if (finished := stage.start(force)) is not None:
+        return finished
+    docs = read_docs(files, cfg.limit)
+    if not docs:
+        raise EzoError(f"{input}: no documents with text")
+    backend = make_backend(recipe, model)
+    reqs = build_requests(docs, backend, recipe)
+    g = cfg.generation
+    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed, prompts.stop_strings(cfg.mode,
+                                                                                                 cfg.pairs_per_doc))
+    keys = [request_key(model=model, backend=cfg.backend, mode=cfg.mode, version=_version(cfg.mode),
+                        messages=r.messages, prefill=r.prefill, prompt=r.prompt, sampling=asdict(sampling))
+            for r in reqs]
+    cache = RequestCache(Path(out) / "requests.sqlite")
+    try:
+        sent = _generate(backend, reqs, keys, cache, sampling)
+        return _write(stage, recipe, model, docs, reqs, keys, cache, sent)
+    finally:
+        cache.close()
+
+
+def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> dict:
+    """Send the requests the cache lacks; return this run's counts and the errors by request index."""
+    todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    sent = {"requests": len(todo), "tokens_out": 0, "seconds": 0.0, "errors": {}}
+    if not todo:
+        return sent
+    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}"))
+    start = time.perf_counter()
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("synth", total=len(reqs), completed=len(reqs) - len(todo), rate="")
+
+        def done(j: int, result: Output | Exception) -> None:
+            i = todo[j]
+            if isinstance(result, Exception):
+                sent["errors"][i] = str(result)
+                log.warning("request for document %s failed: %s", reqs[i].doc_id, result)
+            else:
+                cache.put(keys[i], asdict(result))
+                sent["tokens_out"] += result.tokens_out
+            rate = sent["tokens_out"] / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.0f} tok/s")
+
+        backend.run([reqs[i] for i in todo], sampling, done)
+    sent["seconds"] = time.perf_counter() - start
+    return sent
+
+
+def _parse(mode: str, output: Output, n: int) -> Parsed:
+    if mode == "synthesizer":
+        return parse_synthesizer(output.text)
+    return parse_prompted(output.text, n, truncated=output.finish_reason == "length")
+
+
+def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: RequestCache, sent: dict) -> dict:
+    cfg = recipe.synth
+    generator = f"{model}|{cfg.mode}|{_version(cfg.mode)}"
+    pairs, rejected = [], []
+    tokens_in = tokens_out = 0
+    with_pairs: set[str] = set()
+    filt = PairFilter(cfg.filters)
+    passage_no: dict[str, int] = {}
+    for i, (req, key) in enumerate(zip(reqs, keys)):
+        if req.doc_id not in passage_no:
+            filt.new_document()
+        p = passage_no[req.doc_id] = passage_no.get(req.doc_id, -1) + 1
+        stored = cache.get(key)
+        if stored is None:
+            rejected.append({"doc_id": req.doc_id, "passage": p, "reason": "request_error",
+                             "text": sent["errors"].get(i, "not sent"), "output": ""})
+            continue
+        output = Output(**stored)
+        tokens_in += output.tokens_in
+        tokens_out += output.tokens_out
+        parsed = _parse(cfg.mode, output, cfg.pairs_per_doc)
+        for reason, piece in parsed.dropped:
+            rejected.append({"doc_id": req.doc_id, "passage": p, "reason": reason, "text": piece,
+                             "output": output.text})
+        for k, (instruction, response) in enumerate(parsed.pairs):
+            reason = filt.check(instruction, response, req.passage)
+            if reason:
+                rejected.append({"doc_id": req.doc_id, "passage": p, "reason": reason,
+                                 "text": f"{instruction}\n{response}", "output": output.text})
+                continue
+            with_pairs.add(req.doc_id)
+            pairs.append(Pair(id=f"{req.doc_id}/{p}/{k}", doc_id=req.doc_id, instruction=instruction,
+                              response=response, context=req.passage, generator=generator).model_dump())
+    errors = len(sent["errors"])
+    if errors > cfg.max_error_fraction * len(reqs):
+        raise EzoError(f"synth: {errors} of {len(reqs)} requests failed (first: {next(iter(sent['errors'].values()))});"
+                       f" rerun to retry only those (max_error_fraction {cfg.max_error_fraction})")
+    _shards(stage.out / "data", pairs, PAIR_SCHEMA)
+    _shards(stage.out / "rejected", rejected, REJECT_SCHEMA)
+    reasons: dict[str, int] = {}
+    for row in rejected:
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    return stage.finish({
+        "documents": len(docs), "requests": len(reqs), "requests_sent": sent["requests"], "errors": errors,
+        "documents_with_pairs": len(with_pairs), "parse_rate": round(len(with_pairs) / len(docs), 4),
+        "pairs": len(pairs), "pairs_per_doc": round(len(pairs) / len(docs), 4),
+        "rejected": len(rejected), "rejected_by_reason": dict(sorted(reasons.items())),
+        "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "tokens_per_s": round(sent["tokens_out"] / sent["seconds"], 1) if sent["seconds"] else None,
+        "generator": generator,
+    })
+
+
+def _shards(folder: Path, rows: list[dict], schema: pa.Schema) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
+        write_parquet(folder / f"part-{n:05d}.parquet", rows[start: start + SHARD_ROWS], schema)

@@ -1,0 +1,197 @@
+"""Training data: rows → chat messages → token ids with assistant-only labels → packed rows.
+
+Labels come from turn boundaries: each assistant turn is located by rendering the conversation prefix by prefix
+with the model's own chat template, so no `{% generation %}` markers are needed, and the end-of-turn token is
+labelled even when pad == eos (SmolLM2) — masking pad ids would drop it and the model would never learn to stop.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ezoforge.errors import RecordError
+from ezoforge.records import read_rows, require, stage_files
+
+IGNORE = -100
+# A pair with a source passage: the user turn carries the passage, then the instruction.
+USER_WITH_CONTEXT = "{context}\n\n{instruction}"
+ROLES = ("system", "user", "assistant")
+
+
+def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | None) -> list[dict[str, str]]:
+    """One input row as chat messages: a `messages` list, or instruction + response (+ context)."""
+    if row.get("messages") is not None:
+        messages = require(path, lineno, row, "messages", list)
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise RecordError(f"{path}:{lineno}: field 'messages[{i}]' must be "
+                                  f"{{role: system|user|assistant, content: str}}")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordError(f"{path}:{lineno}: field 'messages' has no assistant turn to learn from")
+    else:
+        instruction = require(path, lineno, row, "instruction")
+        response = require(path, lineno, row, "response")
+        context = row.get("context")
+        if context is not None and not isinstance(context, str):
+            raise RecordError(f"{path}:{lineno}: field 'context' must be str, got {type(context).__name__}")
+        user = USER_WITH_CONTEXT.format(context=context, instruction=instruction) if context else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def input_files(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            files += stage_files(path)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise RecordError(f"{path}: no such file or folder")
+    return files
+
+
+def read_conversations(inputs: list[Path], system: str | None) -> list[list[dict[str, str]]]:
+    out = [row_messages(path, n, row, system) for path in input_files(inputs) for n, row in read_rows(path)]
+    if not out:
+        raise RecordError(f"{', '.join(map(str, inputs))}: no training rows")
+    return out
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    return ids
+
+
+def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None = None) -> dict[str, list[int]]:
+    """Token ids of the whole conversation, and labels that keep only the assistant turns' tokens, each through
+    its end-of-turn token (the last special token of the turn; what follows it, like a newline, is never generated)."""
+    specials = special_ids(tokenizer) if specials is None else specials
+    ids = _render(tokenizer, messages, False)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # Shared prefixes, not lengths: a prefix rendering may tokenize its last characters differently.
+        start = _shared_prefix(_render(tokenizer, messages[:i], True), ids)
+        end = _shared_prefix(_render(tokenizer, messages[: i + 1], False), ids)
+        last_special = max((j for j in range(start, end) if ids[j] in specials), default=end - 1)
+        labels[start:last_special + 1] = ids[start:last_special + 1]
+    labels[0] = IGNORE  # a packed neighbour's last token must never predict this one
+    return {"input_ids": ids, "labels": labels}
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in this chat template (`<|eot_id|>`, `<|im_end|>`, …)."""
+    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    enc = encode(tokenizer, convo)
+    trained = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
+    return trained[-1] if trained and trained[-1] in special_ids(tokenizer) else None
+
+
+@dataclass
+class Prepared:
+    """Packed training and eval rows, and what the preparation did."""
+
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out slice (at least one example when asked for any and there are two or more)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1) if fraction > 0 and len(items) > 1 else 0
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
+    """Rows of at most `max_length` tokens, each with the lengths of the examples in it (positions restart at each).
+    Packing is TRL's best-fit-decreasing; without packing every example is its own row."""
+    if not packing:
+        return [{**ex, "seq_lengths": [len(ex["input_ids"])]} for ex in examples]
+    from datasets import Dataset, disable_progress_bars
+    from trl.data_utils import pack_dataset
+
+    disable_progress_bars()  # the train stage shows its own progress
+    packed = pack_dataset(Dataset.from_list(examples), max_length, "bfd")
+    return packed.to_list()
+
+
+def prepare(tokenizer, inputs: list[Path], system: str | None, max_length: int, packing: bool,
+            eval_fraction: float, seed: int) -> Prepared:
+    conversations = read_conversations(inputs, system)
+    specials = special_ids(tokenizer)
+    encoded, truncated, no_labels = [], 0, 0
+    for convo in conversations:
+        ex = encode(tokenizer, convo, specials)
+        if len(ex["input_ids"]) > max_length:
+            truncated += 1
+            ex = {k: v[:max_length] for k, v in ex.items()}
+        if all(lab == IGNORE for lab in ex["labels"]):
+            no_labels += 1  # truncation left no response token
+            continue
+        encoded.append(ex)
+    if not encoded:
+        raise RecordError(f"{', '.join(map(str, inputs))}: no example keeps a response token within "
+                          f"max_length={max_length}")
+    train, held = split_eval(encoded, eval_fraction, seed)
+    rows = pack(train, max_length, packing)
+    tokens = sum(len(ex["input_ids"]) for ex in train)
+    stats = {"examples": len(train), "eval_examples": len(held), "truncated": truncated,
+             "dropped_no_labels": no_labels, "train_tokens": tokens,
+             "trained_tokens": sum(lab != IGNORE for ex in train for lab in ex["labels"]),
+             "rows": len(rows), "packing_efficiency": round(tokens / (len(rows) * max_length), 4)}
+    return Prepared(rows, pack(held, max_length, packing), stats)
+
+
+@dataclass
+class PackedCollator:
+    """Batches packed rows with position ids that restart at every example and no attention mask, so the model
+    keeps packed examples from attending to each other (transformers derives the block-diagonal mask from the
+    position ids). `flat` joins the batch into one row with sequence boundaries for varlen flash kernels
+    (padding-free); otherwise rows are padded at the end with one-token "sequences" that carry no labels."""
+
+    pad_id: int
+    flat: bool = False
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [torch.tensor(r["input_ids"]) for r in rows]
+        labels = [torch.tensor(r["labels"]) for r in rows]
+        pos = [torch.cat([torch.arange(n) for n in r["seq_lengths"]]) for r in rows]
+        if self.flat:
+            lengths = torch.tensor([n for r in rows for n in r["seq_lengths"]])
+            cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+            return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+                    "position_ids": torch.cat(pos)[None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                    "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
+        width = max(len(x) for x in ids)
+        batch = {"input_ids": torch.full((len(rows), width), self.pad_id),
+                 "labels": torch.full((len(rows), width), IGNORE),
+                 "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+        for i, (x, lab, p) in enumerate(zip(ids, labels, pos)):
+            batch["input_ids"][i, :len(x)], batch["labels"][i, :len(x)], batch["position_ids"][i, :len(x)] = x, lab, p
+        return batch

@@ -1,0 +1,142 @@
+"""`ezo train`: LoRA / QLoRA instruction tuning on TRL's SFTTrainer, resumable from atomic checkpoints.
+
+DIR/adapter (PEFT), DIR/checkpoints/step-N, DIR/metrics.jsonl, DIR/loss.png, DIR/config.yaml, DIR/stats.json, DIR/DONE.
+Rerunning the same command after a kill resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ezoforge.config import Recipe, TrainConfig, to_plain
+from ezoforge.models import load_tokenizer, pick_device, require_chat_template
+from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.train import checkpoints
+from ezoforge.train.data import PackedCollator, prepare
+from ezoforge.train.model import attn_implementation, float32_adapters, load_base, lora_config, use_qlora
+from ezoforge.train.progress import TrainLog, plot_loss
+
+log = logging.getLogger(__name__)
+
+
+def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
+    return {"model": to_plain(recipe.model), "train": to_plain(recipe.train),
+            "inputs": [str(p) for p in inputs], "input_fingerprints": input_fingerprints(inputs)}
+
+
+def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool):
+    from trl import SFTConfig
+
+    cuda = device.type == "cuda"
+    liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
+    return SFTConfig(
+        output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
+        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.save_every,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=cuda and not torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False, **({"selective": True} if cfg.selective_checkpointing
+                                                                   else {})},
+        use_liger_kernel=bool(liger), torch_compile=cfg.compile,
+        # Our rows are tokenized, labelled and packed already (see data.py).
+        dataset_kwargs={"skip_prepare_dataset": True}, packing=False, max_length=cfg.max_length,
+        include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=True, log_level="warning",
+        dataloader_num_workers=0)
+
+
+def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eval_rows: list[dict],
+                 staging: Path, device: torch.device, callbacks: list | None = None):
+    """The SFTTrainer for a loaded base model: LoRA on top, our packed rows and collator."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    flat = model.config._attn_implementation.startswith("flash")  # varlen kernels want one padding-free row
+    trainer = SFTTrainer(
+        model=model, args=sft_config(cfg, staging, device, bool(eval_rows)),
+        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer, data_collator=PackedCollator(tokenizer.pad_token_id, flat),
+        peft_config=lora_config(cfg), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the rich bar shows progress
+    float32_adapters(trainer.model)
+    return trainer
+
+
+def save_adapter(trainer, out: Path, main: bool) -> None:
+    tmp, final = out / ".adapter.tmp", out / "adapter"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+
+def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> dict:
+    from accelerate import PartialState
+
+    inputs, out = [Path(p) for p in inputs], Path(out)
+    dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
+    stage = Stage("train", out, settings(recipe, inputs))
+    finished = stage.start(force) if dist.is_main_process else None
+    dist.wait_for_everyone()
+    if not dist.is_main_process and (stage.done() or {}).get("fingerprint") == stage.fingerprint:
+        finished = stage.done()["stats"]
+    if finished is not None:
+        log.info("%s is already trained with these settings", out)
+        return finished
+
+    start = time.perf_counter()
+    cfg, name = recipe.train, recipe.model.name
+    device = pick_device(recipe.model.device)
+    folder = out / "checkpoints"
+    resume = checkpoints.latest(folder)
+    resume_step = checkpoints.check(resume, stage.settings) if resume else 0
+    if dist.is_main_process:
+        checkpoints.clean(folder)
+
+    tokenizer = load_tokenizer(name, recipe.model.chat_template)
+    require_chat_template(tokenizer, name)
+    data = prepare(tokenizer, inputs, recipe.model.system_prompt, cfg.max_length, cfg.packing,
+                   cfg.eval_fraction, cfg.seed)
+    s = data.stats
+    log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
+             s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
+             f", {s['truncated']} truncated" if s["truncated"] else "")
+    qlora = use_qlora(cfg, device)
+    model = load_base(name, cfg, device, qlora)
+    train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
+    saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
+    trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
+                           [train_log, saver])
+    log.info("training %s r=%d on %s (%s attention)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA",
+             cfg.lora_r, device, attn_implementation(cfg, device), f", resuming at step {resume_step}" if resume else "")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    save_adapter(trainer, out, dist.is_main_process)
+    if not dist.is_main_process:
+        return {}
+
+    rows = train_log.rows
+    plot_loss(rows, out / "loss.png")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    speeds = [r["tokens_per_s"] for r in rows[1:] or rows]  # the first step carries warm-up
+    stats = {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+             "train_loss_last": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
+             "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
+             "step_s": round(statistics.median(r["step_s"] for r in rows[1:] or rows), 3) if rows else None,
+             "packing_efficiency": s["packing_efficiency"], "qlora": qlora, "device": str(device),
+             "resumed_from_step": resume_step, "seconds": round(time.perf_counter() - start, 1), **s}
+    return stage.finish(stats)

@@ -1,0 +1,94 @@
+import pytest
+
+from ezoforge.eval.judge import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
+from ezoforge.eval.tasks import OpenTask
+
+FENCE = "```"
+
+# Raw judge outputs as models really write them, and what each must become: a grade, or a failure (None).
+CASES = [
+    ('{"reason": "正確で有用な回答です。", "grade": 5}', 5),
+    ('採点結果は以下の通りです。\n{"reason": "指示に従っているが一部誤りがある", "grade": 3}\nよろしくお願いします。', 3),
+    (f'{FENCE}json\n{{\n  "reason": "正しい",\n  "grade": 4\n}}\n{FENCE}', 4),
+    (f'理由を述べます。\n{FENCE}\n{{"reason": "日本語が不自然", "grade": "2"}}\n{FENCE}', 2),
+    ('{"reason": "完璧", "grade": 6}', None),  # out of range: a failure, never clamped to 5
+    ('{"reason": "全く駄目", "grade": 0}', None),
+    ('{"reason": "微妙", "grade": 3.5}', None),  # not a whole number: never rounded
+    ('{"reason": "良い", "grade": 4.0}', 4),
+    ('{"reason": "良い", "grade": true}', None),
+    ("[[4]]", 4),
+    ("この回答は正しいので [[ 5 ]] とします。", 5),
+    ("評価: [[2]] …いや [[3]]", None),  # two different bracketed grades: ambiguous
+    ("4", 4),
+    ("３点", 3),  # full-width digit
+    ("", None),
+    ("   \n ", None),
+    ("この回答はとても良いと思います。", None),  # no grade at all
+    ('{"reason": "x", "grade": 2} {"reason": "y", "grade": 5}', None),  # conflicting JSON objects
+    ('{"reason": "x", "grade": 4} 補足: {"reason": "x", "grade": 4}', 4),  # repeated but consistent
+    ("{'reason': '良い', 'grade': 4}", 4),  # Python-style quotes: the labelled fallback reads it
+    ('```json\n{\n  "reason": "途中で切れた', None),  # truncated before any grade
+    ("評価：２", 2),
+    ("Score: 7", None),
+    ('{"reason": "根拠", "評価": 1}', 1),
+    ('{"grade": "5点"}', 5),
+    ('{"grade": "とても良い"}', None),
+    ("I would rate this 3 or maybe 4.", None),
+]
+
+
+@pytest.mark.parametrize("raw,grade", CASES)
+def test_parse_verdict(raw, grade):
+    verdict = parse_verdict(raw)
+    assert verdict.grade == grade
+    assert (verdict.error is None) == (grade is not None)
+
+
+def test_parse_keeps_reason():
+    assert parse_verdict('前置き {"reason": "事実誤認が一箇所ある", "grade": 3} 後書き').reason == "事実誤認が一箇所ある"
+
+
+TASK = OpenTask("elyza100/1", "日本で一番高い山は？", "富士山です。", "- 富士山と答えていなければ1点")
+
+
+def test_prompt_carries_task_rubric_and_version():
+    text = "\n".join(m["content"] for m in judge_messages(TASK, "富士山"))
+    for needle in ("日本で一番高い山は？", "富士山です。", "富士山と答えていなければ1点", "過度に慎重", "日本語以外",
+                   "不自然な日本語", '"grade"', '"reason"'):
+        assert needle in text
+    assert PROMPT_VERSION.startswith("ezo-judge-ja-")
+
+
+class Script:
+    """A judge that replies from a list of recorded outputs, logging what it was sent."""
+
+    def __init__(self, *replies):
+        self.replies, self.sent = list(replies), []
+
+    def __call__(self, messages):
+        self.sent.append(messages)
+        return self.replies.pop(0)
+
+
+def test_empty_answer_scores_one_without_a_judge_call():
+    judge = Script()
+    verdict = judge_answer(judge, TASK, "  \n", reasks=2)
+    assert (verdict.grade, verdict.reason, verdict.error) == (1, EMPTY_ANSWER_REASON, None)
+    assert judge.sent == []
+
+
+def test_reasks_are_bounded_and_then_fail():
+    judge = Script("とても良い", "満点です", "5つ星", "[[5]]")
+    verdict = judge_answer(judge, TASK, "富士山", reasks=2)
+    assert verdict.grade is None and "after 3 requests" in verdict.error
+    assert len(judge.sent) == 3 and judge.replies == ["[[5]]"]
+    # each re-ask quotes the judge's previous reply and names the problem
+    assert judge.sent[1][-2] == {"role": "assistant", "content": "とても良い"}
+    assert judge.sent[1][-1]["content"] == REASK.format(problem="no grade found")
+
+
+def test_reask_recovers():
+    judge = Script('{"grade": 9}', '{"reason": "正しい", "grade": 4}')
+    verdict = judge_answer(judge, TASK, "富士山", reasks=1)
+    assert (verdict.grade, verdict.reason) == (4, "正しい")
+    assert "outside 1-5" in judge.sent[1][-1]["content"]

@@ -1,0 +1,223 @@
+"""`ezo eval` end to end with the bundled model answering and, behind our real HTTP server, judging."""
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import BUNDLED
+from ezoforge.cli import app
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT, load_recipe
+from ezoforge.errors import EzoError
+from ezoforge.eval.judge import PROMPT_VERSION
+from ezoforge.eval.run import compare, run
+from ezoforge.eval.scoring import jcqa_prompt
+from ezoforge.eval.tasks import load_suite
+from ezoforge.infer.generate import Generator, build_messages
+from ezoforge.records import DONE, write_jsonl
+
+ELYZA = "elyza-tasks-100/test.jsonl"
+JCQA = "jglue/jcommonsenseqa/valid-v1.3.json"
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def make_recipe(cache: Path, max_new_tokens: int = 16, **eval_):
+    return load_recipe(extra={"model": {"name": BUNDLED}, "eval": {
+        "cache": str(cache), "generation": {"max_new_tokens": max_new_tokens}, **eval_}})
+
+
+def done_stats(folder: Path) -> dict:
+    return json.loads((folder / DONE).read_text(encoding="utf-8"))["stats"]
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval-cache") / "requests.sqlite"
+
+
+@pytest.fixture(scope="module")
+def judged(cache, shared_data, live_server, tmp_path_factory):
+    """Three ELYZA tasks answered by the bundled model and judged by it through `ezo serve` on loopback."""
+    out = tmp_path_factory.mktemp("judged")
+    recipe = make_recipe(cache, tasks=[f"elyza100:{shared_data / ELYZA}"], limit=3, judge_url=f"{live_server}/v1",
+                         judge_model=BUNDLED, judge_max_tokens=32, judge_reasks=1, allow_partial=True)
+    return out, recipe, run(recipe, out)
+
+
+def test_judged_run_writes_consistent_outputs(judged, shared_data):
+    out, _, report = judged
+    answers, judgements = rows(out / "answers.jsonl"), rows(out / "judgements.jsonl")
+    tasks = load_suite(f"elyza100:{shared_data / ELYZA}", 3).items
+    assert [a["task_id"] for a in answers] == [j["task_id"] for j in judgements] == [t.id for t in tasks]
+    for j, a in zip(judgements, answers):
+        assert (j["grade"] is None) != (j["error"] is None)
+        assert j["judge"] == BUNDLED and j["prompt_version"] == PROMPT_VERSION and j["answer"] == a["answer"]
+    grades = [j["grade"] for j in judgements if j["grade"] is not None]
+    assert report == json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["n_tasks"] == 3 and report["n_scored"] == len(grades) and report["n_scored"] + report["n_failed"] == 3
+    assert report["judge"] == {"model": BUNDLED, "prompt_version": PROMPT_VERSION}
+    if grades and report["n_failed"]:
+        assert report["status"] == "partial" and report["partial"]
+    if grades:
+        assert report["mean_grade"] == round(sum(grades) / len(grades), 4)
+        assert report["ci95"][0] <= report["mean_grade"] <= report["ci95"][1]
+    # chrF recomputed independently with sacrebleu's defaults (which are char-level chrF)
+    from sacrebleu.metrics import CHRF
+
+    expected = CHRF().corpus_score([a["answer"] for a in answers], [[t.reference for t in tasks]]).score
+    assert report["chrf"] == round(expected, 4)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in html and all(t.id in html for t in tasks)
+    stats = done_stats(out)
+    assert stats["answers_computed"] == 3 and stats["judge_sent"] >= sum(bool(a["answer"].strip()) for a in answers)
+
+
+def test_rerun_from_cache_with_judge_stopped_is_identical(judged, tmp_path):
+    out, recipe, _ = judged
+    offline = recipe.model_copy(deep=True)
+    offline.eval.judge_url = dead_url()
+    run(offline, tmp_path)
+    for name in ("report.json", "report.html", "answers.jsonl", "judgements.jsonl"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    stats = done_stats(tmp_path)
+    assert not stats["model_loaded"] and stats["answers_computed"] == 0 and stats["judge_sent"] == 0
+
+
+def test_unreachable_judge_gives_no_scores_and_fails(judged, cache, shared_data, tmp_path):
+    # Same tasks and generation as `judged`, so answers come from the cache; the judge is new and unreachable.
+    cmd = [sys.executable, "-m", "ezoforge", "eval", "--model", BUNDLED, "--tasks", f"elyza100:{shared_data / ELYZA}",
+           "--limit", "2", "--out", str(tmp_path), "--judge-url", dead_url(), "--judge-model", "judge-x",
+           "--max-new-tokens", "16", "--set", f"eval.cache={cache}", "--set", "eval.judge_max_retries=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "judgements failed" in proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert (report["n_scored"], report["n_failed"], report["mean_grade"], report["ci95"]) == (0, 2, None, None)
+    assert report["status"] == "failed"
+    assert all(j["grade"] is None and "judge request failed" in j["error"] for j in rows(tmp_path / "judgements.jsonl"))
+    assert not (tmp_path / DONE).exists()
+
+
+def test_no_judge_reports_not_judged(judged, cache, shared_data, tmp_path):
+    report = run(make_recipe(cache, tasks=[f"elyza100:{shared_data / ELYZA}"], limit=3), tmp_path)
+    assert report["status"] == "not_judged" and report["judge"] is None
+    assert (report["n_scored"], report["n_failed"], report["mean_grade"]) == (0, 0, None)
+    assert report["chrf"] == judged[2]["chrf"] and not (tmp_path / "judgements.jsonl").exists()
+    assert (tmp_path / DONE).exists()
+
+
+def test_jcqa_accuracy_matches_predictions(cache, shared_data, bundled, tmp_path):
+    spec = f"jcqa:{shared_data / JCQA}"
+    report = run(make_recipe(cache, tasks=[spec], limit=10), tmp_path)
+    preds = rows(tmp_path / "predictions.jsonl")
+    items = load_suite(spec, 10).items
+    assert [p["id"] for p in preds] == [it.id for it in items] and [p["label"] for p in preds] == [it.label for it in items]
+    assert report["accuracy"] == round(sum(p["pred"] == p["label"] for p in preds) / 10, 4)
+    assert report["accuracy_normalization"] == "sum" and report["n_choice_items"] == 10
+    for p in preds:
+        assert p["pred"] == max(range(5), key=lambda k: p["logprobs"][k])
+    # The batched, padded scores equal a lone forward pass of one prompt + choice.
+    gen, item = Generator(bundled), items[3]
+    tok = bundled.tokenizer
+    context = tok(gen.prompt_text(build_messages(jcqa_prompt(item), DEFAULT_SYSTEM_PROMPT)), add_special_tokens=False)["input_ids"]
+    choice = tok(item.choices[4], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + choice])
+    with torch.inference_mode():
+        logp = torch.log_softmax(bundled.model(input_ids=ids).logits[0, :-1].float(), -1)
+    direct = sum(logp[len(context) - 1 + k, t].item() for k, t in enumerate(choice))
+    assert preds[3]["logprobs"][4] == pytest.approx(direct, abs=1e-3)
+
+PARAGRAPHS = [  # written for this test
+    {"id": "p1", "text": "春になると、川沿いの桜並木には多くの人が集まり、夜遅くまでにぎわいます。"},
+    {"id": "p2", "text": "この町の図書館は古い校舎を改装したもので、木の床がきしむ音まで残されています。"},
+    {"id": "p3", "text": "朝の市場では、漁師が前の晩にとった魚を並べ、料理人たちが品定めをしていた。"},
+]
+
+
+def test_perplexity_is_token_weighted_mean_nll(cache, bundled, tmp_path):
+    data = tmp_path / "held-out.jsonl"
+    write_jsonl(data, PARAGRAPHS)
+    report = run(make_recipe(cache, tasks=[f"ppl:{data}"]), tmp_path / "wide")
+    nll, n = 0.0, 0
+    for p in PARAGRAPHS:
+        ids = torch.tensor([bundled.tokenizer(p["text"])["input_ids"]])
+        with torch.inference_mode():
+            logits = bundled.model(input_ids=ids).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        n += ids.shape[1] - 1
+    assert report["ppl_tokens"] == n and report["n_passages"] == 3
+    assert report["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    narrow = run(make_recipe(cache, tasks=[f"ppl:{data}"], ppl_window=8), tmp_path / "narrow")
+    assert narrow["ppl_tokens"] == n  # windows overlap by one token, so each token is still predicted once
+    assert narrow["perplexity"] != report["perplexity"]
+
+
+def test_compare_pairs_grades_on_shared_tasks(tmp_path):
+    def folder(name: str, grades: list[int | None], judge: str = "j") -> Path:
+        d = tmp_path / name
+        judgements = [{"task_id": f"elyza100/{i}", "model": name, "answer": "a", "judge": judge, "grade": g,
+                       "error": None if g else "judge request failed", "reason": "", "prompt_version": "v"}
+                      for i, g in enumerate(grades, 1)]
+        write_jsonl(d / "judgements.jsonl", judgements)
+        scored = [g for g in grades if g]
+        (d / "report.json").write_text(json.dumps({
+            "model": {"name": name}, "judge": {"model": judge, "prompt_version": "v"}, "status": "complete",
+            "n_tasks": len(grades), "n_scored": len(scored), "n_failed": len(grades) - len(scored),
+            "mean_grade": sum(scored) / len(scored), "ci95": [1.0, 5.0], "chrf": 10.0, "accuracy": None,
+            "perplexity": None, "bootstrap": {"samples": 1000, "seed": 0}}), encoding="utf-8")
+        return d
+
+    base = folder("base", [1, 2, 3, 4, 2])
+    tuned = folder("tuned", [2, 3, 4, 5, None])  # task 5 failed: only tasks 1-4 are paired
+    other = folder("other-judge", [5, 5, 5, 5, 5], judge="k")
+    result = compare([base, tuned, other], tmp_path / "cmp")
+    diff = result["runs"][1]["diff"]
+    assert (diff["n"], diff["diff"], diff["ci95"]) == (4, 1.0, [1.0, 1.0])
+    assert result["runs"][0]["diff"] is None and result["runs"][2]["diff"] is None
+    assert any("other-judge" in n and "not paired" in n for n in result["notes"])
+    assert "data:image/png;base64," in (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
+
+
+def test_compare_cli_on_real_runs(judged, tmp_path):
+    out = judged[0]
+    res = CliRunner().invoke(app, ["eval", "compare", str(out), str(out), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "compare.json").read_text(encoding="utf-8"))
+    diff = result["runs"][1]["diff"]
+    if judged[2]["n_scored"]:
+        assert (diff["diff"], diff["ci95"], diff["n"]) == (0.0, [0.0, 0.0], judged[2]["n_scored"])
+    else:
+        assert diff is None
+    assert "mean_grade" in res.output
+
+
+def test_eval_without_out_is_a_config_error():
+    with pytest.raises(EzoError, match="--out"):
+        CliRunner().invoke(app, ["eval", "--model", BUNDLED], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_local_judge_via_cli(shared_data, tmp_path):
+    """`--judge-url local`: the judge model is served in-process on loopback and reached over HTTP."""
+    cmd = [sys.executable, "-m", "ezoforge", "eval", "--model", BUNDLED, "--tasks", f"elyza100:{shared_data / ELYZA}",
+           "--limit", "1", "--out", str(tmp_path / "out"), "--judge-url", "local", "--judge-model", BUNDLED,
+           "--max-new-tokens", "16", "--allow-partial", "--set", f"eval.cache={tmp_path / 'c.sqlite'}",
+           "--set", "eval.judge_max_tokens=32", "--set", "eval.judge_reasks=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    judgements = rows(tmp_path / "out" / "judgements.jsonl")
+    assert len(judgements) == 1 and judgements[0]["judge"] == BUNDLED
+    assert proc.returncode == (0 if judgements[0]["grade"] is not None else 1), proc.stderr

@@ -1,0 +1,268 @@
+"""`ezo synth` end to end: the bundled model (transformers), `ezo serve` (openai backend), a scripted server for
+retries and failures, and a killed run that resumes without sending any finished request again."""
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+
+import pyarrow.parquet as pq
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ezoforge.config import load_recipe
+from ezoforge.errors import ConfigError
+from ezoforge.infer.generate import Sampling
+from ezoforge.infer.serve import BackgroundServer
+from ezoforge.records import Pair, read_rows
+from ezoforge.remote import RemoteError, chat, make_client
+from ezoforge.synth import prompts
+from ezoforge.synth.run import run
+
+BUNDLED = "bundled:smollm2-135m-instruct"
+
+
+def jsquad_docs(shared_data, tmp_path, n):
+    src = shared_data / "jglue" / "jsquad" / "wikipedia_paragraphs.jsonl"
+    lines = src.read_text(encoding="utf-8").splitlines()[:n]
+    path = tmp_path / "paragraphs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, [json.loads(x)["text"] for x in lines]
+
+
+def pairs_of(out):
+    return [row for f in sorted((out / "data").glob("*.parquet")) for _, row in read_rows(f)]
+
+
+# ---------------------------------------------------------------- transformers backend, bundled model
+
+def test_bundled_model_end_to_end(bundled, shared_data, tmp_path):
+    docs, texts = jsquad_docs(shared_data, tmp_path, 3)
+    recipe = load_recipe(None, ["synth.generation.max_new_tokens=32", "synth.pairs_per_doc=2",
+                                "synth.max_passage_tokens=160"])
+    out = tmp_path / "synth"
+    stats = run(recipe, docs, out)
+
+    assert (out / "DONE").exists() and json.loads((out / "stats.json").read_text())["pairs"] == stats["pairs"]
+    assert stats["documents"] == 3
+    assert stats["requests"] > 3  # paragraphs of 228-400 tokens split into passages of at most 160
+    assert stats["tokens_out"] > 0 and stats["tokens_in"] > stats["requests"] * 100
+    tok = bundled.tokenizer
+    rejected = [row for f in (out / "rejected").glob("*.parquet") for _, row in read_rows(f)]
+    pairs = pairs_of(out)
+    assert stats["pairs"] == len(pairs) and stats["rejected"] == len(rejected)
+    assert stats["parse_rate"] == len({p["doc_id"] for p in pairs}) / 3
+    for row in pairs:
+        pair = Pair.model_validate(row)
+        assert pair.doc_id in {"paragraphs.jsonl:1", "paragraphs.jsonl:2", "paragraphs.jsonl:3"}
+        assert pair.context in texts[int(pair.doc_id.rsplit(":", 1)[1]) - 1]
+        assert len(tok(pair.context, add_special_tokens=False)["input_ids"]) <= 160
+        assert pair.generator == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}"
+    for row in rejected:
+        assert row["reason"] and row["output"] is not None
+
+    # a finished folder is a no-op: nothing rewritten, nothing generated
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert run(recipe, docs, out) == stats
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
+
+    # deterministic: a fresh folder gets the same pairs and rejects
+    again = tmp_path / "again"
+    assert {k: v for k, v in run(recipe, docs, again).items() if k != "tokens_per_s"} == \
+           {k: v for k, v in stats.items() if k != "tokens_per_s"}
+    assert pairs_of(again) == pairs
+
+
+def test_static_cache_path_matches_dynamic(bundled):
+    from ezoforge.synth.backends import TransformersBackend
+
+    reqs = [prompts.prompted("a", "梅雨は雨季の一種である。", 2), prompts.prompted("b", "富士山は日本一高い山である。", 2)]
+    results = {}
+    for static in (False, True):
+        got = {}
+        TransformersBackend(bundled, batch_size=2, static_cache=static).run(
+            reqs, Sampling(12), lambda i, out: got.__setitem__(i, out))
+        results[static] = got
+    assert {i: o.text for i, o in results[True].items()} == {i: o.text for i, o in results[False].items()}
+    assert all(o.tokens_out == 12 or o.finish_reason == "stop" for o in results[True].values())
+
+
+def test_vllm_missing_is_a_clear_error(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed")
+    except ImportError:
+        pass
+    docs = tmp_path / "d.jsonl"
+    docs.write_text('{"id": "1", "text": "本文です。"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ezoforge\[gpu\]"):
+        run(load_recipe(None, ["synth.backend=vllm"]), docs, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- openai backend against `ezo serve`
+
+def test_openai_backend_against_ezo_serve(live_server, shared_data, tmp_path):
+    docs, _ = jsquad_docs(shared_data, tmp_path, 2)
+    recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={live_server}/v1", f"synth.model={BUNDLED}",
+                                "synth.generation.max_new_tokens=24", "synth.concurrency=2"])
+    stats = run(recipe, docs, tmp_path / "out")
+    assert stats["requests"] == stats["requests_sent"] >= 2 and stats["errors"] == 0
+    assert stats["tokens_in"] > 500 and 0 < stats["tokens_out"] <= 24 * stats["requests"]
+    rejected = [row for f in (tmp_path / "out" / "rejected").glob("*.parquet") for _, row in read_rows(f)]
+    # every reply reached the parser behind the prefill the server was asked to continue
+    assert all(r["output"].startswith("質問1: ") for r in rejected)
+    assert all(p["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}" for p in pairs_of(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- a scripted OpenAI-compatible server
+
+class Script:
+    """Per tag (a word in the request's last message), what to answer on each hit; the last step repeats.
+    Steps: ("ok",), ("status", code, headers), ("stall", seconds), ("block", threading.Event)."""
+
+    def __init__(self, plan=None):
+        self.plan = plan or {}
+        self.hits = Counter()
+        self.times = defaultdict(list)
+        self.bodies = Counter()
+        self.lock = threading.Lock()
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.post("/v1/chat/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            text = body["messages"][-1]["content"]
+            named = re.search(r"これは(\S+?)についての本文", text)
+            tag = next((t for t in self.plan if t in text), named.group(1) if named else text[:8])
+            with self.lock:
+                n = self.hits[tag]
+                self.hits[tag] += 1
+                self.times[tag].append(time.monotonic())
+                self.bodies[json.dumps(body, sort_keys=True, ensure_ascii=False)] += 1
+            steps = self.plan.get(tag, [("ok",)])
+            step = steps[min(n, len(steps) - 1)]
+            if step[0] == "status":
+                return JSONResponse({"error": {"message": f"scripted {step[1]}", "type": "scripted"}},
+                                    status_code=step[1], headers=step[2] if len(step) > 2 else None)
+            if step[0] == "stall":
+                await asyncio.sleep(step[1])
+            if step[0] == "block":
+                while not step[1].is_set():
+                    await asyncio.sleep(0.02)
+            reply = f" {tag}について書かれています。\n質問2: {tag}とは何ですか。\n回答2: {tag}は本文の題材です。"
+            return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
+
+        return app
+
+
+def write_docs(tmp_path, tags):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": t, "text": f"これは{t}についての本文です。{t}は例です。"},
+                                       ensure_ascii=False) + "\n" for t in tags), encoding="utf-8")
+    return path
+
+
+def test_client_retries_what_it_should_and_nothing_else():
+    script = Script({"limited": [("status", 429, {"Retry-After": "2"}), ("ok",)],
+                     "broken": [("status", 500), ("ok",)],
+                     "bad": [("status", 400)],
+                     "slow": [("stall", 3), ("ok",)],
+                     "down": [("status", 503)]})
+    with BackgroundServer(script.app()) as url:
+        client = make_client(url + "/v1", timeout=1.0, max_retries=2)
+
+        def ask(tag):
+            return chat(client, "m", [{"role": "user", "content": tag}], max_tokens=8)
+
+        for tag in ("limited", "broken", "slow"):
+            assert "について書かれています" in ask(tag).text
+            assert script.hits[tag] == 2, tag
+        gap = script.times["limited"][1] - script.times["limited"][0]
+        assert 1.9 <= gap < 5  # Retry-After: 2 honoured, not the default sub-second backoff
+        with pytest.raises(RemoteError) as e:
+            ask("bad")
+        assert e.value.status == 400 and script.hits["bad"] == 1  # a 4xx other than 408/409/429 is never retried
+        with pytest.raises(RemoteError) as e:
+            ask("down")
+        assert e.value.status == 503 and script.hits["down"] == 3  # first try + max_retries
+
+
+def test_failed_request_is_an_error_for_its_document_never_text(tmp_path):
+    script = Script({"文書A": [("status", 429, {"Retry-After": "1"}), ("ok",)],
+                     "文書B": [("status", 500), ("ok",)],
+                     "文書C": [("status", 400)],
+                     "文書D": [("stall", 3), ("ok",)]})
+    docs = write_docs(tmp_path, ["文書A", "文書B", "文書C", "文書D"])
+    with BackgroundServer(script.app()) as url:
+        recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=scripted",
+                                    "synth.timeout=1", "synth.max_retries=2", "synth.max_error_fraction=0.5"])
+        stats = run(recipe, docs, tmp_path / "out")
+    assert dict(script.hits) == {"文書A": 2, "文書B": 2, "文書C": 1, "文書D": 2}
+    assert stats["errors"] == 1 and stats["documents_with_pairs"] == 3
+    pairs = pairs_of(tmp_path / "out")
+    assert {p["doc_id"] for p in pairs} == {"文書A", "文書B", "文書D"}
+    assert not any("scripted" in p["response"] for p in pairs)
+    errors = [r for f in (tmp_path / "out" / "rejected").glob("*.parquet") for _, r in read_rows(f)
+              if r["reason"] == "request_error"]
+    assert [(r["doc_id"], "HTTP 400" in r["text"]) for r in errors] == [("文書C", True)]
+
+
+def test_too_many_failures_fail_the_stage_and_a_rerun_sends_only_those(tmp_path):
+    script = Script({"文書A": [("status", 400), ("ok",)]})
+    docs = write_docs(tmp_path, ["文書A", "文書B"])
+    with BackgroundServer(script.app()) as url:
+        recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=scripted",
+                                    "synth.max_retries=0"])
+        with pytest.raises(Exception, match="1 of 2 requests failed"):
+            run(recipe, docs, tmp_path / "out")
+        assert not (tmp_path / "out" / "DONE").exists()
+        stats = run(recipe, docs, tmp_path / "out")
+    assert stats["errors"] == 0 and stats["requests_sent"] == 1
+    assert dict(script.hits) == {"文書A": 2, "文書B": 1}
+
+
+def test_killed_run_resumes_without_sending_any_request_twice(tmp_path):
+    release = threading.Event()
+    tags = [f"文書{i:02d}" for i in range(8)]
+    script = Script({"文書03": [("block", release), ("ok",)]})
+    docs = write_docs(tmp_path, tags)
+    out = tmp_path / "out"
+    with BackgroundServer(script.app()) as url:
+        args = ["--backend", "openai", "--base-url", f"{url}/v1", "--model", "scripted", "--concurrency", "1"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "synth", str(docs), "--out", str(out), *args],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 120
+            while script.hits["文書03"] == 0:  # three requests answered, the fourth in flight
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.time() < deadline
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            release.set()
+        assert not (out / "DONE").exists()
+        recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=scripted",
+                                    "synth.concurrency=1"])
+        stats = run(recipe, docs, out)
+    assert stats["requests_sent"] == 5 and stats["documents"] == 8 and (out / "DONE").exists()
+    assert [script.hits[t] for t in tags] == [1, 1, 1, 2, 1, 1, 1, 1]  # only the one in flight was sent again
+    assert all(n == 1 for body, n in script.bodies.items() if "文書03" not in body)
+    assert {p["doc_id"] for p in pairs_of(out)} == set(tags)

@@ -1,0 +1,44 @@
+"""Shared pieces of the train/merge tests: a 2-layer Llama with the bundled SmolLM2 tokenizer, and the ELYZA rows."""
+import json
+
+import pytest
+import torch
+
+from conftest import BUNDLED
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised 2-layer Llama that speaks the bundled tokenizer and its chat template."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ezoforge.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = load_tokenizer(BUNDLED)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def elyza_rows(shared_data, tmp_path_factory):
+    """ELYZA-tasks-100 as instruction/response rows (input→instruction, output→response)."""
+    path = tmp_path_factory.mktemp("elyza") / "elyza.jsonl"
+    with open(shared_data / "elyza-tasks-100" / "test.jsonl", encoding="utf-8") as src, \
+            open(path, "w", encoding="utf-8") as dst:
+        for line in src:
+            row = json.loads(line)
+            dst.write(json.dumps({"instruction": row["input"], "response": row["output"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def overrides(model: str, **train) -> list[str]:
+    """--set style overrides for a fast CPU run: short rows, no checkpointing recompute, LoRA unless told."""
+    base = {"max_length": 256, "batch_size": 2, "gradient_checkpointing": False, "qlora": False,
+            "learning_rate": 5e-3, "max_steps": 4, "save_every": 2, "eval_fraction": 0.05}
+    return [f"model.name={model}"] + [f"train.{k}={v}" for k, v in {**base, **train}.items()]
