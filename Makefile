@@ -24,7 +24,8 @@ demo: install
 	$(VENV)/bin/ezo run recipes/demo.yaml
 
 test: install
-	$(PY) -m pytest -q
+	# One thread per process: the suite runs servers and workers beside the model, and 2 cores oversubscribe.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-all: install
 	$(PY) -m pytest -q -m ''

@@ -157,15 +157,13 @@ def main() -> None:
     ap.add_argument("--baseline-mb", type=float, default=4)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasketch
-    import datatrove
-    import numpy
+    from importlib.metadata import version
 
     from ezoforge.config import CurateConfig
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f}); "
-          f"python {platform.python_version()}, datatrove {datatrove.__version__ if hasattr(datatrove, '__version__') else '?'}, "
-          f"numpy {numpy.__version__}, datasketch {datasketch.__version__}")
+          f"python {platform.python_version()}, " + ", ".join(
+              f"{p} {version(p)}" for p in ("datatrove", "numpy", "pyarrow", "mwparserfromhell", "datasketch")))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files, texts = build_corpus(tmp, args.mb)

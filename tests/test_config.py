@@ -62,6 +62,8 @@ def test_secrets_are_redacted_and_env_names_kept():
     plain = {"judge_api_key_env": "OPENAI_API_KEY", "api_key": "sk-secret", "nested": [{"token": "t"}]}
     assert redact(plain) == {"judge_api_key_env": "OPENAI_API_KEY", "api_key": "***", "nested": [{"token": "***"}]}
     assert "sk-" not in dump_yaml(load_recipe())
+    # Token counts are settings, not secrets: they must reach saved configs and fingerprints.
+    assert redact({"max_new_tokens": 64, "hf_token": "x"}) == {"max_new_tokens": 64, "hf_token": "***"}
 
 
 def test_fingerprint_and_diff():

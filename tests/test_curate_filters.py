@@ -43,6 +43,7 @@ CASES = [  # (filter, text, expected reason or None for kept)
     ("length", PARAS[0], "too_short"),
     ("length", PARAS[0] + " This paragraph continues in English for quite a while to pad the length. " * 6, "too_short"),
     ("sentences", CLEAN, None),
+    ("sentences", normalize(CLEAN.replace("、", "，").replace("。", "．")), None),  # academic ，． style
     ("sentences", "はい。そうです。了解。行きます。ありがとう。" * 25, "sentence_length"),  # average far below 20
     ("sentences", "、".join(PARAS[0].replace("。", "") for _ in range(4)) + "。", "sentence_length"),  # average > 90
     ("sentences", CLEAN + CLEAN + "\n" + "、".join(PARAS[0].replace("。", "") for _ in range(4)) + "。",
@@ -134,3 +135,24 @@ def test_default_chain_keeps_clean_wikipedia(shared_data):
     chain = build_chain(FiltersConfig(), NormalizeConfig())
     dropped = {t[:20]: r for t in texts if (r := _chain_verdict(chain, t))}
     assert dropped == {}
+
+
+def test_repeat_coverage_matches_the_plain_definition(shared_data):
+    """The pruned, vectorised measure equals the plain one: characters under any later occurrence of an n-gram."""
+    import re
+
+    from ezoforge.curate import text as tx
+
+    def plain(t: str, n: int) -> int:
+        seen, covered = set(), set()
+        for i in range(len(t) - n + 1):
+            if t[i:i + n] in seen:
+                covered.update(range(i, i + n))
+            seen.add(t[i:i + n])
+        return len(covered)
+
+    web = shared_data / "ja-web-sample/fineweb2_edu_ja_sample100.jsonl"
+    texts = [re.sub(r"\s+", "", json.loads(line)["text"]) for line in web.open(encoding="utf-8")][:40]
+    texts += ["", "短い", "あいうえお" * 30, CLEAN + CLEAN[:200]]
+    for t in texts:
+        assert tx.repeat_coverage(tx.codepoints(t), [5, 10, 12, 20]) == {n: plain(t, n) for n in (5, 10, 12, 20)}

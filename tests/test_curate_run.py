@@ -250,7 +250,7 @@ def test_lsh_catches_jaccard_09_pairs_at_the_swallow_rate(tmp_path):
 
 
 def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, curated, tmp_path, monkeypatch):
-    """`executor: slurm` submits the four passes as dependent job arrays (sbatch stands in for the cluster);
+    """`executor: slurm` submits the four passes as dependent job arrays (stand-in sbatch/scontrol scripts);
     running each array task as Slurm would, then the same command again, gives the local run's output."""
     import dill
 
@@ -258,7 +258,10 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
     sbatch = tmp_path / "bin" / "sbatch"
     sbatch.parent.mkdir()
     sbatch.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "Submitted batch job $(wc -l < {log})"\n')
-    sbatch.chmod(0o755)
+    scontrol = sbatch.with_name("scontrol")  # `scontrol show hostnames NODELIST`
+    scontrol.write_text('#!/bin/sh\necho "$3"\n')
+    for tool in (sbatch, scontrol):
+        tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
     inputs, _, _ = corpus
     out = tmp_path / "out"
@@ -275,11 +278,13 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
             folder = out / ".work" / "logs" / name
             for i in range(len(json.loads((folder / "ranks_to_run.json").read_text()))):
                 monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+                monkeypatch.setenv("SLURM_NODELIST", "node1")
                 with open(folder / "executor.pik", "rb") as f:
                     dill.load(f).run()
     finally:
         signal.signal(signal.SIGUSR1, handler)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.delenv("SLURM_NODELIST")
     stats = run(slurm, inputs, out)
     assert len([line for line in log.read_text().splitlines() if "RUN_OFFSET" in line]) == 4  # nothing resubmitted
     assert tables(out) == tables(curated[0]) and stats["docs_out"] == curated[1]["docs_out"]

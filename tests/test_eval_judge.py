@@ -34,6 +34,7 @@ CASES = [
     ('{"grade": "5点"}', 5),
     ('{"grade": "とても良い"}', None),
     ("I would rate this 3 or maybe 4.", None),
+    ('{"reason": "<採点の理由>", "grade": <1〜5の整数>}', None),  # the prompt's format line echoed back
 ]
 
 

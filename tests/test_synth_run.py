@@ -1,6 +1,7 @@
 """`ezo synth` end to end: the bundled model (transformers), `ezo serve` (openai backend), a scripted server for
 retries and failures, and a killed run that resumes without sending any finished request again."""
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -43,24 +44,25 @@ def pairs_of(out):
 # ---------------------------------------------------------------- transformers backend, bundled model
 
 def test_bundled_model_end_to_end(bundled, shared_data, tmp_path):
-    docs, texts = jsquad_docs(shared_data, tmp_path, 3)
-    recipe = load_recipe(None, ["synth.generation.max_new_tokens=32", "synth.pairs_per_doc=2",
+    docs, texts = jsquad_docs(shared_data, tmp_path, 2)
+    recipe = load_recipe(None, ["synth.generation.max_new_tokens=24", "synth.pairs_per_doc=2",
                                 "synth.max_passage_tokens=160"])
     out = tmp_path / "synth"
     stats = run(recipe, docs, out)
 
     assert (out / "DONE").exists() and json.loads((out / "stats.json").read_text())["pairs"] == stats["pairs"]
-    assert stats["documents"] == 3
-    assert stats["requests"] > 3  # paragraphs of 228-400 tokens split into passages of at most 160
+    assert stats["documents"] == 2
+    assert stats["requests"] > 2  # paragraphs of 228 and 391 tokens split into passages of at most 160
     assert stats["tokens_out"] > 0 and stats["tokens_in"] > stats["requests"] * 100
     tok = bundled.tokenizer
     rejected = [row for f in (out / "rejected").glob("*.parquet") for _, row in read_rows(f)]
     pairs = pairs_of(out)
     assert stats["pairs"] == len(pairs) and stats["rejected"] == len(rejected)
-    assert stats["parse_rate"] == len({p["doc_id"] for p in pairs}) / 3
+    assert stats["documents_with_pairs"] == len({p["doc_id"] for p in pairs})
+    assert stats["parse_rate"] >= stats["documents_with_pairs"] / 2  # parsed before the filters judge the pairs
     for row in pairs:
         pair = Pair.model_validate(row)
-        assert pair.doc_id in {"paragraphs.jsonl:1", "paragraphs.jsonl:2", "paragraphs.jsonl:3"}
+        assert pair.doc_id in {"paragraphs.jsonl:1", "paragraphs.jsonl:2"}
         assert pair.context in texts[int(pair.doc_id.rsplit(":", 1)[1]) - 1]
         assert len(tok(pair.context, add_special_tokens=False)["input_ids"]) <= 160
         assert pair.generator == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}"
@@ -82,11 +84,11 @@ def test_bundled_model_end_to_end(bundled, shared_data, tmp_path):
 def test_static_cache_path_matches_dynamic(bundled):
     from ezoforge.synth.backends import TransformersBackend
 
-    reqs = [prompts.prompted("a", "梅雨は雨季の一種である。", 2), prompts.prompted("b", "富士山は日本一高い山である。", 2)]
+    reqs = [prompts.synthesizer("a", "梅雨は雨季の一種である。"), prompts.synthesizer("b", "富士山は日本一高い山で、標高は3776メートル。")]
     results = {}
     for static in (False, True):
         got = {}
-        TransformersBackend(bundled, batch_size=2, static_cache=static).run(
+        TransformersBackend(bundled.tokenizer, bundled.context_length, lambda: bundled, 2, static).run(
             reqs, Sampling(12), lambda i, out: got.__setitem__(i, out))
         results[static] = got
     assert {i: o.text for i, o in results[True].items()} == {i: o.text for i, o in results[False].items()}
@@ -94,12 +96,8 @@ def test_static_cache_path_matches_dynamic(bundled):
 
 
 def test_vllm_missing_is_a_clear_error(tmp_path):
-    pytest.importorskip("torch")
-    try:
-        import vllm  # noqa: F401
+    if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
-    except ImportError:
-        pass
     docs = tmp_path / "d.jsonl"
     docs.write_text('{"id": "1", "text": "本文です。"}\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"ezoforge\[gpu\]"):
@@ -167,6 +165,17 @@ class Script:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                  "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}}
+
+        @app.post("/v1/completions")
+        async def plain(request: Request):
+            body = await request.json()
+            with self.lock:
+                self.bodies[json.dumps(body, sort_keys=True, ensure_ascii=False)] += 1
+            reply = ("<QUE> この本文は何の例ですか。 <ANS> 合成の例です。 </END>\n\n"
+                     "<QUE> この本文は何の例ですか。 <ANS> 重複です。 </END>\n\n<QUE> 途中")
+            return {"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "text": reply, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40}}
 
         return app
 
@@ -266,3 +275,18 @@ def test_killed_run_resumes_without_sending_any_request_twice(tmp_path):
     assert [script.hits[t] for t in tags] == [1, 1, 1, 2, 1, 1, 1, 1]  # only the one in flight was sent again
     assert all(n == 1 for body, n in script.bodies.items() if "文書03" not in body)
     assert {p["doc_id"] for p in pairs_of(out)} == set(tags)
+
+
+def test_synthesizer_mode_over_a_completions_endpoint(tmp_path):
+    script = Script()
+    docs = write_docs(tmp_path, ["文書A"])
+    with BackgroundServer(script.app()) as url:
+        recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=synth",
+                                    "synth.mode=synthesizer"])
+        stats = run(recipe, docs, tmp_path / "out")
+    (body,) = [json.loads(b) for b in script.bodies]
+    assert body["prompt"] == "<CON> これは文書Aについての本文です。文書Aは例です。 </CON>\n\n"  # the server adds BOS
+    assert [(p["instruction"], p["response"]) for p in pairs_of(tmp_path / "out")] == [("この本文は何の例ですか。", "合成の例です。")]
+    rejected = sorted(r["reason"] for f in (tmp_path / "out" / "rejected").glob("*.parquet") for _, r in read_rows(f))
+    assert rejected == ["repeated_question", "unterminated"]
+    assert stats["generator"] == f"synth|synthesizer|{prompts.SYNTHESIZER_VERSION}"

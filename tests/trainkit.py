@@ -39,6 +39,6 @@ def elyza_rows(shared_data, tmp_path_factory):
 
 def overrides(model: str, **train) -> list[str]:
     """--set style overrides for a fast CPU run: short rows, no checkpointing recompute, LoRA unless told."""
-    base = {"max_length": 256, "batch_size": 2, "gradient_checkpointing": False, "qlora": False,
+    base = {"max_length": 256, "batch_size": 1, "gradient_checkpointing": False, "qlora": False,
             "learning_rate": 5e-3, "max_steps": 4, "save_every": 2, "eval_fraction": 0.05}
     return [f"model.name={model}"] + [f"train.{k}={v}" for k, v in {**base, **train}.items()]

@@ -352,7 +352,7 @@ def merge(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
-    for noisy in ("httpx", "urllib3", "datatrove"):
+    for noisy in ("httpx", "httpx2", "urllib3", "datatrove"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

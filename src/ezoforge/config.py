@@ -247,6 +247,7 @@ class TrainConfig(Section):
     target_modules: str | list[str] = "all-linear"
     liger: bool | None = None  # None: Liger kernels on CUDA when liger-kernel is installed
     selective_checkpointing: bool = False  # keep attention outputs, recompute the rest (with gradient_checkpointing)
+    checkpoint_every: int = Field(1, ge=1)  # checkpoint every n-th decoder layer: more speed for more memory
     compile: bool = False  # torch.compile the model
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
 
@@ -416,7 +417,8 @@ def _expand_task(spec: str) -> str:
 
 # ---------------------------------------------------------------- identity and saving
 
-_SECRET_KEY = re.compile(r"(api_key|token|secret|password)(?!_env)", re.I)
+# Whole key names only: `hf_token` is a secret, `max_new_tokens` is not.
+_SECRET_KEY = re.compile(r"(^|_)(api_key|token|secret|password)$", re.I)
 
 
 def redact(obj: Any) -> Any:

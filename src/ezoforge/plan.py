@@ -100,8 +100,10 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dic
     curated_tokens = chars * docs_kept / CHARS_PER_TOKEN_JA
     doc_tokens = 1500  # a curated document, capped by the synth passage length
     docs = curated_tokens / doc_tokens
+    # Inputs not downloaded yet: a full dump holds far more documents than synth.limit, so the limit binds.
+    missing = [p for p in recipe.curate.inputs if not glob.glob(p)]
     if s.limit:
-        docs = min(docs, s.limit)
+        docs = s.limit if missing else min(docs, s.limit)
     synth_in = docs * (doc_tokens + 600)  # passage + our prompt with its few-shot example
     synth_out = docs * s.generation.max_new_tokens
     pair_tokens = doc_tokens + 300
@@ -127,7 +129,9 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dic
                   "eval": round(eval_tokens / decode_tps / 3600, 3)},
         "assumptions": {"docs_kept_fraction": docs_kept, "chars_per_token": CHARS_PER_TOKEN_JA,
                         "train_tokens_per_s": round(train_tps), "decode_tokens_per_s": round(decode_tps),
-                        "qlora": qlora, "gradient_checkpointing": t.gradient_checkpointing},
+                        "qlora": qlora, "gradient_checkpointing": t.gradient_checkpointing,
+                        **({"inputs_missing": missing, "documents_from": "synth.limit" if s.limit else "none"}
+                           if missing else {})},
     }
 
 

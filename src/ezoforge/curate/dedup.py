@@ -31,9 +31,10 @@ _SHIFT = np.uint64(32)
 
 
 def minhash_config(cfg: DedupConfig) -> MinhashConfig:
-    # 32-bit values: 20 per band make band collisions of unrelated documents vanishingly rare
+    # 32-bit values: 20 per band make band collisions of unrelated documents vanishingly rare. hash_fc names
+    # datatrove's word-shingle hash, which our numpy shingles replace; sha1 needs no extra package (xxhash would).
     return MinhashConfig(n_grams=cfg.n_grams, num_buckets=cfg.num_buckets, hashes_per_bucket=cfg.hashes_per_bucket,
-                         seed=cfg.seed, hash_config=HashConfig(precision=32, hash_fc="xxhash"))
+                         seed=cfg.seed, hash_config=HashConfig(precision=32, hash_fc="sha1"))
 
 
 class CharTokenizer(WordTokenizer):

@@ -23,7 +23,7 @@ from ezoforge.curate import text as tx
 _KANA = re.compile(r"[\u3041-\u309F\u30A0-\u30FF]")
 _URL = re.compile(r"(?:https?|ftp)://[!-~]+|www\.[!-~]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0B-\x1F\x7F]")
-_SENTENCE_END = re.compile(r"[。！？!?\n]+")
+_SENTENCE_END = re.compile(r"(?:[。！？!?\n]|\.(?!\d))+")  # "." too: NFKC turns the academic "．" into it
 _TERMINAL = ("。", "！", "？", "!", "?", "」", "』", "）", ")", "…", "‥", ".", '"', "'")
 _ELLIPSES = ("…", "‥", "...", "・・・")
 
@@ -55,7 +55,7 @@ def clean_lines(text: str, cfg: NormalizeConfig) -> str:
     if cfg.max_ascii_run:
         text = re.sub(f"[ -~]{{{cfg.max_ascii_run},}}", "", text)
     if cfg.drop_lines_without_kana:
-        # blank lines survive so paragraph breaks do; normalize() then squeezes the runs
+        # blank lines survive so paragraph breaks do (runs of them are squeezed below)
         text = "\n".join(line for line in text.split("\n") if not line.strip() or _KANA.search(line))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -179,7 +179,7 @@ class KanaFilter(JaFilter):
 
 class SentenceFilter(JaFilter):
     """Average sentence length 20–90 (Swallow) and longest sentence ≤ 400 characters (Swallow's 200 drops
-    clean Wikipedia, see config.py). Sentences end at 。！？!? or a line break."""
+    clean Wikipedia, see config.py). Sentences end at 。！？!?, a "." not followed by a digit, or a line break."""
 
     name = "✂ sentence length"
 
@@ -253,15 +253,15 @@ def _dense(text: str) -> np.ndarray:
 
 
 class TopNgramFilter(JaFilter):
-    """Characters in the most frequent character 2/3/4-gram ≤ 0.20/0.18/0.16 (Swallow, after Gopher):
-    keyword stuffing."""
+    """Characters in the most frequent n-gram ≤ 0.20/0.18/0.16 for Swallow's word 2/3/4-grams, taken as
+    4/6/8 characters (see config.py): keyword stuffing."""
 
     name = "🔝 top n-gram"
 
     def measure(self, text):
         codes = _dense(text)
-        hashes = tx.ngram_hashes(codes, sorted(self.rule.max_ratio))
-        return {f"top_{n}gram": min(1.0, _ratio(tx.top_ngram_count(h) * n, len(codes))) for n, h in hashes.items()}
+        hashes = tx.ngram_hashes(codes, list(self.rule.max_ratio))
+        return {f"top_{n}gram": min(1.0, _ratio(tx.top_ngram_count(h) * n, len(codes))) for n, h in sorted(hashes.items())}
 
     def fail(self, m):
         for n, limit in sorted(self.rule.max_ratio.items()):
@@ -271,15 +271,15 @@ class TopNgramFilter(JaFilter):
 
 
 class DupNgramFilter(JaFilter):
-    """Characters in repeated character n-grams, n = 5..10, ≤ 0.15 … 0.10 (Swallow, after Gopher):
-    repeated sentences and boilerplate."""
+    """Characters in repeated n-grams ≤ 0.15 … 0.10 for Swallow's word 5..10-grams, taken as 10..20
+    characters (see config.py): repeated sentences and boilerplate."""
 
     name = "🔁 duplicate n-grams"
 
     def measure(self, text):
         codes = _dense(text)
-        hashes = tx.ngram_hashes(codes, sorted(self.rule.max_ratio))
-        return {f"dup_{n}gram": _ratio(tx.duplicate_coverage(h, n), len(codes)) for n, h in hashes.items()}
+        covered = tx.repeat_coverage(codes, list(self.rule.max_ratio))
+        return {f"dup_{n}gram": _ratio(c, len(codes)) for n, c in sorted(covered.items())}
 
     def fail(self, m):
         for n, limit in sorted(self.rule.max_ratio.items()):

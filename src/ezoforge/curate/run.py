@@ -30,7 +30,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import multiprocess
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.executor.local import LocalPipelineExecutor
@@ -39,7 +38,7 @@ from loguru import logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ezoforge.config import CurateConfig, Recipe, to_plain
+from ezoforge.config import CurateConfig, Recipe, bundled_data, to_plain
 from ezoforge.curate.dedup import CharMinhashSignature, FirstInOrderCluster, minhash_config
 from ezoforge.curate.ja_filters import build_chain
 from ezoforge.curate.readers import SUFFIXES, DropMalformed, Shard, ShardReader, plan_shards
@@ -54,9 +53,10 @@ RUNTIME_KEYS = ("inputs", "workers", "executor")
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files in the order given; a glob expands sorted, a directory to its supported files (sorted)."""
+    """Files in the order given; a glob expands sorted, a directory to its supported files (sorted), and
+    `bundled:web/fineweb-demo.parquet` to the file shipped with ezoforge."""
     files: list[Path] = []
-    for pattern in patterns:
+    for pattern in map(bundled_data, patterns):
         if Path(pattern).is_dir():
             found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
         elif glob.has_magic(pattern):
@@ -128,9 +128,6 @@ def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path)
     ex = cfg.executor
     if ex.kind == "local":
         logger.disable("datatrove")
-        # worker processes fork from one forkserver that has imported the pipeline's modules once, instead of
-        # every pool's workers importing numpy/pyarrow/datatrove afresh for each pass
-        multiprocess.get_context("forkserver").set_forkserver_preload([__name__])
         with _PassProgress(passes, work):
             for name, pipeline, tasks in passes:
                 _LocalExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks),

@@ -96,24 +96,35 @@ def mix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def duplicate_coverage(hashes: np.ndarray, n: int) -> int:
-    """Characters covered by the second and later occurrences of any repeated n-gram (overlaps counted once).
+def repeat_coverage(codes: np.ndarray, sizes: list[int]) -> dict[int, int]:
+    """For each n-gram size, the characters covered by the second and later occurrences of repeated n-grams
+    (overlaps counted once): Gopher's duplicate n-gram measure, on characters.
 
-    Gopher's duplicate n-gram rule on characters: the first occurrence stays, its repeats are the redundancy.
+    Sizes are handled in increasing order and each only looks at positions whose shorter n-gram was repeated:
+    a longer n-gram can only repeat where its prefix does, so on ordinary text the later sizes sort a few
+    percent of the positions.
     """
-    if hashes.size < 2:
-        return 0
-    order = np.argsort(hashes, kind="stable")  # stable: the first occurrence of a value sorts first
-    ranked = hashes[order]
-    repeats = order[1:][ranked[1:] == ranked[:-1]]
-    if repeats.size == 0:
-        return 0
-    repeats.sort()
-    gaps = np.diff(repeats, append=repeats[-1] + n)
-    return int(np.minimum(gaps, n).sum())
+    hashes = ngram_hashes(codes, sizes)
+    out: dict[int, int] = {}
+    positions: np.ndarray | None = None
+    for n in sorted(sizes):
+        h = hashes[n]
+        positions = np.arange(h.size) if positions is None else positions[positions < h.size]
+        values = h[positions]
+        order = np.argsort(values, kind="stable")  # stable: within a value, earlier positions first
+        ranked = values[order]
+        later = np.zeros(values.size, dtype=bool)
+        later[1:] = ranked[1:] == ranked[:-1]  # a repeat of the entry before it
+        repeats = np.sort(positions[order[later]])
+        out[n] = int(np.minimum(np.diff(repeats, append=repeats[-1] + n), n).sum()) if repeats.size else 0
+        in_repeated_group = later.copy()
+        in_repeated_group[:-1] |= later[1:]
+        positions = np.sort(positions[order[in_repeated_group]])
+    return out
 
 
 def top_ngram_count(hashes: np.ndarray) -> int:
+    """Occurrences of the most frequent n-gram."""
     if hashes.size == 0:
         return 0
     return int(np.unique(hashes, return_counts=True)[1].max())

@@ -50,11 +50,12 @@ TEMPLATE = """次の問題に対するアシスタントの回答を採点して
 # 採点方法
 {rubric}
 
-理由を簡潔に述べてから点数を決め、次の形式の JSON オブジェクト1つだけを出力してください。
-{{"reason": "採点の理由", "grade": 1から5の整数}}"""
+理由を簡潔に述べてから点数を決め、次の形式の JSON オブジェクト1つだけを出力してください（<…> は書き換える）。
+{{"reason": "<採点の理由>", "grade": <1〜5の整数>}}"""
+# The format line holds no digit after "grade", so a judge that merely echoes it yields no grade, not a 1.
 
 REASK = ("出力を読み取れませんでした（{problem}）。"
-         '{{"reason": "採点の理由", "grade": 1から5の整数}} の形式の JSON オブジェクト1つだけを出力してください。')
+         '{{"reason": "<採点の理由>", "grade": <1〜5の整数>}} の形式の JSON オブジェクト1つだけを出力してください。')
 
 
 def judge_messages(task: OpenTask, answer: str) -> list[dict[str, str]]:

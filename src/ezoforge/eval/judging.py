@@ -30,16 +30,17 @@ class Judge:
         self.sent = self.cached = 0
         self.broken: str | None = None
         # A remote client is built now so a missing API key fails before any work; `local` starts on first need.
-        self.client = None if cfg.judge_url == "local" else self._make_client(cfg.judge_url)
-
-    def _make_client(self, url: str):
-        return make_client(url, self.cfg.judge_api_key_env, self.cfg.judge_timeout, self.cfg.judge_max_retries)
+        self.client = None if cfg.judge_url == "local" else make_client(
+            cfg.judge_url, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_max_retries)
 
     def _connect(self):
         with self.lock:
             if self.client is None:
                 app = create_app(Generator(self.local_model()), self.cfg.judge_model)
-                self.client = self._make_client(self.stack.enter_context(BackgroundServer(app)) + "/v1")
+                url = self.stack.enter_context(BackgroundServer(app)) + "/v1"
+                # In-process, a slow reply means a slow CPU, not a lost request: a client timeout would only make
+                # the server generate the same verdict twice, so wait for it and never retry.
+                self.client = make_client(url, timeout=max(self.cfg.judge_timeout, 3600.0), max_retries=0)
             return self.client
 
     def ask(self, messages: list[dict[str, str]]) -> str:
@@ -74,7 +75,9 @@ class Judge:
                              grade=verdict.grade, error=verdict.error, reason=verdict.reason,
                              prompt_version=PROMPT_VERSION).model_dump()
 
-        with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress() as progress:
+        # Our in-process server generates one request at a time: parallel requests would only queue (and time out).
+        workers = 1 if self.cfg.judge_url == "local" else self.cfg.concurrency
+        with ThreadPoolExecutor(workers) as pool, Progress() as progress:
             bar = progress.add_task("judging", total=len(tasks))
             futures = [pool.submit(one, t, a) for t, a in zip(tasks, answers)]
             for _ in as_completed(futures):

@@ -60,7 +60,8 @@ def task_chart(rows: list[dict], judgements: list[dict]) -> str | None:
     panels = (["grade"] if judgements else []) + (["chrf"] if any(r["chrf"] is not None for r in rows) else [])
     if not panels:
         return None
-    labels = [r["task_id"].split("/", 1)[1] for r in rows]
+    kinds = {r["task_id"].split("/", 1)[0] for r in rows}
+    labels = [r["task_id"].split("/", 1)[1] if len(kinds) == 1 else r["task_id"] for r in rows]
     fig = Figure(figsize=(max(6.0, 0.12 * len(rows) + 2), 2.6 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
@@ -78,7 +79,7 @@ def task_chart(rows: list[dict], judgements: list[dict]) -> str | None:
             ax.set_ylabel("chrF")
         ax.set_xlim(-0.6, len(rows) - 0.4)
         _ticks(ax, labels)
-    axes[0].set_title("by task (" + rows[0]["task_id"].split("/", 1)[0] + " …)")
+    axes[0].set_title(f"by task ({', '.join(sorted(kinds))})")
     return _png(fig)
 
 

@@ -234,8 +234,11 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     write_text(out / "report.html", rep.run_html(report, rows, judgements))
     stats = {**counts, "model_loaded": "loaded" in vars(models), "seconds": round(time.perf_counter() - started, 1)}
     if report["status"] == "failed":
+        write_json(out / "stats.json", stats)  # no DONE: a rerun resumes and retries what failed
+        first = next(j["error"] for j in judgements if j["error"])
+        advice = "rerun to retry them" + ("" if report["n_scored"] == 0 else ", or pass --allow-partial")
         raise EzoError(f"{report['n_failed']} of {report['n_tasks']} judgements failed, so there is no mean grade "
-                       f"(see {out / 'judgements.jsonl'}); rerun to retry them, or pass --allow-partial")
+                       f"(first: {first}; all in {out / 'judgements.jsonl'}); {advice}")
     stage.finish(stats)
     return report
 

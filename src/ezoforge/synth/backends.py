@@ -4,16 +4,16 @@ server. Every backend takes a list of Requests and reports each result (or the e
 """
 from __future__ import annotations
 
-import logging
+import importlib.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from ezoforge.errors import ConfigError, EzoError
-from ezoforge.infer.generate import Sampling
+from ezoforge.infer.generate import Generator, Sampling
+from ezoforge.models import Loaded
 from ezoforge.synth.prompts import Request
 
-log = logging.getLogger(__name__)
 
 Done = Callable[[int, "Output | Exception"], None]
 
@@ -27,7 +27,8 @@ class Output:
 
 
 class LocalBackend:
-    """Shared by transformers and vLLM: we render prompts ourselves, so a chat request can end in a prefill."""
+    """Shared by transformers and vLLM: we render prompts ourselves, so a chat request can end in a prefill.
+    The model itself loads on the first `run`: a resumed run whose requests are all stored never loads it."""
 
     def __init__(self, tokenizer, context_length: int):
         self.tokenizer = tokenizer
@@ -47,20 +48,22 @@ class LocalBackend:
 
 class TransformersBackend(LocalBackend):
     """Batched generation through our Generator. With `static_cache` (meant for CUDA) the KV cache is preallocated
-    at a fixed size and transformers compiles the decode step (CUDA graphs), removing per-step launch overhead
+    at a fixed size and transformers compiles the decode step (CUDA graphs), removing the per-step launch overhead
     that dominates batched decoding of 8B-class models."""
 
     name = "transformers"
 
-    def __init__(self, loaded, batch_size: int, static_cache: bool = False):
-        from ezoforge.infer.generate import Generator
-
-        super().__init__(loaded.tokenizer, loaded.context_length)
-        self.gen = Generator(loaded)
+    def __init__(self, tokenizer, context_length: int, load: Callable[[], Loaded], batch_size: int,
+                 static_cache: bool = False):
+        super().__init__(tokenizer, context_length)
+        self.load = load
+        self.gen: Generator | None = None
         self.batch_size = batch_size
         self.static_cache = static_cache
 
     def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        if self.gen is None:
+            self.gen = Generator(self.load())
         texts = [self.render(r) for r in reqs]
         lengths = [self.count_tokens(t) for t in texts]
         extra: dict = {}
@@ -83,21 +86,27 @@ class TransformersBackend(LocalBackend):
 class VLLMBackend(LocalBackend):
     name = "vllm"
 
-    def __init__(self, spec: str, dtype: str, chat_template, context_length: int | None, seed: int):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ConfigError("backend 'vllm' needs the gpu extra: pip install 'ezoforge[gpu]'") from None
-        from ezoforge.models import load_tokenizer, resolve
+    def __init__(self, tokenizer, context_length: int, spec: str, dtype: str, seed: int):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("backend 'vllm' needs the gpu extra: pip install 'ezoforge[gpu]'")
+        super().__init__(tokenizer, context_length)
+        self.spec, self.dtype, self.seed = spec, dtype, seed
+        self.llm = None
 
-        tokenizer = load_tokenizer(spec, chat_template)
-        self.llm = LLM(model=resolve(spec), dtype="auto" if dtype == "auto" else dtype, seed=seed,
-                       max_model_len=context_length)
-        super().__init__(tokenizer, self.llm.llm_engine.model_config.max_model_len)
+    def _engine(self):
+        if self.llm is None:
+            from vllm import LLM
+
+            from ezoforge.models import resolve
+
+            self.llm = LLM(model=resolve(self.spec), dtype=self.dtype, seed=self.seed,
+                           max_model_len=self.context_length)
+        return self.llm
 
     def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
         from vllm import SamplingParams
 
+        llm = self._engine()
         params = SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, seed=sampling.seed, stop=list(sampling.stop) or None)
         step = 512  # results reach the durable cache every few hundred prompts, not only at the very end
@@ -106,7 +115,7 @@ class VLLMBackend(LocalBackend):
             # Our own token ids: the synthesizer format must not get a second BOS.
             prompts = [{"prompt_token_ids": self.tokenizer(self.render(r), add_special_tokens=False)["input_ids"]}
                        for r in chunk]
-            for offset, res in enumerate(self.llm.generate(prompts, params, use_tqdm=False)):
+            for offset, res in enumerate(llm.generate(prompts, params, use_tqdm=False)):
                 req, gen = chunk[offset], res.outputs[0]
                 text = gen.text.strip()
                 done(start + offset, Output(req.prefill + text if req.prompt is None else text,

@@ -66,9 +66,14 @@ _MARKER = re.compile(
 )
 
 
+# A blank line or a `文章:` label ends a block: what follows is the model starting something else (a new passage).
+_BLOCK_END = re.compile(r"\n\s*\n|文章\s*[0-9０-９]*\s*[:：]")
+_ENUMERATION = re.compile(r"^[0-9０-９]{1,2}\s*[.．)）]\s*")
+
+
 def _body(text: str) -> str:
-    # A blank line ends a block: what follows unmarked is the model starting something else (a new passage).
-    return re.sub(r"\s+", " ", re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0].replace("**", "")).strip()
+    body = _BLOCK_END.split(text.strip(), maxsplit=1)[0].replace("**", "")
+    return _ENUMERATION.sub("", re.sub(r"\s+", " ", body).strip())
 
 
 def _last_sentence_end(text: str) -> int:
@@ -83,15 +88,15 @@ def parse_prompted(text: str, n: int, truncated: bool = False) -> Parsed:
     if not marks:
         out.dropped.append(("no_markers", text.strip()))
         return out
-    blocks = []  # (is_question, body)
+    blocks = []  # (is_question, raw body)
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         blocks.append((bool(m.group("q") or m.group("lq")), text[m.end(): end]))
-    if truncated and not blocks[-1][0]:
-        cut = _last_sentence_end(blocks[-1][1])
-        blocks[-1] = (False, blocks[-1][1][:cut])
+    cut_last = truncated and not blocks[-1][0]
+    if cut_last:
+        blocks[-1] = (False, blocks[-1][1][: _last_sentence_end(blocks[-1][1])])
     question = None
-    for is_question, raw in blocks:
+    for i, (is_question, raw) in enumerate(blocks):
         body = _body(raw)
         if is_question:
             if question is not None:
@@ -100,7 +105,7 @@ def parse_prompted(text: str, n: int, truncated: bool = False) -> Parsed:
         elif question is None:
             out.dropped.append(("answer_without_question", body))
         elif not body:
-            out.dropped.append(("truncated" if truncated and raw is blocks[-1][1] else "empty_answer", question))
+            out.dropped.append(("truncated" if cut_last and i == len(blocks) - 1 else "empty_answer", question))
             question = None
         else:
             out.pairs.append((question, body))

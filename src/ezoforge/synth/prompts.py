@@ -1,9 +1,9 @@
 """The two request formats: our versioned Japanese prompt (prompted mode) and Instruction Pre-Training's.
 
 Prompted mode shows one complete worked example as an earlier conversation turn, then the new passage, and
-prefills the answer with the first marker (`質問1:`) so even a 135M model continues the pattern instead of
-chatting. The example passage and pairs are ours, written for ezoforge. Bump PROMPT_VERSION whenever the text
-changes: it is part of every cache key and of every pair's `generator` field.
+prefills the reply with the first pair's instruction up to `回答1:`, so even a 135M model continues the pattern
+instead of chatting. The example passage and pairs are ours, written for ezoforge. Bump PROMPT_VERSION whenever
+the text changes: it is part of every cache key and of every pair's `generator` field.
 """
 from __future__ import annotations
 
@@ -18,18 +18,20 @@ INSTRUCTION = ("この文章について、質問と回答を{n}組作ってく�
 
 EXAMPLE_PASSAGE = "和紙は日本の伝統的な紙である。主な原料はコウゾの繊維で、薄くても破れにくい。現在も障子や書道に使われている。"
 
+# Answers restate the passage in whole sentences: a small model then answers from the passage in front of it
+# (measured on the bundled 135M model: 38% of documents kept a pair, against 12% with terse answers it copied).
 EXAMPLE_PAIRS = (
-    ("この文章を一文で要約してください。", "和紙はコウゾの繊維から作られる丈夫な日本の紙で、今も障子や書道に使われています。"),
-    ("和紙の主な原料は何ですか。", "コウゾの繊維です。"),
-    ("和紙は現在、何に使われていますか。", "障子や書道に使われています。"),
+    ("この文章の要点を説明してください。", "和紙は日本の伝統的な紙で、薄くても破れにくい。"),
+    ("和紙の主な原料は何ですか。", "主な原料はコウゾの繊維です。"),
+    ("和紙は現在、何に使われていますか。", "現在も障子や書道に使われています。"),
     ("和紙が薄くても破れにくいことを、別の言い方で説明してください。", "和紙は薄い紙ですが、丈夫で簡単には破れません。"),
-    ("和紙はどこの国の紙ですか。", "日本の紙です。"),
+    ("この文章を一文で要約してください。", "和紙はコウゾの繊維から作られる丈夫な日本の紙で、今も障子や書道に使われています。"),
 )
 # Words only the example uses: a pair that mentions one its passage lacks was copied from the example.
 EXAMPLE_TERMS = ("和紙", "コウゾ", "障子", "書道")
 
 # The first instruction is written for the model (rotating by passage), so even a tiny model only has to
-# answer and continue the pattern; it also brings task types (summaries, rewrites) small models rarely ask.
+# answer and continue the pattern; it also brings task types (summaries, key points) models rarely ask.
 SEED_INSTRUCTIONS = (
     "この文章を一文で要約してください。",
     "この文章の要点を説明してください。",

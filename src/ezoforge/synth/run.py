@@ -41,8 +41,17 @@ def _version(mode: str) -> str:
     return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
 
 
+def _context_length(spec: str) -> int:
+    from transformers import AutoConfig
+
+    from ezoforge.models import resolve
+
+    return int(getattr(AutoConfig.from_pretrained(resolve(spec)), "max_position_embeddings", 0) or 2048)
+
+
 def make_backend(recipe: Recipe, model: str):
-    cfg = recipe.synth
+    """The backend with its tokenizer ready (requests are sized with it); a local model loads only if needed."""
+    cfg, m = recipe.synth, recipe.model
     if cfg.backend == "openai":
         from ezoforge.models import load_tokenizer
         from ezoforge.synth.backends import OpenAIBackend
@@ -56,30 +65,32 @@ def make_backend(recipe: Recipe, model: str):
             tokenizer = None
         return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
                              tokenizer, cfg.context_tokens or 4096)
+    from ezoforge.models import load, load_tokenizer, pick_device, require_chat_template
+    from ezoforge.synth.backends import TransformersBackend, VLLMBackend
+
+    chat = cfg.mode == "prompted"
+    tokenizer = load_tokenizer(model, m.chat_template)
+    if chat:
+        require_chat_template(tokenizer, model)
+    context = min(_context_length(model), cfg.context_tokens or 1 << 30)
     if cfg.backend == "vllm":
-        from ezoforge.synth.backends import VLLMBackend
-
-        return VLLMBackend(model, recipe.model.dtype, recipe.model.chat_template, cfg.context_tokens,
-                           cfg.generation.seed)
-    from ezoforge.models import load
-    from ezoforge.synth.backends import TransformersBackend
-
-    m = recipe.model
-    loaded = load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template,
-                  need_chat_template=cfg.mode == "prompted")
-    return TransformersBackend(loaded, cfg.generation.batch_size, cfg.static_cache and loaded.device.type == "cuda")
+        return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed)
+    return TransformersBackend(
+        tokenizer, context,
+        lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat),
+        cfg.generation.batch_size, cfg.static_cache and pick_device(m.device).type == "cuda")
 
 
 def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
     cfg = recipe.synth
     make = ((lambda d, p: prompts.prompted(d, p, cfg.pairs_per_doc)) if cfg.mode == "prompted"
             else prompts.synthesizer)
-    context = min(backend.context_length, cfg.context_tokens or backend.context_length)
     overhead = backend.request_tokens(make("", ""))
-    budget = min(cfg.max_passage_tokens, context - overhead - cfg.generation.max_new_tokens - MARGIN)
+    budget = min(cfg.max_passage_tokens, backend.context_length - overhead - cfg.generation.max_new_tokens - MARGIN)
     if budget < 32:
         raise ConfigError(f"synth: the prompt ({overhead} tokens) and generation.max_new_tokens "
-                          f"({cfg.generation.max_new_tokens}) leave no room for a passage in {context} tokens")
+                          f"({cfg.generation.max_new_tokens}) leave no room for a passage in "
+                          f"{backend.context_length} tokens")
     return [make(d.id, p) for d in docs for p in split(d.text, budget, backend.count_tokens)]
 
 
@@ -151,7 +162,8 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
     generator = f"{model}|{cfg.mode}|{_version(cfg.mode)}"
     pairs, rejected = [], []
     tokens_in = tokens_out = 0
-    with_pairs: set[str] = set()
+    parsed_docs: set[str] = set()  # an output that parsed into at least one pair
+    with_pairs: set[str] = set()  # at least one pair kept by the filters
     filt = PairFilter(cfg.filters)
     passage_no: dict[str, int] = {}
     for i, (req, key) in enumerate(zip(reqs, keys)):
@@ -167,6 +179,8 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
         tokens_in += output.tokens_in
         tokens_out += output.tokens_out
         parsed = _parse(cfg.mode, output, cfg.pairs_per_doc)
+        if parsed.pairs:
+            parsed_docs.add(req.doc_id)
         for reason, piece in parsed.dropped:
             rejected.append({"doc_id": req.doc_id, "passage": p, "reason": reason, "text": piece,
                              "output": output.text})
@@ -190,7 +204,7 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     return stage.finish({
         "documents": len(docs), "requests": len(reqs), "requests_sent": sent["requests"], "errors": errors,
-        "documents_with_pairs": len(with_pairs), "parse_rate": round(len(with_pairs) / len(docs), 4),
+        "parse_rate": round(len(parsed_docs) / len(docs), 4), "documents_with_pairs": len(with_pairs),
         "pairs": len(pairs), "pairs_per_doc": round(len(pairs) / len(docs), 4),
         "rejected": len(rejected), "rejected_by_reason": dict(sorted(reasons.items())),
         "tokens_in": tokens_in, "tokens_out": tokens_out,

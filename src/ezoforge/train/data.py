@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ezoforge.errors import RecordError
-from ezoforge.records import read_rows, require, stage_files
+from ezoforge.records import DONE, read_rows, require, stage_files
 
 IGNORE = -100
 # A pair with a source passage: the user turn carries the passage, then the instruction.
@@ -49,6 +49,8 @@ def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | Non
 def input_files(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, inputs):
+        if (path / "data").is_dir() and not (path / DONE).exists():
+            raise RecordError(f"{path}: this stage output is not finished (no DONE marker); finish or rerun it first")
         if path.is_dir():
             files += stage_files(path)
         elif path.exists():
@@ -131,7 +133,7 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
 def pack(examples: list[dict[str, list[int]]], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
     """Rows of at most `max_length` tokens, each with the lengths of the examples in it (positions restart at each).
     Packing is TRL's best-fit-decreasing; without packing every example is its own row."""
-    if not packing:
+    if not packing or not examples:
         return [{**ex, "seq_lengths": [len(ex["input_ids"])]} for ex in examples]
     from datasets import Dataset, disable_progress_bars
     from trl.data_utils import pack_dataset

@@ -40,12 +40,12 @@ def keep_cpu_weights_trainable(model: torch.nn.Module) -> None:
 
 
 def use_qlora(cfg: TrainConfig, device: torch.device) -> bool:
-    wanted = cfg.qlora if cfg.qlora is not None else True
-    if not wanted:
+    if cfg.qlora is False:
         return False
     problem = four_bit_problem(device)
     if problem:
-        log.warning("QLoRA is not available on %s (%s): training LoRA in float32 instead", device, problem)
+        log.warning("QLoRA is not available on %s (%s): training LoRA on a %s base instead", device, problem,
+                    "bf16" if device.type == "cuda" else "float32")
         return False
     return True
 

@@ -28,7 +28,8 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, An
 
 class TrainLog(TrainerCallback):
     """One metrics row per logged step: step, loss, lr, tokens_per_s (non-padding tokens over the steps' compute
-    time, so evals and saves don't count), step_s, grad_norm, and eval_loss merged in when the step was evaluated."""
+    time, so evals and saves don't count), step_s, grad_norm, and eval_loss merged in when the step was evaluated;
+    a first row {step: 0, eval_loss} holds the untrained model's eval loss."""
 
     def __init__(self, path: Path, resume_step: int, main: bool = True):
         self.path, self.main = path, main
@@ -76,7 +77,9 @@ class TrainLog(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
             if self.bar:
                 self.bar.update(self.task, loss=f"{row['loss']:.4f}", tps=f"{tps:,.0f}")
-        elif "eval_loss" in logs and self.rows and self.rows[-1]["step"] == state.global_step:
+        elif "eval_loss" in logs:
+            if not self.rows or self.rows[-1]["step"] != state.global_step:
+                self.rows.append({"step": state.global_step})
             self.rows[-1]["eval_loss"] = round(logs["eval_loss"], 5)
             write_jsonl(self.path, self.rows)
 

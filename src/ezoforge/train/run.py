@@ -20,7 +20,7 @@ from ezoforge.config import Recipe, TrainConfig, to_plain
 from ezoforge.models import load_tokenizer, pick_device, require_chat_template
 from ezoforge.stage import Stage, input_fingerprints
 from ezoforge.train import checkpoints
-from ezoforge.train.data import PackedCollator, prepare
+from ezoforge.train.data import PackedCollator, input_files, prepare
 from ezoforge.train.model import attn_implementation, float32_adapters, load_base, lora_config, use_qlora
 from ezoforge.train.progress import TrainLog, plot_loss
 
@@ -32,7 +32,7 @@ def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
             "inputs": [str(p) for p in inputs], "input_fingerprints": input_fingerprints(inputs)}
 
 
-def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool):
+def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False):
     from trl import SFTConfig
 
     cuda = device.type == "cuda"
@@ -44,11 +44,12 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
         max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.save_every,
+        eval_on_start=evaluate and eval_first,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=cuda and not torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False, **({"selective": True} if cfg.selective_checkpointing
-                                                                   else {})},
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": cfg.checkpoint_every,
+                                         **({"selective": True} if cfg.selective_checkpointing else {})},
         use_liger_kernel=bool(liger), torch_compile=cfg.compile,
         # Our rows are tokenized, labelled and packed already (see data.py).
         dataset_kwargs={"skip_prepare_dataset": True}, packing=False, max_length=cfg.max_length,
@@ -57,20 +58,22 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
 
 
 def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eval_rows: list[dict],
-                 staging: Path, device: torch.device, callbacks: list | None = None):
-    """The SFTTrainer for a loaded base model: LoRA on top, our packed rows and collator."""
+                 staging: Path, device: torch.device, callbacks: list | None = None, eval_first: bool = False):
+    """The SFTTrainer for a loaded base model: LoRA on top, our packed rows and collator; `eval_first` measures
+    the untrained model's eval loss before step 1."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
     flat = model.config._attn_implementation.startswith("flash")  # varlen kernels want one padding-free row
     trainer = SFTTrainer(
-        model=model, args=sft_config(cfg, staging, device, bool(eval_rows)),
+        model=model, args=sft_config(cfg, staging, device, bool(eval_rows), eval_first),
         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer, data_collator=PackedCollator(tokenizer.pad_token_id, flat),
         peft_config=lora_config(cfg), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress
-    float32_adapters(trainer.model)
+    if not trainer.is_fsdp_enabled:  # FSDP flattens each unit into one dtype; its bf16 policy computes in bf16 anyway
+        float32_adapters(trainer.model)
     return trainer
 
 
@@ -78,6 +81,8 @@ def save_adapter(trainer, out: Path, main: bool) -> None:
     tmp, final = out / ".adapter.tmp", out / "adapter"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_fsdp_enabled:  # one adapter file, gathered from the shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
     if main:
         shutil.rmtree(final, ignore_errors=True)
@@ -88,6 +93,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     from accelerate import PartialState
 
     inputs, out = [Path(p) for p in inputs], Path(out)
+    input_files(inputs)  # a missing or unfinished input fails before the output folder is claimed
     dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
     stage = Stage("train", out, settings(recipe, inputs))
     finished = stage.start(force) if dist.is_main_process else None
@@ -111,7 +117,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     require_chat_template(tokenizer, name)
     data = prepare(tokenizer, inputs, recipe.model.system_prompt, cfg.max_length, cfg.packing,
                    cfg.eval_fraction, cfg.seed)
-    s = data.stats
+    s = data.stats  # also carries packing_efficiency into the run's stats
     log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
              s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
              f", {s['truncated']} truncated" if s["truncated"] else "")
@@ -120,23 +126,28 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
     saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
-                           [train_log, saver])
-    log.info("training %s r=%d on %s (%s attention)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA",
-             cfg.lora_r, device, attn_implementation(cfg, device), f", resuming at step {resume_step}" if resume else "")
+                           [train_log, saver], eval_first=not resume)
+    log.info("training %s r=%d on %s (%s attention)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA", cfg.lora_r,
+             device, attn_implementation(cfg, device), f", resuming at step {resume_step}" if resume else "")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_adapter(trainer, out, dist.is_main_process)
     if not dist.is_main_process:
         return {}
+    checkpoints.clean(folder)
 
-    rows = train_log.rows
-    plot_loss(rows, out / "loss.png")
-    losses = [r["loss"] for r in rows if "loss" in r]
+    plot_loss(train_log.rows, out / "loss.png")
+    return stage.finish({"steps": trainer.state.global_step, **summarize(train_log.rows), "qlora": qlora,
+                         "device": str(device), "resumed_from_step": resume_step,
+                         "seconds": round(time.perf_counter() - start, 1), **data.stats})
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [r for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    speeds = [r["tokens_per_s"] for r in rows[1:] or rows]  # the first step carries warm-up
-    stats = {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
-             "train_loss_last": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
-             "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
-             "step_s": round(statistics.median(r["step_s"] for r in rows[1:] or rows), 3) if rows else None,
-             "packing_efficiency": s["packing_efficiency"], "qlora": qlora, "device": str(device),
-             "resumed_from_step": resume_step, "seconds": round(time.perf_counter() - start, 1), **s}
-    return stage.finish(stats)
+    steady = steps[1:] or steps  # the first step carries warm-up
+    return {"train_loss_first": steps[0]["loss"] if steps else None,
+            "train_loss_last": steps[-1]["loss"] if steps else None,
+            "eval_loss_start": rows[0]["eval_loss"] if rows and rows[0]["step"] == 0 else None,
+            "eval_loss": evals[-1] if evals else None,
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady), 1) if steps else None,
+            "step_s": round(statistics.median(r["step_s"] for r in steady), 3) if steps else None}

@@ -1,0 +1,176 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BUNDLED
+from ezoforge.errors import RecordError
+from ezoforge.models import load_tokenizer
+from ezoforge.train.data import (IGNORE, PackedCollator, encode, end_of_turn_id, pack, prepare, read_conversations,
+                                 split_eval)
+from trainkit import elyza_rows, tiny_model  # noqa: F401  (fixtures)
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+CONVO = [{"role": "system", "content": "あなたは誠実なアシスタントです。"},
+         {"role": "user", "content": "日本の首都は？"},
+         {"role": "assistant", "content": "東京です。"},
+         {"role": "user", "content": "では大阪は？"},
+         {"role": "assistant", "content": "大阪府の府庁所在地です。"}]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_tokenizer(BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    """The real Llama 3 tokenizer (llama-models' tiktoken file) as a transformers tokenizer with its chat format."""
+    import llama_models.llama3.tokenizer as lt
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    meta = lt.Tokenizer.get_instance()
+    backend = TikTokenConverter(vocab_file=str(Path(lt.__file__).parent / "tokenizer.model"), pattern=meta.pat_str,
+                                extra_special_tokens=meta.special_tokens).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                  eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    return tok
+
+
+def trained_pieces(tok, enc):
+    """The labelled tokens, grouped into contiguous runs and decoded."""
+    runs, current = [], []
+    for tid, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != IGNORE:
+            assert lab == tid
+            current.append(tid)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(r) for r in runs]
+
+
+def test_labels_cover_assistant_turns_and_their_end_token_on_smollm2(smol):
+    assert smol.pad_token_id == smol.eos_token_id  # the trap: masking pad ids would drop <|im_end|>
+    enc = encode(smol, CONVO)
+    assert trained_pieces(smol, enc) == ["東京です。<|im_end|>", "大阪府の府庁所在地です。<|im_end|>"]
+    assert end_of_turn_id(smol) == smol.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_labels_include_eot_on_the_llama3_template(llama3):
+    enc = encode(llama3, CONVO)
+    assert trained_pieces(llama3, enc) == ["東京です。<|eot_id|>", "大阪府の府庁所在地です。<|eot_id|>"]
+    # A base Llama 3 tokenizer's eos is <|end_of_text|>; the turn still ends (and is trained to end) on <|eot_id|>.
+    assert end_of_turn_id(llama3) == llama3.convert_tokens_to_ids("<|eot_id|>") != llama3.eos_token_id
+
+
+def test_rows_become_messages_with_system_prompt_and_context(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"instruction": "要約して", "response": "短い要約", "context": "長い文章。"},
+            {"instruction": "挨拶して", "response": "こんにちは"},
+            {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "u"},
+                          {"role": "assistant", "content": "a"}]}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    convos = read_conversations([path], "SYS")
+    assert convos[0] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "長い文章。\n\n要約して"},
+                         {"role": "assistant", "content": "短い要約"}]
+    assert convos[1][1] == {"role": "user", "content": "挨拶して"}
+    assert convos[2][0] == {"role": "system", "content": "SYS"}
+    assert convos[3][0] == {"role": "system", "content": "own"}
+    assert read_conversations([path], None)[1][0]["role"] == "user"
+
+
+def test_a_synth_folder_is_read_from_its_parquet_shards_once_finished(tmp_path):
+    from ezoforge.records import mark_done, write_parquet
+
+    folder = tmp_path / "synth"
+    write_parquet(folder / "data" / "part-00000.parquet", [
+        {"id": "p1", "doc_id": "d1", "instruction": "何の話？", "response": "和紙です。", "context": "和紙の文章。",
+         "generator": "g"},
+        {"id": "p2", "doc_id": "d1", "instruction": "挨拶して", "response": "どうも。", "context": None, "generator": "g"}])
+    with pytest.raises(RecordError, match="not finished"):
+        read_conversations([folder], None)
+    mark_done(folder, "fp")
+    convos = read_conversations([folder], None)
+    assert [c[0]["content"] for c in convos] == ["和紙の文章。\n\n何の話？", "挨拶して"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "x"}, r"rows.jsonl:2: missing field 'response'"),
+    ({"instruction": "x", "response": 3}, r"rows.jsonl:2: field 'response' must be str"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, r"rows.jsonl:2: field 'messages\[0\]'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, r"rows.jsonl:2: .*no assistant turn"),
+])
+def test_bad_rows_are_named_by_file_line_and_field(tmp_path, row, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(RecordError, match=message):
+        read_conversations([path], None)
+
+
+def test_packing_keeps_every_example_once_within_the_budget(smol, elyza_rows):
+    prepared = prepare(smol, [elyza_rows], "SYS", 1024, True, 0.05, 0)
+    rows, stats = prepared.train, prepared.stats
+    assert all(len(r["input_ids"]) == sum(r["seq_lengths"]) <= 1024 for r in rows)
+    assert sum(len(r["seq_lengths"]) for r in rows) == stats["examples"]
+    assert sum(len(r["input_ids"]) for r in rows) == stats["train_tokens"]
+    assert len(rows) < stats["examples"] and 0.8 < stats["packing_efficiency"] <= 1.0
+    assert stats["eval_examples"] == 5 and stats["examples"] + stats["eval_examples"] == 100
+    assert pack([], 1024, packing=True) == []  # no held-out slice
+    unpacked = prepare(smol, [elyza_rows], "SYS", 1024, False, 0.05, 0)
+    assert len(unpacked.train) == stats["examples"] and unpacked.stats["packing_efficiency"] < 0.6
+
+
+def test_eval_split_is_seeded_and_disjoint():
+    items = list(range(40))
+    train, held = split_eval(items, 0.1, seed=3)
+    assert len(held) == 4 and sorted(train + held) == items
+    assert split_eval(items, 0.1, seed=3) == (train, held) and split_eval(items, 0.1, seed=4)[1] != held
+    assert split_eval(items, 0.0, seed=3) == (items, [])
+
+
+def test_collator_restarts_positions_and_pads_without_labels():
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, 7, IGNORE, 9], "seq_lengths": [3, 2]},
+            {"input_ids": [1, 2], "labels": [IGNORE, 2], "seq_lengths": [2]}]
+    batch = PackedCollator(pad_id=0)(rows)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == [IGNORE, 2, IGNORE, IGNORE, IGNORE]
+    assert "attention_mask" not in batch  # a mask would hide the packing from the model
+    flat = PackedCollator(pad_id=0, flat=True)(rows)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert flat["cu_seq_lens_q"].tolist() == [0, 3, 5, 7] and flat["max_length_q"] == 3
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_packed_examples_do_not_see_each_other(tiny_model, smol, flat):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    examples = [encode(smol, [{"role": "user", "content": f"質問{i}" * (i + 1)},
+                              {"role": "assistant", "content": f"回答{i}" * (4 - i)}]) for i in range(3)]
+    big, second = sorted((len(e["input_ids"]) for e in examples), reverse=True)[:2]
+    rows = pack(examples, big + second, packing=True)  # two examples share the first row, the third pads the second
+    assert [len(r["seq_lengths"]) for r in rows] == [2, 1]
+    batch = PackedCollator(smol.pad_token_id, flat)(rows)
+    layout = [[n for r in rows for n in r["seq_lengths"]]] if flat else [r["seq_lengths"] for r in rows]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        joined = model(input_ids=batch["input_ids"], use_cache=False).logits  # plain causal rows: examples leak
+        for b, lengths in enumerate(layout):
+            offset = 0
+            for n in lengths:
+                alone = model(input_ids=batch["input_ids"][b:b + 1, offset:offset + n], use_cache=False).logits[0]
+                torch.testing.assert_close(packed[b, offset:offset + n], alone, atol=1e-4, rtol=1e-4)
+                if offset:
+                    assert (joined[b, offset:offset + n] - alone).abs().max() > 1e-3
+                offset += n

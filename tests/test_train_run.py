@@ -1,0 +1,198 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ezoforge.config import load_recipe
+from ezoforge.errors import ConfigError
+from ezoforge.train import run as train_run
+from ezoforge.train.progress import read_metrics
+from trainkit import elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)
+
+SETTINGS = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 2}
+FSDP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate-fsdp-qlora.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, elyza_rows, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("train") / "run"
+    return out, train_run.run(load_recipe(None, overrides(tiny_model, **SETTINGS)), [elyza_rows], out)
+
+
+def test_outputs_metrics_and_checkpoints(trained):
+    out, stats = trained
+    for key in ("steps", "train_loss_first", "train_loss_last", "eval_loss_start", "eval_loss", "tokens_per_s",
+                "packing_efficiency", "qlora", "seconds"):
+        assert stats[key] is not None, key
+    assert stats["steps"] == 6 and stats["qlora"] is False
+    assert stats["train_loss_last"] < stats["train_loss_first"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "eval_loss": stats["eval_loss_start"]}  # the untrained model
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+    for r in rows[1:]:
+        assert isinstance(r["loss"], float) and r["lr"] is not None and r["tokens_per_s"] > 0
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4, 6]
+    assert rows[-1]["eval_loss"] == stats["eval_loss"] < stats["eval_loss_start"]
+    lrs = [r["lr"] for r in rows[1:]]
+    assert lrs[0] < max(lrs) == pytest.approx(5e-3) and lrs[-1] < max(lrs)  # warm-up, then cosine decay
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000006"]  # the last two, nothing staged left behind
+    ckpt = out / "checkpoints" / "step-000006"
+    for name in ("COMPLETE", "ezo-checkpoint.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pth", "trainer_state.json"):
+        assert (ckpt / name).exists(), name
+    info = json.loads((ckpt / "ezo-checkpoint.json").read_text())
+    assert info["step"] == 6 and info["data_position"]["rows_seen"] == 6 and info["settings"]["train"]["seed"] == 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "DONE").read_text())["stats"]["steps"] == 6
+
+
+def test_adapter_loads_with_peft_and_changes_the_model(trained, tiny_model):  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = trained
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {m.split(".")[-1] for m in config["target_modules"]} == {  # every linear layer but the LM head
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+        after = PeftModel.from_pretrained(base, out / "adapter")(input_ids=x).logits
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(trained, tiny_model, elyza_rows):  # noqa: F811
+    out, stats = trained
+    same = load_recipe(None, overrides(tiny_model, **SETTINGS))
+    assert train_run.run(same, [elyza_rows], out) == stats
+    other = load_recipe(None, overrides(tiny_model, **SETTINGS, learning_rate=1e-3))
+    with pytest.raises(ConfigError, match="differ: train.learning_rate"):
+        train_run.run(other, [elyza_rows], out)
+
+
+def test_a_checkpoint_from_other_settings_is_refused(trained, tiny_model, elyza_rows, tmp_path):  # noqa: F811
+    out, _ = trained
+    target = tmp_path / "copy"
+    shutil.copytree(out / "checkpoints", target / "checkpoints")
+    recipe = load_recipe(None, overrides(tiny_model, **SETTINGS, lora_r=8))
+    with pytest.raises(ConfigError, match=r"step-000006 was written with other settings \(differ: train.lora_r\)"):
+        train_run.run(recipe, [elyza_rows], target)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(trained, tiny_model, elyza_rows, tmp_path):  # noqa: F811
+    straight, _ = trained
+    killed = tmp_path / "killed"
+    sets = [a for o in overrides(tiny_model, **SETTINGS) for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "train", str(elyza_rows), "--out", str(killed), *sets],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    marker = killed / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert marker.exists(), err[-3000:]
+    assert not (killed / "DONE").exists(), "the run ended before it could be killed"
+    stats = train_run.run(load_recipe(None, overrides(tiny_model, **SETTINGS)), [elyza_rows], killed)
+    assert 2 <= stats["resumed_from_step"] < 6 and stats["steps"] == 6
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(0, 7))
+    for ra, rb in zip(a, b):
+        assert rb.get("loss") == pytest.approx(ra.get("loss"), abs=1e-5), (ra, rb)
+        assert rb.get("eval_loss") == pytest.approx(ra.get("eval_loss"), abs=1e-5)
+    assert stats["train_loss_last"] == pytest.approx(trained[1]["train_loss_last"], abs=1e-5)
+
+
+def _lora_grads(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_4bit_lora_gradients_survive_an_eval_forward_on_cpu(tiny_model):  # noqa: F811
+    from peft import get_peft_model
+
+    from ezoforge.config import TrainConfig
+    from ezoforge.train.model import four_bit_problem, load_base, lora_config
+
+    cpu = torch.device("cpu")
+    if four_bit_problem(cpu):
+        pytest.skip(f"bitsandbytes 4-bit does not train on this CPU: {four_bit_problem(cpu)}")
+    cfg = TrainConfig(lora_dropout=0.0)
+    model = get_peft_model(load_base(tiny_model, cfg, cpu, qlora=True), lora_config(cfg))
+    assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
+    x = torch.randint(0, 1000, (2, 24))
+    batch = {"input_ids": x, "labels": x}
+    model.train()
+    before = _lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)  # what Trainer eval and generate do; bitsandbytes may repack weights here
+    model.train()
+    after = _lora_grads(model, batch)
+    assert before and sum(g.abs().sum() for g in before.values()) > 0
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)
+
+
+def _qlora_run(model, rows, out, device_sets=()):
+    recipe = load_recipe(None, overrides(model, qlora=True, max_steps=2, save_every=2) + list(device_sets))
+    return train_run.run(recipe, [rows], out)
+
+
+def test_qlora_trains_on_cpu_when_bitsandbytes_can(tiny_model, elyza_rows, tmp_path):  # noqa: F811
+    from ezoforge.train.model import four_bit_problem
+
+    stats = _qlora_run(tiny_model, elyza_rows, tmp_path / "q")
+    assert stats["qlora"] is (four_bit_problem(torch.device("cpu")) is None)
+    assert stats["steps"] == 2 and stats["train_loss_last"] > 0 and (tmp_path / "q" / "adapter").is_dir()
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda(tiny_model, elyza_rows, tmp_path):  # noqa: F811
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    stats = _qlora_run(tiny_model, elyza_rows, tmp_path / "q", ["model.device=cuda"])
+    assert stats["qlora"] is True and stats["device"].startswith("cuda") and stats["tokens_per_s"] > 0
+
+
+def test_fsdp_recipe_configures_accelerate_for_qlora():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(FSDP_RECIPE), "-m", "ezoforge", "train"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true" and env["FSDP_USE_ORIG_PARAMS"] == "false"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_accelerate_launch_runs_ezo_train(tiny_model, elyza_rows, tmp_path):  # noqa: F811
+    """The multi-GPU entry point as far as a CPU goes: `accelerate launch -m ezoforge train` with the shipped config."""
+    out = tmp_path / "launched"
+    sets = [a for o in overrides(tiny_model, max_steps=1, save_every=1, max_length=128) for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_RECIPE),
+                           "--cpu", "-m", "ezoforge", "train", str(elyza_rows), "--out", str(out), *sets],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "DONE").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_no_usable_4bit_falls_back_to_lora_and_says_so(caplog):
+    from ezoforge.config import TrainConfig
+    from ezoforge.train.model import use_qlora
+
+    with caplog.at_level("WARNING"):
+        assert use_qlora(TrainConfig(qlora=True), torch.device("meta")) is False  # bitsandbytes cannot run there
+    assert "QLoRA is not available on meta" in caplog.text and "training LoRA" in caplog.text
+    assert use_qlora(TrainConfig(qlora=False), torch.device("cpu")) is False
