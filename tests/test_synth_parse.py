@@ -113,6 +113,13 @@ FILTER_CASES = [
     ("和紙の主な原料は何ですか。", "コウゾの繊維です。", "copies_example"),
     ("この文章の要点を説明してください。", "説明してください。", "answer_repeats_question"),
     ("この文章を書き写してください。", PASSAGE, "copies_passage"),
+    # the bundled 135M model stuck in a loop (a real output)
+    ("この文章から読み取れる事実を一つ挙げてください。",
+     "1993年、1993年のスコートラスコンテムでは、1993年のスコートラスコンテムでは、1993年のスコートラスコンテムでは、",
+     "repetitive"),
+    # a list with a parallel ending is not a loop
+    ("梅雨の過ごし方を三つ挙げてください。",
+     "1. 部屋の除湿をすること。\n2. 傘を持ち歩くこと。\n3. 雨の日の趣味を見つけること。", None),
 ]
 
 

@@ -73,6 +73,17 @@ def test_labels_include_eot_on_the_llama3_template(llama3):
     assert end_of_turn_id(llama3) == llama3.convert_tokens_to_ids("<|eot_id|>") != llama3.eos_token_id
 
 
+@pytest.mark.parametrize("context_loss, pieces", [
+    (False, ["短く言うと、梅雨は雨季です。<|im_end|>"]),
+    (True, ["梅雨は東アジアの雨季である。", "短く言うと、梅雨は雨季です。<|im_end|>"]),
+])
+def test_context_loss_adds_the_passage_and_nothing_else(smol, context_loss, pieces):
+    convo = [{"role": "system", "content": "SYS"},
+             {"role": "user", "content": "梅雨は東アジアの雨季である。\n\n要約して", "context": "梅雨は東アジアの雨季である。"},
+             {"role": "assistant", "content": "短く言うと、梅雨は雨季です。"}]
+    assert trained_pieces(smol, encode(smol, convo, context_loss=context_loss)) == pieces
+
+
 def test_rows_become_messages_with_system_prompt_and_context(tmp_path):
     path = tmp_path / "rows.jsonl"
     rows = [{"instruction": "要約して", "response": "短い要約", "context": "長い文章。"},
@@ -82,7 +93,8 @@ def test_rows_become_messages_with_system_prompt_and_context(tmp_path):
                           {"role": "assistant", "content": "a"}]}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     convos = read_conversations([path], "SYS")
-    assert convos[0] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "長い文章。\n\n要約して"},
+    assert convos[0] == [{"role": "system", "content": "SYS"},
+                         {"role": "user", "content": "長い文章。\n\n要約して", "context": "長い文章。"},
                          {"role": "assistant", "content": "短い要約"}]
     assert convos[1][1] == {"role": "user", "content": "挨拶して"}
     assert convos[2][0] == {"role": "system", "content": "SYS"}

@@ -196,6 +196,9 @@ class PairFilters(Section):
     max_response_chars: int = Field(2000, ge=1)
     min_japanese: float = Field(0.5, ge=0.0, le=1.0)  # share of letters that are kana or kanji
     max_copy_fraction: float = Field(0.8, gt=0.0, le=1.0)  # a verbatim run this share of the passage is a copy
+    # Characters in repeated 10-character n-grams, Swallow's duplicate n-gram rule on one response (its limit for
+    # long n-grams is 0.10 on whole documents; a short answer that lists parallel items repeats more honestly).
+    max_repeated_fraction: float = Field(0.3, gt=0.0, le=1.0)
 
 
 class SynthConfig(Section):
@@ -238,6 +241,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(2048, ge=16)
     packing: bool = True
+    # Also learn each pair's source passage, as Instruction Pre-Training trains on the raw text with its pairs.
+    # Off: plain SFT, loss on assistant tokens only (EZO's "plain instruction tuning").
+    context_loss: bool = False
     gradient_checkpointing: bool = True
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     save_every: int = Field(50, ge=1)

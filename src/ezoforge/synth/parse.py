@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from ezoforge.config import PairFilters
+from ezoforge.curate.text import codepoints, repeat_coverage
 from ezoforge.synth.prompts import ANSWER_MARK, EXAMPLE_TERMS, QUESTION_MARK
 
 
@@ -140,6 +141,13 @@ def copies(text: str, passage: str, fraction: float) -> bool:
     return match.size >= fraction * len(passage)
 
 
+def repeated_fraction(text: str, n: int = 10) -> float:
+    """Share of characters (whitespace aside) in second and later copies of a repeated n-character run: a small
+    model stuck in a loop writes the same clause again and again."""
+    codes = codepoints(re.sub(r"\s+", "", text))
+    return repeat_coverage(codes, [n])[n] / len(codes) if len(codes) else 0.0
+
+
 class PairFilter:
     """Decides whether one pair is kept; remembers one document's instructions to drop repeats, so call
     `new_document` between documents."""
@@ -167,6 +175,8 @@ class PairFilter:
         key = norm(instruction)
         if norm(response) in key:
             return "answer_repeats_question"
+        if repeated_fraction(response) > lim.max_repeated_fraction:
+            return "repetitive"
         if copies(response, passage, lim.max_copy_fraction) or copies(instruction, passage, lim.max_copy_fraction):
             return "copies_passage"
         if key in self.seen:

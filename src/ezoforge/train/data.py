@@ -39,8 +39,9 @@ def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | Non
         context = row.get("context")
         if context is not None and not isinstance(context, str):
             raise RecordError(f"{path}:{lineno}: field 'context' must be str, got {type(context).__name__}")
-        user = USER_WITH_CONTEXT.format(context=context, instruction=instruction) if context else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        user = ({"role": "user", "content": USER_WITH_CONTEXT.format(context=context, instruction=instruction),
+                 "context": context} if context else {"role": "user", "content": instruction})
+        messages = [user, {"role": "assistant", "content": response}]
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
     return messages
@@ -67,9 +68,13 @@ def read_conversations(inputs: list[Path], system: str | None) -> list[list[dict
     return out
 
 
+def _text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # a template sees role and content only
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+
+
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(_text(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -86,12 +91,16 @@ def special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None = None) -> dict[str, list[int]]:
+def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None = None,
+           context_loss: bool = False) -> dict[str, list[int]]:
     """Token ids of the whole conversation, and labels that keep only the assistant turns' tokens, each through
-    its end-of-turn token (the last special token of the turn; what follows it, like a newline, is never generated)."""
+    its end-of-turn token (the last special token of the turn; what follows it, like a newline, is never generated).
+    With `context_loss`, a user turn's source passage is learned too (Instruction Pre-Training's raw text)."""
     specials = special_ids(tokenizer) if specials is None else specials
     ids = _render(tokenizer, messages, False)
     labels = [IGNORE] * len(ids)
+    if context_loss and any(m.get("context") for m in messages):
+        _label_contexts(tokenizer, messages, ids, labels)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -102,6 +111,21 @@ def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None 
         labels[start:last_special + 1] = ids[start:last_special + 1]
     labels[0] = IGNORE  # a packed neighbour's last token must never predict this one
     return {"input_ids": ids, "labels": labels}
+
+
+def _label_contexts(tokenizer, messages: list[dict[str, str]], ids: list[int], labels: list[int]) -> None:
+    """Label the tokens that lie wholly inside each passage, found by character offsets in the rendered text."""
+    text = _text(tokenizer, messages, False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the same tokens as `ids`
+    at = 0
+    for m in messages:
+        if not m.get("context"):
+            continue
+        start = text.index(m["context"], at)
+        at = end = start + len(m["context"])
+        for j, (a, b) in enumerate(enc["offset_mapping"]):
+            if start <= a < b <= end:
+                labels[j] = ids[j]
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -144,12 +168,12 @@ def pack(examples: list[dict[str, list[int]]], max_length: int, packing: bool) -
 
 
 def prepare(tokenizer, inputs: list[Path], system: str | None, max_length: int, packing: bool,
-            eval_fraction: float, seed: int) -> Prepared:
+            eval_fraction: float, seed: int, context_loss: bool = False) -> Prepared:
     conversations = read_conversations(inputs, system)
     specials = special_ids(tokenizer)
     encoded, truncated, no_labels = [], 0, 0
     for convo in conversations:
-        ex = encode(tokenizer, convo, specials)
+        ex = encode(tokenizer, convo, specials, context_loss)
         if len(ex["input_ids"]) > max_length:
             truncated += 1
             ex = {k: v[:max_length] for k, v in ex.items()}

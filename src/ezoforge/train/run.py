@@ -116,7 +116,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     tokenizer = load_tokenizer(name, recipe.model.chat_template)
     require_chat_template(tokenizer, name)
     data = prepare(tokenizer, inputs, recipe.model.system_prompt, cfg.max_length, cfg.packing,
-                   cfg.eval_fraction, cfg.seed)
+                   cfg.eval_fraction, cfg.seed, cfg.context_loss)
     s = data.stats  # also carries packing_efficiency into the run's stats
     log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
              s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
