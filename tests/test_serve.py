@@ -40,6 +40,26 @@ def test_openai_client_streaming_matches_plain(client):
     assert len(chunks) > 4
 
 
+def test_response_format_json_schema_is_enforced(client):
+    from ezoforge.eval.judge import verdict_schema
+
+    fmt = verdict_schema(30)
+    ask = [{"role": "user", "content": "「東京です」という回答を採点し、理由を日本語で書いてください。"}]
+    resp = client.chat.completions.create(model=BUNDLED, messages=ask, max_tokens=96, temperature=0,
+                                          response_format=fmt)
+    verdict = json.loads(resp.choices[0].message.content)  # a 135M model, yet always valid under the schema
+    assert set(verdict) == {"reason", "grade"} and verdict["grade"] in range(1, 6) and len(verdict["reason"]) <= 30
+
+
+def test_japanese_strings_pass_the_enforcer():
+    from ezoforge.infer.structured import parser
+
+    state = parser({"type": "object", "properties": {"reason": {"type": "string"}}})
+    for ch in '{"reason": "日本語の理由、カタカナ。':
+        state = state.add_character(ch)
+    assert "あ" in state.get_allowed_characters() and '"' in state.get_allowed_characters()
+
+
 def test_models_and_health(live_server, client):
     assert [m.id for m in client.models.list().data] == [BUNDLED]
     assert httpx.get(f"{live_server}/health").json()["status"] == "ok"
@@ -73,6 +93,12 @@ BAD_REQUESTS = [
     ("prompt alone over the context", {"messages": [{"role": "user", "content": "猫 " * 9000}]}, "messages"),
     ("wrong type", {"messages": MESSAGES, "max_tokens": "lots"}, "max_tokens"),
     ("n > 1", {"messages": MESSAGES, "n": 2}, "n"),
+    ("unknown response_format", {"messages": MESSAGES, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("json_schema without a schema", {"messages": MESSAGES, "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ("unusable schema", {"messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+     "response_format.json_schema.schema"),
 ]
 
 

@@ -274,6 +274,10 @@ class EvalConfig(Section):
     judge_model: str | None = None
     judge_api_key_env: str | None = None
     judge_max_tokens: int = Field(512, ge=16)
+    # Send the verdict's JSON schema as `response_format` (OpenAI structured outputs; vLLM and `ezo serve`
+    # enforce it while decoding). Off for a server that rejects response_format.
+    judge_structured: bool = True
+    judge_reason_max_chars: int = Field(400, ge=10)  # the schema's bound on "reason", so a verdict always ends
     judge_reasks: int = Field(2, ge=0)  # follow-up requests after an unparseable verdict
     judge_max_retries: int = Field(4, ge=0)  # transport retries per request (backoff + jitter)
     judge_timeout: float = Field(120.0, gt=0)

@@ -54,6 +54,15 @@ TEMPLATE = """次の問題に対するアシスタントの回答を採点して
 {{"reason": "<採点の理由>", "grade": <1〜5の整数>}}"""
 # The format line holds no digit after "grade", so a judge that merely echoes it yields no grade, not a 1.
 
+def verdict_schema(reason_max_chars: int) -> dict:
+    """The verdict as `response_format` (not strict: OpenAI's strict mode rejects maxLength; servers that enforce
+    schemas, vLLM and `ezo serve`, honour it anyway)."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["reason", "grade"],
+              "properties": {"reason": {"type": "string", "maxLength": reason_max_chars},
+                             "grade": {"type": "integer", "enum": [1, 2, 3, 4, 5]}}}
+    return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": False}}
+
+
 REASK = ("出力を読み取れませんでした（{problem}）。"
          '{{"reason": "<採点の理由>", "grade": <1〜5の整数>}} の形式の JSON オブジェクト1つだけを出力してください。')
 

@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import EvalConfig
-from ezoforge.eval.judge import PROMPT_VERSION, Verdict, judge_answer
+from ezoforge.eval.judge import PROMPT_VERSION, Verdict, judge_answer, verdict_schema
 from ezoforge.eval.tasks import OpenTask
 from ezoforge.infer.generate import Generator
 from ezoforge.infer.serve import BackgroundServer, create_app
@@ -44,8 +44,10 @@ class Judge:
             return self.client
 
     def ask(self, messages: list[dict[str, str]]) -> str:
+        fmt = verdict_schema(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured else None
         key = request_key(kind="judge", judge=self.cfg.judge_model, prompt_version=PROMPT_VERSION,
-                          messages=messages, max_tokens=self.cfg.judge_max_tokens, temperature=0.0)
+                          messages=messages, max_tokens=self.cfg.judge_max_tokens, temperature=0.0,
+                          **({"response_format": fmt} if fmt else {}))
         hit = self.cache.get(key)
         if hit is not None:
             with self.lock:
@@ -54,7 +56,8 @@ class Judge:
         if self.broken:
             raise RemoteError(self.broken)
         try:
-            reply = chat(self._connect(), self.cfg.judge_model, messages, self.cfg.judge_max_tokens, temperature=0.0)
+            reply = chat(self._connect(), self.cfg.judge_model, messages, self.cfg.judge_max_tokens, temperature=0.0,
+                         response_format=fmt)
         except RemoteError as e:
             if e.status in _FATAL:
                 self.broken = f"not sent: an earlier request failed ({e})"

@@ -1,11 +1,13 @@
 """Chat-formatted generation: batched (left padding), streamed, and the JSONL batch command."""
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: dict[str, Any] | None = None  # constrain the output to JSON valid under this schema
 
 
 def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -66,7 +69,15 @@ class Generator:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.json_schema is not None:
+            kwargs["prefix_allowed_tokens_fn"] = self.structured.allowed_tokens_fn(sampling.json_schema)
         return kwargs
+
+    @functools.cached_property
+    def structured(self):
+        from ezoforge.infer.structured import TokenizerData
+
+        return TokenizerData(self.tokenizer, self.eos_ids)
 
     def _encode(self, texts: list[str], pad_to_multiple_of: int | None = None):
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left so every row ends at its prompt

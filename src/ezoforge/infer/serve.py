@@ -40,6 +40,27 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class JSONSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI structured outputs: `text`, `json_object` (any JSON object) or `json_schema` (that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def schema(self) -> dict | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise APIError(400, "response_format.json_schema is required with type json_schema",
+                               "response_format.json_schema")
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
 class ChatRequest(BaseModel):
     # allow_inf_nan=False: Python's JSON parser accepts NaN/Infinity, which must not reach sampling.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -53,6 +74,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
 
 
 class APIError(Exception):
@@ -127,7 +149,10 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
                                 f"model's context of {context} tokens", "max_tokens", "context_length_exceeded")
         max_new = requested or min(default_max_tokens, context - prompt_tokens)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        return messages, Sampling(max_new, req.temperature, req.top_p, req.seed, stop), prompt_tokens
+        schema = req.response_format.schema() if req.response_format else None
+        if schema is not None:
+            _check_schema(schema)
+        return messages, Sampling(max_new, req.temperature, req.top_p, req.seed, stop, schema), prompt_tokens
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -165,6 +190,16 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def _check_schema(schema: dict) -> None:
+    from ezoforge.infer.structured import parser
+
+    try:
+        parser(schema)
+    except Exception as e:  # the library raises assorted types for a schema it cannot enforce
+        raise APIError(400, f"response_format.json_schema.schema is not usable: {e}",
+                       "response_format.json_schema.schema") from None
 
 
 def api_key_from_env(var: str | None) -> str | None:
