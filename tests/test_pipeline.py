@@ -14,7 +14,7 @@ from ezoforge.pipeline import FOLDERS, run_recipe, steps
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
 # The demo's recipe with sizes for a test: two documents, two training steps, no judge, short answers.
-SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400", "synth.generation.max_new_tokens=48",
+SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400", "synth.generation.max_new_tokens=64",
          "train.max_steps=2", "train.save_every=2", "train.max_length=256", "eval.judge_url=null",
          "eval.judge_model=null", "eval.limit=2", "eval.generation.max_new_tokens=12"]
 
