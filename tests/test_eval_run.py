@@ -219,6 +219,17 @@ def test_compare_cli_on_real_runs(judged, tmp_path):
     assert "mean_grade" in res.output
 
 
+def test_missing_model_fails_before_claiming_the_folder(tmp_path):
+    """A typo in --model must not leave a half-made folder that a corrected rerun would then refuse."""
+    out = tmp_path / "eval"
+    tasks = tmp_path / "x.jsonl"
+    tasks.write_text('{"text": "梅雨は雨季の一種である。"}\n', encoding="utf-8")
+    recipe = load_recipe(None, [f"model.name={tmp_path / 'no-such-model'}", f"eval.tasks=[ppl:{tasks}]"])
+    with pytest.raises(EzoError, match="no such model folder"):
+        run(recipe, out)
+    assert not out.exists()
+
+
 def test_eval_without_out_is_a_config_error():
     with pytest.raises(EzoError, match="--out"):
         CliRunner().invoke(app, ["eval", "--model", BUNDLED], catch_exceptions=False)

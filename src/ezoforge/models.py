@@ -75,22 +75,30 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve(spec: str) -> str:
-    """A model spec -> something `from_pretrained` takes (a local folder or a hub id)."""
+def check_spec(spec: str) -> None:
+    """Fail fast on a local model path that is not usable, before any stage claims its output folder."""
     if spec.startswith("bundled:"):
-        return str(convert_gguf(bundled_gguf(spec.split(":", 1)[1])))
+        return
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{spec}: no such GGUF file")
-        return str(convert_gguf(path))
-    if path.is_dir():
+    elif path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{spec}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
-        return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"{spec}: no such model folder or file")
-    return spec  # a hub id; loading fails clearly when the hub is unreachable
+
+
+def resolve(spec: str) -> str:
+    """A model spec -> something `from_pretrained` takes (a local folder or a hub id)."""
+    check_spec(spec)
+    if spec.startswith("bundled:"):
+        return str(convert_gguf(bundled_gguf(spec.split(":", 1)[1])))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    return str(path) if path.is_dir() else spec  # else a hub id; loading fails clearly when the hub is unreachable
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -25,7 +25,7 @@ from ezoforge.eval import metrics, report as rep
 from ezoforge.eval.judge import PROMPT_VERSION
 from ezoforge.eval.judging import Judge
 from ezoforge.eval.tasks import OPEN_KINDS, Suite, load_suites
-from ezoforge.models import cache_root
+from ezoforge.models import cache_root, check_spec
 from ezoforge.records import read_jsonl, write_json, write_jsonl, write_text
 from ezoforge.stage import Stage, input_fingerprints
 
@@ -201,6 +201,7 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     Raises EzoError after writing everything when judgements failed (unless allowed as partial)."""
     cfg, out = recipe.eval, Path(out)
     suites = load_suites(cfg.tasks, cfg.limit)
+    check_spec(recipe.model.name)  # a missing model fails before the output folder is claimed
     fp = model_fingerprint(recipe.model, adapter)
     stage = Stage("eval", out, {
         "model": {"spec": recipe.model.name, "adapter": str(adapter) if adapter else None, "fingerprint": fp,
