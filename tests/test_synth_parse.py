@@ -10,9 +10,9 @@ from ezoforge.synth.passages import sentences, split
 
 SYNTH_CASES = {
     "well_formed": (
-        "<QUE> 梅雨はどの地域でみられますか。 <ANS> 北海道と小笠原諸島を除く日本や、朝鮮半島南部、中国南部、台湾などです。 </END>\n\n"
+        "<QUE> 梅雨はどの地域でみられますか。 <ANS> 本州や九州など、日本の広い地域です。 </END>\n\n"
         "<QUE> What is the rainy season called in Japan? <ANS> Tsuyu. </END>",
-        [("梅雨はどの地域でみられますか。", "北海道と小笠原諸島を除く日本や、朝鮮半島南部、中国南部、台湾などです。"),
+        [("梅雨はどの地域でみられますか。", "本州や九州など、日本の広い地域です。"),
          ("What is the rainy season called in Japan?", "Tsuyu.")], []),
     "unterminated_tail": (
         "<QUE> 入梅とは何ですか。 <ANS> 梅雨の時期が始まることです。 </END>\n\n<QUE> 出梅とは <ANS> 梅雨が終わ",
@@ -46,9 +46,9 @@ def test_synthesizer_prompt_is_the_upstream_format():
 
 PROMPTED_CASES = {
     "well_formed": (
-        "質問1: この文章を一文で要約してください。\n回答1: 梅雨は東アジアにみられる雨の多い期間です。\n"
+        "質問1: この文章を一文で要約してください。\n回答1: 梅雨は初夏に雨の日が続く季節です。\n"
         "質問2: 梅雨はいつですか。\n回答2: 5月から7月にかけてです。\n質問3: 雨季とは何ですか。\n回答3: 雨の多い季節です。",
-        False, [("この文章を一文で要約してください。", "梅雨は東アジアにみられる雨の多い期間です。"),
+        False, [("この文章を一文で要約してください。", "梅雨は初夏に雨の日が続く季節です。"),
                 ("梅雨はいつですか。", "5月から7月にかけてです。"), ("雨季とは何ですか。", "雨の多い季節です。")], []),
     "near_miss_markers": (  # bold, bullets, full-width digits and colons, another word for "answer"
         "**質問１：** 入梅とは何ですか。\n**答え１：** 梅雨の時期が始まることです。\n- 質問2: 出梅とは？\n- 回答2: 梅雨が終わることです。",
@@ -77,7 +77,7 @@ PROMPTED_CASES = {
         "質問1: この文章を一文で要約してください。\n回答1:文章1: 同じごろ、高気圧が勢力を増す。\n"
         "質問2: 梅雨の期間は？\n回答2: 1. 梅雨の期間はふつう1か月半程度である。", False,
         [("梅雨の期間は？", "梅雨の期間はふつう1か月半程度である。")], ["empty_answer"]),
-    "no_markers": ("梅雨は、北海道と小笠原諸島を除く日本、朝鮮半島南部", False, [], ["no_markers"]),
+    "no_markers": ("梅雨は、初夏に日本の広い地域で続く長雨の季節", False, [], ["no_markers"]),
 }
 
 
@@ -102,9 +102,9 @@ def test_prompted_request_prefills_the_first_pair():
 
 # ---------------------------------------------------------------- filters
 
-PASSAGE = "梅雨は、東アジアにみられる雨の多い期間のこと。雨季の一種である。"
+PASSAGE = "梅雨は、初夏に雨やくもりの日が続く季節のこと。長雨の季節ともいう。"
 FILTER_CASES = [
-    ("梅雨とは何ですか。", "東アジアにみられる雨の多い期間です。", None),
+    ("梅雨とは何ですか。", "初夏に雨やくもりの日が続く季節です。", None),
     ("", "答え", "empty"),
     ("何？", "雨季です。", "instruction_length"),
     ("梅雨とは何ですか。", "x" * 2001, "response_length"),
