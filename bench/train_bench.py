@@ -39,7 +39,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
 p.add_argument("--only", default="8b,mix,70b")
 p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
-p.add_argument("--out", default=os.environ.get("OUT", "."))
+p.add_argument("--out", default=os.environ.get("OUT"), help="folder for train_bench.json (default: $OUT, else none)")
 p.add_argument("--make-lengths", metavar="SHARED_DATA")
 args = p.parse_args()
 
@@ -397,7 +397,8 @@ def main() -> None:
     if "70b" in names:
         run_70b()
     summary()
-    Path(args.out, "train_bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if args.out:
+        Path(args.out, "train_bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
 
 
 def _has(module: str) -> bool:

@@ -149,8 +149,19 @@ class Loaded:
 
     @property
     def context_length(self) -> int:
-        cfg = getattr(self.model, "config", None)
-        return int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        return config_context_length(getattr(self.model, "config", None))
+
+
+def config_context_length(config) -> int:
+    """Tokens a model takes, from its config (2048 when the config does not say)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def spec_context_length(spec: str) -> int:
+    """The same from a model spec, reading only its config (no weights load)."""
+    from transformers import AutoConfig
+
+    return config_context_length(AutoConfig.from_pretrained(resolve(spec)))
 
 
 def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "auto",

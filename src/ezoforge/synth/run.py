@@ -41,14 +41,6 @@ def _version(mode: str) -> str:
     return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
 
 
-def _context_length(spec: str) -> int:
-    from transformers import AutoConfig
-
-    from ezoforge.models import resolve
-
-    return int(getattr(AutoConfig.from_pretrained(resolve(spec)), "max_position_embeddings", 0) or 2048)
-
-
 def make_backend(recipe: Recipe, model: str):
     """The backend with its tokenizer ready (requests are sized with it); a local model loads only if needed."""
     cfg, m = recipe.synth, recipe.model
@@ -65,14 +57,14 @@ def make_backend(recipe: Recipe, model: str):
             tokenizer = None
         return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
                              tokenizer, cfg.context_tokens or 4096)
-    from ezoforge.models import load, load_tokenizer, pick_device, require_chat_template
+    from ezoforge.models import load, load_tokenizer, pick_device, require_chat_template, spec_context_length
     from ezoforge.synth.backends import TransformersBackend, VLLMBackend
 
     chat = cfg.mode == "prompted"
     tokenizer = load_tokenizer(model, m.chat_template)
     if chat:
         require_chat_template(tokenizer, model)
-    context = min(_context_length(model), cfg.context_tokens or 1 << 30)
+    context = min(spec_context_length(model), cfg.context_tokens or 1 << 30)
     if cfg.backend == "vllm":
         return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed)
     return TransformersBackend(
