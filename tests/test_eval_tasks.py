@@ -3,11 +3,10 @@ import os
 
 import pytest
 
-from ezoforge.config import ModelConfig
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.eval import metrics
 from ezoforge.eval.report import grade_summary
-from ezoforge.eval.run import model_fingerprint
+from ezoforge.models import model_identity
 from ezoforge.eval.tasks import load_suite, load_suites, parse_spec
 
 
@@ -70,20 +69,41 @@ def test_chrf_is_character_level():
     assert "nc:6|nw:0" in metrics.chrf_signature()
 
 
-def test_model_fingerprint_follows_files(tmp_path):
+def test_model_identity_follows_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("EZO_CACHE_DIR", str(tmp_path / "cache"))
     model, adapter = tmp_path / "model", tmp_path / "adapter"
     model.mkdir()
     adapter.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 10)
     (adapter / "adapter_model.safetensors").write_bytes(b"a" * 10)
-    cfg = ModelConfig(name=str(model))
-    first = model_fingerprint(cfg, adapter)
-    assert first == model_fingerprint(cfg, adapter) != model_fingerprint(cfg, None)
+    first = model_identity(str(model), adapter)
+    assert first == model_identity(str(model), adapter) != model_identity(str(model), None)
     (adapter / "adapter_model.safetensors").write_bytes(b"b" * 10)  # same size, new content
-    second = model_fingerprint(cfg, adapter)
+    second = model_identity(str(model), adapter)
     assert second != first
-    os.utime(model / "config.json", ns=(1, 1))  # a rewritten model file
-    assert model_fingerprint(cfg, adapter) != second
+    os.utime(model / "model.safetensors", ns=(1, 1))  # touched, same bytes: the same model
+    assert model_identity(str(model), adapter) == second
+    (model / "model.safetensors").write_bytes(b"v" * 10)  # new weights of the same size
+    assert model_identity(str(model), adapter) != second
+    assert model_identity(str(model), adapter, dtype="bfloat16") != model_identity(str(model), adapter)
+
+
+def test_model_identity_of_a_stage_folder_is_its_done_fingerprint(tmp_path, monkeypatch):
+    from ezoforge.stage import Stage
+
+    monkeypatch.setenv("EZO_CACHE_DIR", str(tmp_path / "cache"))
+    merged = tmp_path / "merged"
+    stage = Stage("merge", merged, {"train_fingerprint": "abc"}, atomic=True)
+    stage.start()
+    (stage.folder / "config.json").write_text("{}")
+    stage.finish({})
+    first = model_identity(str(merged))
+    other = Stage("merge", merged, {"train_fingerprint": "xyz"}, atomic=True)
+    other.start(force=True)
+    (other.folder / "config.json").write_text("{}")
+    other.finish({})
+    assert model_identity(str(merged)) != first  # same files, another training run
 
 
 def _j(grade):

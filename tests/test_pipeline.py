@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from ezoforge.cli import app
 from ezoforge.config import load_recipe
+from ezoforge.errors import ConfigError
 from ezoforge.pipeline import FOLDERS, run_recipe, steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_merged_model_loads_in_plain_transformers(demo_run):
     assert model.config.model_type == "llama" and tok.chat_template
 
 
-def test_rerun_is_a_no_op_and_an_edit_reruns_only_what_follows(demo_run):
+def test_rerun_is_a_no_op_and_an_edit_is_refused_until_forced(demo_run):
     recipe, report = demo_run
     workdir = Path(recipe.workdir)
     before = done_times(workdir)
@@ -72,11 +73,24 @@ def test_rerun_is_a_no_op_and_an_edit_reruns_only_what_follows(demo_run):
     assert done_times(workdir) == before
     assert again["stages"] == report["stages"]  # skipped stages keep the time they took when they ran
 
+    # How often to save, log and keep checkpoints, workers, concurrency: nothing is redone.
+    operational = load_recipe(DEMO, [f"workdir={workdir}", *SMALL, "train.save_every=1", "train.log_every=5",
+                                     "curate.workers=2", "synth.concurrency=9", "eval.concurrency=2"])
+    run_recipe(operational, DEMO)
+    assert done_times(workdir) == before
+
     edited = load_recipe(DEMO, [f"workdir={workdir}", *SMALL, "train.learning_rate=1e-4"])
-    run_recipe(edited, DEMO)
+    train_files = {p: p.stat().st_mtime_ns for p in (workdir / "train").rglob("*")}
+    with pytest.raises(ConfigError, match=rf"train: {workdir / 'train'} was made with other settings — "
+                                          r"train.learning_rate: 0.0003 → 0.0001"):
+        run_recipe(edited, DEMO)
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "train").rglob("*")} == train_files
+
+    run_recipe(edited, DEMO, force=["train"])
     after = done_times(workdir)
     changed = {step for step in FOLDERS if after[step] != before[step]}
     assert changed == {"train", "merge", "eval-tuned"}
+    assert json.loads((workdir / "train" / "stats.json").read_text())["resumed_from_step"] == 0
 
 
 def test_shipped_recipes_validate():

@@ -103,7 +103,8 @@ def test_rows_become_messages_with_system_prompt_and_context(tmp_path):
 
 
 def test_a_synth_folder_is_read_from_its_parquet_shards_once_finished(tmp_path):
-    from ezoforge.records import mark_done, write_parquet
+    from ezoforge.records import write_parquet
+    from ezoforge.stage import Stage
 
     folder = tmp_path / "synth"
     write_parquet(folder / "data" / "part-00000.parquet", [
@@ -112,7 +113,7 @@ def test_a_synth_folder_is_read_from_its_parquet_shards_once_finished(tmp_path):
         {"id": "p2", "doc_id": "d1", "instruction": "挨拶して", "response": "どうも。", "context": None, "generator": "g"}])
     with pytest.raises(RecordError, match="not finished"):
         read_conversations([folder], None)
-    mark_done(folder, "fp")
+    Stage("synth", folder, {}).finish({})
     convos = read_conversations([folder], None)
     assert [c[0]["content"] for c in convos] == ["和紙の文章。\n\n何の話？", "挨拶して"]
 

@@ -26,8 +26,15 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted overr
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="HF id, local folder, .gguf file or bundled:smollm2-135m-instruct.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="PEFT adapter folder to apply.")]
 TemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", help="Jinja chat template file, for models without one.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 …")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (CUDA bf16, CPU float32), float32, bfloat16, float16.")]
+# Flags default to None: a flag overrides the recipe only when it is given.
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 … (default: the recipe's model.device).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (CUDA bf16, CPU float32), float32, bfloat16, float16 (default: the recipe's model.dtype).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage: deletes its folder, even one done with these settings.")]
+
+
+def _model_flags(model: str | None, chat_template: Path | None, device: str | None, dtype: str | None) -> dict:
+    """The model option group every model-loading command shares, as recipe keys."""
+    return {"model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype}
 
 
 def _recipe(config: Path | None, overrides: list[str] | None, **flags: Any) -> Recipe:
@@ -75,8 +82,8 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     chat_template: TemplateOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -89,18 +96,21 @@ def generate(
         raise EzoError("--input needs --out")
     if system is not None and no_system:
         raise EzoError("--system and --no-system contradict each other")
-    recipe = _recipe(config, set_, **{
-        "model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
         "generation.top_p": top_p, "generation.seed": seed, "generation.batch_size": batch_size})
     g = recipe.generation
-    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed)
+    sampling = Sampling.from_config(g)
     gen = Generator(_load(recipe, adapter))
     sys_prompt = _system(system, no_system, recipe)
     if prompt is not None:
         print(gen.complete([build_messages(prompt, sys_prompt)], sampling)[0].text)
         return
-    n = generate_file(gen, input, out, sys_prompt, sampling, g.batch_size)
+    from ezoforge.models import model_identity
+
+    m = recipe.model
+    identity = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template)
+    n = generate_file(gen, input, out, sys_prompt, sampling, g.batch_size, identity)
     console.print(f"wrote {n} answers to {out}")
 
 
@@ -113,8 +123,8 @@ def chat(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     chat_template: TemplateOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -122,12 +132,9 @@ def chat(
     from ezoforge.infer.chat import repl
     from ezoforge.infer.generate import Generator, Sampling
 
-    recipe = _recipe(config, set_, **{
-        "model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature})
-    g = recipe.generation
-    repl(Generator(_load(recipe, adapter)), _system(system, no_system, recipe),
-         Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed))
+    repl(Generator(_load(recipe, adapter)), _system(system, no_system, recipe), Sampling.from_config(recipe.generation))
 
 
 @app.command()
@@ -139,8 +146,8 @@ def serve(
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the bearer key /v1/* requires.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
     chat_template: TemplateOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -149,8 +156,7 @@ def serve(
     from ezoforge.infer.serve import api_key_from_env
     from ezoforge.infer.serve import serve as run_server
 
-    recipe = _recipe(config, set_, **{"model.name": model, "model.chat_template": chat_template,
-                                      "model.device": device, "model.dtype": dtype})
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype))
     api_key_from_env(api_key_env)  # fail before the slow model load
     gen = Generator(_load(recipe, adapter))
     run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env)
@@ -164,11 +170,13 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_:
 
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetOpt = None,
-        force: Annotated[bool, typer.Option("--force", help="Rerun every stage even if done.")] = False) -> None:
+        force: Annotated[Optional[list[str]], typer.Option(
+            "--force", help="Redo: `--force` the whole recipe, `--force STAGE` (repeatable) that stage and the ones "
+                            "after it. Deletes the folders it redoes.")] = None) -> None:
     """Run the recipe's stages in order into its workdir, skipping stages already done with the same config."""
     from ezoforge.pipeline import run_recipe
 
-    run_recipe(load_recipe(recipe, set_), recipe, force=force)
+    run_recipe(load_recipe(recipe, set_), recipe, force=force or [])
 
 
 @app.command()
@@ -206,9 +214,9 @@ def eval_(
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Report a mean over graded tasks even if some judgements failed.")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
     chat_template: TemplateOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda …")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -218,8 +226,7 @@ def eval_(
     from ezoforge.errors import ConfigError
     from ezoforge.eval.run import run as run_eval
 
-    recipe = _recipe(config, set_, **{
-        "model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
         "eval.tasks": tasks.split(",") if tasks else None, "eval.judge_url": judge_url,
         "eval.judge_model": judge_model, "eval.judge_api_key_env": judge_api_key_env, "eval.limit": limit,
         "eval.concurrency": concurrency, "eval.allow_partial": allow_partial or None,
@@ -263,7 +270,7 @@ def curate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/, rejected/, stats.json, DONE).")] = ...,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Parallel tasks.")] = None,
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (default) or skip: bad rows go to rejected/.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -288,7 +295,7 @@ def synth(
     pairs_per_doc: Annotated[Optional[int], typer.Option("--pairs-per-doc", help="Pairs asked for per passage (prompted mode).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N documents.")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight (openai backend).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -301,7 +308,12 @@ def synth(
         "synth.concurrency": concurrency})
     stats = run_synth(recipe, input, out, force=force)
     console.print(f"{stats['pairs']} pairs from {stats['documents']} documents ({stats['requests']} requests, "
-                  f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} errors) in {out / 'data'}")
+                  f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} failed) in {out / 'data'}")
+    if stats["errors"]:
+        console.print(f"[yellow]{stats['errors']} request(s) failed[/yellow] — rerun the same command to retry only "
+                      "those:", highlight=False)
+        for reason, n in stats.get("error_reasons", {}).items():
+            console.print(f"  {n}× {escape(reason)}", highlight=False)
 
 
 @app.command()
@@ -309,21 +321,20 @@ def train(
     inputs: Annotated[list[Path], typer.Argument(help="A synth output folder, or JSONL/Parquet with instruction+response (+context) or messages.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, DONE).")] = ...,
     model: ModelOpt = None,
-    qlora: Annotated[Optional[bool], typer.Option("--qlora/--no-qlora", help="4-bit NF4 base (default: wherever bitsandbytes 4-bit works).")] = None,
+    qlora: Annotated[Optional[bool], typer.Option("--qlora/--no-qlora", help="4-bit NF4 base, or an error if it cannot train here (default: the recipe's train.qlora, auto = 4-bit on CUDA, LoRA on a CPU).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data (instead of --max-steps).")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint (and eval) every N steps.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     chat_template: TemplateOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Start over in a folder made with other settings.")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Instruction-tune a LoRA/QLoRA adapter with assistant-only loss; rerun the same command to resume after a kill."""
     from ezoforge.train.run import run as run_train
 
-    recipe = _recipe(config, set_, **{
-        "model.name": model, "model.chat_template": chat_template, "train.qlora": qlora,
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, None, None), **{"train.qlora": qlora,
         "train.max_steps": max_steps, "train.epochs": epochs, "train.save_every": save_every, "train.seed": seed})
     stats = run_train(recipe, inputs, out, force=force)
     if stats:
@@ -337,7 +348,7 @@ def merge(
     train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` output folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the standalone merged model.")] = ...,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16 (default), float32 or float16.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo a folder made with other settings.")] = False,
+    force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -350,7 +361,20 @@ def merge(
     console.print(f"merged {stats['base']} + {train_dir / 'adapter'} → {out} ({stats['dtype']})", highlight=False)
 
 
+def _force_takes_optional_stage(argv: list[str]) -> list[str]:
+    """`ezo run R --force` means every stage: give the bare flag its value, since click options cannot have an
+    optional one (`--force train` names a stage)."""
+    if "run" not in argv[:2]:
+        return argv
+    from ezoforge.pipeline import ALL, FOLDERS
+
+    stages = set(FOLDERS) | {"eval"}
+    return [f"--force={ALL}" if a == "--force" and (i + 1 == len(argv) or argv[i + 1] not in stages) else a
+            for i, a in enumerate(argv)]
+
+
 def main() -> None:
+    sys.argv[1:] = _force_takes_optional_stage(sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "httpx2", "urllib3", "datatrove"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

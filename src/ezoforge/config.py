@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,10 @@ STAGES = ("curate", "synth", "train", "merge", "eval")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Keys that change how a stage runs, not what it writes (how often to log/save, workers, concurrency,
+    # timeouts, retries, inference batch sizes): left out of the folder's fingerprint, so changing one never
+    # invalidates a folder and a resumed run simply picks up the new value.
+    operational: ClassVar[frozenset[str]] = frozenset()
 
 
 class ModelConfig(Section):
@@ -42,6 +46,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+
+    operational = frozenset({"batch_size"})
 
 
 # Curation thresholds. Sources: Swallow corpus v1 (Okazaki et al. 2024, "Building a Large Japanese Web Corpus
@@ -186,6 +192,9 @@ class CurateConfig(Section):
     dedup: DedupConfig = DedupConfig()
     executor: ExecutorConfig = ExecutorConfig()
 
+    # `inputs` are fingerprinted by content (stage.input_fingerprints), not by how they were named.
+    operational = frozenset({"inputs", "workers", "executor"})
+
 
 class PairFilters(Section):
     """What a synthesized pair must meet to be kept (lengths in characters)."""
@@ -221,6 +230,8 @@ class SynthConfig(Section):
     static_cache: bool = True  # CUDA only: static KV cache + compiled decode step (CUDA graphs)
     filters: PairFilters = PairFilters()
 
+    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache"})
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "SynthConfig":
         if self.backend == "openai" and not self.base_url:
@@ -229,7 +240,8 @@ class SynthConfig(Section):
 
 
 class TrainConfig(Section):
-    qlora: bool | None = None  # None: QLoRA where bitsandbytes 4-bit trains (CUDA, most x86 CPUs), LoRA otherwise
+    # auto: 4-bit NF4 on CUDA where bitsandbytes trains, LoRA on a CPU (see train/model.py); true: 4-bit or an error.
+    qlora: Literal["auto"] | bool = "auto"
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -256,6 +268,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1, ge=1)  # checkpoint every n-th decoder layer: more speed for more memory
     compile: bool = False  # torch.compile the model
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
+
+    # Checkpointing recomputes the same activations: it trades memory for time, never the result.
+    operational = frozenset({"save_every", "keep_checkpoints", "log_every", "gradient_checkpointing",
+                             "selective_checkpointing", "checkpoint_every"})
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -290,6 +306,9 @@ class EvalConfig(Section):
     bootstrap_samples: int = Field(1000, ge=100)
     bootstrap_seed: int = 0
     cache: Path | None = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge) / eval-requests.sqlite
+
+    # judge_url is not here: another server may hold another model under the same name.
+    operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache"})
 
     @model_validator(mode="after")
     def _judge_pair(self) -> "EvalConfig":
@@ -442,6 +461,13 @@ def redact(obj: Any) -> Any:
 
 def to_plain(model: BaseModel) -> dict[str, Any]:
     return json.loads(model.model_dump_json())
+
+
+def output_settings(section: Section) -> dict[str, Any]:
+    """The section's plain values without its (and its subsections') operational keys: what shapes the output."""
+    plain = to_plain(section)
+    return {name: output_settings(value) if isinstance(value := getattr(section, name), Section) else plain[name]
+            for name in type(section).model_fields if name not in section.operational}
 
 
 def fingerprint(*parts: Any) -> str:

@@ -102,9 +102,22 @@ def resolve(spec: str) -> str:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA when present, else the CPU (the one fallback); a stated device must exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"device {device!r}: unknown (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ModelError(f"device {device!r}: unsupported (use auto, cpu, cuda or cuda:N)")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -112,6 +125,73 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, computed once per file version: remembered by path, size and mtime, so a
+    70B's weights are hashed once, not on every eval."""
+    from ezoforge.cache import RequestCache
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    store = RequestCache(cache_root() / "file-digests.sqlite")
+    try:
+        if (hit := store.get(key)) is not None:
+            return hit
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        store.put(key, h.hexdigest())
+        return h.hexdigest()
+    finally:
+        store.close()
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hub_revision(repo: str) -> str | None:
+    """The commit a hub id resolves to: the local cache's snapshot, else (online) the hub's answer."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # …/snapshots/<commit>/config.json
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        return HfApi().model_info(repo).sha
+    except Exception:  # unreachable hub, gated or unknown repo: loading will say so
+        return None
+
+
+def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "auto", device: str = "auto",
+                   chat_template: str | Path | None = None) -> str:
+    """A short hash of everything that determines a model's outputs, for cache keys: the weights (a finished
+    ezoforge stage folder by its DONE fingerprint, other local files by content, a hub id by its resolved
+    revision), the adapter's files, the chat template, dtype and device."""
+    from ezoforge.cache import request_key
+    from ezoforge.stage import done_fingerprint
+
+    check_spec(spec)
+    dev = pick_device(device)
+    weights: dict = {"spec": spec}
+    path = Path(spec).expanduser()
+    if spec.startswith("bundled:"):
+        weights["gguf"] = file_digest(bundled_gguf(spec.split(":", 1)[1]))
+    elif path.is_file():
+        weights["file"] = file_digest(path)
+    elif path.is_dir():
+        weights = {"stage": fp} if (fp := done_fingerprint(path)) else {"files": folder_digest(path)}
+    else:
+        weights["revision"] = hub_revision(spec)
+    return request_key(weights=weights, adapter=adapter and folder_digest(Path(adapter)),
+                       chat_template=chat_template and file_digest(Path(chat_template)),
+                       dtype=str(pick_dtype(dtype, dev)), device=dev.type)[:16]
 
 
 def load_tokenizer(spec: str, chat_template: str | Path | None = None):
@@ -127,6 +207,18 @@ def load_tokenizer(spec: str, chat_template: str | Path | None = None):
         # Padding is masked by the attention mask; which token fills it does not matter for generation.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The one rule for which ids end a reply: the model's generation-config eos, the tokenizer's eos and the chat
+    template's end-of-turn token (Llama 3 base models list only <|end_of_text|>, so a tuned model would otherwise
+    run past <|eot_id|>)."""
+    from ezoforge.train.data import end_of_turn_id
+
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids += [tokenizer.eos_token_id, end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None]
+    return sorted({i for i in ids if i is not None})
 
 
 def require_chat_template(tokenizer, spec: str) -> None:

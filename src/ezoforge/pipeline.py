@@ -1,8 +1,8 @@
 """`ezo run`: the recipe's stages in order, each in its own folder under the workdir.
 
 A stage whose DONE marker matches its settings is skipped (each stage checks that itself), so a killed
-run continues where it stopped; a stage's settings include its inputs' fingerprints, so editing one
-stage reruns it and the stages after it only.
+run continues where it stopped. A stage whose output-shaping settings were edited is refused, naming the keys,
+and nothing is deleted: `--force STAGE` redoes that stage and every stage after it, `--force` the whole recipe.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ezoforge.config import Recipe
-from ezoforge.records import DONE, write_json
+from ezoforge.errors import ConfigError
+from ezoforge.records import write_json
+from ezoforge.stage import done_info
 
 console = Console(stderr=True)
 
@@ -36,49 +38,75 @@ def steps(recipe: Recipe) -> list[str]:
     return out
 
 
-def run_step(step: str, recipe: Recipe, workdir: Path) -> dict:
+def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     out = workdir / FOLDERS[step]
     if step == "curate":
         from ezoforge.curate.run import run
-        return run(recipe, recipe.curate.inputs, out, force=True)
+        return run(recipe, recipe.curate.inputs, out, force=force)
     if step == "synth":
         from ezoforge.synth.run import run
-        return run(recipe, workdir / "curate", out, force=True)
+        return run(recipe, workdir / "curate", out, force=force)
     if step == "train":
         from ezoforge.train.run import run
-        return run(recipe, [workdir / "synth"], out, force=True)
+        return run(recipe, [workdir / "synth"], out, force=force)
     if step == "merge":
         from ezoforge.train.merge import run
-        return run(workdir / "train", out, recipe.merge.dtype, force=True)
+        return run(workdir / "train", out, recipe.merge.dtype, force=force)
     from ezoforge.eval.run import run
     if step == "eval-base":
-        return run(recipe, out, force=True)
+        return run(recipe, out, force=force)
     tuned = recipe.model_copy(deep=True)
     if "merge" in recipe.stages:
         tuned.model.name = str(workdir / "merged")
-        return run(tuned, out, force=True)
-    return run(recipe, out, adapter=workdir / "train" / "adapter", force=True)
+        return run(tuned, out, force=force)
+    return run(recipe, out, adapter=workdir / "train" / "adapter", force=force)
 
 
-def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: bool = False) -> dict:
+ALL = "all"
+# Which steps read each step's folder: redoing a step redoes these after it (eval-base reads only the base model).
+READERS = {"curate": ["synth"], "synth": ["train"], "train": ["merge", "eval-tuned"], "merge": ["eval-tuned"],
+           "eval-base": [], "eval-tuned": []}
+
+
+def forced_steps(plan: list[str], force: list[str]) -> set[str]:
+    """`--force` (all) or `--force STAGE…`: those stages and every stage after them that reads their output
+    (`eval` names both evals)."""
+    if not force:
+        return set()
+    if ALL in force:
+        return set(plan)
+    names = {step: [step] for step in plan} | {"eval": [s for s in plan if s.startswith("eval-")]}
+    unknown = [f for f in force if f not in names or not names[f]]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]}: not a stage of this recipe (stages: {', '.join(plan)})")
+    todo, redo = [s for f in force for s in names[f]], set()
+    while todo:
+        step = todo.pop()
+        if step in plan and step not in redo:
+            redo.add(step)
+            todo += READERS[step]
+    return redo
+
+
+def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str] = ()) -> dict:
     workdir = Path(recipe.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"{recipe_path or 'recipe'}: workdir {workdir} exists and is not a folder")
+    plan = steps(recipe)
+    redo = forced_steps(plan, list(force))
     workdir.mkdir(parents=True, exist_ok=True)
     timings_path = workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    plan = steps(recipe)
-    if force:
-        for step in plan:
-            (workdir / FOLDERS[step] / DONE).unlink(missing_ok=True)
     console.rule(f"ezo run {recipe_path or ''} → {workdir}")
     results = {}
     for i, step in enumerate(plan, 1):
         folder = workdir / FOLDERS[step]
-        was_done = (folder / DONE).exists()
-        console.rule(f"[{i}/{len(plan)}] {step}")
+        was_done = done_info(folder) is not None and step not in redo
+        console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
         start = time.perf_counter()
-        results[step] = run_step(step, recipe, workdir)
+        results[step] = run_step(step, recipe, workdir, force=step in redo)
         seconds = time.perf_counter() - start
-        marker = json.loads((folder / DONE).read_text(encoding="utf-8"))
+        marker = done_info(folder) or {}
         # A skipped stage keeps the time it took when it really ran.
         if not (was_done and timings.get(step, {}).get("fingerprint") == marker.get("fingerprint")):
             timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint")}

@@ -67,10 +67,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # Data on disk before the name: after a power loss the file is the old one or the whole new one.
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -189,20 +202,3 @@ def stage_files(folder: str | Path, patterns: tuple[str, ...] = ("*.parquet", "*
     if not files:
         raise RecordError(f"{folder}: no data files ({', '.join(patterns)})")
     return files
-
-
-# ---------------------------------------------------------------- completion markers
-
-def mark_done(folder: str | Path, fingerprint: str, **info: Any) -> None:
-    """Write DONE last: its presence says every other output in the folder is complete."""
-    write_json(Path(folder) / DONE, {"fingerprint": fingerprint, **info})
-
-
-def done_fingerprint(folder: str | Path) -> str | None:
-    marker = Path(folder) / DONE
-    if not marker.exists():
-        return None
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
-    except ValueError:
-        return None

@@ -1,7 +1,14 @@
-"""The life cycle every stage output folder shares: skip when done, refuse a different config, mark DONE last."""
+"""The life cycle every stage output folder shares, and the one place that reads DONE markers and finds inputs.
+
+A folder is complete (DONE written last, holding the fingerprint of the settings that shaped it) or being
+resumed under the same settings. Settings are the output-shaping keys only (config.output_settings): changing an
+operational key (logging, saving, workers, retries…) never invalidates a folder. A folder made with other
+settings is refused, naming each differing key, and left untouched; only `--force` deletes it to start over.
+"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,70 +16,182 @@ from typing import Any
 import yaml
 
 from ezoforge.config import diff_keys, fingerprint, redact
-from ezoforge.errors import ConfigError
-from ezoforge.records import DONE, mark_done, write_json, write_text
+from ezoforge.errors import ConfigError, RecordError
+from ezoforge.records import DONE, fsync_dir, stage_files, write_json, write_text
+
+CONFIG = "config.yaml"
+
+
+def done_info(folder: str | Path) -> dict[str, Any] | None:
+    """The DONE marker's content (fingerprint, stage, settings, stats), or None when the folder is not finished."""
+    marker = Path(folder) / DONE
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def done_fingerprint(folder: str | Path) -> str | None:
+    info = done_info(folder)
+    return None if info is None else info.get("fingerprint")
+
+
+def is_stage_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / CONFIG).is_file() or (folder / DONE).is_file() or (folder / "data").is_dir()
+
+
+def input_files(paths: list[str | Path]) -> list[Path]:
+    """Data files of each input: a stage folder must be finished and is read through its data/ only; a plain
+    folder gives its data files; a file is itself."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if is_stage_folder(path):
+            if done_info(path) is None:
+                raise RecordError(f"{path}: this stage output is not finished (no DONE marker); finish or rerun it first")
+            if not (path / "data").is_dir():
+                raise RecordError(f"{path}: a finished stage folder without data/ (not a curate or synth output)")
+            files += stage_files(path / "data")
+        elif path.is_dir():
+            files += stage_files(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RecordError(f"{path}: no such file or folder")
+    return files
+
+
+def input_fingerprints(paths: list[str | Path]) -> list[str]:
+    """Identify inputs: a finished stage folder by its DONE fingerprint, a file by path, size and mtime (as make
+    and rsync do), a plain folder by its data files."""
+    out = []
+    for p in map(Path, paths):
+        if (fp := done_fingerprint(p)) is not None:
+            out.append(fp)
+        elif p.is_dir():
+            out += input_fingerprints(stage_files(p))
+        elif p.exists():
+            st = p.stat()
+            out.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        else:
+            out.append(str(p))
+    return out
+
+
+def _describe(old: Any, new: Any, keys: list[str]) -> str:
+    def at(tree: Any, key: str) -> Any:
+        for part in key.split("."):
+            tree = tree.get(part, "(unset)") if isinstance(tree, dict) else "(unset)"
+        return tree
+
+    def short(v: Any) -> str:
+        text = json.dumps(v, ensure_ascii=False, default=str)
+        return text if len(text) <= 60 else text[:57] + "…"
+
+    return "; ".join(f"{k}: {short(at(old, k))} → {short(at(new, k))}" for k in keys)
 
 
 class Stage:
     """One stage's output folder.
 
-    `settings` is everything that shapes the output (the stage's config section, the model, the inputs and
-    their own fingerprints); its hash is the fingerprint a DONE marker records.
+    `settings` is everything that shapes the output (the stage's output settings, the model, the inputs and their
+    own fingerprints); its hash is the fingerprint a DONE marker records. With `atomic=True` the stage writes into a
+    hidden sibling folder that is renamed into place by `finish`, so `out` is complete or absent (a merged model).
     """
 
-    def __init__(self, name: str, out: str | Path, settings: dict[str, Any]):
+    def __init__(self, name: str, out: str | Path, settings: dict[str, Any], atomic: bool = False,
+                 inputs: list[str | Path] = ()):
         self.name = name
+        self.inputs = [str(Path(p).resolve()) for p in inputs]  # provenance for reports and cards; not fingerprinted
         self.out = Path(out)
         self.settings = json.loads(json.dumps(redact(settings), default=str))
         self.fingerprint = fingerprint(self.settings)
+        self.atomic = atomic
+        # Where outputs are written: the folder itself, or (atomic) a sibling renamed into place at the end.
+        self.folder = self.out.parent / f".{self.out.name}.partial" if atomic else self.out
 
     def done(self) -> dict[str, Any] | None:
-        marker = self.out / DONE
-        if not marker.exists():
-            return None
+        return done_info(self.out)
+
+    def _previous(self) -> dict[str, Any] | None:
+        old = self.done()
+        if old is not None:
+            return old.get("settings")
         try:
-            return json.loads(marker.read_text(encoding="utf-8"))
-        except ValueError:
+            return yaml.safe_load((self.folder / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
             return None
 
-    def start(self, force: bool = False) -> dict[str, Any] | None:
-        """Return the finished run's stats when the folder is already done with these settings (a no-op rerun);
-        refuse a folder made (fully or partly) with other settings unless `force`; otherwise prepare the folder,
-        keeping a partial run's outputs with the same settings so the stage can resume, and return None."""
+    def check(self, force: bool = False) -> dict[str, Any] | None:
+        """Without touching anything: the finished run's stats when the folder is done with these settings (a no-op
+        rerun, unless `force`), else None; raises when the folder was made with other settings and not `force`."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: exists and is not a folder; give another --out")
         old = self.done()
-        if old is not None and old.get("fingerprint") == self.fingerprint:
+        if old is not None and old.get("fingerprint") == self.fingerprint and not force:
             return old.get("stats", {})
-        saved = self.out / "config.yaml"
-        previous = old.get("settings", {}) if old is not None else (
-            yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.exists() else None)
-        if previous is not None and (old is not None or previous != self.settings):
-            if not force:
-                what = "made" if old is not None else "partly made"
-                keys = diff_keys(previous, self.settings) or ["(unknown)"]
-                raise ConfigError(f"{self.out} was {what} by `{self.name}` with other settings "
-                                  f"(differ: {', '.join(keys)}); use --force to redo it")
-            for sub in self.out.iterdir():  # a forced redo starts clean
-                shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text(saved, yaml.safe_dump(self.settings, allow_unicode=True, sort_keys=False))
+        if not self._holds_work(self.out):
+            return None
+        previous = self._previous()
+        if previous is None:
+            raise ConfigError(f"{self.out}: holds files that are not an ezoforge {self.name} folder; "
+                              "give another --out (nothing was changed)")
+        if previous != self.settings and not force:
+            keys = diff_keys(previous, self.settings) or ["(unknown)"]
+            what = "made" if old is not None else "partly made"
+            raise ConfigError(
+                f"{self.name}: {self.out} was {what} with other settings — {_describe(previous, self.settings, keys)}. "
+                f"Nothing was changed. Put the old value back to {'keep it' if old else 'resume'}, give another "
+                "folder, or use --force to redo this stage (deletes that folder).")
         return None
 
+    def start(self, force: bool = False) -> dict[str, Any] | None:
+        """`check`, then prepare the folder: a partial run with the same settings is kept so the stage resumes;
+        under `force` the folder is emptied first (atomic stages replace it only when the new one is finished)."""
+        finished = self.check(force)
+        if finished is not None:
+            return finished
+        if force and not self.atomic and self._holds_work(self.out):
+            for sub in self.out.iterdir():  # a forced redo starts clean
+                shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+        if self.atomic:
+            shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's unfinished copy: redone from scratch
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_dump(self.settings, allow_unicode=True, sort_keys=False)
+        if not (self.folder / CONFIG).is_file() or (self.folder / CONFIG).read_text(encoding="utf-8") != config:
+            write_text(self.folder / CONFIG, config)  # a resume leaves the folder untouched
+        return None
+
+    def reopen(self) -> None:
+        """Make a finished folder resumable again (its outputs stay until replaced): a stage that finished with
+        failed requests retries them on the next run."""
+        (self.out / DONE).unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """A start that failed before any output: leave no folder that would block the corrected command."""
+        if self.folder.is_dir() and not self._holds_work(self.folder):
+            shutil.rmtree(self.folder)
+
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
-        write_json(self.out / "stats.json", stats)
-        mark_done(self.out, self.fingerprint, stage=self.name, settings=self.settings, stats=stats)
+        write_json(self.folder / "stats.json", stats)
+        write_json(self.folder / DONE, {"fingerprint": self.fingerprint, "stage": self.name,
+                                        "settings": self.settings, "inputs": self.inputs, "stats": stats})
+        if self.atomic:
+            for f in self.folder.rglob("*"):  # the files' data on disk before the folder gets its final name
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            old = self.out.parent / f".{self.out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.out.exists():  # only under --force: the old folder goes once the new one is in place
+                os.replace(self.out, old)
+            os.replace(self.folder, self.out)
+            fsync_dir(self.out.parent)
+            shutil.rmtree(old, ignore_errors=True)
         return stats
 
-
-def input_fingerprints(paths: list[str | Path]) -> list[str]:
-    """Identify inputs: a stage folder by its DONE fingerprint, a file by path, size and mtime."""
-    out = []
-    for p in map(Path, paths):
-        marker = p / DONE
-        if marker.exists():
-            out.append(json.loads(marker.read_text(encoding="utf-8")).get("fingerprint", str(p)))
-        elif p.exists():
-            st = p.stat()
-            out.append(f"{p}:{st.st_size}:{int(st.st_mtime)}")
-        else:
-            out.append(str(p))
-    return out
+    @staticmethod
+    def _holds_work(folder: Path) -> bool:
+        """Anything but the saved config (which a start writes before any work)."""
+        return folder.is_dir() and any(p.name != CONFIG for p in folder.iterdir())

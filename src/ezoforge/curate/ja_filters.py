@@ -17,10 +17,10 @@ from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 
+from ezoforge import ja
 from ezoforge.config import FiltersConfig, NormalizeConfig, Rule
 from ezoforge.curate import text as tx
 
-_KANA = re.compile(r"[\u3041-\u309F\u30A0-\u30FF]")
 _URL = re.compile(r"(?:https?|ftp)://[!-~]+|www\.[!-~]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0B-\x1F\x7F]")
 _SENTENCE_END = re.compile(r"(?:[。！？!?\n]|\.(?!\d))+")  # "." too: NFKC turns the academic "．" into it
@@ -56,7 +56,7 @@ def clean_lines(text: str, cfg: NormalizeConfig) -> str:
         text = re.sub(f"[ -~]{{{cfg.max_ascii_run},}}", "", text)
     if cfg.drop_lines_without_kana:
         # blank lines survive so paragraph breaks do (runs of them are squeezed below)
-        text = "\n".join(line for line in text.split("\n") if not line.strip() or _KANA.search(line))
+        text = "\n".join(line for line in text.split("\n") if not line.strip() or ja.KANA_RE.search(line))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 

@@ -38,7 +38,7 @@ from loguru import logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ezoforge.config import CurateConfig, Recipe, bundled_data, to_plain
+from ezoforge.config import CurateConfig, Recipe, bundled_data, output_settings
 from ezoforge.curate.dedup import CharMinhashSignature, FirstInOrderCluster, minhash_config
 from ezoforge.curate.ja_filters import build_chain
 from ezoforge.curate.readers import SUFFIXES, DropMalformed, Shard, ShardReader, plan_shards
@@ -48,8 +48,6 @@ from ezoforge.records import atomic_path
 from ezoforge.stage import Stage, input_fingerprints
 
 console = Console(stderr=True)
-# Settings that change how the work is run but not what it produces: not part of the fingerprint.
-RUNTIME_KEYS = ("inputs", "workers", "executor")
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -75,9 +73,8 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False) -> di
     cfg = recipe.curate
     files = expand_inputs(list(inputs) or cfg.inputs)
     shards = plan_shards(files, cfg.split_mb)
-    settings = {"curate": {k: v for k, v in to_plain(cfg).items() if k not in RUNTIME_KEYS},
-                "inputs": input_fingerprints(files)}
-    stage = Stage("curate", out, settings)
+    settings = {"curate": output_settings(cfg), "inputs": input_fingerprints(files)}
+    stage = Stage("curate", out, settings, inputs=files)
     done = stage.start(force)
     if done is not None:
         console.print(f"{out} is already curated with these settings: nothing to do")

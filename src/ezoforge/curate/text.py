@@ -7,39 +7,34 @@ from __future__ import annotations
 
 import numpy as np
 
+from ezoforge import ja
+
 OTHER, HIRAGANA, KATAKANA, KANJI, JA_PUNCT, SPACE, MOJIBAKE = range(7)
 
-# (first, last, class) code point ranges; anything not listed is OTHER.
+# (first, last, class) code point ranges, painted in order (a later range wins); anything unpainted is OTHER.
 _RANGES = [
     (0x09, 0x0D, SPACE), (0x20, 0x20, SPACE),
+    *[(lo, hi, SPACE) for lo, hi in ja.SPACE], *[(lo, hi, JA_PUNCT) for lo, hi in ja.PUNCT],
+    *[(lo, hi, HIRAGANA) for lo, hi in ja.HIRAGANA], *[(lo, hi, KATAKANA) for lo, hi in ja.KATAKANA],
+    *[(lo, hi, KANJI) for lo, hi in ja.KANJI],
     (0x80, 0x9F, MOJIBAKE),  # C1 controls: bytes decoded as latin-1
     (0xC0, 0xD6, MOJIBAKE), (0xD8, 0xF6, MOJIBAKE), (0xF8, 0xFF, MOJIBAKE),  # Latin-1 letters (not × ÷)
     # cp1252's letters for bytes 0x80-0x9F, as Shift_JIS lead bytes read on Windows come out (‚ƒˆŠ‹ŒŽšœžŸ˜™›)
     (0x152, 0x153, MOJIBAKE), (0x160, 0x161, MOJIBAKE), (0x178, 0x178, MOJIBAKE), (0x17D, 0x17E, MOJIBAKE),
     (0x192, 0x192, MOJIBAKE), (0x2C6, 0x2C6, MOJIBAKE), (0x2DC, 0x2DC, MOJIBAKE), (0x201A, 0x201A, MOJIBAKE),
     (0x2039, 0x203A, MOJIBAKE), (0x2122, 0x2122, MOJIBAKE),
-    (0x3000, 0x3000, SPACE), (0x3001, 0x3004, JA_PUNCT), (0x3005, 0x3007, KANJI), (0x3008, 0x303F, JA_PUNCT),
-    (0x3041, 0x309F, HIRAGANA), (0x30A0, 0x30FF, KATAKANA), (0x31F0, 0x31FF, KATAKANA),
-    (0x3400, 0x4DBF, KANJI),
-    (0x4E00, 0x7E39, KANJI), (0x7E3A, 0x7E3A, MOJIBAKE), (0x7E3B, 0x7E5C, KANJI), (0x7E5D, 0x7E5D, MOJIBAKE),
-    (0x7E5E, 0x7E66, KANJI), (0x7E67, 0x7E67, MOJIBAKE), (0x7E68, 0x9FFF, KANJI),  # 縺 繝 繧: UTF-8 kana read as cp932
-    (0xF900, 0xFAFF, KANJI), (0xFF01, 0xFF60, JA_PUNCT), (0xFFFD, 0xFFFD, MOJIBAKE), (0x20000, 0x2FFFF, KANJI),
+    (0x7E3A, 0x7E3A, MOJIBAKE), (0x7E5D, 0x7E5D, MOJIBAKE), (0x7E67, 0x7E67, MOJIBAKE),  # 縺 繝 繧: UTF-8 kana read as cp932
+    (0xFFFD, 0xFFFD, MOJIBAKE),
 ]
 
 
 def _table() -> tuple[np.ndarray, np.ndarray]:
-    starts, classes, expected = [], [], 0
+    """The painted ranges as run starts and their classes, for a searchsorted lookup."""
+    dense = np.full(0x30001, OTHER, dtype=np.int8)
     for first, last, cls in _RANGES:
-        assert first >= expected, "ranges must be sorted and disjoint"
-        if first > expected:
-            starts.append(expected)
-            classes.append(OTHER)
-        starts.append(first)
-        classes.append(cls)
-        expected = last + 1
-    starts.append(expected)
-    classes.append(OTHER)
-    return np.array(starts, dtype=np.uint32), np.array(classes, dtype=np.int8)
+        dense[first: last + 1] = cls
+    starts = np.flatnonzero(np.diff(dense, prepend=np.int8(-1)))
+    return starts.astype(np.uint32), dense[starts]
 
 
 _STARTS, _CLASSES = _table()

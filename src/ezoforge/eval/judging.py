@@ -2,6 +2,7 @@
 a thread pool for concurrency, and a stop on failures every later request would share."""
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -15,7 +16,7 @@ from ezoforge.eval.judge import PROMPT_VERSION, Verdict, judge_answer, verdict_s
 from ezoforge.eval.tasks import OpenTask
 from ezoforge.infer.generate import Generator
 from ezoforge.infer.serve import BackgroundServer, create_app
-from ezoforge.models import Loaded
+from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
 from ezoforge.remote import RemoteError, chat, make_client
 
@@ -33,6 +34,13 @@ class Judge:
         self.client = None if cfg.judge_url == "local" else make_client(
             cfg.judge_url, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_max_retries)
 
+    @functools.cached_property
+    def judge_identity(self) -> str:
+        """A served name can hide any model; a `local` judge is our own load, known by its weights."""
+        if self.cfg.judge_url == "local":
+            return model_identity(self.cfg.judge_model)
+        return self.cfg.judge_model
+
     def _connect(self):
         with self.lock:
             if self.client is None:
@@ -45,9 +53,9 @@ class Judge:
 
     def ask(self, messages: list[dict[str, str]]) -> str:
         fmt = verdict_schema(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured else None
-        key = request_key(kind="judge", judge=self.cfg.judge_model, prompt_version=PROMPT_VERSION,
-                          messages=messages, max_tokens=self.cfg.judge_max_tokens, temperature=0.0,
-                          **({"response_format": fmt} if fmt else {}))
+        key = request_key(kind="judge", url=self.cfg.judge_url, judge=self.judge_identity,
+                          prompt_version=PROMPT_VERSION, messages=messages, max_tokens=self.cfg.judge_max_tokens,
+                          temperature=0.0, **({"response_format": fmt} if fmt else {}))
         hit = self.cache.get(key)
         if hit is not None:
             with self.lock:

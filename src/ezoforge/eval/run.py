@@ -7,7 +7,6 @@ nothing to the judge and writes the identical report.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections import Counter
@@ -19,42 +18,16 @@ from pathlib import Path
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import ModelConfig, Recipe, to_plain
+from ezoforge.config import ModelConfig, Recipe, output_settings, to_plain
 from ezoforge.errors import EzoError, RecordError
 from ezoforge.eval import metrics, report as rep
 from ezoforge.eval.judge import PROMPT_VERSION
 from ezoforge.eval.judging import Judge
 from ezoforge.eval.tasks import OPEN_KINDS, Suite, load_suites
-from ezoforge.models import cache_root, check_spec
+from ezoforge.models import cache_root, check_spec, model_identity
 from ezoforge.records import read_jsonl, write_json, write_jsonl, write_text
 from ezoforge.stage import Stage, input_fingerprints
 
-# Settings that change how the judge is reached, not what it answers: left out of the folder's fingerprint.
-_TRANSPORT = {"judge_url", "judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache"}
-
-
-def _digest(paths: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(m: ModelConfig, adapter: Path | None) -> str:
-    """What determines the model's outputs: its spec, files, adapter content, chat template and numerics."""
-    parts: dict = {"spec": m.name, "dtype": m.dtype, "device": m.device,
-                   "chat_template": m.chat_template and _digest([Path(m.chat_template)], Path(m.chat_template).parent)}
-    local = Path(m.name).expanduser()
-    if not m.name.startswith("bundled:") and local.exists():
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        parts["spec"] = str(local.resolve())
-        # Sizes and mtimes, not content: hashing a 70B model's weights on every eval would take minutes.
-        parts["files"] = [(p.name if p == local else str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
-                          for p in files]
-    if adapter is not None:
-        adapter = Path(adapter)
-        parts["adapter"] = _digest(sorted(p for p in adapter.iterdir() if p.is_file()), adapter)
-    return request_key(**parts)[:16]
 
 
 def _cached(cache: RequestCache, keys: list[str], compute: Callable[[list[int]], list], batch: int, label: str,
@@ -110,7 +83,7 @@ def _answers(suites: list[Suite], recipe: Recipe, fp: str, models: _Models, cach
     g = recipe.eval.generation
     tasks = [t for s in suites if s.kind in OPEN_KINDS for t in s.items]
     messages = [build_messages(t.prompt, recipe.model.system_prompt) for t in tasks]
-    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed)
+    sampling = Sampling.from_config(g)
     keys = [request_key(kind="answer", model=fp, messages=msg, sampling=asdict(sampling)) for msg in messages]
 
     def compute(idx: list[int]) -> list[dict]:
@@ -202,12 +175,14 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     cfg, out = recipe.eval, Path(out)
     suites = load_suites(cfg.tasks, cfg.limit)
     check_spec(recipe.model.name)  # a missing model fails before the output folder is claimed
-    fp = model_fingerprint(recipe.model, adapter)
+    m = recipe.model
+    fp = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template)
     stage = Stage("eval", out, {
         "model": {"spec": recipe.model.name, "adapter": str(adapter) if adapter else None, "fingerprint": fp,
                   "system_prompt": recipe.model.system_prompt},
         "inputs": input_fingerprints([s.path for s in suites if s.path is not None]),
-        "eval": {k: v for k, v in to_plain(cfg).items() if k not in _TRANSPORT}, "prompt_version": PROMPT_VERSION})
+        "eval": output_settings(cfg), "prompt_version": PROMPT_VERSION},
+        inputs=[s.path for s in suites if s.path is not None])
     if stage.start(force) is not None:
         return json.loads((out / "report.json").read_text(encoding="utf-8"))
     started, counts = time.perf_counter(), Counter()

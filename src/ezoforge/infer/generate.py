@@ -5,13 +5,13 @@ import functools
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ezoforge.models import Loaded
+from ezoforge.models import Loaded, stop_token_ids
 from ezoforge.records import RecordError, atomic_path, read_jsonl, require
 
 
@@ -32,6 +32,11 @@ class Sampling:
     stop: tuple[str, ...] = ()
     json_schema: dict[str, Any] | None = None  # constrain the output to JSON valid under this schema
 
+    @classmethod
+    def from_config(cls, g, **extra: Any) -> "Sampling":
+        """The one way a recipe's generation section (config.GenerationConfig) becomes sampling settings."""
+        return cls(g.max_new_tokens, g.temperature, g.top_p, g.seed, **extra)
+
 
 def build_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -50,9 +55,7 @@ class Generator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.lock = threading.Lock()
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        self.eos_ids = sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -159,13 +162,16 @@ class Generator:
 
 
 def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
-                  batch_size: int = 8) -> int:
+                  batch_size: int = 8, identity: str = "") -> int:
     """`{"id", "prompt"}` lines in, `{"id", "prompt", "answer"}` lines out, in input order.
 
-    Finished answers are appended to `OUT.partial` as each batch completes, so a killed run resumes
-    where it stopped; the final file appears atomically when all are done.
+    Finished answers are appended to `OUT.partial` as each batch completes, each with the key of what determined
+    it (`identity` of the model — weights, adapter, dtype, device, template — the messages and the sampling), so a
+    killed run resumes where it stopped and an answer made under other settings is never reused.
     """
     from rich.progress import Progress
+
+    from ezoforge.cache import request_key
 
     rows, seen = [], set()
     for lineno, obj in read_jsonl(input_path):
@@ -174,26 +180,29 @@ def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str 
         if row_id in seen:
             raise RecordError(f"{input_path}:{lineno}: duplicate id {row_id!r}")
         seen.add(row_id)
-        rows.append({"id": row_id, "prompt": prompt})
+        messages = build_messages(prompt, system)
+        rows.append({"id": row_id, "prompt": prompt, "messages": messages,
+                     "key": request_key(model=identity, messages=messages, sampling=asdict(sampling))})
     partial = out_path.with_name(out_path.name + ".partial")
     done: dict[str, str] = {}
     if partial.exists():
         for _, obj in read_jsonl(partial, on_error="skip"):
-            if isinstance(obj, dict):  # a torn last line from a kill is skipped and redone
-                done[obj["id"]] = obj["answer"]
-    todo = [r for r in rows if r["id"] not in done]
+            if isinstance(obj, dict) and "key" in obj:  # a torn last line from a kill is skipped and redone
+                done[obj["key"]] = obj["answer"]
+    todo = [r for r in rows if r["key"] not in done]
     with Progress() as progress, open(partial, "a", encoding="utf-8") as sink:
         task = progress.add_task("generating", total=len(rows), completed=len(rows) - len(todo))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]
-            outs = gen.complete([build_messages(r["prompt"], system) for r in chunk], sampling)
+            outs = gen.complete([r["messages"] for r in chunk], sampling)
             for r, c in zip(chunk, outs):
-                done[r["id"]] = c.text
-                sink.write(json.dumps({"id": r["id"], "answer": c.text}, ensure_ascii=False) + "\n")
+                done[r["key"]] = c.text
+                sink.write(json.dumps({"id": r["id"], "key": r["key"], "answer": c.text}, ensure_ascii=False) + "\n")
             sink.flush()
             progress.advance(task, len(chunk))
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({**r, "answer": done[r["id"]]}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "answer": done[r["key"]]}, ensure_ascii=False)
+                    + "\n")
     partial.unlink()
     return len(rows)

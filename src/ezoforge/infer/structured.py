@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from ezoforge import ja
+
 # The enforcer only lets strings hold characters of its alphabet, printable ASCII by default: add Japanese
 # (CJK punctuation, kana, kanji, full-width forms) or every Japanese character would end generation. Also U+FFFD:
 # a byte-level token holding the first bytes of a character is seen as "�" until the next token completes it.
-JAPANESE = "".join(chr(c) for lo, hi in ((0x3000, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xFF00, 0xFFEF))
-                   for c in range(lo, hi + 1)) + "\ufffd"
+JAPANESE = ja.alphabet(ja.SPACE, ja.PUNCT, ja.KANA, ja.KANJI) + "\ufffd"
 
 
 def parser(schema: dict[str, Any]):

@@ -10,6 +10,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
+from ezoforge import ja
 from ezoforge.config import PairFilters
 from ezoforge.curate.text import codepoints, repeat_coverage
 from ezoforge.synth.prompts import ANSWER_MARK, EXAMPLE_TERMS, QUESTION_MARK
@@ -119,12 +120,9 @@ def parse_prompted(text: str, n: int, truncated: bool = False) -> Parsed:
 
 # ---------------------------------------------------------------- pair filters
 
-_JA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f々〆〇]")
-
-
 def japanese_ratio(text: str) -> float:
     letters = sum(ch.isalpha() for ch in text)
-    return len(_JA.findall(text)) / letters if letters else 0.0
+    return len(ja.LETTER_RE.findall(text)) / letters if letters else 0.0
 
 
 def norm(text: str) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ezoforge.errors import RecordError
-from ezoforge.records import read_rows, require, stage_files
+from ezoforge.records import read_rows, require
 
 # A sentence ends at 。！？!? (with any closing brackets after it) or at a line break.
 _SENTENCE = re.compile(r"[^。！？!?\n]*(?:[。！？!?]+[」』）)】]*|\n+|$)")
@@ -18,14 +18,6 @@ _SENTENCE = re.compile(r"[^。！？!?\n]*(?:[。！？!?]+[」』）)】]*|\n+|
 class Doc:
     id: str
     text: str
-
-
-def input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return stage_files(path, ("*.parquet", "*.jsonl", "*.jsonl.gz"))
-    if not path.exists():
-        raise RecordError(f"{path}: no such file or folder")
-    return [path]
 
 
 def read_docs(files: list[Path], limit: int | None = None) -> list[Doc]:

@@ -15,21 +15,19 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import Recipe, to_plain
+from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.infer.generate import Sampling
 from ezoforge.records import Pair, write_parquet
-from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.synth import prompts
 from ezoforge.synth.backends import Output
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
-from ezoforge.synth.passages import input_files, read_docs, split
+from ezoforge.synth.passages import read_docs, split
 
 log = logging.getLogger(__name__)
 
 SHARD_ROWS = 50_000
-# Settings that change how requests are sent, not what comes back: a run may resume with other values.
-OPERATIONAL = ("concurrency", "timeout", "max_retries", "api_key_env", "static_cache")
 # Tokens kept free beyond prompt + passage + new tokens: sentence-wise counts can differ slightly from the whole.
 MARGIN = 16
 PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in Pair.model_fields])
@@ -89,21 +87,24 @@ def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
 def run(recipe: Recipe, input: Path, out: Path, force: bool = False) -> dict:
     cfg = recipe.synth
     model = cfg.model or recipe.model.name
-    files = input_files(Path(input))
-    settings = {"synth": {k: v for k, v in to_plain(cfg).items() if k not in OPERATIONAL}, "model": model,
+    files = input_files([input])
+    settings = {"synth": output_settings(cfg), "model": model,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
-                "version": _version(cfg.mode), "inputs": input_fingerprints(files)}
-    stage = Stage("synth", out, settings)
+                "version": _version(cfg.mode), "inputs": input_fingerprints([input])}
+    stage = Stage("synth", out, settings, inputs=[input])
     if (finished := stage.start(force)) is not None:
-        return finished
+        if not finished.get("errors"):
+            return finished
+        # Finished with failed requests (within max_error_fraction): this run sends those again.
+        log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
+        stage.reopen()
     docs = read_docs(files, cfg.limit)
     if not docs:
         raise EzoError(f"{input}: no documents with text")
     backend = make_backend(recipe, model)
     reqs = build_requests(docs, backend, recipe)
     g = cfg.generation
-    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed, prompts.stop_strings(cfg.mode,
-                                                                                                 cfg.pairs_per_doc))
+    sampling = Sampling.from_config(g, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
     keys = [request_key(model=model, backend=cfg.backend, mode=cfg.mode, version=_version(cfg.mode),
                         messages=r.messages, prefill=r.prefill, prompt=r.prompt, sampling=asdict(sampling))
             for r in reqs]
@@ -185,17 +186,23 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
             with_pairs.add(req.doc_id)
             pairs.append(Pair(id=f"{req.doc_id}/{p}/{k}", doc_id=req.doc_id, instruction=instruction,
                               response=response, context=req.passage, generator=generator).model_dump())
-    errors = len(sent["errors"])
-    if errors > cfg.max_error_fraction * len(reqs):
-        raise EzoError(f"synth: {errors} of {len(reqs)} requests failed (first: {next(iter(sent['errors'].values()))});"
-                       f" rerun to retry only those (max_error_fraction {cfg.max_error_fraction})")
+    # Every request without a stored answer failed, in this run or (not resent, say after a kill) before it.
+    failed = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    failures = _error_reasons([sent["errors"].get(i, "not sent") for i in failed])
+    if len(failed) > cfg.max_error_fraction * len(reqs):
+        raise EzoError(f"synth: {len(failed)} of {len(reqs)} requests failed ({_said(failures)}); rerun the same "
+                       f"command to retry only those (max_error_fraction {cfg.max_error_fraction})")
+    if failed:
+        log.warning("synth: %d of %d requests failed (%s); the output holds the rest — rerun the same command to "
+                    "retry only those", len(failed), len(reqs), _said(failures))
     _shards(stage.out / "data", pairs, PAIR_SCHEMA)
     _shards(stage.out / "rejected", rejected, REJECT_SCHEMA)
     reasons: dict[str, int] = {}
     for row in rejected:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     return stage.finish({
-        "documents": len(docs), "requests": len(reqs), "requests_sent": sent["requests"], "errors": errors,
+        "documents": len(docs), "requests": len(reqs), "requests_sent": sent["requests"], "errors": len(failed),
+        "error_reasons": failures,
         "parse_rate": round(len(parsed_docs) / len(docs), 4), "documents_with_pairs": len(with_pairs),
         "pairs": len(pairs), "pairs_per_doc": round(len(pairs) / len(docs), 4),
         "rejected": len(rejected), "rejected_by_reason": dict(sorted(reasons.items())),
@@ -203,6 +210,19 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
         "tokens_per_s": round(sent["tokens_out"] / sent["seconds"], 1) if sent["seconds"] else None,
         "generator": generator,
     })
+
+
+def _error_reasons(errors: list[str]) -> dict[str, int]:
+    """Failures counted by their message's first line (a status and reason, an exception type)."""
+    counts: dict[str, int] = {}
+    for e in errors:
+        first = (e.strip().splitlines() or ["unknown"])[0][:200]
+        counts[first] = counts.get(first, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _said(reasons: dict[str, int]) -> str:
+    return "; ".join(f"{n}× {r}" for r, n in list(reasons.items())[:3])
 
 
 def _shards(folder: Path, rows: list[dict], schema: pa.Schema) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ezoforge.errors import RecordError
-from ezoforge.records import DONE, read_rows, require, stage_files
+from ezoforge.records import read_rows, require
+from ezoforge.stage import input_files
 
 IGNORE = -100
 # A pair with a source passage: the user turn carries the passage, then the instruction.
@@ -45,20 +46,6 @@ def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | Non
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
     return messages
-
-
-def input_files(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in map(Path, inputs):
-        if (path / "data").is_dir() and not (path / DONE).exists():
-            raise RecordError(f"{path}: this stage output is not finished (no DONE marker); finish or rerun it first")
-        if path.is_dir():
-            files += stage_files(path)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise RecordError(f"{path}: no such file or folder")
-    return files
 
 
 def read_conversations(inputs: list[Path], system: str | None) -> list[list[dict[str, str]]]:

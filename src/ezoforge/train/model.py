@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ezoforge.config import TrainConfig
-from ezoforge.errors import ModelError
+from ezoforge.errors import ConfigError, ModelError
 from ezoforge.models import resolve
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,38 @@ def keep_cpu_weights_trainable(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+# bench/qlora_cpu_bench.py on the 2-core CPU of bench/RESULTS.md: seconds per step of QLoRA / LoRA, SmolLM2-135M.
+CPU_QLORA_SLOWDOWN = "{slowdown}"
+
+
 def use_qlora(cfg: TrainConfig, device: torch.device) -> bool:
+    """`train.qlora`: false = LoRA; true = 4-bit NF4 or a ConfigError, raised before any model loads; auto = 4-bit
+    on CUDA where bitsandbytes trains, LoRA on a CPU (logged). A failure while loading or training is never turned
+    into a fallback."""
     if cfg.qlora is False:
         return False
-    problem = four_bit_problem(device)
-    if problem:
-        log.warning("QLoRA is not available on %s (%s): training LoRA on a %s base instead", device, problem,
-                    "bf16" if device.type == "cuda" else "float32")
+    if cfg.qlora == "auto" and device.type != "cuda":
+        log.info("train.qlora=auto: LoRA on a float32 base, since on a CPU 4-bit saves nothing a small model needs "
+                 "and each step took %s as long (bench/qlora_cpu_bench.py); set train.qlora=true to insist",
+                 CPU_QLORA_SLOWDOWN)
         return False
-    return True
+    problem = four_bit_problem(device)
+    if problem is None:
+        return True
+    if cfg.qlora is True:
+        raise ConfigError(f"train.qlora is true but 4-bit NF4 cannot train on {device}: {problem} "
+                          "(set train.qlora to auto or false, or pass --no-qlora, for LoRA)")
+    log.warning("train.qlora=auto: bitsandbytes 4-bit cannot train on %s (%s): LoRA on a bf16 base", device, problem)
+    return False
+
+
+def require_stated_kernels(cfg: TrainConfig, device: torch.device) -> None:
+    """Kernels the recipe asks for by name must be usable: checked before any model loads."""
+    if cfg.liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
+        raise ConfigError("train.liger is true but Liger kernels need CUDA and `pip install liger-kernel` "
+                          f"(device {device}, liger-kernel {'missing' if importlib.util.find_spec('liger_kernel') is None else 'installed'})")
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("train.attn_implementation is flash_attention_2 but flash-attn is not installed")
 
 
 def attn_implementation(cfg: TrainConfig, device: torch.device) -> str:

@@ -16,20 +16,22 @@ from typing import Any
 
 import torch
 
-from ezoforge.config import Recipe, TrainConfig, to_plain
+from ezoforge.config import Recipe, TrainConfig, output_settings
 from ezoforge.models import load_tokenizer, pick_device, require_chat_template
-from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.records import fsync_dir
+from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.train import checkpoints
-from ezoforge.train.data import PackedCollator, input_files, prepare
-from ezoforge.train.model import attn_implementation, float32_adapters, load_base, lora_config, use_qlora
+from ezoforge.train.data import PackedCollator, prepare
+from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, require_stated_kernels,
+                                  use_qlora)
 from ezoforge.train.progress import TrainLog, plot_loss
 
 log = logging.getLogger(__name__)
 
 
 def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
-    return {"model": to_plain(recipe.model), "train": to_plain(recipe.train),
-            "inputs": [str(p) for p in inputs], "input_fingerprints": input_fingerprints(inputs)}
+    return {"model": output_settings(recipe.model), "train": output_settings(recipe.train),
+            "input_fingerprints": input_fingerprints(inputs)}
 
 
 def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False):
@@ -78,15 +80,23 @@ def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eva
 
 
 def save_adapter(trainer, out: Path, main: bool) -> None:
-    tmp, final = out / ".adapter.tmp", out / "adapter"
+    """Write the adapter beside the old one and swap by renames: there is always a whole adapter on disk."""
+    tmp, final, old = out / ".adapter.tmp", out / "adapter", out / ".adapter.old"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     if trainer.is_fsdp_enabled:  # one adapter file, gathered from the shards
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
     if main:
-        shutil.rmtree(final, ignore_errors=True)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> dict:
@@ -95,7 +105,10 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     inputs, out = [Path(p) for p in inputs], Path(out)
     input_files(inputs)  # a missing or unfinished input fails before the output folder is claimed
     dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
-    stage = Stage("train", out, settings(recipe, inputs))
+    device = pick_device(recipe.model.device)
+    require_stated_kernels(recipe.train, device)
+    qlora = use_qlora(recipe.train, device)  # stated-but-impossible 4-bit fails here, before any load
+    stage = Stage("train", out, settings(recipe, inputs), inputs=inputs)
     finished = stage.start(force) if dist.is_main_process else None
     dist.wait_for_everyone()
     if not dist.is_main_process and (stage.done() or {}).get("fingerprint") == stage.fingerprint:
@@ -106,7 +119,6 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
 
     start = time.perf_counter()
     cfg, name = recipe.train, recipe.model.name
-    device = pick_device(recipe.model.device)
     folder = out / "checkpoints"
     resume = checkpoints.latest(folder)
     resume_step = checkpoints.check(resume, stage.settings) if resume else 0
@@ -121,7 +133,6 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
              s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
              f", {s['truncated']} truncated" if s["truncated"] else "")
-    qlora = use_qlora(cfg, device)
     model = load_base(name, cfg, device, qlora)
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
     saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
