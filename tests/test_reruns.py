@@ -108,7 +108,7 @@ def test_train_kill_then_output_edit_is_refused_and_operational_edit_resumes(tin
     assert snapshot(out) == before
 
     resumed = ezo("train", str(elyza_rows), "--out", str(out),
-                  *sets(tiny_model, **settings, save_every=1, log_every=2, keep_checkpoints=1))
+                  *sets(tiny_model, **{**settings, "save_every": 1, "log_every": 2, "keep_checkpoints": 1}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["resumed_from_step"] == 2 and stats["steps"] == 4

@@ -6,7 +6,9 @@ stage's `run`. Heavy imports happen inside the commands so `ezo --help` stays in
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -37,18 +39,14 @@ def _model_flags(model: str | None, chat_template: Path | None, device: str | No
     return {"model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype}
 
 
+# Flags whose name is not their key's last part (the rest are `--last-part`), for errors that name the flag.
+_FLAG_NAMES = {"model.name": "--model", "synth.model": "--model", "eval.allow_partial": "--allow-partial"}
+
+
 def _recipe(config: Path | None, overrides: list[str] | None, **flags: Any) -> Recipe:
-    """Flags given on the command line, as a nested dict ("a.b" keys), under --set overrides."""
-    extra: dict[str, Any] = {}
-    for dotted, value in flags.items():
-        if value is None:
-            continue
-        node = extra
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return load_recipe(config, overrides, extra)
+    """The recipe (or defaults), then the flags given on the command line ("a.b" keys; None = not given), then
+    --set overrides."""
+    return load_recipe(config, overrides, flags, _FLAG_NAMES)
 
 
 def _system(system: str | None, no_system: bool, recipe: Recipe) -> str | None:
@@ -157,9 +155,24 @@ def serve(
     from ezoforge.infer.serve import serve as run_server
 
     recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype))
-    api_key_from_env(api_key_env)  # fail before the slow model load
+    from ezoforge.models import check_model
+
+    api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
+    check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template)
+    _port_is_free(host, port)
     gen = Generator(_load(recipe, adapter))
     run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env)
+
+
+def _port_is_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise EzoError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                           "is another server running? pick another --port") from None
 
 
 @app.command()
@@ -271,6 +284,7 @@ def curate(
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Parallel tasks.")] = None,
     on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (default) or skip: bad rows go to rejected/.")] = None,
     force: ForceOpt = False,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Finish even when no document is kept.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -278,7 +292,7 @@ def curate(
     from ezoforge.curate.run import run as run_curate
 
     recipe = _recipe(config, set_, **{"curate.workers": workers, "curate.on_error": on_error})
-    stats = run_curate(recipe, inputs or [], out, force=force)
+    stats = run_curate(recipe, inputs or [], out, force=force, allow_empty=allow_empty)
     removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "none"
     console.print(f"kept {stats['docs_out']} of {stats['docs_in']} documents in {out / 'data'} (removed: {removed})")
 
@@ -296,6 +310,7 @@ def synth(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N documents.")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight (openai backend).")] = None,
     force: ForceOpt = False,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Finish even when no pair is kept.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -306,7 +321,7 @@ def synth(
         "synth.model": model, "synth.backend": backend, "synth.base_url": base_url, "synth.api_key_env": api_key_env,
         "synth.mode": mode, "synth.pairs_per_doc": pairs_per_doc, "synth.limit": limit,
         "synth.concurrency": concurrency})
-    stats = run_synth(recipe, input, out, force=force)
+    stats = run_synth(recipe, input, out, force=force, allow_empty=allow_empty)
     console.print(f"{stats['pairs']} pairs from {stats['documents']} documents ({stats['requests']} requests, "
                   f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} failed) in {out / 'data'}")
     if stats["errors"]:
@@ -363,14 +378,16 @@ def merge(
 
 def _force_takes_optional_stage(argv: list[str]) -> list[str]:
     """`ezo run R --force` means every stage: give the bare flag its value, since click options cannot have an
-    optional one (`--force train` names a stage)."""
+    optional one. `--force WORD` names a stage unless WORD is an option or the recipe file."""
     if "run" not in argv[:2]:
         return argv
-    from ezoforge.pipeline import ALL, FOLDERS
+    from ezoforge.pipeline import ALL
 
-    stages = set(FOLDERS) | {"eval"}
-    return [f"--force={ALL}" if a == "--force" and (i + 1 == len(argv) or argv[i + 1] not in stages) else a
-            for i, a in enumerate(argv)]
+    def bare(i: int) -> bool:
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        return nxt is None or nxt.startswith("-") or nxt.endswith((".yaml", ".yml")) or Path(nxt).is_file()
+
+    return [f"--force={ALL}" if a == "--force" and bare(i) else a for i, a in enumerate(argv)]
 
 
 def main() -> None:
@@ -383,6 +400,21 @@ def main() -> None:
     except EzoError as e:
         console.print("[bold red]error:[/bold red]", escape(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun the same command to resume")
+        sys.exit(130)
+    except Exception:  # not a user's mistake (those are EzoErrors): show it, keep it, say so
+        import traceback
+
+        from ezoforge.models import cache_root
+
+        log = cache_root() / "logs" / f"ezo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"ezo {' '.join(sys.argv[1:])}\n{traceback.format_exc()}", encoding="utf-8")
+        traceback.print_exc()
+        console.print(f"[bold red]internal error[/bold red] — a bug in ezoforge, not in your input; the traceback "
+                      f"is above and in {log} (please attach it to an issue)", highlight=False, soft_wrap=True)
+        sys.exit(70)
 
 
 def _rich_handler() -> logging.Handler:

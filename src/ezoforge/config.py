@@ -333,31 +333,58 @@ class Recipe(Section):
 
 # ---------------------------------------------------------------- loading
 
+def _dotted(key: str, value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return tree
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """`train.max_steps=10` -> {"train": {"max_steps": 10}}; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=10")
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is already a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        try:
+            tree = deep_merge(tree, _dotted(key.strip(), value), strict=True)
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: {key.strip()} clashes with another --set") from None
     return tree
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any], strict: bool = False) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value, strict)
+        elif strict and key in out and (isinstance(value, dict) or isinstance(out[key], dict)):
+            raise ValueError(key)
         else:
             out[key] = value
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}:{line}: duplicate key '{key}' (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
@@ -381,13 +408,25 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def format_validation_error(err: ValidationError, source: str = "recipe", lines: dict | None = None) -> str:
+def _paths(tree: dict[str, Any], prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for key, value in tree.items():
+        out += _paths(value, prefix + (key,)) if isinstance(value, dict) and value else [prefix + (key,)]
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str = "recipe", lines: dict | None = None,
+                            origins: dict[tuple, str] | None = None) -> str:
+    """One line per problem, each naming where the value came from: `--set KEY=VALUE`, a flag, or FILE:LINE."""
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
-        for n in range(len(loc), 0, -1):  # the deepest key that exists in the file
+        for n in range(len(loc), 0, -1):  # the deepest key given on the command line, else in the file
+            if origins and loc[:n] in origins:
+                where = origins[loc[:n]]
+                break
             if lines and loc[:n] in lines:
                 where = f"{source}:{lines[loc[:n]]}"
                 break
@@ -399,8 +438,9 @@ def format_validation_error(err: ValidationError, source: str = "recipe", lines:
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> Recipe:
-    """Load a recipe (or defaults when path is None), apply `extra` (from CLI flags) then --set overrides."""
+                extra: dict[str, Any] | None = None, flag_names: dict[str, str] | None = None) -> Recipe:
+    """Load a recipe (or defaults when path is None), apply `extra` (from CLI flags, dotted key -> value; named in
+    errors by `flag_names`) then --set overrides."""
     data: dict[str, Any] = {}
     lines: dict = {}
     source = "defaults"
@@ -409,21 +449,42 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         try:
             text = path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a recipe file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text (UTF-8) recipe file") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from e
         try:
-            data = yaml.safe_load(text) or {}
+            loader = _UniqueKeyLoader(text)
+            loader.name = str(path)
+            try:
+                data = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
             lines = _yaml_lines(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}:1: a recipe is a mapping of sections, got {type(data).__name__}")
-    data = deep_merge(data, extra or {})
-    data = deep_merge(data, parse_overrides(overrides))
+    origins: dict[tuple, str] = {}
+    flags: dict[str, Any] = {}
+    for dotted, value in (extra or {}).items():
+        if value is not None:
+            flags = deep_merge(flags, _dotted(dotted, value))
+            name = (flag_names or {}).get(dotted, "--" + dotted.rsplit(".", 1)[-1].replace("_", "-"))
+            origins[tuple(dotted.split("."))] = f"flag {name}"
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        origins[tuple(key.split("."))] = f"--set {item}"
+    data = deep_merge(deep_merge(data, flags), parse_overrides(overrides))
+    for loc in _paths(parse_overrides(overrides)):  # a typo'd section named by the --set that made it
+        for n in range(1, len(loc)):
+            origins.setdefault(loc[:n], origins.get(loc, ""))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, lines)) from None
+        raise ConfigError(format_validation_error(e, source, lines, origins)) from None
     recipe.curate.inputs = [bundled_data(p) for p in recipe.curate.inputs]
     recipe.eval.tasks = [_expand_task(t) for t in recipe.eval.tasks]
     return recipe

@@ -83,11 +83,34 @@ def check_spec(spec: str) -> None:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{spec}: no such GGUF file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{spec}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
+    elif path.exists():
+        raise ModelError(f"{spec}: a file that is not a model (give a model folder, a .gguf file or a hub id)")
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"{spec}: no such model folder or file")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            raise ModelError(f"{spec}: no such local folder, and it is not in the hub cache while HF_HUB_OFFLINE=1: "
+                             "give a local model folder, a .gguf file or bundled:smollm2-135m-instruct, or unset "
+                             "HF_HUB_OFFLINE where the hub is reachable")
+
+
+def check_model(spec: str, adapter: str | Path | None = None, device: str = "auto",
+                chat_template: str | Path | None = None) -> None:
+    """Every cheap check of a model's settings, run before anything loads or a folder is claimed."""
+    check_spec(spec)
+    if chat_template is not None and not Path(chat_template).is_file():
+        raise ModelError(f"chat template {chat_template}: no such file (--chat-template / model.chat_template)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    pick_device(device)
 
 
 def resolve(spec: str) -> str:
@@ -263,6 +286,7 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
+    check_model(spec, adapter, device, chat_template)
     dev = pick_device(device)
     source = resolve(spec)
     tokenizer = load_tokenizer(spec, chat_template)
@@ -275,8 +299,6 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(adapter))
     model.to(dev).eval()
     return Loaded(model, tokenizer, spec, str(adapter) if adapter else None, dev, time.perf_counter() - start)

@@ -7,6 +7,7 @@ settings is refused, naming each differing key, and left untouched; only `--forc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -128,6 +129,11 @@ class Stage:
         rerun, unless `force`), else None; raises when the folder was made with other settings and not `force`."""
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out}: exists and is not a folder; give another --out")
+        out = self.out.resolve()
+        for p in map(Path, self.inputs):
+            if out == p or out in p.parents or p in out.parents:
+                raise ConfigError(f"{self.name}: the output folder {self.out} and the input {p} overlap; "
+                                  "write the output somewhere else")
         old = self.done()
         if old is not None and old.get("fingerprint") == self.fingerprint and not force:
             return old.get("stats", {})
@@ -168,10 +174,16 @@ class Stage:
         failed requests retries them on the next run."""
         (self.out / DONE).unlink(missing_ok=True)
 
-    def abandon(self) -> None:
-        """A start that failed before any output: leave no folder that would block the corrected command."""
-        if self.folder.is_dir() and not self._holds_work(self.folder):
-            shutil.rmtree(self.folder)
+    @contextlib.contextmanager
+    def claimed(self):
+        """The stage's work; if it fails before writing any output, the folder it claimed is removed again, so
+        the corrected command starts afresh (an atomic stage's unfinished copy always goes)."""
+        try:
+            yield
+        except BaseException:
+            if self.folder.is_dir() and (self.atomic or not self._holds_work(self.folder)):
+                shutil.rmtree(self.folder)
+            raise
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         write_json(self.folder / "stats.json", stats)

@@ -45,7 +45,7 @@ from ezoforge.curate.readers import SUFFIXES, DropMalformed, Shard, ShardReader,
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.records import atomic_path
-from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.stage import Stage, input_files, input_fingerprints, is_stage_folder
 
 console = Console(stderr=True)
 
@@ -55,7 +55,9 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     `bundled:web/fineweb-demo.parquet` to the file shipped with ezoforge."""
     files: list[Path] = []
     for pattern in map(bundled_data, patterns):
-        if Path(pattern).is_dir():
+        if is_stage_folder(pattern):  # an earlier stage's output: its data/ only, never rejected/ or work files
+            found = input_files([pattern])
+        elif Path(pattern).is_dir():
             found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
         elif glob.has_magic(pattern):
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
@@ -69,26 +71,33 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return files
 
 
-def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow_empty: bool = False) -> dict[str, Any]:
     cfg = recipe.curate
-    files = expand_inputs(list(inputs) or cfg.inputs)
+    patterns = list(inputs) or cfg.inputs
+    files = expand_inputs(patterns)
     shards = plan_shards(files, cfg.split_mb)
     settings = {"curate": output_settings(cfg), "inputs": input_fingerprints(files)}
-    stage = Stage("curate", out, settings, inputs=files)
+    folders = [Path(bundled_data(p)) for p in patterns if Path(bundled_data(p)).is_dir()]
+    stage = Stage("curate", out, settings, inputs=[*folders, *files])
     done = stage.start(force)
     if done is not None:
         console.print(f"{out} is already curated with these settings: nothing to do")
         return done
-    for stale in [*Path(out).glob("data/.*.tmp"), *Path(out).glob("rejected/.*.tmp")]:
-        stale.unlink()  # a killed task's unfinished file; the task runs again
-    work = Path(out) / ".work"
-    started = time.perf_counter()
-    passes = _passes(cfg, shards, Path(out), work)
-    _execute(passes, cfg, work)
-    stats = _stats(Path(out), work, files, shards, time.perf_counter() - started)
-    _plot(stats, Path(out) / "filters.png")
-    stage.finish(stats)
-    shutil.rmtree(work, ignore_errors=True)
+    with stage.claimed():
+        for stale in [*Path(out).glob("data/.*.tmp"), *Path(out).glob("rejected/.*.tmp")]:
+            stale.unlink()  # a killed task's unfinished file; the task runs again
+        work = Path(out) / ".work"
+        started = time.perf_counter()
+        passes = _passes(cfg, shards, Path(out), work)
+        _execute(passes, cfg, work)
+        stats = _stats(Path(out), work, files, shards, time.perf_counter() - started)
+        if stats["docs_out"] == 0 and not allow_empty:  # no DONE: the finished passes are kept for a rerun
+            removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "nothing read"
+            raise EzoError(f"curate: 0 of {stats['docs_in']} documents kept (removed by: {removed}); nothing for synth "
+                           "to use — check the inputs or the filters, or pass --allow-empty")
+        _plot(stats, Path(out) / "filters.png")
+        stage.finish(stats)
+        shutil.rmtree(work, ignore_errors=True)
     return stats
 
 

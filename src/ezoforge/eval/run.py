@@ -24,7 +24,7 @@ from ezoforge.eval import metrics, report as rep
 from ezoforge.eval.judge import PROMPT_VERSION
 from ezoforge.eval.judging import Judge
 from ezoforge.eval.tasks import OPEN_KINDS, Suite, load_suites
-from ezoforge.models import cache_root, check_spec, model_identity
+from ezoforge.models import cache_root, check_model, check_spec, model_identity
 from ezoforge.records import read_jsonl, write_json, write_jsonl, write_text
 from ezoforge.stage import Stage, input_fingerprints
 
@@ -174,8 +174,10 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     Raises EzoError after writing everything when judgements failed (unless allowed as partial)."""
     cfg, out = recipe.eval, Path(out)
     suites = load_suites(cfg.tasks, cfg.limit)
-    check_spec(recipe.model.name)  # a missing model fails before the output folder is claimed
     m = recipe.model
+    check_model(m.name, adapter, m.device, m.chat_template)  # a bad model fails before the folder is claimed
+    if cfg.judge_url == "local":
+        check_spec(cfg.judge_model)
     fp = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template)
     stage = Stage("eval", out, {
         "model": {"spec": recipe.model.name, "adapter": str(adapter) if adapter else None, "fingerprint": fp,
@@ -185,6 +187,12 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
         inputs=[s.path for s in suites if s.path is not None])
     if stage.start(force) is not None:
         return json.loads((out / "report.json").read_text(encoding="utf-8"))
+    with stage.claimed():
+        return _evaluate(recipe, out, adapter, stage, suites, fp)
+
+
+def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, suites: list[Suite], fp: str) -> dict:
+    cfg = recipe.eval
     started, counts = time.perf_counter(), Counter()
     models = _Models(recipe.model, adapter)
     cache = RequestCache(cfg.cache or cache_root() / "eval-requests.sqlite")

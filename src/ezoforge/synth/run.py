@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.synth import prompts
 from ezoforge.synth.backends import Output
-from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
+from ezoforge.synth.parse import PairFilter, Parsed, japanese_ratio, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import read_docs, split
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,19 @@ def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
     return [make(d.id, p) for d in docs for p in split(d.text, budget, backend.count_tokens)]
 
 
-def run(recipe: Recipe, input: Path, out: Path, force: bool = False) -> dict:
+def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty: bool = False) -> dict:
     cfg = recipe.synth
     model = cfg.model or recipe.model.name
     files = input_files([input])
-    settings = {"synth": output_settings(cfg), "model": model,
+    m = recipe.model
+    if cfg.backend == "openai":  # a served name: the server at base_url (in the output settings) says which model
+        identity = model
+    else:  # a local model must exist before work starts, and is known by its weights
+        from ezoforge.models import check_model, model_identity
+
+        check_model(model, None, m.device, m.chat_template)
+        identity = model_identity(model, None, m.dtype, m.device, m.chat_template)
+    settings = {"synth": output_settings(cfg), "model": model, "model_identity": identity,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
                 "version": _version(cfg.mode), "inputs": input_fingerprints([input])}
     stage = Stage("synth", out, settings, inputs=[input])
@@ -98,22 +107,22 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False) -> dict:
         # Finished with failed requests (within max_error_fraction): this run sends those again.
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
-    docs = read_docs(files, cfg.limit)
-    if not docs:
-        raise EzoError(f"{input}: no documents with text")
-    backend = make_backend(recipe, model)
-    reqs = build_requests(docs, backend, recipe)
-    g = cfg.generation
-    sampling = Sampling.from_config(g, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
-    keys = [request_key(model=model, backend=cfg.backend, mode=cfg.mode, version=_version(cfg.mode),
-                        messages=r.messages, prefill=r.prefill, prompt=r.prompt, sampling=asdict(sampling))
-            for r in reqs]
-    cache = RequestCache(Path(out) / "requests.sqlite")
-    try:
-        sent = _generate(backend, reqs, keys, cache, sampling)
-        return _write(stage, recipe, model, docs, reqs, keys, cache, sent)
-    finally:
-        cache.close()
+    with stage.claimed():
+        docs = read_docs(files, cfg.limit)
+        if not docs:
+            raise EzoError(f"{input}: no documents with text")
+        backend = make_backend(recipe, model)
+        reqs = build_requests(docs, backend, recipe)
+        sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
+        keys = [request_key(model=identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,
+                            version=_version(cfg.mode), messages=r.messages, prefill=r.prefill, prompt=r.prompt,
+                            sampling=asdict(sampling)) for r in reqs]
+        cache = RequestCache(Path(out) / "requests.sqlite")
+        try:
+            sent = _generate(backend, reqs, keys, cache, sampling)
+            return _write(stage, recipe, model, docs, reqs, keys, cache, sent, allow_empty)
+        finally:
+            cache.close()
 
 
 def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> dict:
@@ -150,7 +159,8 @@ def _parse(mode: str, output: Output, n: int) -> Parsed:
     return parse_prompted(output.text, n, truncated=output.finish_reason == "length")
 
 
-def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: RequestCache, sent: dict) -> dict:
+def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: RequestCache, sent: dict,
+           allow_empty: bool) -> dict:
     cfg = recipe.synth
     generator = f"{model}|{cfg.mode}|{_version(cfg.mode)}"
     pairs, rejected = [], []
@@ -195,6 +205,12 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
     if failed:
         log.warning("synth: %d of %d requests failed (%s); the output holds the rest — rerun the same command to "
                     "retry only those", len(failed), len(reqs), _said(failures))
+    if not pairs and not allow_empty:  # no DONE; the stored answers stay for a rerun
+        japanese = sum(japanese_ratio(d.text) >= cfg.filters.min_japanese for d in docs)
+        why = Counter(row["reason"] for row in rejected).most_common(3)
+        raise EzoError(f"synth: 0 pairs from {len(docs)} documents ({japanese} of {len(docs)} documents are Japanese; "
+                       f"dropped: {', '.join(f'{r} {n}' for r, n in why) or 'nothing parsed'}); nothing for train to "
+                       "learn — check the input and the model, or pass --allow-empty")
     _shards(stage.out / "data", pairs, PAIR_SCHEMA)
     _shards(stage.out / "rejected", rejected, REJECT_SCHEMA)
     reasons: dict[str, int] = {}

@@ -52,6 +52,8 @@ def read_conversations(inputs: list[Path], system: str | None) -> list[list[dict
     out = [row_messages(path, n, row, system) for path in input_files(inputs) for n, row in read_rows(path)]
     if not out:
         raise RecordError(f"{', '.join(map(str, inputs))}: no training rows")
+    if all(not m["content"].strip() for convo in out for m in convo if m["role"] == "assistant"):
+        raise RecordError(f"{', '.join(map(str, inputs))}: all {len(out)} responses are empty: nothing to learn")
     return out
 
 

@@ -27,9 +27,6 @@ def trained(train_dir: Path) -> dict:
 
 
 def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     train_dir, out = Path(train_dir), Path(out)
     info = trained(train_dir)
     spec = info["settings"]["model"]["name"]
@@ -40,6 +37,14 @@ def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False
     finished = stage.start(force)
     if finished is not None:
         return finished
+    with stage.claimed():
+        return _merge(train_dir, stage, spec, target)
+
+
+def _merge(train_dir: Path, stage: Stage, spec: str, target: torch.dtype) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     start = time.perf_counter()
     adapter = train_dir / "adapter"
     base = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=torch.float32)
@@ -49,7 +54,7 @@ def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(stage.folder)
     tokenizer.save_pretrained(stage.folder)
-    log.info("merged %s + %s into %s (%s)", spec, adapter, out, stage.settings["dtype"])
+    log.info("merged %s + %s into %s (%s)", spec, adapter, stage.out, stage.settings["dtype"])
     return stage.finish({"base": spec, "dtype": stage.settings["dtype"],
                          "eos_token_id": model.generation_config.eos_token_id,
                          "params": sum(p.numel() for p in model.parameters()),

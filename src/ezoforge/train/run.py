@@ -5,6 +5,7 @@ Rerunning the same command after a kill resumes from the newest complete checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from ezoforge.config import Recipe, TrainConfig, output_settings
-from ezoforge.models import load_tokenizer, pick_device, require_chat_template
+from ezoforge.models import check_model, load_tokenizer, pick_device, require_chat_template
 from ezoforge.records import fsync_dir
 from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.train import checkpoints
@@ -106,6 +107,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     input_files(inputs)  # a missing or unfinished input fails before the output folder is claimed
     dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
     device = pick_device(recipe.model.device)
+    check_model(recipe.model.name, None, recipe.model.device, recipe.model.chat_template)
     require_stated_kernels(recipe.train, device)
     qlora = use_qlora(recipe.train, device)  # stated-but-impossible 4-bit fails here, before any load
     stage = Stage("train", out, settings(recipe, inputs), inputs=inputs)
@@ -117,6 +119,12 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
         log.info("%s is already trained with these settings", out)
         return finished
 
+    with stage.claimed() if dist.is_main_process else contextlib.nullcontext():
+        return _train(recipe, inputs, out, stage, device, qlora, dist)
+
+
+def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: torch.device, qlora: bool,
+           dist) -> dict:
     start = time.perf_counter()
     cfg, name = recipe.train, recipe.model.name
     folder = out / "checkpoints"
