@@ -33,7 +33,7 @@ test-all: install
 clean:
 	rm -rf runs/demo
 
-# The wheels bench/gpu_check.sh installs on a GPU machine that has a stock CUDA PyTorch image (torch, triton,
+# What bench/gpu_check.sh installs on a GPU machine that has a stock CUDA PyTorch image (torch, triton,
 # accelerate, tokenizers, safetensors, huggingface-hub, pyarrow, pandas, typer, rich...) and no package registry:
 # this project, and the versions it is tested with of what such an image lacks or holds older. Pinned, one each.
 BUNDLE := .whl-bundle
@@ -46,5 +46,7 @@ gpu-bundle:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(BUNDLE) $(GPU_WHEELS)
-	@du -cb $(BUNDLE)/*.whl | tail -1 | awk '{printf "$(BUNDLE): %.1f MiB of wheels (the device takes 64 MiB)\n", $$1 / 2^20; \
+	# The Llama 3 tokenizer and Japanese prompts the benchmarks use (from llama-models and ../shared/data).
+	$(PY) bench/gpu_assets.py pack $(BUNDLE)/assets
+	@du -sb $(BUNDLE) | awk '{printf "$(BUNDLE): %.1f MiB (at most 64 MiB travel to the GPU machine)\n", $$1 / 2^20; \
 		if ($$1 > 64 * 2^20) exit 1}'

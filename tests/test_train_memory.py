@@ -1,41 +1,20 @@
 """The two memory levers of `ezo train`: offloaded checkpointing changes no number, and the loss never builds the
 (tokens x vocab) logits yet equals the plain loss."""
-import random
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from ezoforge.config import TrainConfig
 from ezoforge.models import load_tokenizer
-from ezoforge.train.offload import OffloadCheckpoints
 from ezoforge.train.run import make_trainer
-from trainkit import tiny_model  # noqa: F401  (fixture)
+from trainkit import loss_log, offload_hooks, random_rows, tiny_model  # noqa: F401  (fixture)
 
 CPU = torch.device("cpu")
 SEQ = 128
-
-
-def rows(vocab: int, n: int) -> list[dict]:
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        ids = [rng.randrange(vocab - 2) for _ in range(SEQ)]
-        prompt = rng.randrange(8, SEQ // 2)  # a prompt part without loss, as in our SFT rows
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "seq_lengths": [SEQ]})
-    return out
-
-
-class Losses(TrainerCallback):
-    def __init__(self):
-        self.losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 def train(path: str, offload, steps: int = 10):
@@ -46,13 +25,12 @@ def train(path: str, offload, steps: int = 10):
     cfg = TrainConfig(qlora=False, lora_dropout=0.0, batch_size=2, max_length=SEQ, max_steps=steps, warmup_ratio=0.0,
                       learning_rate=5e-3, eval_fraction=0.0, save_every=10**6, gradient_checkpointing=True,
                       offload_activations=offload)
-    losses = Losses()
-    trainer = make_trainer(model, tok, cfg, rows(model.config.vocab_size, 2) * steps, [],  # learnable: 2 rows again
-                           Path(tempfile.mkdtemp()), CPU, [losses])
+    losses = loss_log()
+    data = random_rows(model.config.vocab_size, 2, SEQ) * steps  # learnable: the same 2 rows again
+    trainer = make_trainer(model, tok, cfg, data, [], Path(tempfile.mkdtemp()), CPU, [losses])
     trainer.train()
-    hooks = next((c.hooks for c in trainer.callback_handler.callbacks if isinstance(c, OffloadCheckpoints)), None)
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return losses.losses, lora, hooks
+    return losses.losses, lora, offload_hooks(trainer)
 
 
 def test_offloaded_checkpointing_gives_identical_losses(tiny_model):  # noqa: F811
@@ -99,7 +77,7 @@ def test_loss_equals_the_plain_loss_without_the_full_logits(tiny_model):  # noqa
     model.config.use_cache = False
     cfg = TrainConfig(qlora=False, lora_dropout=0.0, batch_size=2, max_length=SEQ, max_steps=1, eval_fraction=0.0,
                       gradient_checkpointing=False)
-    data = rows(model.config.vocab_size, 2)
+    data = random_rows(model.config.vocab_size, 2, SEQ)
     trainer = make_trainer(model, load_tokenizer(tiny_model), cfg, data, [], Path(tempfile.mkdtemp()), CPU)
     peft_model = trainer.model
     torch.manual_seed(1)
