@@ -40,11 +40,15 @@ def pack(out: Path) -> None:
 
 
 def tokenizer(assets: Path):
+    """The Llama 3 tokenizer with the Llama 3.1 chat template; converted once (~a minute of Python), then cached."""
     import tempfile
 
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
+    cache = assets / "hf-tokenizer"
+    if (cache / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cache)
     meta = json.loads((assets / "tokenizer.json").read_text())
     with tempfile.NamedTemporaryFile(suffix=".model") as f:
         f.write(gzip.decompress((assets / "tokenizer.model.gz").read_bytes()))
@@ -54,6 +58,7 @@ def tokenizer(assets: Path):
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                   pad_token="<|finetune_right_pad_id|>")
     tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(cache)
     return tok
 
 

@@ -45,7 +45,7 @@ if ((TINY)); then
   export PYTHONPATH=$PWD/src
   ASSETS=$WORK/assets
   "$PY" bench/gpu_assets.py pack "$ASSETS" >>"$LOG" 2>&1 || { echo "no assets (needs llama-models and ../shared)"; exit 1; }
-  LAYERS="--tiny --layers 2"; TRAIN_FLAGS="--tiny"; GEN_FLAGS="--tiny"; ROWS=1; LEN=128
+  LAYERS="--tiny --layers 2"; TRAIN_FLAGS="--tiny --no-sweep --steps 1"; GEN_FLAGS="--tiny"; ROWS=1; LEN=128
 else
   ASSETS=$BUNDLE/assets
   # --target keeps the image's packages; ours come first on the path. No registry: --no-index, and no deps resolved.
