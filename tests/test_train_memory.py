@@ -46,8 +46,9 @@ def test_offloaded_checkpointing_gives_identical_losses(tiny_model):  # noqa: F8
           f"{offloaded[-1]:.6f}; {hooks.moved_bytes:,} bytes went to host memory and back")
 
 
-def test_auto_offload_stays_off_on_cpu_and_true_without_checkpointing_is_refused():
-    from ezoforge.train.offload import wants_offload
+def test_auto_offload_stays_off_on_cpu_and_true_without_checkpointing_is_refused(tiny_model):  # noqa: F811
+    from ezoforge.errors import ConfigError
+    from ezoforge.train.offload import offload_checkpoints, wants_offload
 
     assert wants_offload(TrainConfig(), CPU) is False
     assert wants_offload(TrainConfig(offload_activations=True), CPU) is True
@@ -55,6 +56,11 @@ def test_auto_offload_stays_off_on_cpu_and_true_without_checkpointing_is_refused
     assert wants_offload(TrainConfig(gradient_checkpointing=False), torch.device("cuda")) is False
     with pytest.raises(ValueError, match="needs gradient_checkpointing"):
         TrainConfig(offload_activations=True, gradient_checkpointing=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)  # no layer checkpoints: nothing to offload
+    with pytest.raises(ConfigError, match="offload_activations: no layer of this model checkpoints"):
+        offload_checkpoints(model, CPU)
+    model.gradient_checkpointing_enable()
+    assert offload_checkpoints(model, CPU) is offload_checkpoints(model, CPU)  # once per model
 
 
 class LargestFloat(TorchDispatchMode):
