@@ -348,8 +348,8 @@ def run_8b_and_mix(names: set[str]) -> None:
         default = {"liger": True, "offload": True}  # what `ezo train` does on CUDA (auto values)
         ladder = [("ours gc", {}), ("+liger", {"liger": True}), ("+liger +offload", default)]
         half = rows_per_step // 2
-        sweep = [(f"+liger +offload micro-batch {half} x {2} accumulated", {**default, "batch_size": half,
-                                                                             "grad_accum": 2}),
+        sweep = [(f"+liger +offload micro-batch {half} x 2 accumulated", {**default, "batch_size": half,
+                                                                           "grad_accum": 2}),
                  (f"+liger +offload micro-batch {2 * rows_per_step}", {**default, "batch_size": 2 * rows_per_step}),
                  ("+liger +offload gc every 2nd layer", {**default, "every": 2}),
                  ("+liger +offload gc every 4th layer", {**default, "every": 4}),
@@ -358,8 +358,8 @@ def run_8b_and_mix(names: set[str]) -> None:
                  ("+liger no gc", {"liger": True, "checkpointing": False})]
         for variant, levers in ladder + ([] if args.no_sweep else sweep):
             levers = {**size, **levers}
-            shape_ = f"{levers['batch_size'] * levers.get('grad_accum', 1)}x{seq}"
-            log(**ours(model, full_rows, f"{variant} {shape_}", **levers))
+            rows = levers["batch_size"] * levers.get("grad_accum", 1)
+            log(**ours(model, full_rows, f"{variant} {rows}x{seq}", **levers))
     if "mix" in names:
         best = {"liger": True, "selective": True}
         log(**ours(model, pack(mix, seq, packing=False), "+liger +selective, ja mix padded", **best, **size))
@@ -394,13 +394,13 @@ def summary() -> None:
         return [r for r in results if r.get("side") == name and "tokens_per_s" in r and "mix" not in r["variant"]
                 and r["variant"].startswith("70b") == (shape == "70b")]
 
-    for shape, lean_share in (("70b", None), ("8b", 0.7)):
+    for shape in ("70b", "8b"):
         base, mine = side("baseline", shape), side("ours", shape)
         if not base or not mine:
             continue
         base = base[0]
-        fitting = [r for r in mine if not cuda or (r["peak_gib"] <= 45 if shape == "70b"
-                                                    else r["peak_gib"] <= lean_share * base["peak_gib"])]
+        limit = 45 if shape == "70b" else 0.7 * base["peak_gib"]  # GiB: the memory targets
+        fitting = [r for r in mine if not cuda or r["peak_gib"] <= limit]
         best = max(fitting or mine, key=lambda r: r["tokens_per_s"])
         log(bench="ratio", shape=shape, best=best["variant"], within_memory_target=bool(fitting) if cuda else None,
             tokens_per_s_ratio=best["tokens_per_s"] / base["tokens_per_s"], peak_gib=best["peak_gib"],
