@@ -100,7 +100,7 @@ def load(path):
 train = [r for d in ("tb8", "tb70") for r in (load(work / d / "train_bench.json") or [])]
 print(json.dumps({"env": env, "seconds": seconds, "steps": steps, "ok": all(s["rc"] == 0 for s in steps.values()),
                   "ezo_train": load(work / "train" / "stats.json"),
-                  "train_bench": [r for r in train if r.get("side") or r.get("bench") == "ratio"],
+                  "train_bench": [r for r in train if r.get("bench") != "env"],
                   "generate_bench": load(work / "generate_bench.json")}, ensure_ascii=False))
 EOF
 )
