@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all clean gpu-bundle
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,21 @@ test-all: install
 
 clean:
 	rm -rf runs/demo
+
+# What bench/gpu_check.sh installs on a GPU machine that has a stock CUDA PyTorch image (torch, triton,
+# accelerate, tokenizers, safetensors, huggingface-hub, pyarrow, pandas, typer, rich...) and no package registry:
+# this project, and the versions it is tested with of what such an image lacks or holds older. Pinned, one each.
+BUNDLE := .whl-bundle
+GPU_WHEELS := transformers==5.24.0 peft==0.21.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+	bitsandbytes==0.50.2 liger-kernel==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5
+gpu-bundle:
+	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(BUNDLE) .
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(BUNDLE) $(GPU_WHEELS)
+	# The Llama 3 tokenizer and Japanese prompts the benchmarks use (from llama-models and ../shared/data).
+	$(PY) bench/gpu_assets.py pack $(BUNDLE)/assets
+	@du -sb $(BUNDLE) | awk '{printf "$(BUNDLE): %.1f MiB (at most 64 MiB travel to the GPU machine)\n", $$1 / 2^20; \
+		if ($$1 > 64 * 2^20) exit 1}'

@@ -54,9 +54,9 @@ def random_model(tiny: bool, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def prompts_of(tokenizer, n: int, length: int) -> list[str]:
+def prompts_of(tokenizer, n: int, length: int, source: Path = PARAGRAPHS) -> list[str]:
     """Japanese Wikipedia paragraphs cut to `length` tokens (repeated when there are fewer than n)."""
-    texts = [json.loads(line)["text"] for line in PARAGRAPHS.read_text(encoding="utf-8").splitlines()[:n]]
+    texts = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()[:n]]
     ids = tokenizer("".join(texts), add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(ids[(i * length) % (len(ids) - length):][:length]) for i in range(n)]
 
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="headline batch size (both paths)")
     ap.add_argument("--sweep", default="16,32,64,128,256", help="batch sizes for our path ('' to skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--assets", type=Path, help="tokenizer and prompts from bench/gpu_assets.py pack (no llama-models "
+                    "or ../shared there)")
     args = ap.parse_args()
     if args.tiny:
         args.prompts, args.prompt_tokens, args.new_tokens, args.batch, args.sweep = 4, 32, 8, 4, "2"
@@ -115,9 +117,16 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"device {card} · torch {torch.__version__} · transformers {transformers.__version__} · {dtype}")
-    tokenizer = llama3_tokenizer()
+    source = args.assets / "paragraphs.jsonl" if args.assets else PARAGRAPHS
+    if args.assets:
+        from gpu_assets import tokenizer as assets_tokenizer
+
+        tokenizer = assets_tokenizer(args.assets)
+    else:
+        tokenizer = llama3_tokenizer()
     model = random_model(args.tiny, device, dtype)
-    texts = prompts_of(tokenizer, max(args.prompts, *[int(b) for b in args.sweep.split(",") if b]), args.prompt_tokens)
+    texts = prompts_of(tokenizer, max([args.prompts, *[int(b) for b in args.sweep.split(",") if b]]), args.prompt_tokens,
+                       source)
     loaded = Loaded(model, tokenizer, "random-llama", None, device, 0.0)
 
     def our_backend(batch: int):

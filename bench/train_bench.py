@@ -3,17 +3,19 @@
 Llama-3.1-8B shape, random weights built on the GPU, NF4 4-bit (double quant, bf16 compute), LoRA r=16 on all
 linear layers, AdamW. Tokens/s and peak memory during the training steps (weights included, the bf16 build
 transient excluded — measured the same way for both sides):
-  8b    4 rows x 2,048 tokens: the baseline (HF + peft, gradient checkpointing) vs our step, levers added one at a
-        time: Liger kernels, selective checkpointing (attention outputs kept), checkpointing every 2nd layer only,
-        no checkpointing, torch.compile.
+  8b    4 rows x 2,048 tokens: the baseline (HF + peft, gradient checkpointing, full fp32 logits) vs our step
+        (TRL's chunked fused loss head), levers added one at a time: Liger kernels, offloaded checkpointing, then the
+        sweep that picks the defaults around that: micro-batch (2 x 2 accumulated, 8), checkpoint_every (2, 4, with
+        and without offload), selective checkpointing, no checkpointing; torch.compile last.
   mix   a realistic mix of Japanese chat lengths (bench/ja_chat_lengths.json: ELYZA-tasks-100, JSQuAD passages with
         questions, Japanese MT-Bench, counted with the real Llama 3 tokenizer and chat format), 4 rows a step:
         the baseline padding each batch vs our step padded vs packed padding-free to 2,048-token rows.
-  70b   Llama-3.1-70B shape, QLoRA, 1 x 4,096 tokens; built layer by layer on the meta device and quantized as it
-        goes, so the bf16 model never exists whole.
-The ratio of our best 2,048-token step (within half the baseline's memory, if any is) to the baseline prints last.
+  70b   Llama-3.1-70B shape, QLoRA, 1 x 4,096 tokens, the baseline and ours on the same model; built layer by layer
+        on the meta device and quantized as it goes, so the bf16 model never exists whole.
+The ratio of our best 2,048-token step (within 0.7x the baseline's memory, if any is) to the baseline prints last,
+after the 70B figures against their targets.
 
-    python bench/train_bench.py [--only 8b,mix,70b] [--steps 6]   # on the GPU (PYTHONPATH=src)
+    python bench/train_bench.py [--only 8b,mix,70b] [--steps 6] [--no-sweep]   # on the GPU (PYTHONPATH=src)
     python bench/train_bench.py --tiny                             # 2-layer shapes on CPU: checks the script only
     python bench/train_bench.py --make-lengths ../shared/data      # rewrites bench/ja_chat_lengths.json
 """
@@ -33,12 +35,13 @@ import torch.nn as nn
 
 LENGTHS = Path(__file__).with_name("ja_chat_lengths.json")
 SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。特に指示が無い場合は、原則日本語で回答してください。"
-TARGETS = "tokens/s >= 2.0x and peak memory <= 0.5x the baseline at 2,048 tokens"
+TARGETS = "8B 4x2048: tokens/s >= 1.5x at peak memory <= 0.7x the baseline; 70B 1x4096: peak <= 45 GiB, tokens/s >= the baseline"
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
 p.add_argument("--only", default="8b,mix,70b")
 p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
+p.add_argument("--no-sweep", action="store_true", help="8b: the lever ladder only, not the sweep around it")
 p.add_argument("--out", default=os.environ.get("OUT"), help="folder for train_bench.json (default: $OUT, else none)")
 p.add_argument("--make-lengths", metavar="SHARED_DATA")
 args = p.parse_args()
@@ -53,6 +56,9 @@ def log(**kw):
     kw = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in kw.items()}
     results.append(kw)
     print(json.dumps(kw, ensure_ascii=False), flush=True)
+    if args.out:  # after every figure: a run cut short by a time limit keeps what it measured
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "train_bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------- the Japanese length mix (made once, offline)
@@ -286,10 +292,13 @@ def ours(model, rows: list[dict], variant: str, **levers) -> dict:
 
     cfg = TrainConfig(qlora=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4, warmup_ratio=0.0,
                       max_steps=WARMUP + args.steps, batch_size=levers.pop("batch_size", 4),
+                      grad_accum=levers.pop("grad_accum", 1), offload_activations=levers.get("offload", False),
                       max_length=levers.pop("max_length", 2048), eval_fraction=0.0, save_every=10**6,
                       liger=levers.get("liger", False) and cuda, compile=levers.get("compile", False) and cuda,
                       gradient_checkpointing=levers.get("checkpointing", True),
                       selective_checkpointing=levers.get("selective", False), checkpoint_every=levers.get("every", 1))
+    if cfg.offload_activations and not cuda:
+        variant += " (offload copies host to host: no CUDA)"
     timer = Timer()
     off = [k for k in ("liger", "compile") if levers.get(k) and not cuda]  # GPU-only levers
     variant += f" ({', '.join(off)} off: no CUDA)" if off else ""
@@ -325,7 +334,7 @@ def run_8b_and_mix(names: set[str]) -> None:
     vocab = model.config.vocab_size
     rng = random.Random(0)
     seq, rows_per_step = (256, 2) if args.tiny else (2048, 4)
-    n = (WARMUP + args.steps) * rows_per_step
+    n = (WARMUP + args.steps) * rows_per_step * 2  # the sweep's largest micro-batch is twice the headline
     full = [example(seq, seq - 1, vocab, rng) for _ in range(n)]
     full_rows = [{**r, "seq_lengths": [seq]} for r in full]
     mix = [example(t, r, vocab, rng) for t, r in chats(seq)]
@@ -336,11 +345,21 @@ def run_8b_and_mix(names: set[str]) -> None:
         log(**baseline(model, padded(mix, rows_per_step, vocab - 1), "hf+peft qlora gc, ja mix padded"))
     size = dict(batch_size=rows_per_step, max_length=seq)
     if "8b" in names:
-        for variant, levers in [("ours gc", {}), ("+liger", {"liger": True}),
-                                ("+liger +selective gc", {"liger": True, "selective": True}),
-                                ("+liger gc every 2nd layer", {"liger": True, "every": 2}),
-                                ("+liger no gc", {"liger": True, "checkpointing": False})]:
-            log(**ours(model, full_rows, f"{variant} {rows_per_step}x{seq}", **levers, **size))
+        default = {"liger": True, "offload": True}  # what `ezo train` does on CUDA (auto values)
+        ladder = [("ours gc", {}), ("+liger", {"liger": True}), ("+liger +offload", default)]
+        half = rows_per_step // 2
+        sweep = [(f"+liger +offload micro-batch {half} x 2 accumulated", {**default, "batch_size": half,
+                                                                           "grad_accum": 2}),
+                 (f"+liger +offload micro-batch {2 * rows_per_step}", {**default, "batch_size": 2 * rows_per_step}),
+                 ("+liger +offload gc every 2nd layer", {**default, "every": 2}),
+                 ("+liger +offload gc every 4th layer", {**default, "every": 4}),
+                 ("+liger gc every 2nd layer", {"liger": True, "every": 2}),
+                 ("+liger +offload +selective gc", {**default, "selective": True}),
+                 ("+liger no gc", {"liger": True, "checkpointing": False})]
+        for variant, levers in ladder + ([] if args.no_sweep else sweep):
+            levers = {**size, **levers}
+            rows = levers["batch_size"] * levers.get("grad_accum", 1)
+            log(**ours(model, full_rows, f"{variant} {rows}x{seq}", **levers))
     if "mix" in names:
         best = {"liger": True, "selective": True}
         log(**ours(model, pack(mix, seq, packing=False), "+liger +selective, ja mix padded", **best, **size))
@@ -359,24 +378,33 @@ def run_70b() -> None:
     model = build("70b")
     seq = 128 if args.tiny else 4096
     rng = random.Random(0)
-    rows = [{**example(seq, seq - 1, model.config.vocab_size, rng), "seq_lengths": [seq]}
-            for _ in range(WARMUP + args.steps)]
-    result = ours(model, rows, f"70b qlora +liger gc 1x{seq}", liger=True, batch_size=1, max_length=seq)
-    log(**result, ceiling_tokens_per_s=1900)
+    full = [example(seq, seq - 1, model.config.vocab_size, rng) for _ in range(WARMUP + args.steps)]
+    rows = [{**r, "seq_lengths": [seq]} for r in full]
+    log(**baseline(model, [{**b, "labels": b["input_ids"]} for b in padded(full, 1, model.config.vocab_size - 1)],
+                   f"70b hf+peft qlora gc 1x{seq}"))
+    one = dict(batch_size=1, max_length=seq, liger=True)
+    log(**ours(model, rows, f"70b +liger +offload 1x{seq}", offload=True, **one))
+    log(**ours(model, rows, f"70b +liger 1x{seq}", **one))
     del model
     reset_peak()
 
 
 def summary() -> None:
-    base = next((r for r in results if r.get("side") == "baseline" and "mix" not in r["variant"]), None)
-    mine = [r for r in results if r.get("side") == "ours" and "tokens_per_s" in r and "mix" not in r["variant"]
-            and "70b" not in r["variant"]]
-    if base is None or not mine:
-        return
-    lean = [r for r in mine if not cuda or r["peak_gib"] <= 0.5 * base["peak_gib"]]
-    best = max(lean or mine, key=lambda r: r["tokens_per_s"])
-    log(bench="ratio", best=best["variant"], tokens_per_s_ratio=best["tokens_per_s"] / base["tokens_per_s"],
-        peak_memory_ratio=best["peak_gib"] / base["peak_gib"] if cuda else None, targets=TARGETS)
+    def side(name: str, shape: str) -> list[dict]:
+        return [r for r in results if r.get("side") == name and "tokens_per_s" in r and "mix" not in r["variant"]
+                and r["variant"].startswith("70b") == (shape == "70b")]
+
+    for shape in ("70b", "8b"):
+        base, mine = side("baseline", shape), side("ours", shape)
+        if not base or not mine:
+            continue
+        base = base[0]
+        limit = 45 if shape == "70b" else 0.7 * base["peak_gib"]  # GiB: the issue's memory targets
+        fitting = [r for r in mine if not cuda or r["peak_gib"] <= limit]
+        best = max(fitting or mine, key=lambda r: r["tokens_per_s"])
+        log(bench="ratio", shape=shape, best=best["variant"], within_memory_target=bool(fitting) if cuda else None,
+            tokens_per_s_ratio=best["tokens_per_s"] / base["tokens_per_s"], peak_gib=best["peak_gib"],
+            peak_memory_ratio=best["peak_gib"] / base["peak_gib"] if cuda else None, targets=TARGETS)
 
 
 def main() -> None:
@@ -397,8 +425,6 @@ def main() -> None:
     if "70b" in names:
         run_70b()
     summary()
-    if args.out:
-        Path(args.out, "train_bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
 
 
 def _has(module: str) -> bool:

@@ -42,3 +42,38 @@ def overrides(model: str, **train) -> list[str]:
     base = {"max_length": 256, "batch_size": 1, "gradient_checkpointing": False, "qlora": False,
             "learning_rate": 5e-3, "max_steps": 4, "save_every": 2, "eval_fraction": 0.05}
     return [f"model.name={model}"] + [f"train.{k}={v}" for k, v in {**base, **train}.items()]
+
+
+def random_rows(vocab: int, n: int, seq: int) -> list[dict]:
+    """Packed-row dicts of random ids, each with a prompt part that carries no loss (as our SFT rows)."""
+    import random
+
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(vocab - 2) for _ in range(seq)]
+        prompt = rng.randrange(8, seq // 2)
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "seq_lengths": [seq]})
+    return out
+
+
+def loss_log():
+    """A Trainer callback that keeps each logged training loss in `.losses`."""
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        def __init__(self):
+            self.losses = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    return LossLog()
+
+
+def offload_hooks(trainer):
+    """The offload hooks `make_trainer` installed, or None."""
+    from ezoforge.train.offload import OffloadCheckpoints
+
+    return next((c.hooks for c in trainer.callback_handler.callbacks if isinstance(c, OffloadCheckpoints)), None)

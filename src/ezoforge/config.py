@@ -268,15 +268,25 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1, ge=1)  # checkpoint every n-th decoder layer: more speed for more memory
     compile: bool = False  # torch.compile the model
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
+    # Each checkpointed layer's input waits in pinned host memory for its recompute (copies overlap compute).
+    # auto: on CUDA when gradient_checkpointing is on; true: always (also on CPU, where it saves nothing); false: off.
+    offload_activations: bool | Literal["auto"] = "auto"
 
     # Checkpointing recomputes the same activations: it trades memory for time, never the result.
     operational = frozenset({"save_every", "keep_checkpoints", "log_every", "gradient_checkpointing",
-                             "selective_checkpointing", "checkpoint_every"})
+                             "selective_checkpointing", "checkpoint_every", "offload_activations"})
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set max_steps or epochs, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> "TrainConfig":
+        if self.offload_activations is True and not self.gradient_checkpointing:
+            raise ValueError("offload_activations: true needs gradient_checkpointing: true (it offloads the "
+                             "checkpointed layers' inputs)")
         return self
 
 

@@ -1,7 +1,8 @@
 """`ezo plan`: what a recipe will cost before it runs — tokens per stage, GPU memory, hours on a card.
 
-Estimates, not promises: every assumption is printed with the figures. Throughput factors are
-calibrated on measured runs (HF+peft QLoRA on one H100: Llama-3.1-8B shape 5,851 tok/s, 70B shape 850 tok/s).
+Estimates, not promises: every assumption is printed with the figures, and `sources` says where each one comes
+from. Where a training step was measured at the recipe's shape on the chosen card (MEASURED), its tokens/s and peak
+memory are used as they are; otherwise a model calibrated on those measurements estimates them.
 """
 from __future__ import annotations
 
@@ -45,6 +46,25 @@ class Shape:
         return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A training step measured on one card: `rows` x `length` tokens, gradient checkpointing, QLoRA r=16."""
+
+    rows: int
+    length: int
+    tokens_per_s: float
+    peak_gib: float
+    source: str
+
+
+REFERENCE = ("HF+peft QLoRA reference measured on one H100 (DEVELOPERS.md), an upper bound for ezo train's memory; "
+             "ezo train's own step is not measured on a GPU yet (bench/RESULTS.md)")
+# (shape, card) -> the measured step. bench/train_bench.py's figures replace these once measured on such a card.
+MEASURED = {
+    ("llama-3.1-8b", "h100"): Measured(4, 2048, 5851, 21.7, REFERENCE),
+    ("llama-3.1-70b", "h100"): Measured(1, 4096, 850, 50.2, REFERENCE),
+}
+
 KNOWN_SHAPES = {  # so a plan works offline for the recipes we ship
     "llama-3.1-8b": Shape(8.03e9, 32, 4096, 14336, 128256, 8, 32),
     "llama-3.1-70b": Shape(70.6e9, 80, 8192, 28672, 128256, 8, 64),
@@ -58,11 +78,14 @@ DECODE_BATCH = 64
 CHARS_PER_TOKEN_JA = 1.1  # Llama 3 tokenizer on Japanese prose (measured on the demo corpus: ~1.0–1.2)
 
 
+def known_shape(spec: str) -> str | None:
+    key = spec.lower().replace("meta-llama-", "llama-").replace("_", "-")
+    return next((name for name in KNOWN_SHAPES if name in key), None)
+
+
 def model_shape(spec: str) -> Shape:
-    key = spec.lower()
-    for name, shape in KNOWN_SHAPES.items():
-        if name in key.replace("meta-llama-", "llama-").replace("_", "-"):
-            return shape
+    if known_shape(spec):
+        return KNOWN_SHAPES[known_shape(spec)]
     from transformers import AutoConfig
 
     from ezoforge.models import resolve
@@ -116,6 +139,17 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dic
     logits = t.batch_size * tokens_per_row * shape.vocab * 4 * 2  # float32 logits and their gradient
     train_mem = (weight_bytes + lora_params * 16 + activations + logits) / 2**30 + 2.0  # + CUDA context, allocator
     train_tps = card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
+    sources = {"train_tokens_per_s": f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at {TRAIN_MFU:.0%} "
+                                     "of the card's bf16 peak (calibrated on the 8B H100 reference, 5,851 tok/s)",
+               "train_memory_gib": "model: NF4 weights, LoRA + AdamW, checkpointed hidden states, fp32 logits",
+               "decode_tokens_per_s": f"model: {DECODE_EFFICIENCY:.0%} of the memory-bandwidth bound at batch "
+                                      f"{DECODE_BATCH}; not measured"}
+    measured = MEASURED.get((known_shape(recipe.model.name), card_name))
+    if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
+                                                                                                measured.length):
+        train_tps, train_mem = measured.tokens_per_s, measured.peak_gib
+        sources["train_tokens_per_s"] = sources["train_memory_gib"] = (
+            f"measured: {measured.rows} x {measured.length} tokens, {measured.source}")
     decode_tps = DECODE_BATCH * card.bandwidth_tbs * 1e12 * DECODE_EFFICIENCY / (shape.params * 2)
     n_eval = recipe.eval.limit or 100
     eval_tokens = 2 * n_eval * recipe.eval.generation.max_new_tokens  # base and tuned
@@ -127,6 +161,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dic
         "train_memory_gib": round(train_mem, 1), "fits": train_mem <= card.memory_gib,
         "hours": {"synth": round(synth_out / decode_tps / 3600, 2), "train": round(train_tokens / train_tps / 3600, 2),
                   "eval": round(eval_tokens / decode_tps / 3600, 3)},
+        "sources": sources,
         "assumptions": {"docs_kept_fraction": docs_kept, "chars_per_token": CHARS_PER_TOKEN_JA,
                         "train_tokens_per_s": round(train_tps), "decode_tokens_per_s": round(decode_tps),
                         "qlora": qlora, "gradient_checkpointing": t.gradient_checkpointing,
@@ -152,3 +187,5 @@ def print_plan(result: dict) -> None:
     fits = "fits" if result["fits"] else "does NOT fit"
     console.print(f"training peak memory ≈ {result['train_memory_gib']} GiB: {fits} on one {result['card']}")
     console.print(f"assumptions: {json.dumps(result['assumptions'])}")
+    for figure, source in result["sources"].items():
+        console.print(f"{figure}: {source}", highlight=False)

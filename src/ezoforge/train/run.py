@@ -25,6 +25,7 @@ from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
 from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, require_stated_kernels,
                                   use_qlora)
+from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,12 @@ def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eva
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress
     if not trainer.is_fsdp_enabled:  # FSDP flattens each unit into one dtype; its bf16 policy computes in bf16 anyway
         float32_adapters(trainer.model)
+    # Offloaded checkpointing: installed when train() has turned checkpointing on.
+    if wants_offload(cfg, device):
+        trainer.add_callback(OffloadCheckpoints(device))
+    # The loss never builds the (tokens x vocab) logits: TRL's SFTTrainer (>= 1.16) scores every batch through its
+    # fused, chunked LM head (Triton tiles on CUDA); Liger adds its layer kernels only (TRL refuses Liger's fused
+    # linear cross-entropy). tests/test_train_memory.py holds it to the plain loss and checks the allocations.
     return trainer
 
 
@@ -146,8 +153,10 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
                            [train_log, saver], eval_first=not resume)
-    log.info("training %s r=%d on %s (%s attention)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA", cfg.lora_r,
-             device, attn_implementation(cfg, device), f", resuming at step {resume_step}" if resume else "")
+    offload = any(isinstance(c, OffloadCheckpoints) for c in trainer.callback_handler.callbacks)
+    log.info("training %s r=%d on %s (%s attention%s)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA", cfg.lora_r,
+             device, attn_implementation(cfg, device), ", checkpoint inputs offloaded to host memory" if offload else "",
+             f", resuming at step {resume_step}" if resume else "")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     save_adapter(trainer, out, dist.is_main_process)
     if not dist.is_main_process:
@@ -156,6 +165,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
 
     plot_loss(train_log.rows, out / "loss.png")
     return stage.finish({"steps": trainer.state.global_step, **summarize(train_log.rows), "qlora": qlora,
+                         "offload_activations": offload,
                          "device": str(device), "resumed_from_step": resume_step,
                          "seconds": round(time.perf_counter() - start, 1), **data.stats})
 
