@@ -22,7 +22,7 @@ from ezoforge.stage import Stage
 from ezoforge.synth.run import run as synth_run
 from ezoforge.train.progress import read_metrics
 from test_synth_run import Script, pairs_of, write_docs
-from trainkit import elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)
+from trainkit import elyza_rows, overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -90,16 +90,7 @@ def test_a_start_that_wrote_only_its_config_does_not_block_the_corrected_command
 def test_train_kill_then_output_edit_is_refused_and_operational_edit_resumes(tiny_model, elyza_rows, tmp_path):  # noqa: F811
     out = tmp_path / "train"
     settings = {"max_steps": 4, "save_every": 2}
-    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "train", str(elyza_rows), "--out", str(out),
-                             *sets(tiny_model, **settings)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    marker = out / "checkpoints" / "step-000002" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert marker.exists() and not (out / "DONE").exists(), err[-3000:]
+    train_until_killed([str(elyza_rows), *sets(tiny_model, **settings)], out, step=2)
     before = snapshot(out)
 
     refused = ezo("train", str(elyza_rows), "--out", str(out), *sets(tiny_model, **settings, lora_r=8))

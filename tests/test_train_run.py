@@ -1,10 +1,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from ezoforge.errors import ConfigError
 from ezoforge.stage import Stage
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
-from trainkit import elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)
+from trainkit import elyza_rows, overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
 
 SETTINGS = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 2}
 FSDP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate-fsdp-qlora.yaml"
@@ -95,18 +93,8 @@ def test_a_checkpoint_from_other_settings_is_refused(trained, tiny_model, elyza_
 def test_resume_after_a_kill_matches_an_uninterrupted_run(trained, tiny_model, elyza_rows, tmp_path):  # noqa: F811
     straight, _ = trained
     killed = tmp_path / "killed"
-    sets = [a for o in overrides(tiny_model, **SETTINGS) for a in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "train", str(elyza_rows), "--out", str(killed), *sets],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    marker = killed / "checkpoints" / "step-000002" / "COMPLETE"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert marker.exists(), err[-3000:]
-    assert not (killed / "DONE").exists(), "the run ended before it could be killed"
+    train_until_killed([str(elyza_rows), *(a for o in overrides(tiny_model, **SETTINGS) for a in ("--set", o))],
+                       killed, step=2)
     stats = train_run.run(load_recipe(None, overrides(tiny_model, **SETTINGS)), [elyza_rows], killed)
     assert 2 <= stats["resumed_from_step"] < 6 and stats["steps"] == 6
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")

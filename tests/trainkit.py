@@ -77,3 +77,24 @@ def offload_hooks(trainer):
     from ezoforge.train.offload import OffloadCheckpoints
 
     return next((c.hooks for c in trainer.callback_handler.callbacks if isinstance(c, OffloadCheckpoints)), None)
+
+
+def train_until_killed(args: list[str], out, step: int) -> None:
+    """Run `ezo train ARGS --out OUT` and SIGKILL it once checkpoint `step` is complete (and before DONE)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "train", *args, "--out", str(out)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert marker.exists(), err[-3000:]
+    assert not (out / "DONE").exists(), "the run ended before it could be killed"

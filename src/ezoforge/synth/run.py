@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import Recipe, output_settings
-from ezoforge.errors import ConfigError, EzoError, ModelError
+from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Sampling
 from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files, input_fingerprints
