@@ -228,6 +228,9 @@ class SynthConfig(Section):
         return self
 
 
+TrackerName = Literal["none", "tensorboard", "wandb", "mlflow"]
+
+
 class TrainConfig(Section):
     qlora: bool | None = None  # None: QLoRA where bitsandbytes 4-bit trains (CUDA, most x86 CPUs), LoRA otherwise
     lora_r: int = Field(16, ge=1)
@@ -256,6 +259,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1, ge=1)  # checkpoint every n-th decoder layer: more speed for more memory
     compile: bool = False  # torch.compile the model
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
+    # Experiment trackers the trainer logs to: none, tensorboard (event files in the train folder), wandb, mlflow.
+    report_to: TrackerName | list[TrackerName] = "none"
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -298,11 +303,20 @@ class EvalConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------- export (issue 14)
+
+class ExportConfig(Section):
+    """`ezo export`: a publishable folder (weights, tokenizer, model card) and optional GGUF files."""
+
+    gguf: list[Literal["f16", "q8_0"]] = []
+    repo: str | None = None  # USER/NAME the card's usage snippet loads (None: the export folder's own path)
+
+
 class Recipe(Section):
     """A whole run: the model, each stage's settings and where outputs go."""
 
     workdir: Path = Path("runs/default")
-    stages: list[Literal["curate", "synth", "train", "merge", "eval"]] = list(STAGES)
+    stages: list[Literal["curate", "synth", "train", "merge", "eval", "export"]] = list(STAGES)  # export: opt-in
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     curate: CurateConfig = CurateConfig()
@@ -310,6 +324,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,118 @@
+"""`ezo export`: a merged model folder -> a folder ready to publish.
+
+OUT holds the weights, tokenizer and generation config, README.md (the model card), eval.png when the run has
+evals, and per `--gguf` type a GGUF file with an Ollama Modelfile. It is built in a temporary sibling folder and
+renamed into place, so OUT is complete (DONE last) or absent.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ezoforge.config import ExportConfig, diff_keys, to_plain
+from ezoforge.errors import ConfigError, ModelError
+from ezoforge.export import card
+from ezoforge.export import gguf as gguf_file
+from ezoforge.export.ollama import modelfile
+from ezoforge.export.records import RunRecords, gather
+from ezoforge.records import DONE, write_text
+from ezoforge.stage import Stage, input_fingerprints
+
+log = logging.getLogger(__name__)
+
+STAGE_FILES = {DONE, "config.yaml", "stats.json"}  # the merge stage's records, not part of the model
+
+
+def title(rec: RunRecords, cfg: ExportConfig, out: Path) -> str:
+    if cfg.repo:
+        return cfg.repo.split("/")[-1]
+    base = rec.base_model
+    return f"{(card.hub_id(base) or Path(base).name).split('/')[-1]}-ja" if base else out.name
+
+
+def _copy_model(merged: Path, dst: Path) -> list[str]:
+    names = []
+    for src in sorted(merged.iterdir()):
+        if src.is_file() and src.name not in STAGE_FILES and not src.name.startswith("."):
+            try:
+                os.link(src, dst / src.name)  # weights are large; a hard link costs nothing
+            except OSError:
+                shutil.copy2(src, dst / src.name)
+            names.append(src.name)
+    return names
+
+
+def _paired_diff(rec: RunRecords) -> dict | None:
+    if not {"base", "tuned"} <= set(rec.evals):
+        return None
+    from ezoforge.eval.run import compare
+
+    return compare([rec.merged_dir.parent / "eval-base", rec.merged_dir.parent / "eval-tuned"])["runs"][1]["diff"]
+
+
+def _stops(model_dir: Path, tokenizer) -> list[str]:
+    gen = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")) \
+        if (model_dir / "generation_config.json").exists() else {}
+    ids = gen.get("eos_token_id", tokenizer.eos_token_id)
+    ids = ids if isinstance(ids, list) else [ids]
+    return [tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]
+
+
+def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: str | None = None,
+        force: bool = False) -> dict:
+    """Export `merged` into `out`. `system_prompt` is used only when the run's train records name none."""
+    from transformers import AutoTokenizer
+
+    merged, out = Path(merged), Path(out)
+    if not (merged / "config.json").is_file():
+        raise ModelError(f"{merged}: not a model folder (no config.json); export takes an `ezo merge` output")
+    if cfg.gguf:
+        gguf_file.check_architecture(merged)  # an unsupported model fails before anything is written
+    rec = gather(merged)
+    system = rec.system_prompt if rec.train else system_prompt
+    folders = [merged] + [f for f in rec.folders() if f != merged]
+    settings = {"merged": str(merged), "export": to_plain(cfg), "system_prompt": system,
+                "records": input_fingerprints(folders)}
+    stage = Stage("export", out, settings)
+    old = stage.done()
+    if old is not None and old.get("fingerprint") == stage.fingerprint:
+        return old.get("stats", {})
+    if out.exists() and not force:
+        keys = diff_keys(old.get("settings", {}), stage.settings) if old else ["(not an export folder)"]
+        raise ConfigError(f"{out} exists, made with other settings (differ: {', '.join(keys)}); "
+                          "use --force to replace it")
+
+    start = time.perf_counter()
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    building = Stage("export", tmp, settings)
+    building.start()
+    files = _copy_model(merged, tmp)
+    name = title(rec, cfg, out)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    ggufs: dict[str, str] = {}
+    gguf_stats = []
+    for kind in cfg.gguf:
+        ggufs[kind] = f"{name}-{kind}.gguf"
+        gguf_stats.append(gguf_file.write(merged, tmp / ggufs[kind], kind))
+    if ggufs:  # one Modelfile, for the first type listed (edit FROM for another)
+        write_text(tmp / "Modelfile", modelfile(next(iter(ggufs.values())), tokenizer.chat_template or "", system,
+                                                _stops(merged, tokenizer)))
+    chart = card.eval_chart(rec)
+    if chart:
+        (tmp / "eval.png").write_bytes(chart)
+    model_ref = cfg.repo or str(out.resolve())
+    write_text(tmp / "README.md", card.render(rec, name, model_ref, system, ggufs, _paired_diff(rec), bool(chart)))
+    stats = {"title": name, "model_files": files, "gguf": gguf_stats, "chart": bool(chart),
+             "records": [str(f) for f in folders], "evals": sorted(rec.evals),
+             "seconds": round(time.perf_counter() - start, 1)}
+    building.finish(stats)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s to %s", merged, out)
+    return stats
