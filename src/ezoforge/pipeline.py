@@ -20,7 +20,7 @@ console = Console(stderr=True)
 
 # Folder of each step under the workdir, in run order.
 FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "merge": "merged",
-           "eval-base": "eval-base", "eval-tuned": "eval-tuned"}
+           "eval-base": "eval-base", "eval-tuned": "eval-tuned", "export": "export"}
 
 
 def steps(recipe: Recipe) -> list[str]:
@@ -33,7 +33,7 @@ def steps(recipe: Recipe) -> list[str]:
                 out.append("eval-tuned")
         else:
             out.append(stage)
-    return out
+    return sorted(out, key=lambda s: s == "export")  # export last: its card reads the evals
 
 
 def run_step(step: str, recipe: Recipe, workdir: Path) -> dict:
@@ -50,6 +50,9 @@ def run_step(step: str, recipe: Recipe, workdir: Path) -> dict:
     if step == "merge":
         from ezoforge.train.merge import run
         return run(workdir / "train", out, recipe.merge.dtype, force=True)
+    if step == "export":
+        from ezoforge.export.run import run
+        return run(workdir / "merged", out, recipe.export, recipe.model.system_prompt, force=True)
     from ezoforge.eval.run import run
     if step == "eval-base":
         return run(recipe, out, force=True)
