@@ -99,7 +99,7 @@ def test_card_metadata_and_figures_come_from_the_run(demo):
     assert "Apache License 2.0" in body and "![base vs tuned](eval.png)" in body
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
-                                                "tokenizer.json", "README.md", "Modelfile", "DONE"}
+                                                "tokenizer.json", "README.md", "gguf", "DONE"}
 
 
 def test_usage_snippet_runs_as_written(demo):
@@ -147,7 +147,7 @@ def test_rerun_is_a_no_op_and_other_settings_need_force(demo):
 def test_f16_gguf_reads_back_with_the_merged_models_logits(demo, gguf_cache):
     from ezoforge.models import resolve
 
-    merged, f16 = demo / "merged", next((demo / "export").glob("*-f16.gguf"))
+    merged, f16 = demo / "merged", next((demo / "export" / "gguf").glob("*-f16.gguf"))
     result = runner.invoke(app, ["generate", "--model", str(f16), "--prompt", JA_PROMPT, "--max-new-tokens", "8"])
     assert result.exit_code == 0 and result.stdout.strip(), result.output
     dense = resolve(str(f16))  # the same transformers GGUF load `ezo generate` just did, from its cache
@@ -184,7 +184,7 @@ def test_q8_0_greedy_continuation_matches_the_merged_model(demo, gguf_cache, tmp
 def test_gguf_embeds_tokenizer_template_and_modelfile_matches(demo):
     import gguf
 
-    out = demo / "export"
+    out = demo / "export" / "gguf"
     reader = gguf.GGUFReader(next(out.glob("*-f16.gguf")))
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.chat", "general.arch",
                                                                                   "tokenizer.ggml.model"))}
@@ -213,9 +213,9 @@ def test_push_dry_run_lists_the_model_and_not_the_stage_records(demo):
     result = runner.invoke(app, ["push", str(demo / "export"), "--repo", "someone/ezo-demo", "--dry-run"])
     assert result.exit_code == 0, result.output
     listed = {line.split()[-1] for line in result.stdout.splitlines()}
-    assert {"README.md", "model.safetensors", "Modelfile", "eval.png"} <= listed
+    assert {"README.md", "model.safetensors", "gguf/Modelfile", "eval.png"} <= listed
     assert not listed & {"DONE", "config.yaml", "stats.json"}
-    assert next(n for n in listed if n.endswith("-f16.gguf"))
+    assert next(n for n in listed if n.startswith("gguf/") and n.endswith("-f16.gguf"))
 
 
 def test_push_needs_a_token_from_the_environment_and_an_export_folder(demo, tmp_path, monkeypatch):
@@ -226,3 +226,20 @@ def test_push_needs_a_token_from_the_environment_and_an_export_folder(demo, tmp_
         push(demo / "merged", "someone/ezo-demo", dry_run=True)
     with pytest.raises(ConfigError, match="USER/NAME"):
         push(demo / "export", "no-slash", dry_run=True)
+
+
+def test_llama31_rope_scaling_becomes_llama_cpp_rope_factors():
+    """llama.cpp divides each rotary frequency by its rope_freqs factor: that must give transformers' Llama 3.1
+    frequencies (a plain Llama config gets no factors at all)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=scaling)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    factors = gguf_file.rope_factors(cfg.to_dict(), 128)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    torch.testing.assert_close(plain / torch.from_numpy(factors), want, rtol=1e-5, atol=0)
+    assert gguf_file.rope_factors(LlamaConfig().to_dict(), 64) is None

@@ -228,10 +228,12 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
     if gguf:
         first = next(iter(gguf.values()))
         body += ["### llama.cpp and Ollama", "",
-                 "GGUF files (tokenizer and chat template embedded): "
-                 + ", ".join(f"`{f}` ({t})" for t, f in gguf.items()) + ".", "", "```sh",
-                 f"llama-cli -m {first} -cnv" + (f" -sys {system_prompt!r}" if system_prompt else ""),
-                 "ollama create my-model -f Modelfile && ollama run my-model", "```", ""]
+                 "GGUF files in `gguf/` (tokenizer and chat template embedded): "
+                 + ", ".join(f"`{f}` ({t})" for t, f in gguf.items()) + "; `gguf/Modelfile` sets Ollama's template, "
+                 "system prompt and stop tokens.", "", "```sh",
+                 f"llama-cli -m gguf/{first} -cnv" + (f" -sys {json.dumps(system_prompt, ensure_ascii=False)}"
+                                                      if system_prompt else ""),
+                 "ollama create my-model -f gguf/Modelfile && ollama run my-model", "```", ""]
     body += ["## Intended use and limits", "",
              "For Japanese chat and instruction following, and for research on tuning recipes. The model inherits "
              "the base model's knowledge, biases and failure modes; its tuning data was written by a model and "

@@ -1,7 +1,8 @@
 """`ezo export`: a merged model folder -> a folder ready to publish.
 
 OUT holds the weights, tokenizer and generation config, README.md (the model card), eval.png when the run has
-evals, and per `--gguf` type a GGUF file with an Ollama Modelfile. It is built in a temporary sibling folder and
+evals, and in OUT/gguf/ a GGUF file per `--gguf` type with an Ollama Modelfile (a subfolder: transformers reading
+a GGUF beside a tokenizer.json takes that folder's tokenizer files and drops the GGUF's chat template). It is built in a temporary sibling folder and
 renamed into place, so OUT is complete (DONE last) or absent.
 """
 from __future__ import annotations
@@ -98,9 +99,9 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
     gguf_stats = []
     for kind in cfg.gguf:
         ggufs[kind] = f"{name}-{kind}.gguf"
-        gguf_stats.append(gguf_file.write(merged, tmp / ggufs[kind], kind))
+        gguf_stats.append(gguf_file.write(merged, tmp / "gguf" / ggufs[kind], kind))
     if ggufs:  # one Modelfile, for the first type listed (edit FROM for another)
-        write_text(tmp / "Modelfile", modelfile(next(iter(ggufs.values())), tokenizer.chat_template or "", system,
+        write_text(tmp / "gguf" / "Modelfile", modelfile(next(iter(ggufs.values())), tokenizer.chat_template or "", system,
                                                 _stops(merged, tokenizer)))
     chart = card.eval_chart(rec)
     if chart:
