@@ -243,3 +243,13 @@ def test_llama31_rope_scaling_becomes_llama_cpp_rope_factors():
     assert factors.min() == 1.0 and factors.max() == 8.0
     torch.testing.assert_close(plain / torch.from_numpy(factors), want, rtol=1e-5, atol=0)
     assert gguf_file.rope_factors(LlamaConfig().to_dict(), 64) is None
+
+
+def test_hub_datasets_are_named_from_their_cache_paths(tmp_path):
+    from ezoforge.export.card import metadata
+    from ezoforge.export.records import RunRecords
+
+    hub = "/data/hf/hub/datasets--HuggingFaceFW--fineweb-2/snapshots/0a1b/data/jpn_Jpan/train/000_00000.parquet"
+    rec = RunRecords(tmp_path, curate=[{"stats": {"inputs": [hub, "/data/jawiki.xml.bz2"]}, "settings": {}}])
+    assert metadata(rec, [])["datasets"] == ["HuggingFaceFW/fineweb-2"]
+    assert "datasets" not in metadata(RunRecords(tmp_path), [])

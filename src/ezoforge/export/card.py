@@ -70,6 +70,13 @@ def _facts(pairs: list[tuple[str, Any]]) -> str:
     return "\n".join(f"- {k}: {_fmt(v)}" for k, v in pairs if v is not None)
 
 
+def hub_datasets(rec: RunRecords) -> list[str]:
+    """Curated inputs downloaded from the Hub keep the dataset's id in their cache path (datasets--ORG--NAME)."""
+    return sorted({part.removeprefix("datasets--").replace("--", "/", 1) for c in rec.curate
+                   for path in c["stats"].get("inputs", []) for part in Path(path).parts
+                   if part.startswith("datasets--")})
+
+
 def metadata(rec: RunRecords, gguf: list[str]) -> dict[str, Any]:
     base = hub_id(rec.base_model)
     licence_id, _ = licence(rec.base_model)
@@ -84,9 +91,7 @@ def metadata(rec: RunRecords, gguf: list[str]) -> dict[str, Any]:
         meta["base_model"] = base
     if licence_id:
         meta["license"] = licence_id
-    datasets = sorted({i.removeprefix("hf://datasets/").split("/", 2)[0] + "/" + i.removeprefix("hf://datasets/")
-                       .split("/", 2)[1] for c in rec.curate for i in c["stats"].get("inputs", [])
-                       if i.startswith("hf://datasets/")})
+    datasets = hub_datasets(rec)
     if datasets:
         meta["datasets"] = datasets
     return meta
