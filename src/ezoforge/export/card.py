@@ -152,7 +152,7 @@ def _method_section(rec: RunRecords) -> str:
         ("eval loss (before → after)", f"{_fmt(s['eval_loss_start'])} → {_fmt(s['eval_loss'])}"
          if s.get("eval_loss_start") is not None and s.get("eval_loss") is not None else None),
         ("hardware", s.get("hardware") or s.get("device")),
-        ("training time (hours)", round(seconds / 3600, 3) if seconds else None),
+        ("training time", f"{seconds / 3600:.2f} h ({seconds:,.0f} s)" if seconds else None),
         ("merged weights dtype", (rec.merged or {}).get("settings", {}).get("dtype")),
     ]
     return _facts(facts)
@@ -264,8 +264,11 @@ def eval_chart(rec: RunRecords) -> bytes | None:
         if key == "mean_grade":
             cis = [r.get("ci95") or [v, v] for v, (_, r) in zip(values, runs)]
             err = [[max(v - ci[0], 0) for v, ci in zip(values, cis)], [max(ci[1] - v, 0) for v, ci in zip(values, cis)]]
-        ax.bar([n for n, _ in runs], values, yerr=err, capsize=4, color=["#8c8c8c", "#4f81bd"][:len(runs)])
+        bars = ax.bar([n for n, _ in runs], values, yerr=err, capsize=4, color=["#8c8c8c", "#4f81bd"][:len(runs)])
+        ax.bar_label(bars, fmt="%.4g", label_type="center", color="white")
         ax.set_title(label, fontsize=9)
+        if key == "mean_grade":
+            ax.set_ylim(0, 5.2)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
