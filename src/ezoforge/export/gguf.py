@@ -175,7 +175,8 @@ def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
             if kind == gguf.GGMLQuantizationType.Q8_0:
                 writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
             else:
-                writer.add_tensor(target, data.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+                half = kind == gguf.GGMLQuantizationType.F16
+                writer.add_tensor(target, data.astype(np.float16 if half else np.float32))
             counts[kind.name] = counts.get(kind.name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -1,9 +1,9 @@
 """`ezo export`: a merged model folder -> a folder ready to publish.
 
 OUT holds the weights, tokenizer and generation config, README.md (the model card), eval.png when the run has
-evals, and in OUT/gguf/ a GGUF file per `--gguf` type with an Ollama Modelfile (a subfolder: transformers reading
-a GGUF beside a tokenizer.json takes that folder's tokenizer files and drops the GGUF's chat template). It is built in a temporary sibling folder and
-renamed into place, so OUT is complete (DONE last) or absent.
+evals, and in OUT/gguf/ a GGUF file per `--gguf` type with an Ollama Modelfile (a subfolder: transformers, reading
+a GGUF beside a tokenizer.json, takes that folder's tokenizer files and drops the GGUF's chat template).
+OUT is built in a temporary sibling folder and renamed into place, so it is complete (DONE last) or absent.
 """
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
         ggufs[kind] = f"{name}-{kind}.gguf"
         gguf_stats.append(gguf_file.write(merged, tmp / "gguf" / ggufs[kind], kind))
     if ggufs:  # one Modelfile, for the first type listed (edit FROM for another)
-        write_text(tmp / "gguf" / "Modelfile", modelfile(next(iter(ggufs.values())), tokenizer.chat_template or "", system,
-                                                _stops(merged, tokenizer)))
+        write_text(tmp / "gguf" / "Modelfile", modelfile(next(iter(ggufs.values())), tokenizer.chat_template or "",
+                                                         system, _stops(merged, tokenizer)))
     chart = card.eval_chart(rec)
     if chart:
         (tmp / "eval.png").write_bytes(chart)
