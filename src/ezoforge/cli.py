@@ -385,9 +385,9 @@ def export(
     recipe = _recipe(config, set_, **{"export.gguf": gguf, "export.repo": repo})
     out = out or merged.parent / "export"
     stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, force=force)
-    files = ", ".join(g["file"] for g in stats["gguf"])
+    files = "".join(f", gguf/{g['file']}" for g in stats["gguf"])
     console.print(f"exported {merged} → {out} (README.md{', eval.png' if stats['chart'] else ''}"
-                  f"{', ' + files + ', Modelfile' if files else ''})", highlight=False)
+                  f"{files + ', gguf/Modelfile' if files else ''})", highlight=False)
 
 
 @app.command()
@@ -403,6 +403,7 @@ def push(
     result = push_folder(folder, repo, private, dry_run)
     for name, size in result["files"]:
         print(f"{size:>14,}  {name}")
+    sys.stdout.flush()  # the listing before the summary (stderr)
     verb = "would send" if dry_run else "sent"
     console.print(f"{verb} {len(result['files'])} files ({result['bytes']:,} bytes) to "
                   f"{'private ' if private else ''}model repo {repo}"

@@ -25,8 +25,8 @@ TYPES = {"f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
          "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}
 
 
-def check_architecture(model_dir: Path) -> dict:
-    """The folder's config.json, or a clear error when GGUF export does not know its architecture."""
+def check(model_dir: Path) -> tuple[dict, str]:
+    """The folder's config and llama.cpp pre-tokenizer name, or a clear error naming what GGUF export can't take."""
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise ModelError(f"{model_dir}: not a model folder (no config.json)")
@@ -34,7 +34,11 @@ def check_architecture(model_dir: Path) -> dict:
     arch = (config.get("architectures") or ["(none)"])[0]
     if arch not in ARCHITECTURES:
         raise ModelError(f"{path}: architectures: GGUF export supports {', '.join(ARCHITECTURES)}, not {arch}")
-    return config
+    tok_path = Path(model_dir) / "tokenizer.json"
+    tokenizer_json = json.loads(tok_path.read_text(encoding="utf-8")) if tok_path.exists() else {}
+    if tokenizer_json.get("model", {}).get("type") != "BPE":
+        raise ModelError(f"{model_dir}: GGUF export needs a byte-level BPE tokenizer.json (Llama 3, SmolLM2)")
+    return config, pre_tokenizer(tokenizer_json)
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -81,13 +85,9 @@ def pre_tokenizer(tokenizer_json: dict) -> str:
                      "text differently from training, so no GGUF is written")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")) \
-        if (model_dir / "tokenizer.json").exists() else {}
-    if tokenizer_json.get("model", {}).get("type") != "BPE":
-        raise ModelError(f"{model_dir}: GGUF export needs a byte-level BPE tokenizer.json (Llama 3, SmolLM2)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
@@ -101,7 +101,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer_json))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)  # merges, special ids, template
@@ -128,7 +128,7 @@ def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in TYPES:
         raise ModelError(f"--gguf {outtype}: supported types are {', '.join(TYPES)}")
-    config = check_architecture(model_dir)
+    config, pre = check(model_dir)
     file_type, matrix_type = TYPES[outtype]
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -152,7 +152,7 @@ def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, model_dir, config["vocab_size"])
+        add_tokenizer(writer, model_dir, config["vocab_size"], pre)
 
         factors = rope_factors(config, head_dim)
         if factors is not None:

@@ -66,18 +66,16 @@ def _stops(model_dir: Path, tokenizer) -> list[str]:
 def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: str | None = None,
         force: bool = False) -> dict:
     """Export `merged` into `out`. `system_prompt` is used only when the run's train records name none."""
-    from transformers import AutoTokenizer
-
     merged, out = Path(merged), Path(out)
     if not (merged / "config.json").is_file():
         raise ModelError(f"{merged}: not a model folder (no config.json); export takes an `ezo merge` output")
     if cfg.gguf:
-        gguf_file.check_architecture(merged)  # an unsupported model fails before anything is written
+        gguf_file.check(merged)  # an unsupported model fails before anything is written
     rec = gather(merged)
     system = rec.system_prompt if rec.train else system_prompt
     folders = [merged] + [f for f in rec.folders() if f != merged]
     settings = {"merged": str(merged), "export": to_plain(cfg), "system_prompt": system,
-                "records": input_fingerprints(folders)}
+                "records": dict(zip(map(str, folders), input_fingerprints(folders)))}
     stage = Stage("export", out, settings)
     old = stage.done()
     if old is not None and old.get("fingerprint") == stage.fingerprint:
@@ -90,10 +88,26 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
     start = time.perf_counter()
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        stats = _build(merged, tmp, rec, cfg, system, settings, title(rec, cfg, out), cfg.repo or str(out.resolve()))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s to %s in %.0f s", merged, out, time.perf_counter() - start)
+    return stats
+
+
+def _build(merged: Path, tmp: Path, rec: RunRecords, cfg: ExportConfig, system: str | None, settings: dict,
+           name: str, model_ref: str) -> dict:
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
     building = Stage("export", tmp, settings)
     building.start()
     files = _copy_model(merged, tmp)
-    name = title(rec, cfg, out)
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ggufs: dict[str, str] = {}
     gguf_stats = []
@@ -106,14 +120,6 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
     chart = card.eval_chart(rec)
     if chart:
         (tmp / "eval.png").write_bytes(chart)
-    model_ref = cfg.repo or str(out.resolve())
     write_text(tmp / "README.md", card.render(rec, name, model_ref, system, ggufs, _paired_diff(rec), bool(chart)))
-    stats = {"title": name, "model_files": files, "gguf": gguf_stats, "chart": bool(chart),
-             "records": [str(f) for f in folders], "evals": sorted(rec.evals),
-             "seconds": round(time.perf_counter() - start, 1)}
-    building.finish(stats)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info("exported %s to %s", merged, out)
-    return stats
+    return building.finish({"title": name, "model_files": files, "gguf": gguf_stats, "chart": bool(chart),
+                            "evals": sorted(rec.evals), "seconds": round(time.perf_counter() - start, 1)})
