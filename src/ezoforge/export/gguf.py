@@ -110,8 +110,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     special.add_to_gguf(writer, quiet=True)
 
 
-def tensors(model_dir: Path):
-    """(name, float32 array) for every weight in the folder's safetensors shards."""
+def weights(model_dir: Path):
+    """(name, shape, load) for every weight in the folder's safetensors shards; `load()` reads it as float32."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -120,11 +120,19 @@ def tensors(model_dir: Path):
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).float().numpy()
+                yield name, tuple(f.get_slice(name).get_shape()), lambda p=path, n=name: _load(p, n)
+
+
+def _load(path: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(name).float().numpy()
 
 
 def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
-    """Write `out` (atomically); returns what went in it."""
+    """Write `out` (atomically); returns what went in it. Tensors stream through one at a time (the header,
+    which lists every tensor's type and size, is planned from the shapes first), so a 70B model fits in RAM."""
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in TYPES:
         raise ModelError(f"--gguf {outtype}: supported types are {', '.join(TYPES)}")
@@ -135,6 +143,23 @@ def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope = config.get("rope_parameters") or {}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+
+    plan = []  # (gguf name, type, load) in file order
+    factors = rope_factors(config, head_dim)
+    if factors is not None:
+        plan.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", F32, (factors.shape, lambda: factors)))
+    for name, shape, load in weights(model_dir):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.get("tie_word_embeddings")):
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"{model_dir}: tensor {name} has no GGUF name for a Llama model")
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        kind = F32  # norms stay F32; a matrix whose rows do not fill Q8_0 blocks falls back to F16
+        if len(shape) == 2:
+            kind = matrix_type if shape[-1] % gguf.GGML_QUANT_SIZES[matrix_type][0] == 0 else F16
+        plan.append((target, kind, (shape, lambda ld=load, h=heads: permute(ld(), h) if h else ld())))
 
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -153,34 +178,22 @@ def write(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> dict:
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, model_dir, config["vocab_size"], pre)
-
-        factors = rope_factors(config, head_dim)
-        if factors is not None:
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-        counts: dict[str, int] = {}
-        for name, data in tensors(model_dir):
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.get("tie_word_embeddings")):
-                continue
-            target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if target is None:
-                raise ModelError(f"{model_dir}: tensor {name} has no GGUF name for a Llama model")
-            if name.endswith("q_proj.weight"):
-                data = permute(data, n_head)
-            elif name.endswith("k_proj.weight"):
-                data = permute(data, n_kv)
-            kind = gguf.GGMLQuantizationType.F32
-            if data.ndim == 2:  # norms stay F32; a matrix whose rows do not fill Q8_0 blocks falls back to F16
-                block = gguf.GGML_QUANT_SIZES[matrix_type][0]
-                kind = matrix_type if data.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
-            if kind == gguf.GGMLQuantizationType.Q8_0:
-                writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        for target, kind, (shape, _) in plan:
+            if kind in (F32, F16):
+                dtype = np.float32 if kind == F32 else np.float16
+                writer.add_tensor_info(target, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
             else:
-                half = kind == gguf.GGMLQuantizationType.F16
-                writer.add_tensor(target, data.astype(np.float16 if half else np.float32))
-            counts[kind.name] = counts.get(kind.name, 0) + 1
+                raw = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+                writer.add_tensor_info(target, raw, np.dtype(np.uint8), int(np.prod(raw)), raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        counts: dict[str, int] = {}
+        for target, kind, (_, load) in plan:
+            data = load()
+            writer.write_tensor_data(data.astype(np.float32 if kind == F32 else np.float16) if kind in (F32, F16)
+                                     else gguf.quants.quantize(data, kind))
+            counts[kind.name] = counts.get(kind.name, 0) + 1
         writer.close()
     log.info("wrote %s (%s, %.1f MB)", out, outtype, out.stat().st_size / 1e6)
     return {"file": out.name, "type": outtype, "bytes": out.stat().st_size, "tensor_types": counts}
