@@ -89,7 +89,7 @@ def test_rerun_is_a_no_op_and_an_edit_is_refused_until_forced(demo_run):
     run_recipe(edited, DEMO, force=["train"])
     after = done_times(workdir)
     changed = {step for step in FOLDERS if after[step] != before[step]}
-    assert changed == {"train", "merge", "eval-tuned"}
+    assert changed == {"train", "merge", "eval-tuned", "export"}  # the card reads what changed
     assert json.loads((workdir / "train" / "stats.json").read_text())["resumed_from_step"] == 0
 
 

@@ -421,3 +421,46 @@ def _rich_handler() -> logging.Handler:
     from rich.logging import RichHandler
 
     return RichHandler(console=console, show_path=False, show_time=False)
+
+
+# ---------------------------------------------------------------- export and push (issue 14)
+
+@app.command()
+def export(
+    merged: Annotated[Path, typer.Argument(help="A merged model folder (`ezo merge` output).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: `export` beside MERGED).")] = None,
+    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF (+ Ollama Modelfile): f16 or q8_0 (repeatable).")] = None,
+    repo: Annotated[Optional[str], typer.Option("--repo", help="USER/NAME the card's usage snippet loads (default: the output folder).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a folder made with other settings.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A folder ready to publish: weights, tokenizer, model card (README.md) from the run's records, optional GGUF."""
+    from ezoforge.export.run import run as run_export
+
+    recipe = _recipe(config, set_, **{"export.gguf": gguf, "export.repo": repo})
+    out = out or merged.parent / "export"
+    stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, force=force)
+    files = "".join(f", gguf/{g['file']}" for g in stats["gguf"])
+    console.print(f"exported {merged} → {out} (README.md{', eval.png' if stats['chart'] else ''}"
+                  f"{files + ', gguf/Modelfile' if files else ''})", highlight=False)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="An `ezo export` output folder.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hugging Face repo id, USER/NAME.")] = ...,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be sent; send nothing.")] = False,
+) -> None:
+    """Upload an exported folder to the Hugging Face Hub (token from HF_TOKEN only; it is never written)."""
+    from ezoforge.export.push import push as push_folder
+
+    result = push_folder(folder, repo, private, dry_run)
+    for name, size in result["files"]:
+        print(f"{size:>14,}  {name}")
+    sys.stdout.flush()  # the listing before the summary (stderr)
+    verb = "would send" if dry_run else "sent"
+    console.print(f"{verb} {len(result['files'])} files ({result['bytes']:,} bytes) to "
+                  f"{'private ' if private else ''}model repo {repo}"
+                  + (f": {result['url']}" if result.get("url") else ""), highlight=False)

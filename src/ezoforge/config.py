@@ -239,6 +239,9 @@ class SynthConfig(Section):
         return self
 
 
+TrackerName = Literal["none", "tensorboard", "wandb", "mlflow"]
+
+
 class TrainConfig(Section):
     # auto: 4-bit NF4 on CUDA where bitsandbytes trains, LoRA on a CPU (see train/model.py); true: 4-bit or an error.
     qlora: Literal["auto"] | bool = "auto"
@@ -272,9 +275,13 @@ class TrainConfig(Section):
     # auto: on CUDA when gradient_checkpointing is on; true: always (also on CPU, where it saves nothing); false: off.
     offload_activations: bool | Literal["auto"] = "auto"
 
+    # Experiment trackers the trainer logs to: none, tensorboard (event files in the train folder), wandb, mlflow.
+    report_to: TrackerName | list[TrackerName] = "none"
+
     # Checkpointing recomputes the same activations: it trades memory for time, never the result.
     operational = frozenset({"save_every", "keep_checkpoints", "log_every", "gradient_checkpointing",
-                             "selective_checkpointing", "checkpoint_every", "offload_activations"})
+                             "selective_checkpointing", "checkpoint_every", "offload_activations",
+                             "report_to"})
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -327,11 +334,20 @@ class EvalConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------- export (issue 14)
+
+class ExportConfig(Section):
+    """`ezo export`: a publishable folder (weights, tokenizer, model card) and optional GGUF files."""
+
+    gguf: list[Literal["f16", "q8_0"]] = []
+    repo: str | None = None  # USER/NAME the card's usage snippet loads (None: the export folder's own path)
+
+
 class Recipe(Section):
     """A whole run: the model, each stage's settings and where outputs go."""
 
     workdir: Path = Path("runs/default")
-    stages: list[Literal["curate", "synth", "train", "merge", "eval"]] = list(STAGES)
+    stages: list[Literal["curate", "synth", "train", "merge", "eval", "export"]] = list(STAGES)  # export: opt-in
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     curate: CurateConfig = CurateConfig()
@@ -339,6 +355,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
 
 # ---------------------------------------------------------------- loading

@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 # Folder of each step under the workdir, in run order.
 FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "merge": "merged",
-           "eval-base": "eval-base", "eval-tuned": "eval-tuned"}
+           "eval-base": "eval-base", "eval-tuned": "eval-tuned", "export": "export"}
 
 
 def steps(recipe: Recipe) -> list[str]:
@@ -35,7 +35,7 @@ def steps(recipe: Recipe) -> list[str]:
                 out.append("eval-tuned")
         else:
             out.append(stage)
-    return out
+    return sorted(out, key=lambda s: s == "export")  # export last: its card reads the evals
 
 
 def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
@@ -52,6 +52,9 @@ def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> d
     if step == "merge":
         from ezoforge.train.merge import run
         return run(workdir / "train", out, recipe.merge.dtype, force=force)
+    if step == "export":
+        from ezoforge.export.run import run
+        return run(workdir / "merged", out, recipe.export, recipe.model.system_prompt, force=force)
     from ezoforge.eval.run import run
     if step == "eval-base":
         return run(recipe, out, force=force)
@@ -64,8 +67,8 @@ def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> d
 
 ALL = "all"
 # Which steps read each step's folder: redoing a step redoes these after it (eval-base reads only the base model).
-READERS = {"curate": ["synth"], "synth": ["train"], "train": ["merge", "eval-tuned"], "merge": ["eval-tuned"],
-           "eval-base": [], "eval-tuned": []}
+READERS = {"curate": ["synth"], "synth": ["train"], "train": ["merge", "eval-tuned"],
+           "merge": ["eval-tuned", "export"], "eval-base": ["export"], "eval-tuned": ["export"], "export": []}
 
 
 def forced_steps(plan: list[str], force: list[str]) -> set[str]:

@@ -63,6 +63,8 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
         "merge": "standalone model written",
         "eval-base": f"ppl {base.get('perplexity')}, chrF {base.get('chrf')}, grade {base.get('mean_grade')}",
         "eval-tuned": f"ppl {tuned.get('perplexity')}, chrF {tuned.get('chrf')}, grade {tuned.get('mean_grade')}",
+        "export": "model card" + "".join(f" + {g['file']}" for g in _read(workdir / "export" / "stats.json")
+                                         .get("gguf", [])),
     }
     for step in plan:
         report["stages"][step] = {"seconds": timings.get(step, {}).get("seconds"), "summary": summaries[step]}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ezoforge.config import Recipe, TrainConfig, output_settings
+from ezoforge.errors import ConfigError
 from ezoforge.models import check_model, load_tokenizer, pick_device, require_chat_template
 from ezoforge.records import fsync_dir
 from ezoforge.stage import Stage, input_files, input_fingerprints
@@ -57,8 +58,48 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
         use_liger_kernel=bool(liger), torch_compile=cfg.compile,
         # Our rows are tokenized, labelled and packed already (see data.py).
         dataset_kwargs={"skip_prepare_dataset": True}, packing=False, max_length=cfg.max_length,
-        include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=True, log_level="warning",
-        dataloader_num_workers=0)
+        include_num_input_tokens_seen="non_padding", report_to=trainer_trackers(cfg), disable_tqdm=True,
+        log_level="warning", dataloader_num_workers=0)
+
+
+# ---------------------------------------------------------------- experiment tracking (issue 14)
+
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    return [n for n in names if n != "none"]
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    """A tracker the recipe names must be installed: fail before the model loads, not after the first step."""
+    for name in trackers(cfg):
+        if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[name]):
+            raise ConfigError(f"train.report_to: {name} is not installed (pip install {TRACKER_MODULES[name][0]})")
+
+
+def trainer_trackers(cfg: TrainConfig) -> list[str]:
+    # TensorBoard goes through our own callback (tensorboard_callback), which writes into the train folder
+    # rather than under the trainer's staging dir, which is deleted after training.
+    return [n for n in trackers(cfg) if n != "tensorboard"]
+
+
+def tensorboard_callback(cfg: TrainConfig, out: Path) -> list:
+    if "tensorboard" not in trackers(cfg):
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(out / "tensorboard")  # its writer opens there when training begins
+    return [callback]
+
+
+def hardware(device: torch.device) -> str:
+    """What trained the model, for the model card."""
+    if device.type == "cuda":
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eval_rows: list[dict],
@@ -112,6 +153,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
 
     inputs, out = [Path(p) for p in inputs], Path(out)
     input_files(inputs)  # a missing or unfinished input fails before the output folder is claimed
+    check_trackers(recipe.train)
     dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
     device = pick_device(recipe.model.device)
     check_model(recipe.model.name, None, recipe.model.device, recipe.model.chat_template)
@@ -152,7 +194,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
     saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
-                           [train_log, saver], eval_first=not resume)
+                           [train_log, saver, *tensorboard_callback(cfg, out)], eval_first=not resume)
     offload = any(isinstance(c, OffloadCheckpoints) for c in trainer.callback_handler.callbacks)
     log.info("training %s r=%d on %s (%s attention%s)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA", cfg.lora_r,
              device, attn_implementation(cfg, device), ", checkpoint inputs offloaded to host memory" if offload else "",
@@ -166,7 +208,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     plot_loss(train_log.rows, out / "loss.png")
     return stage.finish({"steps": trainer.state.global_step, **summarize(train_log.rows), "qlora": qlora,
                          "offload_activations": offload,
-                         "device": str(device), "resumed_from_step": resume_step,
+                         "device": str(device), "hardware": hardware(device), "resumed_from_step": resume_step,
                          "seconds": round(time.perf_counter() - start, 1), **data.stats})
 
 

@@ -1,0 +1,274 @@
+"""The model card (README.md with Hugging Face metadata) and its eval chart, from the run's own records only.
+
+Every figure comes from a stage's stats.json, config.yaml or an eval report.json; a section whose records are
+absent is left out rather than filled in.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ezoforge.export.records import RunRecords
+
+# Bundled models' hub ids (a local spec names no hub repo).
+HUB_IDS = {"bundled:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+LLAMA31_NOTICE = (
+    "This model is built on Llama 3.1. **Built with Llama.** Llama 3.1 is licensed under the Llama 3.1 Community "
+    "License, Copyright © Meta Platforms, Inc. All Rights Reserved "
+    "([licence](https://www.llama.com/llama3_1/license/), "
+    "[acceptable use policy](https://www.llama.com/llama3_1/use-policy/)). Redistributing it means passing on a "
+    "copy of that licence with this notice, and a model derived from it has a name that begins with \"Llama\".")
+SMOLLM2_NOTICE = ("The base model, SmolLM2 by Hugging Face, is released under the Apache License 2.0 "
+                  "(<https://www.apache.org/licenses/LICENSE-2.0>); this derivative keeps that licence.")
+# (words in the base model's name, Hugging Face licence id, notice)
+LICENCES = [(("llama-3.1", "llama3.1", "llama-31", "llama31"), "llama3.1", LLAMA31_NOTICE),
+            (("smollm2",), "apache-2.0", SMOLLM2_NOTICE)]
+
+EVAL_METRICS = [("mean_grade", "mean grade (1–5, LLM judge)"), ("chrf", "chrF"),
+                ("accuracy", "JCommonsenseQA accuracy"), ("perplexity", "held-out perplexity (lower is better)")]
+USAGE_PROMPT = "日本の四季について、それぞれの特徴を簡単に教えてください。"
+
+
+def hub_id(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    if spec in HUB_IDS:
+        return HUB_IDS[spec]
+    looks_local = spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") != 1
+    return None if looks_local else spec
+
+
+def licence(spec: str | None) -> tuple[str | None, str]:
+    names = f"{spec} {hub_id(spec)}".lower()
+    for words, licence_id, notice in LICENCES:
+        if any(w in names for w in words):
+            return licence_id, notice
+    return None, (f"The base model's licence ({spec or 'base model not recorded'}) is unknown to ezoforge: check "
+                  "it and state it here before publishing; this derivative is bound by it.")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("–" if v is None else _fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _facts(pairs: list[tuple[str, Any]]) -> str:
+    return "\n".join(f"- {k}: {_fmt(v)}" for k, v in pairs if v is not None)
+
+
+def hub_datasets(rec: RunRecords) -> list[str]:
+    """Curated inputs downloaded from the Hub keep the dataset's id in their cache path (datasets--ORG--NAME)."""
+    return sorted({part.removeprefix("datasets--").replace("--", "/", 1) for c in rec.curate
+                   for path in c["stats"].get("inputs", []) for part in Path(path).parts
+                   if part.startswith("datasets--")})
+
+
+def metadata(rec: RunRecords, gguf: list[str]) -> dict[str, Any]:
+    base = hub_id(rec.base_model)
+    licence_id, _ = licence(rec.base_model)
+    train = (rec.train or {}).get("stats", {})
+    tags = ["ezoforge", "japanese", "text-generation"]
+    if rec.train:
+        tags += ["qlora" if train.get("qlora") else "lora", "sft"]
+    tags += ["gguf"] * bool(gguf)
+    meta: dict[str, Any] = {"language": ["ja"], "library_name": "transformers", "pipeline_tag": "text-generation",
+                            "tags": tags}
+    if base:
+        meta["base_model"] = base
+    if licence_id:
+        meta["license"] = licence_id
+    datasets = hub_datasets(rec)
+    if datasets:
+        meta["datasets"] = datasets
+    return meta
+
+
+def _data_section(rec: RunRecords) -> list[str]:
+    out: list[str] = []
+    for c in rec.curate:
+        s, cfg = c["stats"], c["settings"].get("curate", {})
+        out.append(f"Curated documents: {_fmt(s.get('docs_out'))} kept of {_fmt(s.get('docs_in'))} read "
+                   f"from {', '.join(Path(i).name for i in s.get('inputs', [])) or 'the inputs'}.")
+        removed = s.get("removed_by_filter") or {}
+        if removed:
+            out.append("Removed by filter (documents): " + ", ".join(f"{k} {v}" for k, v in removed.items()) + ".")
+        filters = [k for k, v in (cfg.get("filters") or {}).items() if v.get("enabled", True)]
+        if filters:
+            out.append("Japanese quality filters: " + ", ".join(filters) + ".")
+        dedup = cfg.get("dedup") or {}
+        if dedup.get("enabled"):
+            out.append(f"Near-duplicates removed with MinHash LSH on character {dedup['n_grams']}-grams "
+                       f"({dedup['num_buckets']} bands × {dedup['hashes_per_bucket']} rows).")
+    for s_ in rec.synth:
+        s, cfg = s_["stats"], s_["settings"]
+        out.append(f"Instruction pairs: {_fmt(s.get('pairs'))} synthesized from {_fmt(s.get('documents'))} documents "
+                   f"by `{s.get('generator') or cfg.get('model')}` ({cfg.get('synth', {}).get('mode')} mode; "
+                   f"{_fmt(s.get('rejected'))} rejected by the pair filters).")
+        by_source = s.get("by_source") or {}
+        if by_source:
+            out.append(_table(["source", "documents", "passages", "documents with pairs", "pairs"],
+                              [[k, v.get("documents"), v.get("passages"), v.get("documents_with_pairs"),
+                                v.get("pairs")] for k, v in by_source.items()]))
+    used = (rec.train or {}).get("stats", {}).get("pairs_by_source") or {}
+    if used:
+        out.append("Pairs trained on, by source: " + ", ".join(f"{k} {_fmt(v)}" for k, v in used.items()) + ".")
+    return out
+
+
+def _method_section(rec: RunRecords) -> str:
+    if not rec.train:
+        return ""
+    s, cfg = rec.train["stats"], rec.train["settings"].get("train", {})
+    targets = cfg.get("target_modules")
+    seconds = s.get("seconds")
+    facts = [
+        ("method", ("QLoRA (4-bit NF4 base)" if s.get("qlora") else "LoRA") + " supervised fine-tuning, "
+         + ("loss on responses and source passages" if cfg.get("context_loss") else "loss on assistant turns only")),
+        ("LoRA r / alpha / dropout", f"{cfg.get('lora_r')} / {cfg.get('lora_alpha')} / {cfg.get('lora_dropout')}"),
+        ("target modules", ", ".join(targets) if isinstance(targets, list) else targets),
+        ("learning rate", cfg.get("learning_rate")),
+        ("batch size × gradient accumulation", f"{cfg.get('batch_size')} × {cfg.get('grad_accum')}"),
+        ("max length (tokens)", cfg.get("max_length")),
+        ("optimizer steps", s.get("steps")),
+        ("training examples", s.get("examples")),
+        ("tokens in training examples", s.get("train_tokens")),
+        ("tokens with loss", s.get("trained_tokens")),
+        ("train loss (first → last step)", f"{_fmt(s['train_loss_first'])} → {_fmt(s['train_loss_last'])}"
+         if s.get("train_loss_first") is not None else None),
+        ("eval loss (before → after)", f"{_fmt(s['eval_loss_start'])} → {_fmt(s['eval_loss'])}"
+         if s.get("eval_loss_start") is not None and s.get("eval_loss") is not None else None),
+        ("hardware", s.get("hardware") or s.get("device")),
+        ("training time", f"{seconds / 3600:.2f} h ({seconds:,.0f} s)" if seconds else None),
+        ("merged weights dtype", (rec.merged or {}).get("settings", {}).get("dtype")),
+    ]
+    return _facts(facts)
+
+
+def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
+    base, tuned = rec.evals.get("base", {}), rec.evals.get("tuned", {})
+    if not base and not tuned:
+        return []
+    rows = []
+    for key, label in EVAL_METRICS:
+        if base.get(key) is None and tuned.get(key) is None:
+            continue
+        cells = [f"{_fmt(r[key])} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if key == "mean_grade" and r.get(
+            "ci95") else r.get(key) for r in (base, tuned)]
+        rows.append([label, *cells])
+    out = [_table(["metric", "base", "tuned"], rows)]
+    if diff:
+        out.append(f"Paired difference in mean grade (tuned − base) over {diff['n']} tasks graded in both: "
+                   f"{_fmt(diff['diff'])}, 95% CI [{_fmt(diff['ci95'][0])}, {_fmt(diff['ci95'][1])}] "
+                   f"(paired bootstrap).")
+    report = tuned or base
+    tasks = [t.split(":", 1)[0] + (f" ({Path(t.split(':', 1)[1]).name})" if ":" in t else "")
+             for t in report.get("tasks", [])]
+    out.append(_facts([("tasks", ", ".join(tasks) or None),
+                       ("open-ended tasks graded (tuned)", f"{tuned['n_scored']} of {tuned['n_tasks']}"
+                        if tuned.get("n_tasks") else None),
+                       ("judge model", (report.get("judge") or {}).get("model")),
+                       ("judge prompt version", report.get("prompt_version")),
+                       ("grade intervals", "95% bootstrap CI" if report.get("ci95") else None)]))
+    if any(r.get("partial") for r in (base, tuned)):
+        out.append("Some judgements failed; grades are over the tasks that were graded.")
+    if chart:
+        out.append("![base vs tuned](eval.png)")
+    return out
+
+
+def usage(model_ref: str, system_prompt: str | None) -> str:
+    def quote(text: str) -> str:  # a JSON string is a valid Python literal
+        return json.dumps(text, ensure_ascii=False)
+
+    messages = ([f'    {{"role": "system", "content": {quote(system_prompt)}}},'] if system_prompt else []) + \
+               [f'    {{"role": "user", "content": {quote(USAGE_PROMPT)}}},']
+    return "\n".join([
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'pipe = pipeline("text-generation", model={quote(model_ref)})',
+        "messages = [", *messages, "]",
+        "out = pipe(messages, max_new_tokens=128, do_sample=False)",
+        'print(out[0]["generated_text"][-1]["content"])',
+        "```"])
+
+
+def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | None, gguf: dict[str, str],
+           diff: dict | None, chart: bool) -> str:
+    base = rec.base_model
+    _, notice = licence(base)
+    body = ["---", yaml.safe_dump(metadata(rec, list(gguf)), allow_unicode=True, sort_keys=False).strip(), "---", "",
+            f"# {title}", "",
+            ("A Japanese assistant model made with ezoforge the way the EZO models were made: instruction data "
+             "synthesized from Japanese text, then supervised fine-tuning." if rec.train else
+             "A model exported with ezoforge (no training records were found beside it).")
+            + (f" Base model: `{hub_id(base) or base}`." if base else ""), ""]
+    data = _data_section(rec)
+    if data:
+        body += ["## Data", "", *[p + "\n" for p in data]]
+    method = _method_section(rec)
+    if method:
+        body += ["## Training", "", method, ""]
+    evals = _eval_section(rec, diff, chart)
+    if evals:
+        body += ["## Evaluation", "", *[p + "\n" for p in evals]]
+    body += ["## Usage", "", usage(model_ref, system_prompt), ""]
+    if system_prompt:
+        body += [f"The system prompt above is the one the model was {'trained' if rec.train else 'exported'} with: "
+                 f"「{system_prompt}」", ""]
+    if gguf:
+        first = next(iter(gguf.values()))
+        body += ["### llama.cpp and Ollama", "",
+                 "GGUF files in `gguf/` (tokenizer and chat template embedded): "
+                 + ", ".join(f"`{f}` ({t})" for t, f in gguf.items()) + "; `gguf/Modelfile` sets Ollama's template, "
+                 "system prompt and stop tokens.", "", "```sh",
+                 f"llama-cli -m gguf/{first} -cnv" + (f" -sys {json.dumps(system_prompt, ensure_ascii=False)}"
+                                                      if system_prompt else ""),
+                 "ollama create my-model -f gguf/Modelfile && ollama run my-model", "```", ""]
+    body += ["## Intended use and limits", "",
+             "For Japanese chat and instruction following, and for research on tuning recipes. The model inherits "
+             "the base model's knowledge, biases and failure modes; its tuning data was written by a model and "
+             "filtered automatically, not reviewed by people, so answers can be fluent and wrong. It has not been "
+             "evaluated for safety: check outputs before relying on them.", "",
+             "## Licence", "", notice, ""]
+    return "\n".join(body)
+
+
+def eval_chart(rec: RunRecords) -> bytes | None:
+    """Base vs tuned bars for each eval figure both runs have (mean grade with its 95% CI)."""
+    from matplotlib.figure import Figure
+
+    base, tuned = rec.evals.get("base", {}), rec.evals.get("tuned", {})
+    metrics = [(k, label) for k, label in EVAL_METRICS if base.get(k) is not None or tuned.get(k) is not None]
+    if not metrics:
+        return None
+    runs = [(name, r) for name, r in (("base", base), ("tuned", tuned)) if r]
+    fig = Figure(figsize=(3.0 * len(metrics) + 0.5, 3.2), layout="constrained")
+    for ax, (key, label) in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        values = [r.get(key) or 0.0 for _, r in runs]
+        err = None
+        if key == "mean_grade":
+            cis = [r.get("ci95") or [v, v] for v, (_, r) in zip(values, runs)]
+            err = [[max(v - ci[0], 0) for v, ci in zip(values, cis)], [max(ci[1] - v, 0) for v, ci in zip(values, cis)]]
+        bars = ax.bar([n for n, _ in runs], values, yerr=err, capsize=4, color=["#8c8c8c", "#4f81bd"][:len(runs)])
+        ax.bar_label(bars, fmt="%.4g", label_type="center", color="white")
+        ax.set_title(label, fontsize=9)
+        if key == "mean_grade":
+            ax.set_ylim(0, 5.2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()

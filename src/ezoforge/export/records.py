@@ -1,0 +1,71 @@
+"""What a run recorded about the model it made, found by following each folder's own pointers.
+
+Every finished stage folder's DONE marker lists the inputs it read (`inputs`): merged → train → synth → curate;
+eval-base/eval-tuned sit beside merged in the workdir. Anything missing stays missing: the card leaves it out.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ezoforge.stage import done_info
+
+
+def _stage(folder: Path) -> dict[str, Any] | None:
+    """A finished stage folder's settings, stats and inputs (None when it is not one)."""
+    done = done_info(folder)
+    if done is None:
+        return None
+    return {"dir": Path(folder), "stage": done.get("stage"), "fingerprint": done.get("fingerprint"),
+            "settings": done.get("settings") or {}, "stats": done.get("stats") or {},
+            "inputs": [Path(p) for p in done.get("inputs", [])]}
+
+
+@dataclass
+class RunRecords:
+    merged_dir: Path
+    merged: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    synth: list[dict[str, Any]] = field(default_factory=list)
+    curate: list[dict[str, Any]] = field(default_factory=list)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"tuned" -> report.json
+
+    @property
+    def base_model(self) -> str | None:
+        if self.merged and self.merged["settings"].get("base"):
+            return self.merged["settings"]["base"]
+        return (self.train or {}).get("settings", {}).get("model", {}).get("name")
+
+    @property
+    def system_prompt(self) -> str | None:
+        model = (self.train or {}).get("settings", {}).get("model", {})
+        return model.get("system_prompt") if "system_prompt" in model else None
+
+    def folders(self) -> list[Path]:
+        """Every record folder the card reads, for the export's fingerprint."""
+        stages = [self.merged, self.train, *self.synth, *self.curate]
+        return [s["dir"] for s in stages if s] + [self.merged_dir.parent / f"eval-{k}" for k in self.evals]
+
+
+def gather(merged: Path) -> RunRecords:
+    merged = Path(merged)
+    rec = RunRecords(merged, _stage(merged))
+    trains = [t for p in (rec.merged or {}).get("inputs", []) if (t := _stage(p)) and t["stage"] == "train"]
+    rec.train = trains[0] if trains else None
+    rec.synth = [s for p in (rec.train or {}).get("inputs", []) if (s := _stage(p)) and s["stage"] == "synth"]
+    for synth in rec.synth:
+        for p in synth["inputs"]:
+            curate = _stage(p)
+            if curate and curate["stage"] == "curate" and all(c["dir"] != curate["dir"] for c in rec.curate):
+                rec.curate.append(curate)
+    # An eval beside the merged folder counts only when it evaluated this model (tuned) or its base (base).
+    for kind, model in (("base", rec.base_model), ("tuned", str(merged))):
+        report = merged.parent / f"eval-{kind}" / "report.json"
+        if model and report.is_file() and done_info(report.parent) is not None:
+            data = json.loads(report.read_text(encoding="utf-8"))
+            spec = data.get("model", {}).get("spec", "")
+            if spec == model or (Path(spec).exists() and Path(spec).resolve() == Path(model).resolve()):
+                rec.evals[kind] = data
+    return rec
