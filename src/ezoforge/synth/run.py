@@ -22,6 +22,7 @@ from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_fingerprints
 from ezoforge.synth import prompts
 from ezoforge.synth.backends import Output
+from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import input_files, read_docs, split
 
@@ -93,12 +94,13 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False) -> dict:
     settings = {"synth": {k: v for k, v in to_plain(cfg).items() if k not in OPERATIONAL}, "model": model,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
                 "version": _version(cfg.mode), "inputs": input_fingerprints(files)}
+    # The draw comes first: a mix naming an absent source fails before the output folder is claimed.
+    docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
+    if not docs:
+        raise EzoError(f"{input}: no documents with text")
     stage = Stage("synth", out, settings)
     if (finished := stage.start(force)) is not None:
         return finished
-    docs = read_docs(files, cfg.limit)
-    if not docs:
-        raise EzoError(f"{input}: no documents with text")
     backend = make_backend(recipe, model)
     reqs = build_requests(docs, backend, recipe)
     g = cfg.generation
@@ -158,6 +160,7 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
     with_pairs: set[str] = set()  # at least one pair kept by the filters
     filt = PairFilter(cfg.filters)
     passage_no: dict[str, int] = {}
+    source = {d.id: d.source for d in docs}  # drawn document → its source
     for i, (req, key) in enumerate(zip(reqs, keys)):
         if req.doc_id not in passage_no:
             filt.new_document()
@@ -184,7 +187,8 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
                 continue
             with_pairs.add(req.doc_id)
             pairs.append(Pair(id=f"{req.doc_id}/{p}/{k}", doc_id=req.doc_id, instruction=instruction,
-                              response=response, context=req.passage, generator=generator).model_dump())
+                              response=response, context=req.passage, generator=generator,
+                              source=source[req.doc_id]).model_dump())
     errors = len(sent["errors"])
     if errors > cfg.max_error_fraction * len(reqs):
         raise EzoError(f"synth: {errors} of {len(reqs)} requests failed (first: {next(iter(sent['errors'].values()))});"
@@ -202,7 +206,22 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
         "tokens_in": tokens_in, "tokens_out": tokens_out,
         "tokens_per_s": round(sent["tokens_out"] / sent["seconds"], 1) if sent["seconds"] else None,
         "generator": generator,
+        **_by_source(source, reqs, with_pairs, pairs),
     })
+
+
+def _by_source(source: dict[str, str], reqs, with_pairs: set[str], pairs: list[dict]) -> dict:
+    """The mix as drawn: per source, documents, passages, documents with a kept pair, and pairs."""
+    by = {s: {"documents": 0, "passages": 0, "documents_with_pairs": 0, "pairs": 0} for s in sorted(source.values())}
+    for s in source.values():
+        by[s]["documents"] += 1
+    for r in reqs:
+        by[source[r.doc_id]]["passages"] += 1
+    for doc_id in with_pairs:
+        by[source[doc_id]]["documents_with_pairs"] += 1
+    for p in pairs:
+        by[p["source"]]["pairs"] += 1
+    return {"by_source": by, "mix": {s: round(v["documents"] / len(source), 4) for s, v in by.items()}}
 
 
 def _shards(folder: Path, rows: list[dict], schema: pa.Schema) -> None:
