@@ -8,11 +8,13 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import closing
 
 import pyarrow.parquet as pq
 import pytest
@@ -121,6 +123,26 @@ def test_openai_backend_against_ezo_serve(live_server, shared_data, tmp_path):
     # every reply reached the parser behind the prefill the server was asked to continue
     assert all(r["output"].startswith("質問1: ") for r in rejected)
     assert all(p["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}" for p in pairs_of(tmp_path / "out"))
+
+
+def test_openai_backend_against_ezo_serve_matches_transformers(live_server, shared_data, tmp_path):
+    """Parity at temperature 0: the server continues the prefill, so it sees the prompt the local backend renders
+    and writes the same greedy text (batch 1 on both sides: no padding to tell them apart)."""
+    docs, _ = jsquad_docs(shared_data, tmp_path, 3)  # several passages; the model keeps pairs for some
+    common = ["synth.generation.max_new_tokens=48", "synth.max_passage_tokens=256", "synth.pairs_per_doc=2"]
+    local = run(load_recipe(None, common + ["synth.generation.batch_size=1"]), docs, tmp_path / "local")
+    served = run(load_recipe(None, common + ["synth.backend=openai", f"synth.base_url={live_server}/v1",
+                                             f"synth.model={BUNDLED}", "synth.concurrency=1"]), docs, tmp_path / "http")
+    assert served["requests"] == local["requests"] > 3 and served["errors"] == 0
+
+    def outputs(out):
+        with closing(sqlite3.connect(out / "requests.sqlite")) as db:
+            values = [json.loads(v) for (v,) in db.execute("SELECT value FROM responses")]
+        return sorted((v["tokens_in"], v["text"]) for v in values)
+
+    assert outputs(tmp_path / "http") == outputs(tmp_path / "local")  # same prompt sizes, same greedy text
+    assert served["documents_with_pairs"] >= local["documents_with_pairs"] >= 1
+    assert pairs_of(tmp_path / "http") == pairs_of(tmp_path / "local")
 
 
 # ---------------------------------------------------------------- a scripted OpenAI-compatible server
