@@ -209,8 +209,6 @@ class OpenAIBackend:
 
         reply = chat(self.client, self.model, self.instructed(req), sampling.max_new_tokens, sampling.temperature,
                      sampling.top_p, sampling.seed, sampling.stop)
-        if not req.prefill:
-            return reply, reply.text
         head = req.prefill.split(":", 1)[0]
         return reply, reply.text.strip() if reply.text.lstrip().startswith(head) else f"{req.prefill} {reply.text}"
 
