@@ -3,14 +3,18 @@ retries and failures, and a killed run that resumes without sending any finished
 import asyncio
 import importlib.util
 import json
+import logging
 import os
 import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import closing
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,9 +25,11 @@ from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.infer.generate import Sampling
 from ezoforge.infer.serve import BackgroundServer
-from ezoforge.records import Pair, read_rows
+from ezoforge.records import Pair, read_rows, write_parquet
 from ezoforge.remote import RemoteError, chat, make_client
 from ezoforge.synth import prompts
+from ezoforge.synth.mix import draw
+from ezoforge.synth.passages import read_docs
 from ezoforge.synth.run import run
 
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -119,14 +125,35 @@ def test_openai_backend_against_ezo_serve(live_server, shared_data, tmp_path):
     assert all(p["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}" for p in pairs_of(tmp_path / "out"))
 
 
+def test_openai_backend_against_ezo_serve_matches_transformers(live_server, shared_data, tmp_path):
+    """Parity at temperature 0: the server continues the prefill, so it sees the prompt the local backend renders
+    and writes the same greedy text (batch 1 on both sides: no padding to tell them apart)."""
+    docs, _ = jsquad_docs(shared_data, tmp_path, 3)  # several passages; the model keeps pairs for some
+    common = ["synth.generation.max_new_tokens=48", "synth.max_passage_tokens=256", "synth.pairs_per_doc=2"]
+    local = run(load_recipe(None, common + ["synth.generation.batch_size=1"]), docs, tmp_path / "local")
+    served = run(load_recipe(None, common + ["synth.backend=openai", f"synth.base_url={live_server}/v1",
+                                             f"synth.model={BUNDLED}", "synth.concurrency=1"]), docs, tmp_path / "http")
+    assert served["requests"] == local["requests"] > 3 and served["errors"] == 0
+
+    def outputs(out):
+        with closing(sqlite3.connect(out / "requests.sqlite")) as db:
+            values = [json.loads(v) for (v,) in db.execute("SELECT value FROM responses")]
+        return sorted((v["tokens_in"], v["text"]) for v in values)
+
+    assert outputs(tmp_path / "http") == outputs(tmp_path / "local")  # same prompt sizes, same greedy text
+    assert served["documents_with_pairs"] >= local["documents_with_pairs"] >= 1
+    assert pairs_of(tmp_path / "http") == pairs_of(tmp_path / "local")
+
+
 # ---------------------------------------------------------------- a scripted OpenAI-compatible server
 
 class Script:
     """Per tag (a word in the request's last message), what to answer on each hit; the last step repeats.
     Steps: ("ok",), ("status", code, headers), ("stall", seconds), ("block", threading.Event)."""
 
-    def __init__(self, plan=None):
+    def __init__(self, plan=None, continues=True):
         self.plan = plan or {}
+        self.continues = continues  # False: reject `continue_final_message` with 400, as a plain OpenAI server does
         self.hits = Counter()
         self.times = defaultdict(list)
         self.bodies = Counter()
@@ -142,7 +169,7 @@ class Script:
         @app.post("/v1/chat/completions")
         async def completions(request: Request):
             body = await request.json()
-            text = body["messages"][-1]["content"]
+            text = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
             named = re.search(r"これは(\S+?)についての本文", text)
             tag = next((t for t in self.plan if t in text), named.group(1) if named else text[:8])
             with self.lock:
@@ -150,6 +177,10 @@ class Script:
                 self.hits[tag] += 1
                 self.times[tag].append(time.monotonic())
                 self.bodies[json.dumps(body, sort_keys=True, ensure_ascii=False)] += 1
+            if body.get("continue_final_message") and not self.continues:
+                return JSONResponse({"error": {"message": "Unrecognized request argument supplied: "
+                                                          "continue_final_message", "type": "invalid_request_error"}},
+                                    status_code=400)
             steps = self.plan.get(tag, [("ok",)])
             step = steps[min(n, len(steps) - 1)]
             if step[0] == "status":
@@ -249,8 +280,9 @@ def test_too_many_failures_fail_the_stage_and_a_rerun_sends_only_those(tmp_path)
 def test_killed_run_resumes_without_sending_any_request_twice(tmp_path):
     release = threading.Event()
     tags = [f"文書{i:02d}" for i in range(8)]
-    script = Script({"文書03": [("block", release), ("ok",)]})
     docs = write_docs(tmp_path, tags)
+    blocked = draw(read_docs([docs]), None, None, 0, "")[3].id  # requests go out in the drawn order
+    script = Script({blocked: [("block", release), ("ok",)]})
     out = tmp_path / "out"
     with BackgroundServer(script.app()) as url:
         args = ["--backend", "openai", "--base-url", f"{url}/v1", "--model", "scripted", "--concurrency", "1"]
@@ -259,7 +291,7 @@ def test_killed_run_resumes_without_sending_any_request_twice(tmp_path):
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.time() + 120
-            while script.hits["文書03"] == 0:  # three requests answered, the fourth in flight
+            while script.hits[blocked] == 0:  # three requests answered, the fourth in flight
                 assert proc.poll() is None, proc.stderr.read().decode()
                 assert time.time() < deadline
                 time.sleep(0.05)
@@ -272,8 +304,8 @@ def test_killed_run_resumes_without_sending_any_request_twice(tmp_path):
                                     "synth.concurrency=1"])
         stats = run(recipe, docs, out)
     assert stats["requests_sent"] == 5 and stats["documents"] == 8 and (out / "DONE").exists()
-    assert [script.hits[t] for t in tags] == [1, 1, 1, 2, 1, 1, 1, 1]  # only the one in flight was sent again
-    assert all(n == 1 for body, n in script.bodies.items() if "文書03" not in body)
+    assert [script.hits[t] for t in tags] == [2 if t == blocked else 1 for t in tags]  # only the one in flight
+    assert all(n == 1 for body, n in script.bodies.items() if blocked not in body)
     assert {p["doc_id"] for p in pairs_of(out)} == set(tags)
 
 
@@ -290,3 +322,59 @@ def test_synthesizer_mode_over_a_completions_endpoint(tmp_path):
     rejected = sorted(r["reason"] for f in (tmp_path / "out" / "rejected").glob("*.parquet") for _, r in read_rows(f))
     assert rejected == ["repeated_question", "unterminated"]
     assert stats["generator"] == f"synth|synthesizer|{prompts.SYNTHESIZER_VERSION}"
+
+
+# ---------------------------------------------------------------- the mix of sources, and prefill over HTTP
+
+def curated(tmp_path, wiki, web):
+    """A curate output as curate writes it: one shard of Wikipedia documents, then one of web documents."""
+    folder = tmp_path / "curated"
+    for n, (source, tags) in enumerate((("wikipedia", wiki), ("fineweb", web))):
+        write_parquet(folder / "data" / f"{n:05d}.parquet", [
+            {"id": t, "text": f"これは{t}についての本文です。{t}は例です。", "source": source} for t in tags])
+    return folder
+
+
+def test_both_sources_reach_synthesis_and_a_raised_limit_reuses_the_cache(tmp_path):
+    wiki, web = [f"百科{i}" for i in range(6)], [f"ウェブ{i}" for i in range(6)]
+    docs = curated(tmp_path, wiki, web)
+    script = Script()
+    with BackgroundServer(script.app()) as url:
+        base = ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=scripted"]
+        stats = run(load_recipe(None, base + ["synth.limit=4"]), docs, tmp_path / "small")
+        (tmp_path / "large").mkdir()
+        shutil.copy(tmp_path / "small" / "requests.sqlite", tmp_path / "large")
+        larger = run(load_recipe(None, base + ["synth.limit=6"]), docs, tmp_path / "large")
+    assert stats["mix"] == {"fineweb": 0.5, "wikipedia": 0.5}
+    assert stats["by_source"] == {s: {"documents": 2, "passages": 2, "documents_with_pairs": 2, "pairs": 4}
+                                  for s in ("fineweb", "wikipedia")}
+    pairs = pairs_of(tmp_path / "small")
+    assert {(p["source"], p["doc_id"] in wiki) for p in pairs} == {("wikipedia", True), ("fineweb", False)}
+    # nested: the 4 documents of limit 4 are among those of limit 6, whose cache answers them
+    assert {p["doc_id"] for p in pairs} < {p["doc_id"] for p in pairs_of(tmp_path / "large")}
+    assert larger["requests_sent"] == 2 and sum(script.hits.values()) == 6
+
+
+def test_the_prefill_is_continued_by_the_server_or_given_in_the_user_message(tmp_path, caplog):
+    docs = write_docs(tmp_path, ["文書A", "文書B", "文書C"])
+    for continues in (True, False):
+        script = Script(continues=continues)
+        with BackgroundServer(script.app()) as url, caplog.at_level(logging.WARNING):
+            caplog.clear()
+            recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={url}/v1", "synth.model=scripted"])
+            stats = run(recipe, docs, tmp_path / f"out-{continues}")
+        bodies = [json.loads(b) for b, n in script.bodies.items() for _ in range(n)]
+        continued = [b for b in bodies if b.get("continue_final_message")]
+        for b in continued:  # the prompt a local backend renders: the prefill is the open assistant turn
+            assert b["add_generation_prompt"] is False and b["messages"][-1]["role"] == "assistant"
+            assert b["messages"][-1]["content"].startswith("質問1: ") and "次の続き" not in json.dumps(b)
+        warnings = [r.getMessage() for r in caplog.records if "continue_final_message" in r.getMessage()]
+        if continues:
+            assert len(continued) == len(bodies) == 3 and not warnings
+        else:  # refused once on the first request, then the instruction wording for every request
+            assert len(continued) == 1 and len(bodies) == 4 and len(warnings) == 1
+            assert all("次の続きを書いてください。\n質問1: " in b["messages"][-1]["content"]
+                       for b in bodies if b not in continued)
+        assert stats["errors"] == 0 and stats["documents_with_pairs"] == 3
+        assert all(p["response"].endswith("は本文の題材です。") for p in pairs_of(tmp_path / f"out-{continues}")
+                   if p["instruction"].endswith("とは何ですか。"))

@@ -307,7 +307,8 @@ def synth(
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the server's API key.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="prompted (any chat model) or synthesizer (Instruction Pre-Training format).")] = None,
     pairs_per_doc: Annotated[Optional[int], typer.Option("--pairs-per-doc", help="Pairs asked for per passage (prompted mode).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N documents.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Draw N documents: a seeded mix of the sources (synth.mix).")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight (openai backend).")] = None,
     force: ForceOpt = False,
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Finish even when no pair is kept.")] = False,

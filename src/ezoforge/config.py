@@ -9,10 +9,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ezoforge.errors import ConfigError
 
@@ -229,6 +229,22 @@ class SynthConfig(Section):
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
     static_cache: bool = True  # CUDA only: static KV cache + compiled decode step (CUDA graphs)
     filters: PairFilters = PairFilters()
+    # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
+    # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
+    # out are not drawn. None: every source in proportion to its documents.
+    mix: dict[str, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = None
+    seed: int = 0
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float] | None) -> dict[str, float] | None:
+        if mix is None:
+            return None
+        if not mix:
+            raise ValueError("name at least one source, or leave mix unset")
+        if abs(sum(mix.values()) - 1) > 1e-6:
+            raise ValueError(f"shares sum to {sum(mix.values()):g}, not 1")
+        return mix
 
     operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache"})
 

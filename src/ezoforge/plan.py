@@ -114,6 +114,29 @@ def input_chars(patterns: list[str]) -> int:
     return int(total)
 
 
+def synth_mix(recipe: Recipe, docs: float) -> dict:
+    """The documents synth will draw per source: `synth.mix` as set, else each source in proportion to its
+    curated documents, estimated here by the size of its curate inputs (equal shares when none is on disk)."""
+    from ezoforge.curate.readers import SOURCES, suffix
+    from ezoforge.errors import RecordError
+
+    if recipe.synth.mix:
+        shares, basis = dict(recipe.synth.mix), "synth.mix"
+    else:
+        chars: dict[str, int] = {}
+        for pattern in recipe.curate.inputs:
+            try:
+                source = SOURCES[suffix(pattern)]
+            except RecordError:  # a folder: its files' kinds are not known before curation
+                source = "other"
+            chars[source] = chars.get(source, 0) + input_chars([pattern])
+        total = sum(chars.values())
+        basis = "input sizes (estimate)" if total else "equal (inputs not on disk)"
+        shares = {s: (n / total if total else 1 / len(chars)) for s, n in chars.items()}
+    return {"basis": basis, "sources": {s: {"share": round(v, 3), "documents": round(docs * v)}
+                                        for s, v in sorted(shares.items())}}
+
+
 def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dict:
     card = CARDS[card_name]
     shape = model_shape(recipe.model.name)
@@ -158,6 +181,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dic
         "tokens": {"curate_in": int(chars / CHARS_PER_TOKEN_JA), "curate_kept": int(curated_tokens),
                    "synth_in": int(synth_in), "synth_out": int(synth_out), "train": int(train_tokens),
                    "eval_out": int(eval_tokens)},
+        "synth_mix": synth_mix(recipe, docs),
         "train_memory_gib": round(train_mem, 1), "fits": train_mem <= card.memory_gib,
         "hours": {"synth": round(synth_out / decode_tps / 3600, 2), "train": round(train_tokens / train_tps / 3600, 2),
                   "eval": round(eval_tokens / decode_tps / 3600, 3)},
@@ -185,6 +209,9 @@ def print_plan(result: dict) -> None:
     console = Console()
     console.print(table)
     fits = "fits" if result["fits"] else "does NOT fit"
+    mix = result["synth_mix"]
+    console.print("synth draws " + ", ".join(f"{s} {v['share']:.0%} (~{v['documents']:,} documents)"
+                                             for s, v in mix["sources"].items()) + f"; shares from {mix['basis']}")
     console.print(f"training peak memory ≈ {result['train_memory_gib']} GiB: {fits} on one {result['card']}")
     console.print(f"assumptions: {json.dumps(result['assumptions'])}")
     for figure, source in result["sources"].items():

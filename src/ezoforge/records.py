@@ -43,6 +43,7 @@ class Pair(Record):
     response: str
     context: str | None = None
     generator: str
+    source: str | None = None  # the document's source (wikipedia, fineweb, ...), for the per-source mix
 
 
 class Judgement(Record):

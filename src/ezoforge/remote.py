@@ -41,10 +41,13 @@ def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 
 
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-         stop: tuple[str, ...] = (), response_format: dict | None = None) -> ChatReply:
+         stop: tuple[str, ...] = (), response_format: dict | None = None,
+         extra_body: dict | None = None) -> ChatReply:
+    """`extra_body`: request fields outside OpenAI's API (vLLM's `continue_final_message`, ...)."""
     extra = {"response_format": response_format} if response_format else {}
     resp = _call(client, client.chat.completions.create, model=model, messages=messages, max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None, **extra)
+                 temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None, extra_body=extra_body,
+                 **extra)
     choice = resp.choices[0]
     return _reply(choice.message.content, resp.usage, choice.finish_reason)
 

@@ -65,13 +65,13 @@ def input_files(paths: list[str | Path]) -> list[Path]:
 
 def input_fingerprints(paths: list[str | Path]) -> list[str]:
     """Identify inputs: a finished stage folder by its DONE fingerprint, a file by path, size and mtime (as make
-    and rsync do), a plain folder by its data files."""
+    and rsync do), a plain folder by its files."""
     out = []
     for p in map(Path, paths):
         if (fp := done_fingerprint(p)) is not None:
             out.append(fp)
         elif p.is_dir():
-            out += input_fingerprints(stage_files(p))
+            out += input_fingerprints(sorted(f for f in p.rglob("*") if f.is_file()))
         elif p.exists():
             st = p.stat()
             out.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
@@ -152,15 +152,17 @@ class Stage:
                 "folder, or use --force to redo this stage (deletes that folder).")
         return None
 
-    def start(self, force: bool = False) -> dict[str, Any] | None:
+    def start(self, force: bool = False, keep: tuple[str, ...] = ()) -> dict[str, Any] | None:
         """`check`, then prepare the folder: a partial run with the same settings is kept so the stage resumes;
-        under `force` the folder is emptied first (atomic stages replace it only when the new one is finished)."""
+        under `force` the folder is emptied first, but for `keep` (caches keyed by all that determines each entry);
+        atomic stages replace the folder only when the new one is finished."""
         finished = self.check(force)
         if finished is not None:
             return finished
         if force and not self.atomic and self._holds_work(self.out):
             for sub in self.out.iterdir():  # a forced redo starts clean
-                shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+                if sub.name not in keep:
+                    shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
         if self.atomic:
             shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's unfinished copy: redone from scratch
         self.folder.mkdir(parents=True, exist_ok=True)

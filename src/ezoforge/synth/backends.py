@@ -5,6 +5,8 @@ server. Every backend takes a list of Requests and reports each result (or the e
 from __future__ import annotations
 
 import importlib.util
+import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from ezoforge.infer.generate import Generator, Sampling
 from ezoforge.models import Loaded
 from ezoforge.synth.prompts import Request
 
+
+log = logging.getLogger(__name__)
 
 Done = Callable[[int, "Output | Exception"], None]
 
@@ -124,8 +128,10 @@ class VLLMBackend(LocalBackend):
 
 
 class OpenAIBackend:
-    """Concurrent requests to an OpenAI-compatible server. A chat API cannot prefill the assistant turn, so the
-    prefill is given as the text to continue from and put back in front of the reply when the reply lacks it."""
+    """Concurrent requests to an OpenAI-compatible server. The prefill goes as a final assistant message that the
+    server continues (`continue_final_message`, a request extension of vLLM and `ezo serve`), so the model sees
+    the prompt a local backend renders. A server that rejects the extension (HTTP 400) is noticed on the first
+    request; from then on the prefill is given in the user message as the text to continue from."""
 
     name = "openai"
 
@@ -138,6 +144,8 @@ class OpenAIBackend:
         self.concurrency = concurrency
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.continues: bool | None = None  # does the server continue a final assistant message? None: not known
+        self._lock = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is None:
@@ -145,43 +153,83 @@ class OpenAIBackend:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def request_tokens(self, req: Request) -> int:
+        # The instructed form, the longer of the two: passages fit whichever the server takes.
         return self.count_tokens(req.prompt if req.prompt is not None else
-                                 "\n".join(m["content"] for m in self.messages(req)))
+                                 "\n".join(m["content"] for m in self.instructed(req)))
 
     @staticmethod
-    def messages(req: Request) -> list[dict[str, str]]:
+    def instructed(req: Request) -> list[dict[str, str]]:
+        """For a server without `continue_final_message`: the prefill as text to continue, in the user message."""
         msgs = req.chat()
         if req.prefill:
             msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n\n次の続きを書いてください。\n{req.prefill}"}
         return msgs
 
     def _one(self, req: Request, sampling: Sampling) -> Output:
-        from ezoforge.remote import chat, complete
+        from ezoforge.remote import complete
 
         if req.prompt is not None:
             # A server tokenizes a completion prompt with its own BOS; the literal one would be doubled.
             reply = complete(self.client, self.model, req.prompt.removeprefix("<s> "), sampling.max_new_tokens,
                              sampling.temperature, sampling.top_p, sampling.seed, sampling.stop)
             text = reply.text
+        elif req.prefill and self.continues is not False:
+            reply, text = self._continued(req, sampling)
         else:
-            reply = chat(self.client, self.model, self.messages(req), sampling.max_new_tokens, sampling.temperature,
-                         sampling.top_p, sampling.seed, sampling.stop)
-            head = req.prefill.split(":", 1)[0]
-            text = reply.text.strip() if reply.text.lstrip().startswith(head) else f"{req.prefill} {reply.text}"
+            reply, text = self._instructed(req, sampling)
         return Output(text, reply.prompt_tokens, reply.completion_tokens,
                       "length" if reply.finish_reason == "length" else "stop")
 
+    def _continued(self, req: Request, sampling: Sampling):
+        from ezoforge.remote import RemoteError, chat
+
+        messages = req.chat() + [{"role": "assistant", "content": req.prefill}]
+        try:
+            reply = chat(self.client, self.model, messages, sampling.max_new_tokens, sampling.temperature,
+                         sampling.top_p, sampling.seed, sampling.stop,
+                         extra_body={"continue_final_message": True, "add_generation_prompt": False})
+        except RemoteError as e:
+            if e.status != 400 or self.continues:
+                raise
+            try:  # a 400 that the instructed form does not get is the server refusing the extension
+                answer = self._instructed(req, sampling)
+            except RemoteError:
+                raise e from None
+            with self._lock:
+                if self.continues is None:
+                    log.warning("%s rejects continue_final_message (%s): the prefill goes in the user message "
+                                "from now on, which small models follow less well", self.client.base_url, e)
+                self.continues = False
+            return answer
+        self.continues = True
+        return reply, req.prefill + reply.text  # as a local backend: the prefill, then what the model wrote
+
+    def _instructed(self, req: Request, sampling: Sampling):
+        from ezoforge.remote import chat
+
+        reply = chat(self.client, self.model, self.instructed(req), sampling.max_new_tokens, sampling.temperature,
+                     sampling.top_p, sampling.seed, sampling.stop)
+        head = req.prefill.split(":", 1)[0]
+        return reply, reply.text.strip() if reply.text.lstrip().startswith(head) else f"{req.prefill} {reply.text}"
+
     def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        start = 0
+        if reqs and reqs[0].prefill and self.continues is None:
+            # The first request alone: its answer says whether the server continues a prefill.
+            done(0, self._result(reqs[0], sampling))
+            start = 1
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self._one, r, sampling): i for i, r in enumerate(reqs)}
+            futures = {pool.submit(self._result, r, sampling): i for i, r in enumerate(reqs[start:], start)}
             try:
                 for fut in as_completed(futures):
-                    try:
-                        result = fut.result()
-                    except EzoError as e:  # a request that failed after its retries: an error for its document
-                        result = e
-                    done(futures[fut], result)
+                    done(futures[fut], fut.result())
             except BaseException:
                 for fut in futures:  # on Ctrl-C, send nothing more
                     fut.cancel()
                 raise
+
+    def _result(self, req: Request, sampling: Sampling) -> Output | EzoError:
+        try:
+            return self._one(req, sampling)
+        except EzoError as e:  # a request that failed after its retries: an error for its document
+            return e

@@ -3,7 +3,7 @@ sentence boundaries into passages that fit the token budget."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +18,14 @@ _SENTENCE = re.compile(r"[^。！？!?\n]*(?:[。！？!?]+[」』）)】]*|\n+|
 class Doc:
     id: str
     text: str
+    source: str  # as curate writes it (wikipedia, fineweb, ...); a file without the column: the file's name stem
 
 
-def read_docs(files: list[Path], limit: int | None = None) -> list[Doc]:
+def read_docs(files: list[Path]) -> Iterator[Doc]:
     """Documents in file order; a row without `id` is named FILE:LINE. Empty texts are skipped."""
-    docs: list[Doc] = []
     seen: dict[str, str] = {}
     for path in files:
+        stem = path.name.split(".")[0]
         for lineno, row in read_rows(path):
             text = require(path, lineno, row, "text")
             raw_id = row.get("id")
@@ -33,10 +34,7 @@ def read_docs(files: list[Path], limit: int | None = None) -> list[Doc]:
                 raise RecordError(f"{path}:{lineno}: duplicate id {doc_id!r} (first at {seen[doc_id]})")
             seen[doc_id] = f"{path}:{lineno}"
             if text.strip():
-                docs.append(Doc(doc_id, text.strip()))
-            if limit is not None and len(docs) >= limit:
-                return docs
-    return docs
+                yield Doc(doc_id, text.strip(), str(row.get("source") or stem))
 
 
 def sentences(text: str) -> list[str]:

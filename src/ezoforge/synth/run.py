@@ -23,6 +23,7 @@ from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.synth import prompts
 from ezoforge.synth.backends import Output
+from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, japanese_ratio, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import read_docs, split
 
@@ -100,17 +101,19 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     settings = {"synth": output_settings(cfg), "model": model, "model_identity": identity,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
                 "version": _version(cfg.mode), "inputs": input_fingerprints([input])}
+    # The draw comes first: a mix naming an absent source fails before the output folder is claimed.
+    docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
+    if not docs:
+        raise EzoError(f"{input}: no documents with text")
     stage = Stage("synth", out, settings, inputs=[input])
-    if (finished := stage.start(force)) is not None:
+    # Answers are keyed by all that determines them: a forced redo (say, with a larger limit) reuses them.
+    if (finished := stage.start(force, keep=("requests.sqlite",))) is not None:
         if not finished.get("errors"):
             return finished
         # Finished with failed requests (within max_error_fraction): this run sends those again.
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
     with stage.claimed():
-        docs = read_docs(files, cfg.limit)
-        if not docs:
-            raise EzoError(f"{input}: no documents with text")
         backend = make_backend(recipe, model)
         reqs = build_requests(docs, backend, recipe)
         sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
@@ -169,6 +172,7 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
     with_pairs: set[str] = set()  # at least one pair kept by the filters
     filt = PairFilter(cfg.filters)
     passage_no: dict[str, int] = {}
+    source = {d.id: d.source for d in docs}  # drawn document → its source
     for i, (req, key) in enumerate(zip(reqs, keys)):
         if req.doc_id not in passage_no:
             filt.new_document()
@@ -195,7 +199,8 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
                 continue
             with_pairs.add(req.doc_id)
             pairs.append(Pair(id=f"{req.doc_id}/{p}/{k}", doc_id=req.doc_id, instruction=instruction,
-                              response=response, context=req.passage, generator=generator).model_dump())
+                              response=response, context=req.passage, generator=generator,
+                              source=source[req.doc_id]).model_dump())
     # Every request without a stored answer failed, in this run or (not resent, say after a kill) before it.
     failed = [i for i, k in enumerate(keys) if cache.get(k) is None]
     failures = _error_reasons([sent["errors"].get(i, "not sent") for i in failed])
@@ -225,6 +230,7 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
         "tokens_in": tokens_in, "tokens_out": tokens_out,
         "tokens_per_s": round(sent["tokens_out"] / sent["seconds"], 1) if sent["seconds"] else None,
         "generator": generator,
+        **_by_source(source, reqs, with_pairs, pairs),
     })
 
 
@@ -239,6 +245,20 @@ def _error_reasons(errors: list[str]) -> dict[str, int]:
 
 def _said(reasons: dict[str, int]) -> str:
     return "; ".join(f"{n}× {r}" for r, n in list(reasons.items())[:3])
+
+
+def _by_source(source: dict[str, str], reqs, with_pairs: set[str], pairs: list[dict]) -> dict:
+    """The mix as drawn: per source, documents, passages, documents with a kept pair, and pairs."""
+    by = {s: {"documents": 0, "passages": 0, "documents_with_pairs": 0, "pairs": 0} for s in sorted(source.values())}
+    for s in source.values():
+        by[s]["documents"] += 1
+    for r in reqs:
+        by[source[r.doc_id]]["passages"] += 1
+    for doc_id in with_pairs:
+        by[source[doc_id]]["documents_with_pairs"] += 1
+    for p in pairs:
+        by[p["source"]]["pairs"] += 1
+    return {"by_source": by, "mix": {s: round(v["documents"] / len(source), 4) for s, v in by.items()}}
 
 
 def _shards(folder: Path, rows: list[dict], schema: pa.Schema) -> None:

@@ -57,6 +57,17 @@ def read_conversations(inputs: list[Path], system: str | None) -> list[list[dict
     return out
 
 
+def pairs_by_source(inputs: list[Path]) -> dict[str, int]:
+    """Input rows per `source` (the field synth writes on each pair), so a run shows its data mix; rows without
+    one (a user's own instruction file) are not counted."""
+    counts: dict[str, int] = {}
+    for path in input_files(inputs):
+        for _, row in read_rows(path):
+            if row.get("source") is not None:
+                counts[str(row["source"])] = counts.get(str(row["source"]), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # a template sees role and content only
     return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
@@ -180,6 +191,8 @@ def prepare(tokenizer, inputs: list[Path], system: str | None, max_length: int, 
              "dropped_no_labels": no_labels, "train_tokens": tokens,
              "trained_tokens": sum(lab != IGNORE for ex in train for lab in ex["labels"]),
              "rows": len(rows), "packing_efficiency": round(tokens / (len(rows) * max_length), 4)}
+    if by_source := pairs_by_source(inputs):
+        stats["pairs_by_source"] = by_source
     return Prepared(rows, pack(held, max_length, packing), stats)
 
 
