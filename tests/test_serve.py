@@ -187,3 +187,24 @@ def test_serve_refuses_unset_key_variable():
     proc = subprocess.run([sys.executable, "-m", "ezoforge", "serve", "--api-key-env", "EZO_UNSET_KEY"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "EZO_UNSET_KEY" in proc.stderr
+
+
+def test_continue_final_message_extends_the_assistant_turn(live_server, client):
+    """vLLM's extension: the reply continues a prefilled assistant message instead of opening a new turn."""
+    whole = client.chat.completions.create(model=BUNDLED, messages=MESSAGES, max_tokens=16,
+                                           temperature=0).choices[0].message.content
+    prefill = whole[:6]
+    body = {"model": BUNDLED, "messages": MESSAGES + [{"role": "assistant", "content": prefill}], "max_tokens": 6,
+            "temperature": 0, "continue_final_message": True, "add_generation_prompt": False}
+    resp = httpx.post(f"{live_server}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    rest = resp.json()["choices"][0]["message"]["content"]
+    assert rest and (prefill + rest).startswith(whole[: len(prefill) + 2])  # the same greedy text, not a new answer
+    streamed = httpx.post(f"{live_server}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    pieces = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(p["choices"][0]["delta"].get("content") or "" for p in pieces).strip() == rest
+    for bad, param in [({**body, "add_generation_prompt": True}, "continue_final_message"),
+                       ({k: v for k, v in body.items() if k != "add_generation_prompt"}, "continue_final_message"),
+                       ({**body, "messages": MESSAGES}, "messages")]:
+        resp = httpx.post(f"{live_server}/v1/chat/completions", json=bad, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text

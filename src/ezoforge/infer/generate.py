@@ -54,11 +54,17 @@ class Generator:
         ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = sorted({i for i in ids + [self.tokenizer.eos_token_id] if i is not None})
 
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def prompt_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        """The chat template applied; `continue_final_message` leaves the last (assistant) turn open to extend."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
+        return self.count_tokens(self.prompt_text(messages))
 
     def _generate_kwargs(self, sampling: Sampling) -> dict:
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
@@ -115,10 +121,13 @@ class Generator:
         return results
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
+        return self.stream_text(self.prompt_text(messages), sampling)
+
+    def stream_text(self, text: str, sampling: Sampling) -> Iterator[str | Completion]:
         """Yield text pieces as they are generated, then one final Completion with the totals."""
         from transformers import TextIteratorStreamer
 
-        enc = self._encode([self.prompt_text(messages)])
+        enc = self._encode([text])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict = {}
 

@@ -75,6 +75,9 @@ class ChatRequest(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
+    # vLLM's chat extensions: continue the final assistant message instead of opening a new turn.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class APIError(Exception):
@@ -133,12 +136,19 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "ezoforge"}]}
 
-    def prepare(req: ChatRequest) -> tuple[list[dict[str, str]], Sampling, int]:
+    def prepare(req: ChatRequest) -> tuple[str, Sampling, int]:
         if req.model is not None and req.model != served_model_name:
             raise APIError(404, f"model '{req.model}' is not served here (serving '{served_model_name}')",
                            "model", "model_not_found")
         messages = [m.plain() for m in req.messages]
-        prompt_tokens = gen.count_prompt_tokens(messages)
+        if req.continue_final_message and req.add_generation_prompt:
+            raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           "continue_final_message")
+        if req.continue_final_message and messages[-1]["role"] != "assistant":
+            raise APIError(400, "continue_final_message needs the last message to be an assistant message",
+                           "messages")
+        prompt = gen.prompt_text(messages, req.add_generation_prompt, req.continue_final_message)
+        prompt_tokens = gen.count_tokens(prompt)
         context = gen.loaded.context_length
         requested = req.max_completion_tokens or req.max_tokens
         if prompt_tokens >= context:
@@ -152,15 +162,15 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         schema = req.response_format.schema() if req.response_format else None
         if schema is not None:
             _check_schema(schema)
-        return messages, Sampling(max_new, req.temperature, req.top_p, req.seed, stop, schema), prompt_tokens
+        return prompt, Sampling(max_new, req.temperature, req.top_p, req.seed, stop, schema), prompt_tokens
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        messages, sampling, prompt_tokens = await run_in_threadpool(prepare, req)
+        prompt, sampling, prompt_tokens = await run_in_threadpool(prepare, req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(_sse(messages, sampling, cid, created), media_type="text/event-stream")
-        out = (await run_in_threadpool(gen.complete, [messages], sampling))[0]
+            return StreamingResponse(_sse(prompt, sampling, cid, created), media_type="text/event-stream")
+        out = (await run_in_threadpool(gen.complete_text, [prompt], sampling))[0]
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
@@ -169,7 +179,7 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
                       "total_tokens": out.prompt_tokens + out.completion_tokens},
         }
 
-    def _sse(messages, sampling, cid, created):
+    def _sse(prompt, sampling, cid, created):
         """Server-sent events; a plain generator, so Starlette runs it in a worker thread."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
@@ -178,7 +188,7 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
 
         yield chunk({"role": "assistant", "content": ""})
         try:
-            for piece in gen.stream(messages, sampling):
+            for piece in gen.stream_text(prompt, sampling):
                 if isinstance(piece, Completion):
                     yield chunk({}, piece.finish_reason)
                 else:
