@@ -62,9 +62,7 @@ class TextSoFar:
         self.ids.append(token_id)
         self.text, self.stopped = _cut_at_stop(self.decode(self.ids), self.stop)
         ready = len(whole_chars(self.text))
-        if not self.stopped:
-            ready = min(ready, len(self.text) - self.hold)
-        return self._take(ready)
+        return self._take(ready if self.stopped else ready - self.hold)
 
     def finish(self) -> str:
         """The rest, once generation has ended."""
