@@ -49,6 +49,7 @@ class Job:
     deadline: float | None = None
     allowed: Callable | None = None  # JSON-schema constraint: (batch_id, ids tensor) -> allowed token ids
     rng: torch.Generator | None = None  # a seeded request samples the same tokens whatever else is in the batch
+    text: TextSoFar | None = None
     out: list[int] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -65,6 +66,7 @@ class Batcher:
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         self.closed = False
+        self.running = 0  # requests in the decoding batch now
         self.thread = threading.Thread(target=self._loop, name="ezo-batcher", daemon=True)
         self.thread.start()
 
@@ -99,7 +101,6 @@ class Batcher:
 
     def _loop(self) -> None:
         rows: list[Job] = []
-        texts: dict[Job, TextSoFar] = {}
         cache = mask = None
         while True:
             with self.wake:
@@ -111,6 +112,7 @@ class Batcher:
                 joining = []
                 while self.waiting and len(rows) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
+            self.running = len(rows)
             gone = [i for i, job in enumerate(rows) if self._ended_early(job)]
             if gone:
                 rows, cache, mask = self._drop(rows, cache, mask, gone)
@@ -132,14 +134,14 @@ class Batcher:
                     next_ids = self._sample(rows, torch.cat(logits))
             except Exception as e:  # a failed step fails its batch, never the server
                 log.exception("decoding step failed")
-                for job in rows + joining:
+                for job in {*rows, *joining}:
                     job.deliver(e)
                 rows, cache, mask = [], None, None
                 continue
             finished = []
             for i, (job, tok) in enumerate(zip(rows, next_ids)):
                 job.out.append(tok)
-                so_far = texts.setdefault(job, TextSoFar(self.gen.decode, job.sampling.stop))
+                so_far = job.text = job.text or TextSoFar(self.gen.decode, job.sampling.stop)
                 ended = tok in self.gen.eos_ids
                 if not ended and (piece := so_far.add(tok)):
                     job.deliver(piece)
@@ -149,9 +151,9 @@ class Batcher:
                     reason = "length" if not (ended or so_far.stopped) else "stop"
                     job.deliver(Completion(so_far.text.strip(), len(job.prompt), len(job.out), reason))
                     finished.append(i)
-                    del texts[job]
             if finished:
                 rows, cache, mask = self._drop(rows, cache, mask, finished)
+            self.running = len(rows)
         for job in rows + list(self.waiting):
             job.deliver(Shutdown("the server is shutting down"))
         self.waiting.clear()
@@ -181,23 +183,25 @@ class Batcher:
         return logits, cache, mask
 
     def _sample(self, rows: list[Job], logits: torch.Tensor) -> list[int]:
-        picked = []
-        for job, row in zip(rows, logits):
+        picked = logits.argmax(-1).tolist()  # greedy rows, in one go
+        for i, (job, row) in enumerate(zip(rows, logits)):
             s = job.sampling
+            if job.allowed is None and s.temperature == 0:
+                continue
             if job.allowed is not None:
                 allowed = job.allowed(0, torch.tensor(job.prompt + job.out))
                 keep = torch.full_like(row, float("-inf"))
                 keep[allowed] = 0
                 row = row + keep
             if s.temperature == 0:
-                picked.append(int(row.argmax()))
+                picked[i] = int(row.argmax())
                 continue
             probs = torch.softmax(row / s.temperature, dim=-1)
             if s.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
                 probs[order[outside]] = 0
-            picked.append(int(torch.multinomial(probs.cpu(), 1, generator=job.rng)))
+            picked[i] = int(torch.multinomial(probs.cpu(), 1, generator=job.rng))
         return picked
 
     @staticmethod

@@ -212,7 +212,9 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name}
+        batcher = getattr(app.state, "batcher", None)
+        return {"status": "ok", "model": served_model_name, "running": batcher.running if batcher else 0,
+                "waiting": batcher.queued() if batcher else 0}
 
     @app.get("/v1/models")
     async def models():
