@@ -120,7 +120,8 @@ def _job_error(e: BaseException, limits: ServeConfig) -> APIError:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` (declared or streamed) gets 413 before it is parsed."""
+    """ASGI middleware: a request body over `max_bytes` (declared or as it arrives) gets 413 before it is parsed.
+    The body is read here, bounded, and handed on whole."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -129,37 +130,28 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
-        too_big = not declared.isdigit() or int(declared) > self.max_bytes
-        seen, started = 0, False
-
-        async def counting_receive():
-            nonlocal seen
+        too_big = declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_big
+        while more and len(body) <= self.max_bytes:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if too_big or len(body) > self.max_bytes:
+            error = error_body(f"the request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)",
+                               "invalid_request_error", code="request_too_large")
+            return await JSONResponse(error, status_code=413)(scope, receive, send)
+        sent = False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, when it comes
 
-        if not too_big:
-            try:
-                return await self.app(scope, counting_receive, tracking_send)
-            except _TooLarge:
-                if started:
-                    return
-        body = json.dumps(error_body(f"the request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)",
-                                     "invalid_request_error", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(gen: Generator, served_model_name: str, api_key: str | None = None, system_prompt: str | None = None,
