@@ -84,17 +84,19 @@ def test_recipe_defaults_system_prompt_and_max_tokens(gen):
 
 VALUES = [None, True, False, 0, -1, 1, 2, 7, 2**31, 2**64, -(2**70), 10**30, 1e308, -1e-9, 0.5, 3.7, "", "x",
           "日本語", "\u0000", "\ud800", "🙂" * 50, "長" * 5000, [], [1, 2], {}, {"a": 1}, ["a", "b"], "1" * 5000]
-FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream", "n",
-          "response_format", "add_generation_prompt", "continue_final_message", "messages"]
+VALID = {"model": ["m"], "max_tokens": [1, 2], "max_completion_tokens": [2], "temperature": [0, 0.7, 2],
+         "top_p": [0.5, 1], "stop": ["。", ["\n", "は"], "日本語"], "seed": [0, 2**63, -5], "stream": [True, False],
+         "n": [1], "response_format": [{"type": "text"}], "add_generation_prompt": [True, False],
+         "continue_final_message": [False], "messages": [[{"role": "user", "content": "日本語"}]]}
 
 
 def fuzz_bodies(rng: random.Random, count: int):
     for _ in range(count):
-        body = {"messages": [{"role": rng.choice(["user", "assistant", "system", "developer", "tool", 3, ""]),
-                              "content": rng.choice(VALUES + ["こんにちは"] * 5)}
+        body = {"messages": [{"role": rng.choice(["user"] * 4 + ["assistant", "system", "developer", "tool", 3, ""]),
+                              "content": rng.choice(VALUES + ["こんにちは"] * 10)}
                              for _ in range(rng.randint(0, 3))], "max_tokens": rng.choice([1, 2, 3])}
-        for name in rng.sample(FIELDS, rng.randint(1, 4)):
-            body[name] = rng.choice(VALUES)
+        for name in rng.sample(sorted(VALID), rng.randint(1, 4)):
+            body[name] = rng.choice(VALID[name] if rng.random() < 0.6 else VALUES)
         if rng.random() < 0.1:
             body["response_format"] = rng.choice([{"type": "json_object"}, {"type": "json_schema"},
                                                   {"type": "json_schema", "json_schema": {"schema": rng.choice(VALUES)}}])
