@@ -182,4 +182,4 @@ def test_load_with_dropped_streams(gen):
         rss_end = proc.memory_info().rss
     print(f"idle {idle:.2f} s, after load {after:.2f} s; RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
     assert after <= 2 * idle
-    assert rss_end - rss_start < 300 * 2**20
+    assert rss_end - rss_start < 128 * 2**20  # without malloc_trim when idle it stayed ~210 MiB up

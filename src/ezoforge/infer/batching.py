@@ -104,6 +104,8 @@ class Batcher:
         cache = mask = None
         while True:
             with self.wake:
+                if not self.waiting and not rows and not self.closed:
+                    _release_freed_memory()
                 while not self.waiting and not rows and not self.closed:
                     self.wake.wait()
                 if self.closed:
@@ -245,3 +247,15 @@ def _plain_dynamic_cache(model) -> bool:
     except Exception:
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _release_freed_memory() -> None:
+    """Idle: hand the batch's freed KV-cache memory back to the OS (glibc keeps it in its arenas otherwise)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (e.g. musl): nothing to trim
+            pass
