@@ -175,9 +175,17 @@ def test_ezo_serve_command_end_to_end(tmp_path):
         assert reply.choices[0].message.content
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-    finally:
+        # SIGTERM in the middle of a long generation: it is cancelled and the process exits within seconds.
+        stream = good.chat.completions.create(model="ezo-test", messages=MESSAGES, max_tokens=4000,
+                                              temperature=0, stream=True)
+        next(c for c in stream if c.choices[0].delta.content)
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=15)
+        assert proc.returncode is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         log.close()
     assert "k-123456" not in (tmp_path / "serve.log").read_text()
 

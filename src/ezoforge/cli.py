@@ -143,6 +143,13 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the bearer key /v1/* requires.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt for requests without one (default: model.system_prompt).")] = None,
+    no_system: Annotated[bool, typer.Option("--no-system", help="Add no system prompt to requests.")] = False,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Default reply length (default: generation.max_new_tokens).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Requests decoded together (serve.max_batch).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests waiting beyond the batch; more get 429 (serve.max_queue).")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Larger request bodies get 413 (serve.max_body_bytes).")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds a request may take, queueing included (serve.request_timeout).")] = None,
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -154,14 +161,17 @@ def serve(
     from ezoforge.infer.serve import api_key_from_env
     from ezoforge.infer.serve import serve as run_server
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype))
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
+        "generation.max_new_tokens": max_tokens, "serve.max_batch": max_batch, "serve.max_queue": max_queue,
+        "serve.max_body_bytes": max_body_bytes, "serve.request_timeout": request_timeout})
     from ezoforge.models import check_model
 
     api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
     check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template)
     _port_is_free(host, port)
     gen = Generator(_load(recipe, adapter))
-    run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env)
+    run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env,
+               _system(system, no_system, recipe), recipe.generation.max_new_tokens, recipe.serve)
 
 
 def _port_is_free(host: str, port: int) -> None:

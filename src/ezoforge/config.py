@@ -359,6 +359,17 @@ class ExportConfig(Section):
     repo: str | None = None  # USER/NAME the card's usage snippet loads (None: the export folder's own path)
 
 
+# ---------------------------------------------------------------- serve (`ezo serve` limits; all operational)
+
+class ServeConfig(Section):
+    max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in the queue
+    max_queue: int = Field(64, ge=0)  # requests waiting for a place; one more gets 429 with Retry-After
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body gets 413
+    request_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)  # seconds from arrival to the last token
+
+    operational = frozenset({"max_batch", "max_queue", "max_body_bytes", "request_timeout"})
+
+
 class Recipe(Section):
     """A whole run: the model, each stage's settings and where outputs go."""
 
@@ -372,6 +383,7 @@ class Recipe(Section):
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # ---------------------------------------------------------------- loading

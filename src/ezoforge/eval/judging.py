@@ -86,9 +86,8 @@ class Judge:
                              grade=verdict.grade, error=verdict.error, reason=verdict.reason,
                              prompt_version=PROMPT_VERSION).model_dump()
 
-        # Our in-process server generates one request at a time: parallel requests would only queue (and time out).
-        workers = 1 if self.cfg.judge_url == "local" else self.cfg.concurrency
-        with ThreadPoolExecutor(workers) as pool, Progress() as progress:
+        # `local` too: the in-process server batches concurrent requests.
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress() as progress:
             bar = progress.add_task("judging", total=len(tasks))
             futures = [pool.submit(one, t, a) for t, a in zip(tasks, answers)]
             for _ in as_completed(futures):

@@ -47,6 +47,40 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def whole_chars(text: str) -> str:
+    """Generated text ends at its last complete character: byte-level tokens can stop inside a multi-byte
+    character, which decodes to U+FFFD at the very end. A U+FFFD followed by more text is real and stays."""
+    return text.rstrip("\ufffd")
+
+
+class TextSoFar:
+    """Generated token ids in, text out as it becomes final: never part of a character or of a stop string."""
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self.decode, self.stop = decode, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be completing
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token_id: int) -> str:
+        """Take one token; return the text that is now safe to show."""
+        self.ids.append(token_id)
+        self.text, self.stopped = _cut_at_stop(self.decode(self.ids), self.stop)
+        ready = len(whole_chars(self.text))
+        return self._take(ready if self.stopped else ready - self.hold)
+
+    def finish(self) -> str:
+        """The rest, once generation has ended."""
+        self.text = whole_chars(self.text)
+        return self._take(len(self.text))
+
+    def _take(self, ready: int) -> str:
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent: ready], ready
+        return piece
+
+
 class Generator:
     """Owns a loaded model; one request at a time (a lock), so concurrent callers queue safely."""
 
@@ -55,16 +89,28 @@ class Generator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.lock = threading.Lock()
+        # A fast tokenizer is not safe to share across threads (padding/truncation settings are mutable state).
+        self.tokenizer_lock = threading.RLock()
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)
 
     def prompt_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> str:
         """The chat template applied; `continue_final_message` leaves the last (assistant) turn open to extend."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=continue_final_message)
+        with self.tokenizer_lock:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
+
+    def encode(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.encode(text))
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return self.count_tokens(self.prompt_text(messages))
@@ -89,10 +135,11 @@ class Generator:
         return TokenizerData(self.tokenizer, self.eos_ids)
 
     def _encode(self, texts: list[str], pad_to_multiple_of: int | None = None):
-        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left so every row ends at its prompt
-        # The chat template already holds the special tokens (BOS included where the model wants one).
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                             pad_to_multiple_of=pad_to_multiple_of)
+        with self.tokenizer_lock:
+            self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left: every row ends at its prompt
+            # The chat template already holds the special tokens (BOS included where the model wants one).
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                                 pad_to_multiple_of=pad_to_multiple_of)
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
 
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
@@ -117,8 +164,8 @@ class Generator:
                 if tok in self.eos_ids:
                     n, ended = i + 1, True
                     break
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            text, stopped = _cut_at_stop(text, sampling.stop)
+            text, stopped = _cut_at_stop(self.decode(row[:n]), sampling.stop)
+            text = whole_chars(text)
             reason = "stop" if ended or stopped or n < sampling.max_new_tokens else "length"
             results.append(Completion(text.strip(), int(plen), n, reason))
         return results
@@ -128,10 +175,25 @@ class Generator:
 
     def stream_text(self, text: str, sampling: Sampling) -> Iterator[str | Completion]:
         """Yield text pieces as they are generated, then one final Completion with the totals."""
-        from transformers import TextIteratorStreamer
+        import queue
+
+        from transformers.generation.streamers import BaseStreamer
 
         enc = self._encode([text])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tokens: queue.SimpleQueue = queue.SimpleQueue()  # new token ids, then None at the end
+
+        class Ids(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() hands over the prompt first
+                    self.first = False
+                else:
+                    tokens.put(value.reshape(-1).tolist())
+
+            def end(self):
+                tokens.put(None)
+
         result: dict = {}
 
         def work() -> None:
@@ -139,35 +201,31 @@ class Generator:
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 try:
-                    result["out"] = self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=streamer)
+                    result["out"] = self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=Ids())
                 except BaseException as e:  # surfaced to the consumer below
                     result["error"] = e
-                    streamer.end()
+                    tokens.put(None)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        # Hold back a stop string's worth of text so a stop sequence is never partly emitted.
-        hold = max((len(s) for s in sampling.stop), default=1) - 1
-        text, sent, stopped = "", 0, False
-        for piece in streamer:
-            if stopped:
-                continue  # drain so the worker finishes
-            text += piece
-            cut, stopped = _cut_at_stop(text, sampling.stop)
-            ready = len(cut) if stopped else max(sent, len(text) - hold)
-            if ready > sent:
-                yield cut[sent:ready] if stopped else text[sent:ready]
-                sent = ready
+        so_far = TextSoFar(self.decode, sampling.stop)
+        n, ended = 0, False
+        while (ids := tokens.get()) is not None:
+            for tok in ids:
+                if ended or so_far.stopped:
+                    continue  # drain so the worker finishes
+                n += 1
+                if tok in self.eos_ids:
+                    ended = True
+                elif piece := so_far.add(tok):
+                    yield piece
         thread.join()
         if "error" in result:
             raise result["error"]
-        if not stopped and len(text) > sent:
-            yield text[sent:]
-        new = result["out"][0, enc["input_ids"].shape[1]:].tolist()
-        n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), len(new))
-        ended = any(t in self.eos_ids for t in new)
-        reason = "stop" if stopped or ended or n < sampling.max_new_tokens else "length"
-        yield Completion(_cut_at_stop(text, sampling.stop)[0], int(enc["input_ids"].shape[1]), n, reason)
+        if piece := so_far.finish():
+            yield piece
+        reason = "stop" if so_far.stopped or ended or n < sampling.max_new_tokens else "length"
+        yield Completion(so_far.text, int(enc["input_ids"].shape[1]), n, reason)
 
 
 def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,

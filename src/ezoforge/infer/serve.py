@@ -4,36 +4,53 @@ Every error leaves as the OpenAI error body with a 4xx/5xx status; no stack trac
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ezoforge.config import ServeConfig
 from ezoforge.errors import ConfigError
+from ezoforge.infer.batching import Batcher, Job, QueueFull, Shutdown, Timeout
 from ezoforge.infer.generate import Completion, Generator, Sampling
 
 log = logging.getLogger(__name__)
 
 
+_NO_SURROGATES = "lone UTF-16 surrogates are not text"
+
+
+def _text(value: str) -> str:
+    # JSON allows "\ud800"; a tokenizer cannot encode it, so it is refused here rather than failing later.
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise ValueError(_NO_SURROGATES)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     def plain(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -70,8 +87,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
@@ -82,22 +99,80 @@ class ChatRequest(BaseModel):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(gen: Generator, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="ezoforge", docs_url=None, redoc_url=None, openapi_url=None)
-    default_max_tokens = 512
+def _job_error(e: BaseException, limits: ServeConfig) -> APIError:
+    """What a request that ended without a completion tells its client."""
+    if isinstance(e, Timeout):
+        return APIError(504, f"{e} (serve.request_timeout is {limits.request_timeout:g} s)", None,
+                        "request_timeout", "timeout_error")
+    if isinstance(e, Shutdown):
+        return APIError(503, str(e), None, "shutting_down", "server_error")
+    return APIError(500, "generation failed", None, None, "server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (declared or as it arrives) gets 413 before it is parsed.
+    The body is read here, bounded, and handed on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        too_big = declared.isdigit() and int(declared) > self.max_bytes
+        body, more = b"", not too_big
+        while more and len(body) <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if too_big or len(body) > self.max_bytes:
+            error = error_body(f"the request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)",
+                               "invalid_request_error", code="request_too_large")
+            return await JSONResponse(error, status_code=413)(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+def create_app(gen: Generator, served_model_name: str, api_key: str | None = None, system_prompt: str | None = None,
+               max_tokens: int = 256, limits: ServeConfig | None = None) -> FastAPI:
+    """`system_prompt` goes in front of a conversation that has none; `max_tokens` is the default reply length."""
+    limits = limits or ServeConfig()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = Batcher(gen, limits.max_batch, limits.max_queue)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.batcher.close)
+
+    app = FastAPI(title="ezoforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
@@ -129,14 +204,16 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name}
+        batcher = getattr(app.state, "batcher", None)
+        return {"status": "ok", "model": served_model_name, "running": batcher.running if batcher else 0,
+                "waiting": batcher.queued() if batcher else 0}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "ezoforge"}]}
 
-    def prepare(req: ChatRequest) -> tuple[str, Sampling, int]:
+    def prepare(req: ChatRequest) -> tuple[list[int], Sampling]:
         if req.model is not None and req.model != served_model_name:
             raise APIError(404, f"model '{req.model}' is not served here (serving '{served_model_name}')",
                            "model", "model_not_found")
@@ -147,57 +224,93 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         if req.continue_final_message and messages[-1]["role"] != "assistant":
             raise APIError(400, "continue_final_message needs the last message to be an assistant message",
                            "messages")
-        prompt = gen.prompt_text(messages, req.add_generation_prompt, req.continue_final_message)
-        prompt_tokens = gen.count_tokens(prompt)
+        if system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        prompt = gen.encode(gen.prompt_text(messages, req.add_generation_prompt, req.continue_final_message))
         context = gen.loaded.context_length
         requested = req.max_completion_tokens or req.max_tokens
-        if prompt_tokens >= context:
-            raise APIError(400, f"the prompt is {prompt_tokens} tokens; this model's context is {context}",
+        if len(prompt) >= context:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context}",
                            "messages", "context_length_exceeded")
-        if requested is not None and prompt_tokens + requested > context:
-            raise APIError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({requested}) exceeds this "
+        if requested is not None and len(prompt) + requested > context:
+            raise APIError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({requested}) exceeds this "
                                 f"model's context of {context} tokens", "max_tokens", "context_length_exceeded")
-        max_new = requested or min(default_max_tokens, context - prompt_tokens)
+        max_new = requested or min(max_tokens, context - len(prompt))
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         schema = req.response_format.schema() if req.response_format else None
         if schema is not None:
             _check_schema(schema)
-        return prompt, Sampling(max_new, req.temperature, req.top_p, req.seed, stop, schema), prompt_tokens
+        return prompt, Sampling(max_new, req.temperature, req.top_p, req.seed, stop, schema)
+
+    def submit(prompt: list[int], sampling: Sampling, events: asyncio.Queue) -> Job:
+        loop = asyncio.get_running_loop()
+        batcher: Batcher = app.state.batcher
+        try:
+            return batcher.submit(prompt, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                                  limits.request_timeout)
+        except QueueFull as e:
+            wait = 1 + batcher.queued() // limits.max_batch
+            raise APIError(429, f"the server is busy: {e}; retry later", None, "queue_full", "rate_limit_error",
+                           {"Retry-After": str(wait)}) from None
+        except Shutdown as e:
+            raise _job_error(e, limits) from None
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        prompt, sampling, prompt_tokens = await run_in_threadpool(prepare, req)
+    async def chat_completions(req: ChatRequest, request: Request):
+        prompt, sampling = await run_in_threadpool(prepare, req)
+        if sampling.json_schema is not None:
+            await run_in_threadpool(lambda: gen.structured)  # built once per model, slow: not on the event loop
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        events: asyncio.Queue = asyncio.Queue()
+        job = submit(prompt, sampling, events)
         if req.stream:
-            return StreamingResponse(_sse(prompt, sampling, cid, created), media_type="text/event-stream")
-        out = (await run_in_threadpool(gen.complete_text, [prompt], sampling))[0]
+            return StreamingResponse(_sse(job, events, cid, created), media_type="text/event-stream")
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)  # nobody reads it; the job is cancelled below
+                    continue
+                if isinstance(event, Completion):
+                    break
+                if isinstance(event, BaseException):
+                    raise _job_error(event, limits)
+        finally:
+            job.cancel()  # no-op once finished; otherwise a client gone stops its generation at the next step
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "finish_reason": out.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                      "total_tokens": out.prompt_tokens + out.completion_tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
+                         "finish_reason": event.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                      "total_tokens": event.prompt_tokens + event.completion_tokens},
         }
 
-    def _sse(prompt, sampling, cid, created):
-        """Server-sent events; a plain generator, so Starlette runs it in a worker thread."""
+    async def _sse(job: Job, events: asyncio.Queue, cid: str, created: int):
+        """Server-sent events. Starlette cancels this generator when the client disconnects; `finally` then
+        cancels the job, so its row leaves the batch at the next step."""
         def chunk(delta: dict, finish: str | None = None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
         try:
-            for piece in gen.stream_text(prompt, sampling):
-                if isinstance(piece, Completion):
-                    yield chunk({}, piece.finish_reason)
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await events.get()
+                if isinstance(event, str):
+                    yield chunk({"content": event})
+                elif isinstance(event, Completion):
+                    yield chunk({}, event.finish_reason)
+                    yield "data: [DONE]\n\n"
+                    return
                 else:
-                    yield chunk({"content": piece})
-        except Exception:
-            log.exception("stream failed")
-            yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
-            return
-        yield "data: [DONE]\n\n"
+                    e = _job_error(event, limits)
+                    yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n"
+                    return
+        finally:
+            job.cancel()
 
     return app
 
@@ -223,11 +336,29 @@ def api_key_from_env(var: str | None) -> str | None:
 
 
 def serve(gen: Generator, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key_env: str | None = None) -> None:
+          api_key_env: str | None = None, system_prompt: str | None = None, max_tokens: int = 256,
+          limits: ServeConfig | None = None) -> None:
+    app = create_app(gen, served_model_name, api_key_from_env(api_key_env), system_prompt, max_tokens, limits)
+    _server(app, host, port, "info").run()
+
+
+def _stop_generating(app: FastAPI) -> None:
+    batcher = getattr(app.state, "batcher", None)
+    if batcher is not None:
+        batcher.close(wait=0)
+
+
+def _server(app: FastAPI, host: str, port: int, log_level: str):
+    """uvicorn, but its exit (SIGTERM, Ctrl-C) first ends every generation: open requests then finish at once
+    instead of holding the shutdown until they reach max_tokens."""
     import uvicorn
 
-    app = create_app(gen, served_model_name, api_key_from_env(api_key_env))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            _stop_generating(app)
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
 
 
 class BackgroundServer:
@@ -236,14 +367,13 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import socket
 
-        import uvicorn
-
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.app = app
+        self.server = _server(app, host, port, "warning")
         self.thread = None
 
     def __enter__(self) -> str:
@@ -263,5 +393,6 @@ class BackgroundServer:
         raise RuntimeError(f"server on {self.url} did not start")
 
     def __exit__(self, *exc) -> None:
+        _stop_generating(self.app)
         self.server.should_exit = True
         self.thread.join(timeout=10)
