@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezoforge.eval.report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
@@ -31,13 +32,33 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _shards(folder: Path, columns: tuple[str, ...]) -> list[dict]:
-    """The named columns (those present) of a stage folder's data/*.parquet rows, in shard order."""
-    rows = []
-    for path in sorted((folder / "data").glob("*.parquet")):
-        names = pq.read_schema(path).names
-        rows += pq.read_table(path, columns=[c for c in columns if c in names]).to_pylist()
-    return rows
+def _shards(folder: Path) -> list[Path]:
+    return sorted((folder / "data").glob("*.parquet"))
+
+
+def _pairs(folder: Path) -> list[dict]:
+    """Synth's pairs (source only where synth recorded it), in shard order."""
+    cols = ("id", "doc_id", "source", "context", "instruction", "response")
+    return [row for path in _shards(folder) for row in pq.read_table(
+        path, columns=[c for c in cols if c in pq.read_schema(path).names]).to_pylist()]
+
+
+def _curated(folder: Path) -> Counter:
+    """Curated documents per source, counted in Arrow (a real run keeps millions)."""
+    n: Counter = Counter()
+    for path in _shards(folder):
+        n.update({v["values"]: v["counts"] for v in pc.value_counts(pq.read_table(path, columns=["source"])
+                                                                     .column("source")).to_pylist()})
+    return n
+
+
+def _documents(folder: Path, ids: set[str]) -> dict[str, dict]:
+    """Source, title and URL of the curated documents with these ids."""
+    out: dict[str, dict] = {}
+    for path in _shards(folder) if ids else []:
+        table = pq.read_table(path, columns=["id", "source", "title", "url"], filters=[("id", "in", sorted(ids))])
+        out.update((d["id"], d) for d in table.to_pylist())
+    return out
 
 
 # ---------------------------------------------------------------- words for figures
@@ -63,6 +84,10 @@ def size(n_bytes: int | None) -> str:
     if n_bytes is None:
         return "–"
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
+
+
+def plural(n: int | None, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{'–' if n is None else f'{n:,}'} {noun}s"
 
 
 def counts(by_name: dict[str, int] | None) -> str:
@@ -91,10 +116,11 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
         share = c["docs_out"] / c["docs_in"] if c.get("docs_in") else None
         return f"kept {c.get('docs_out')} of {c.get('docs_in')} documents ({pct(share)}), {size(c.get('bytes_out'))} of text"
     if step == "synth":
-        return (f"{s.get('pairs')} pairs from {s.get('documents_with_pairs')} of {s.get('documents')} documents, "
+        return (f"{plural(s.get('pairs'), 'pair')} from {s.get('documents_with_pairs')} of "
+                f"{plural(s.get('documents'), 'document')}, "
                 f"{rate(s.get('tokens_per_s'))}")
     if step == "train":
-        return (f"{t.get('steps')} steps of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss {fmt(t.get('train_loss_first'))}"
+        return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss {fmt(t.get('train_loss_first'))}"
                 f" → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
     if step == "merge":
         params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
@@ -122,9 +148,9 @@ def _grade_diff(workdir: Path) -> tuple[dict | None, list[str]]:
 
 METRICS = (  # (key, label, higher is better, digits, shown as a percentage)
     ("mean_grade", "Mean grade (judge, 1–5)", True, 2, False),
-    ("chrf", "chrF against the reference answers (0–100)", True, 1, False),
+    ("chrf", "chrF vs the references (0–100)", True, 1, False),
     ("accuracy", "JCommonsenseQA accuracy", True, 1, True),
-    ("perplexity", "Perplexity on held-out Japanese text (lower is better)", False, 2, False),
+    ("perplexity", "Perplexity on held-out text (lower is better)", False, 2, False),
 )
 
 
@@ -138,7 +164,9 @@ def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
                "difference": None, "ci95": None, "n_paired": None, "better": None}
         if b is not None and t is not None:
             row["difference"] = round(t - b, 4)
-            row["better"] = None if t == b else "tuned" if (t > b) == higher else "base"
+            scale = 100 if as_pct else 1
+            same = round(scale * t, digits) == round(scale * b, digits)  # equal as shown: neither is marked
+            row["better"] = None if same else "tuned" if (t > b) == higher else "base"
         if key == "mean_grade" and grade_diff is not None:  # paired over the tasks graded in both runs
             row.update(difference=grade_diff["diff"], ci95=grade_diff["ci95"], n_paired=grade_diff["n"])
         if key == "perplexity" and row["difference"] is not None:
@@ -147,19 +175,15 @@ def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
     return rows
 
 
-def _data_mix(curate_docs: list[dict], pairs: list[dict], synth: dict, train: dict) -> list[dict]:
+def _data_mix(curated: Counter, pairs: list[dict], synth: dict, train: dict) -> list[dict]:
     """Per source: documents curated; drawn, passages, documents with pairs and pairs from synth's stats (or, for
     folders written before synth kept them, counted from its pairs); pairs trained from train's stats."""
-    curated = Counter(d["source"] for d in curate_docs)
     by_source = synth.get("by_source")
-    if by_source is None and pairs:
-        source_of = {d["id"]: d["source"] for d in curate_docs}
-        srcs = [p.get("source") or source_of.get(p["doc_id"]) for p in pairs]
-        if None not in srcs:
-            with_pairs = Counter(source_of.get(d) for d in {p["doc_id"] for p in pairs})
-            pair_counts = Counter(srcs)
-            by_source = {s: {"pairs": pair_counts.get(s, 0), "documents_with_pairs": with_pairs.get(s, 0)}
-                         for s in set(curated) | set(pair_counts)}
+    if by_source is None and pairs and all(p["source"] for p in pairs):
+        with_pairs = Counter(source for _, source in {(p["doc_id"], p["source"]) for p in pairs})
+        pair_counts = Counter(p["source"] for p in pairs)
+        by_source = {s: {"pairs": pair_counts.get(s, 0), "documents_with_pairs": with_pairs.get(s, 0)}
+                     for s in set(curated) | set(pair_counts)}
     by_source = by_source or {}
     trained = train.get("pairs_by_source") or {}
     if not by_source and not trained:
@@ -173,22 +197,17 @@ def _data_mix(curate_docs: list[dict], pairs: list[dict], synth: dict, train: di
     return rows
 
 
-def _examples(curate_docs: list[dict], pairs: list[dict]) -> list[dict]:
+def _examples(pairs: list[dict], docs: dict[str, dict]) -> list[dict]:
     """A few pairs with the document and passage they came from, taking sources in turn."""
-    docs = {d["id"]: d for d in curate_docs}
-    by_source: dict[str, list[dict]] = {}
+    queues: dict[str | None, list[dict]] = {}
     for p in pairs:
-        doc = docs.get(p["doc_id"], {})
-        by_source.setdefault(p.get("source") or doc.get("source") or "?", []).append(
-            {"source": p.get("source") or doc.get("source"), "title": doc.get("title"), "url": doc.get("url"),
-             "doc_id": p["doc_id"], "passage": p.get("context"), "instruction": p["instruction"],
-             "response": p["response"]})
-    queues, out = list(by_source.values()), []
-    while len(out) < N_EXAMPLES and any(queues):
-        for q in queues:
-            if q and len(out) < N_EXAMPLES:
-                out.append(q.pop(0))
-    return out
+        queues.setdefault(p["source"], []).append(p)
+    picked: list[dict] = []
+    while len(picked) < N_EXAMPLES and any(queues.values()):
+        picked += [q.pop(0) for q in queues.values() if q][: N_EXAMPLES - len(picked)]
+    return [{"pair_id": p.get("id"), "doc_id": p["doc_id"], "source": p["source"],
+             "title": docs.get(p["doc_id"], {}).get("title"), "url": docs.get(p["doc_id"], {}).get("url"),
+             "passage": p.get("context"), "instruction": p["instruction"], "response": p["response"]} for p in picked]
 
 
 def _side_by_side(workdir: Path) -> list[dict]:
@@ -220,6 +239,10 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     evals = {"base": _eval_summary(_read(workdir / "eval-base" / "report.json")),
              "tuned": _eval_summary(_read(workdir / "eval-tuned" / "report.json"))}
     grade_diff, notes = _grade_diff(workdir)
+    pairs = _pairs(workdir / "synth")
+    docs = _documents(workdir / "curate", {p["doc_id"] for p in pairs})
+    for p in pairs:  # synth records each pair's source; older folders get it from the curated document
+        p["source"] = p.get("source") or docs.get(p["doc_id"], {}).get("source")
     versus = _versus(evals["base"], evals["tuned"], grade_diff)
     report: dict[str, Any] = {
         "workdir": str(workdir),
@@ -232,8 +255,8 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
                                             "train_loss_last", "eval_loss_start", "eval_loss", "tokens_per_s",
                                             "step_s", "packing_efficiency", "qlora", "device", "seconds")},
         "eval": {**evals, "versus": versus, "notes": notes},
-        "data_mix": _data_mix(_shards(workdir / "curate", ("id", "source")),
-                              _shards(workdir / "synth", ("doc_id", "source")), synth, train),
+        "data_mix": _data_mix(_curated(workdir / "curate"), pairs, synth, train),
+        "examples": _examples(pairs, docs),
         "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
                           "summary": _stage_words(step, stats, evals)} for step in plan},
     }
@@ -261,7 +284,9 @@ def _headline(report: dict) -> str:
     if (p := rows.get("perplexity")) and p["difference"] is not None:
         said.append(f"held-out perplexity {p['tuned']:.2f} against the base model's {p['base']:.2f} "
                     f"({p['change_pct']:+.1f}%, {'better' if p['better'] == 'tuned' else 'not better'})")
-    if (g := rows.get("mean_grade")) and g["difference"] is not None:
+    if (g := rows.get("mean_grade")) and g["difference"] == 0 and g["tuned"] == g["base"]:
+        said.append(f"the same mean grade as the base model, {g['tuned']:.2f} of 5")
+    elif g and g["difference"] is not None:
         ci = g["ci95"]
         sure = "" if ci is None else (" — the interval excludes no change" if ci[0] > 0 or ci[1] < 0
                                       else " — the interval includes no change")
@@ -313,7 +338,7 @@ def _versus_html(report: dict) -> str:
         + " Only the grade has an interval: the other figures are one number per run.")
     notes = "".join(f'<p class="muted">Note: {esc(n)}</p>' for n in ev.get("notes", []))
     return ("<h2>Base vs tuned</h2>" + names
-            + table(["Metric", "Base", "Tuned", "Difference (tuned − base)", "95% CI of the difference"], rows,
+            + table(["Metric", "Base", "Tuned", "Tuned − base", "95% CI of the difference"], rows,
                     num=(1, 2, 3, 4))
             + f'<p class="muted">{judge_words}</p>' + notes)
 
@@ -350,7 +375,7 @@ def _mix_html(report: dict) -> str:
             + table(["Source", *(h for _, h in shown)], rows, foot, num=tuple(range(1, len(shown) + 1))))
 
 
-def _synthesis_html(report: dict, examples: list[dict]) -> str:
+def _synthesis_html(report: dict) -> str:
     s = report["synth"]
     if s.get("pairs") is None:
         return ""
@@ -361,7 +386,7 @@ def _synthesis_html(report: dict, examples: list[dict]) -> str:
             ("Rejected outputs, by reason", counts(s.get("rejected_by_reason"))),
             ("Generation speed", rate(s.get("tokens_per_s"))), ("Generator", str(s.get("generator")))]
     cards = []
-    for e in examples:
+    for e in report["examples"]:
         name = html.escape(e["title"] or e["doc_id"])
         where = f'<a href="{html.escape(e["url"])}">{name}</a>' if e["url"] else f"<b>{name}</b>"
         cards.append(
@@ -371,7 +396,7 @@ def _synthesis_html(report: dict, examples: list[dict]) -> str:
             '<div class="arrow">↓</div><div class="cols">'
             f'<div><div class="label">Instruction</div><div class="text">{clip(e["instruction"])}</div></div>'
             f'<div><div class="label">Response</div><div class="text">{clip(e["response"])}</div></div></div></section>')
-    shown = (f"<h3>{len(examples)} synthesized pairs and where they came from</h3>" + "".join(cards)) if cards else ""
+    shown = (f"<h3>{len(cards)} synthesized pairs and where they came from</h3>" + "".join(cards)) if cards else ""
     return "<h2>Synthesis</h2>" + _figure_table(rows) + shown
 
 
@@ -417,14 +442,12 @@ def _answers_html(tasks: list[dict]) -> str:
 
 
 def render(workdir: Path, report: dict) -> str:
-    curate_docs = _shards(workdir / "curate", ("id", "source", "title", "url"))
-    pairs = _shards(workdir / "synth", ("doc_id", "source", "context", "instruction", "response"))
     model = (report["eval"]["base"].get("model") or {}).get("spec")
     body = ["<h1>ezoforge run report</h1>",
             f'<p class="muted">{"model " + esc(model) + " · " if model else ""}workdir '
             f"<code>{esc(workdir)}</code></p>",
             _headline(report), _stages_html(report), _versus_html(report), _curation_html(workdir, report),
-            _mix_html(report), _synthesis_html(report, _examples(curate_docs, pairs)),
+            _mix_html(report), _synthesis_html(report),
             _training_html(workdir, report), _answers_html(_side_by_side(workdir))]
     return page("ezoforge run report", body)
 

@@ -122,7 +122,7 @@ a{color:#2f6fb0}
 .scroll{overflow-x:auto;margin:.4em 0 1em}
 table{border-collapse:collapse}
 th,td{border-bottom:1px solid #d9dee3;padding:6px 12px;text-align:left;vertical-align:top}
-thead th{background:#f5f7f9;border-bottom:2px solid #c9d0d6;white-space:nowrap}
+thead th{background:#f5f7f9;border-bottom:2px solid #c9d0d6}
 tbody th{font-weight:600}
 tfoot td,tfoot th{border-top:2px solid #c9d0d6;font-weight:600}
 .num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
