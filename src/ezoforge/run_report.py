@@ -114,14 +114,14 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
     c, s, t, m = stats["curate"], stats["synth"], stats["train"], stats["merge"]
     if step == "curate":
         share = c["docs_out"] / c["docs_in"] if c.get("docs_in") else None
-        return f"kept {c.get('docs_out')} of {c.get('docs_in')} documents ({pct(share)}), {size(c.get('bytes_out'))} of text"
+        return (f"kept {c.get('docs_out')} of {c.get('docs_in')} documents ({pct(share)}), "
+                f"{size(c.get('bytes_out'))} of text")
     if step == "synth":
         return (f"{plural(s.get('pairs'), 'pair')} from {s.get('documents_with_pairs')} of "
-                f"{plural(s.get('documents'), 'document')}, "
-                f"{rate(s.get('tokens_per_s'))}")
+                f"{plural(s.get('documents'), 'document')}, {rate(s.get('tokens_per_s'))}")
     if step == "train":
-        return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss {fmt(t.get('train_loss_first'))}"
-                f" → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
+        return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss "
+                f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
     if step == "merge":
         params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
         return f"adapter merged into a standalone {m.get('dtype', '')} model{params}"
@@ -146,17 +146,27 @@ def _grade_diff(workdir: Path) -> tuple[dict | None, list[str]]:
     return result["runs"][1]["diff"], result["notes"]
 
 
-METRICS = (  # (key, label, higher is better, digits, shown as a percentage)
-    ("mean_grade", "Mean grade (judge, 1–5)", True, 2, False),
-    ("chrf", "chrF vs the references (0–100)", True, 1, False),
-    ("accuracy", "JCommonsenseQA accuracy", True, 1, True),
-    ("perplexity", "Perplexity on held-out text (lower is better)", False, 2, False),
-)
+METRICS = {  # key: (label, higher is better, digits shown); accuracy is shown as a percentage
+    "mean_grade": ("Mean grade (judge, 1–5)", True, 2),
+    "chrf": ("chrF vs the references (0–100)", True, 1),
+    "accuracy": ("JCommonsenseQA accuracy", True, 1),
+    "perplexity": ("Perplexity on held-out text (lower is better)", False, 2),
+}
+
+
+def shown(key: str, x: float | None, signed: bool = False) -> str:
+    """A metric's value (or a difference, `signed`) as the report prints it."""
+    if x is None:
+        return "–"
+    digits, sign = METRICS[key][2], "+" if signed else ""
+    if key == "accuracy":
+        return f"{100 * x:{sign}.{digits}f}" + (" pt" if signed else "%")
+    return f"{x:{sign},.{digits}f}"
 
 
 def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
     rows = []
-    for key, label, higher, digits, as_pct in METRICS:
+    for key, (label, higher, _) in METRICS.items():
         b, t = base.get(key), tuned.get(key)
         if b is None and t is None:
             continue
@@ -164,8 +174,7 @@ def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
                "difference": None, "ci95": None, "n_paired": None, "better": None}
         if b is not None and t is not None:
             row["difference"] = round(t - b, 4)
-            scale = 100 if as_pct else 1
-            same = round(scale * t, digits) == round(scale * b, digits)  # equal as shown: neither is marked
+            same = shown(key, t) == shown(key, b)  # equal as printed: neither is marked
             row["better"] = None if same else "tuned" if (t > b) == higher else "base"
         if key == "mean_grade" and grade_diff is not None:  # paired over the tasks graded in both runs
             row.update(difference=grade_diff["diff"], ci95=grade_diff["ci95"], n_paired=grade_diff["n"])
@@ -288,10 +297,9 @@ def _headline(report: dict) -> str:
         said.append(f"the same mean grade as the base model, {g['tuned']:.2f} of 5")
     elif g and g["difference"] is not None:
         ci = g["ci95"]
-        sure = "" if ci is None else (" — the interval excludes no change" if ci[0] > 0 or ci[1] < 0
-                                      else " — the interval includes no change")
-        ci_words = "" if ci is None else f", 95% CI {ci[0]:+.2f} to {ci[1]:+.2f}"
-        said.append(f"mean grade {g['tuned']:.2f} against {g['base']:.2f} ({g['difference']:+.2f}{ci_words}){sure}")
+        ci_words = "" if ci is None else f", 95% CI {ci[0]:+.2f} to {ci[1]:+.2f}" + (
+            ", a real change" if ci[0] > 0 or ci[1] < 0 else ", within noise")
+        said.append(f"mean grade {g['tuned']:.2f} against {g['base']:.2f} ({g['difference']:+.2f}{ci_words})")
     if (c := rows.get("chrf")) and c["difference"] is not None:
         said.append(f"chrF {c['tuned']:.1f} against {c['base']:.1f}")
     return f'<p class="lead">The tuned model: {"; ".join(said)}.</p>' if said else ""
@@ -305,9 +313,7 @@ def _stages_html(report: dict) -> str:
 
 
 def _value(row: dict, side: str) -> str:
-    v = row[side]
-    digits = next(d for k, _, _, d, _ in METRICS if k == row["metric"])
-    text = "–" if v is None else pct(v, digits) if row["metric"] == "accuracy" else fmt(v, digits)
+    text = shown(row["metric"], row[side])
     return f'<td class="num better">{text} ✓</td>' if row["better"] == side else text
 
 
@@ -315,10 +321,7 @@ def _versus_html(report: dict) -> str:
     ev = report["eval"]
     rows = []
     for r in ev["versus"]:
-        digits = next(d for k, _, _, d, _ in METRICS if k == r["metric"])
-        scale = 100 if r["metric"] == "accuracy" else 1
-        unit = " pt" if r["metric"] == "accuracy" else ""
-        diff = "–" if r["difference"] is None else f"{scale * r['difference']:+.{digits}f}{unit}"
+        diff = shown(r["metric"], r["difference"], signed=True)
         if r.get("change_pct") is not None:
             diff += f" ({r['change_pct']:+.1f}%)"
         ci = "–" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
@@ -395,7 +398,8 @@ def _synthesis_html(report: dict) -> str:
             f'<div class="label">Passage given to the generator</div><div class="text">{clip(e["passage"], 500)}</div>'
             '<div class="arrow">↓</div><div class="cols">'
             f'<div><div class="label">Instruction</div><div class="text">{clip(e["instruction"])}</div></div>'
-            f'<div><div class="label">Response</div><div class="text">{clip(e["response"])}</div></div></div></section>')
+            f'<div><div class="label">Response</div><div class="text">{clip(e["response"])}</div></div>'
+            "</div></section>")
     shown = (f"<h3>{len(cards)} synthesized pairs and where they came from</h3>" + "".join(cards)) if cards else ""
     return "<h2>Synthesis</h2>" + _figure_table(rows) + shown
 
@@ -408,10 +412,12 @@ def _training_html(workdir: Path, report: dict) -> str:
             ("Steps", f"{t['steps']:,}"),
             ("Examples", f"{t.get('examples')} for training, {t.get('eval_examples')} held out"),
             ("Packing efficiency", pct(t.get("packing_efficiency"))),
-            ("Training loss, first → last step", f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}"),
-            ("Held-out loss, start → end", f"{fmt(t.get('eval_loss_start'))} → {fmt(t.get('eval_loss'))}"),
+            ("Training loss, first → last step",
+             f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}"),
             ("Speed", f"{rate(t.get('tokens_per_s'))}, {fmt(t.get('step_s'), 1)} s per step"),
             ("Training time", "–" if t.get("seconds") is None else f"{t['seconds'] / 60:.1f} minutes")]
+    if t.get("eval_loss") is not None:
+        rows.insert(5, ("Held-out loss, start → end", f"{fmt(t.get('eval_loss_start'))} → {fmt(t['eval_loss'])}"))
     return ("<h2>Training</h2>" + _figure_table(rows)
             + _stage_png(workdir / "train" / "loss.png", "training and held-out loss by step", "Loss by step"))
 

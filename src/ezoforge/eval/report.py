@@ -109,9 +109,9 @@ def compare_chart(runs: list[dict]) -> str | None:
 # One style for every page: Japanese fonts first-class, one column on a phone, wide tables scroll in their own box.
 STYLE = """
 *{box-sizing:border-box}
-body{margin:0 auto;padding:16px 20px 40px;max-width:1100px;color:#1d232a;background:#fff;line-height:1.65;font-size:15px;
-font-family:system-ui,-apple-system,"Segoe UI","Hiragino Sans","Hiragino Kaku Gothic ProN","Noto Sans CJK JP",
-"Noto Sans JP","Yu Gothic UI","Yu Gothic",Meiryo,sans-serif}
+body{margin:0 auto;padding:16px 20px 40px;max-width:1100px;color:#1d232a;background:#fff;line-height:1.65;
+font-size:15px;font-family:-apple-system,BlinkMacSystemFont,"Hiragino Sans","Hiragino Kaku Gothic ProN",
+"Noto Sans CJK JP","Noto Sans JP","Yu Gothic UI","Yu Gothic",Meiryo,"Segoe UI",system-ui,sans-serif}
 h1{font-size:1.6em;margin:.3em 0 .2em;line-height:1.3}
 h2{font-size:1.25em;margin:1.8em 0 .6em;padding-bottom:.2em;border-bottom:2px solid #d9dee3}
 h3{font-size:1.05em;margin:0 0 .4em}
@@ -134,8 +134,10 @@ figure{margin:1em 0}figcaption{color:#5f6b76;font-size:.9em}
 .card{border:1px solid #d9dee3;border-radius:8px;padding:12px 16px;margin:14px 0}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:10px 16px}
 .meta{color:#5f6b76;font-size:.85em}
-.label{display:inline-block;font-size:.78em;letter-spacing:.04em;color:#5f6b76;font-weight:700;text-transform:uppercase;margin-top:.4em}
-.text{white-space:pre-wrap;overflow-wrap:anywhere;background:#f5f7f9;border-radius:6px;padding:6px 10px;margin:2px 0 6px}
+.label{display:inline-block;font-size:.78em;letter-spacing:.04em;color:#5f6b76;font-weight:700;
+text-transform:uppercase;margin-top:.4em}
+.text{white-space:pre-wrap;overflow-wrap:anywhere;background:#f5f7f9;border-radius:6px;padding:6px 10px;
+margin:2px 0 6px}
 .reason{white-space:pre-wrap;overflow-wrap:anywhere;color:#3d4852;font-size:.92em}
 .grade{display:inline-block;min-width:1.9em;text-align:center;border-radius:4px;padding:0 6px;font-weight:700}
 .arrow{color:#5f6b76;text-align:center;font-size:1.2em;margin:2px 0}
