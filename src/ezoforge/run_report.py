@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezoforge.eval.report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
-from ezoforge.records import write_json, write_text
+from ezoforge.records import read_jsonl, write_json, write_text
 
 N_EXAMPLES = 3  # synthesized pairs shown with their provenance
 N_ANSWERS = 20  # eval tasks shown side by side (largest grade changes first); each eval's own report has them all
@@ -27,9 +27,7 @@ def _read(path: Path) -> dict:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path)] if path.exists() else []
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -56,8 +54,8 @@ def _documents(folder: Path, ids: set[str]) -> dict[str, dict]:
     """Source, title and URL of the curated documents with these ids."""
     out: dict[str, dict] = {}
     for path in _shards(folder) if ids else []:
-        table = pq.read_table(path, columns=["id", "source", "title", "url"], filters=[("id", "in", sorted(ids))])
-        out.update((d["id"], d) for d in table.to_pylist())
+        found = pq.read_table(path, columns=["id", "source", "title", "url"], filters=[("id", "in", sorted(ids))])
+        out.update((d["id"], d) for d in found.to_pylist())
     return out
 
 
@@ -272,7 +270,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     ppl = next((r for r in versus if r["metric"] == "perplexity" and r["difference"] is not None), None)
     if ppl:
         report["eval"]["perplexity_change_pct"] = ppl["change_pct"]
-        report["eval"]["tuned_beats_base_perplexity"] = ppl["better"] == "tuned"
+        report["eval"]["tuned_beats_base_perplexity"] = ppl["tuned"] < ppl["base"]
     return report
 
 
