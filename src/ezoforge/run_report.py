@@ -175,7 +175,10 @@ def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
             same = shown(key, t) == shown(key, b)  # equal as printed: neither is marked
             row["better"] = None if same else "tuned" if (t > b) == higher else "base"
         if key == "mean_grade" and grade_diff is not None:  # paired over the tasks graded in both runs
-            row.update(difference=grade_diff["diff"], ci95=grade_diff["ci95"], n_paired=grade_diff["n"])
+            d = grade_diff["diff"]
+            tie = shown(key, d, signed=True) in ("+0.00", "-0.00")
+            row.update(difference=d, ci95=grade_diff["ci95"], n_paired=grade_diff["n"],
+                       better=None if tie else "tuned" if d > 0 else "base")
         if key == "perplexity" and row["difference"] is not None:
             row["change_pct"] = round(100 * (t / b - 1), 2)
         rows.append(row)
