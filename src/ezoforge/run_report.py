@@ -1,143 +1,471 @@
-"""The top-level report of `ezo run`: every number read from the stage outputs, never typed in."""
+"""The top-level report of `ezo run`: every number read from the stage outputs, never typed in.
+
+report.json holds the figures; report.html reads like a results page: what each stage did, base vs tuned with the
+difference and its interval, the data mix, where synthesized pairs came from, and the two models' answers side by side.
+"""
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ezoforge.records import write_json, write_text
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ezoforge.eval.report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
+from ezoforge.records import read_jsonl, write_json, write_text
+
+N_EXAMPLES = 3  # synthesized pairs shown with their provenance
+N_ANSWERS = 20  # eval tasks shown side by side (largest grade changes first); each eval's own report has them all
 
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _jsonl(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)] if path.exists() else []
 
 
-def figure_uri(fig) -> str:
-    """A matplotlib figure as an embedded PNG data URI (the HTML stays one self-contained file)."""
-    import matplotlib.pyplot as plt
+def _shards(folder: Path) -> list[Path]:
+    return sorted((folder / "data").glob("*.parquet"))
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
+def _pairs(folder: Path) -> list[dict]:
+    """Synth's pairs (source only where synth recorded it), in shard order."""
+    cols = ("id", "doc_id", "source", "context", "instruction", "response")
+    return [row for path in _shards(folder) for row in pq.read_table(
+        path, columns=[c for c in cols if c in pq.read_schema(path).names]).to_pylist()]
+
+
+def _curated(folder: Path) -> Counter:
+    """Curated documents per source, counted in Arrow (a real run keeps millions)."""
+    n: Counter = Counter()
+    for path in _shards(folder):
+        n.update({v["values"]: v["counts"] for v in pc.value_counts(pq.read_table(path, columns=["source"])
+                                                                     .column("source")).to_pylist()})
+    return n
+
+
+def _documents(folder: Path, ids: set[str]) -> dict[str, dict]:
+    """Source, title and URL of the curated documents with these ids."""
+    out: dict[str, dict] = {}
+    for path in _shards(folder) if ids else []:
+        found = pq.read_table(path, columns=["id", "source", "title", "url"], filters=[("id", "in", sorted(ids))])
+        out.update((d["id"], d) for d in found.to_pylist())
+    return out
+
+
+# ---------------------------------------------------------------- words for figures
+
+def hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def pct(x: float | None, digits: int = 0) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def rate(tokens_per_s: float | None) -> str:
+    if tokens_per_s is None:
+        return "–"
+    return f"{tokens_per_s:,.0f} tokens/s" if tokens_per_s >= 10 else f"{tokens_per_s:.1f} tokens/s"
+
+
+def size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "–"
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
+
+
+def plural(n: int | None, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{'–' if n is None else f'{n:,}'} {noun}s"
+
+
+def counts(by_name: dict[str, int] | None) -> str:
+    """{"too_short": 5, "duplicate": 4} → "too_short 5, duplicate 4", largest first."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted((by_name or {}).items(), key=lambda kv: -kv[1])) or "none"
+
+
+def _eval_words(e: dict) -> str:
+    parts = []
+    if e.get("perplexity") is not None:
+        parts.append(f"perplexity {e['perplexity']:.2f}")
+    if e.get("chrf") is not None:
+        parts.append(f"chrF {e['chrf']:.1f}")
+    if e.get("accuracy") is not None:
+        parts.append(f"JCQA accuracy {pct(e['accuracy'], 1)}")
+    if e.get("mean_grade") is not None:
+        parts.append(f"mean grade {e['mean_grade']:.2f} of 5")
+    elif e.get("n_tasks"):
+        parts.append(grade_words(e))
+    return " · ".join(parts) or "no figures"
+
+
+def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> str:
+    c, s, t, m = stats["curate"], stats["synth"], stats["train"], stats["merge"]
+    if step == "curate":
+        share = c["docs_out"] / c["docs_in"] if c.get("docs_in") else None
+        return (f"kept {c.get('docs_out')} of {c.get('docs_in')} documents ({pct(share)}), "
+                f"{size(c.get('bytes_out'))} of text")
+    if step == "synth":
+        return (f"{plural(s.get('pairs'), 'pair')} from {s.get('documents_with_pairs')} of "
+                f"{plural(s.get('documents'), 'document')}, {rate(s.get('tokens_per_s'))}")
+    if step == "train":
+        return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss "
+                f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
+    if step == "merge":
+        params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
+        return f"adapter merged into a standalone {m.get('dtype', '')} model{params}"
+    if step == "export":
+        ggufs = [g["file"] for g in stats["export"].get("gguf", [])]
+        return "model card" + (f" and {', '.join(ggufs)}" if ggufs else "")
+    return _eval_words(evals[step.removeprefix("eval-")])
+
+
+# ---------------------------------------------------------------- collecting
 
 def _eval_summary(rep: dict) -> dict:
-    keys = ("n_tasks", "n_scored", "n_failed", "mean_grade", "ci95", "chrf", "accuracy", "perplexity", "model",
-            "judge", "partial")
+    keys = ("status", "n_tasks", "n_scored", "n_failed", "mean_grade", "ci95", "chrf", "accuracy", "n_choice_items",
+            "perplexity", "ppl_tokens", "model", "judge", "partial")
     return {k: rep.get(k) for k in keys if k in rep}
+
+
+def _grade_diff(workdir: Path) -> tuple[dict | None, list[str]]:
+    """Tuned minus base mean grade over the tasks graded in both, with its paired bootstrap interval."""
+    if not all((workdir / f / "report.json").exists() for f in ("eval-base", "eval-tuned")):
+        return None, []
+    from ezoforge.eval.run import compare
+
+    result = compare([workdir / "eval-base", workdir / "eval-tuned"])
+    return result["runs"][1]["diff"], result["notes"]
+
+
+METRICS = {  # key: (label, higher is better, digits shown); accuracy is shown as a percentage
+    "mean_grade": ("Mean grade (judge, 1–5)", True, 2),
+    "chrf": ("chrF vs the references (0–100)", True, 1),
+    "accuracy": ("JCommonsenseQA accuracy", True, 1),
+    "perplexity": ("Perplexity on held-out text (lower is better)", False, 2),
+}
+
+
+def shown(key: str, x: float | None, signed: bool = False) -> str:
+    """A metric's value (or a difference, `signed`) as the report prints it."""
+    if x is None:
+        return "–"
+    digits, sign = METRICS[key][2], "+" if signed else ""
+    if key == "accuracy":
+        return f"{100 * x:{sign}.{digits}f}" + (" pt" if signed else "%")
+    return f"{x:{sign},.{digits}f}"
+
+
+def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
+    rows = []
+    for key, (label, higher, _) in METRICS.items():
+        b, t = base.get(key), tuned.get(key)
+        if b is None and t is None:
+            continue
+        row = {"metric": key, "label": label, "base": b, "tuned": t, "higher_is_better": higher,
+               "difference": None, "ci95": None, "n_paired": None, "better": None}
+        if b is not None and t is not None:
+            row["difference"] = round(t - b, 4)
+            same = shown(key, t) == shown(key, b)  # equal as printed: neither is marked
+            row["better"] = None if same else "tuned" if (t > b) == higher else "base"
+        if key == "mean_grade" and grade_diff is not None:  # paired over the tasks graded in both runs
+            d = grade_diff["diff"]
+            tie = shown(key, d, signed=True) in ("+0.00", "-0.00")
+            row.update(difference=d, ci95=grade_diff["ci95"], n_paired=grade_diff["n"],
+                       better=None if tie else "tuned" if d > 0 else "base")
+        if key == "perplexity" and row["difference"] is not None:
+            row["change_pct"] = round(100 * (t / b - 1), 2)
+        rows.append(row)
+    return rows
+
+
+def _data_mix(curated: Counter, pairs: list[dict], synth: dict, train: dict) -> list[dict]:
+    """Per source: documents curated; drawn, passages, documents with pairs and pairs from synth's stats (or, for
+    folders written before synth kept them, counted from its pairs); pairs trained from train's stats."""
+    by_source = synth.get("by_source")
+    if by_source is None and pairs and all(p["source"] for p in pairs):
+        with_pairs = Counter(source for _, source in {(p["doc_id"], p["source"]) for p in pairs})
+        pair_counts = Counter(p["source"] for p in pairs)
+        by_source = {s: {"pairs": pair_counts.get(s, 0), "documents_with_pairs": with_pairs.get(s, 0)}
+                     for s in set(curated) | set(pair_counts)}
+    by_source = by_source or {}
+    trained = train.get("pairs_by_source") or {}
+    if not by_source and not trained:
+        return []
+    rows = []
+    for s in sorted(set(curated) | set(by_source) | set(trained)):
+        got = by_source.get(s, {})
+        rows.append({"source": s, "documents": curated.get(s), "documents_drawn": got.get("documents"),
+                     "passages": got.get("passages"), "documents_with_pairs": got.get("documents_with_pairs"),
+                     "pairs": got.get("pairs"), "pairs_trained": trained.get(s)})
+    return rows
+
+
+def _examples(pairs: list[dict], docs: dict[str, dict]) -> list[dict]:
+    """A few pairs with the document and passage they came from, taking sources in turn."""
+    queues: dict[str | None, list[dict]] = {}
+    for p in pairs:
+        queues.setdefault(p["source"], []).append(p)
+    picked: list[dict] = []
+    while len(picked) < N_EXAMPLES and any(queues.values()):
+        picked += [q.pop(0) for q in queues.values() if q][: N_EXAMPLES - len(picked)]
+    return [{"pair_id": p.get("id"), "doc_id": p["doc_id"], "source": p["source"],
+             "title": docs.get(p["doc_id"], {}).get("title"), "url": docs.get(p["doc_id"], {}).get("url"),
+             "passage": p.get("context"), "instruction": p["instruction"], "response": p["response"]} for p in picked]
+
+
+def _side_by_side(workdir: Path) -> list[dict]:
+    """Each eval task with both answers and verdicts, the largest grade change (then chrF change) first."""
+    sides = {}
+    for side in ("base", "tuned"):
+        folder = workdir / f"eval-{side}"
+        sides[side] = ({r["task_id"]: r for r in _jsonl(folder / "answers.jsonl")},
+                       {j["task_id"]: j for j in _jsonl(folder / "judgements.jsonl")})
+    (base_rows, base_j), (tuned_rows, tuned_j) = sides["base"], sides["tuned"]
+    tasks = [r for r in base_rows.values()] + [r for t, r in tuned_rows.items() if t not in base_rows]
+    out = []
+    for n, task in enumerate(tasks):
+        tid = task["task_id"]
+        b, t = (base_j.get(tid) or {}).get("grade"), (tuned_j.get(tid) or {}).get("grade")
+        bc, tc = (base_rows.get(tid) or {}).get("chrf"), (tuned_rows.get(tid) or {}).get("chrf")
+        out.append({"task": task, "base": base_rows.get(tid), "tuned": tuned_rows.get(tid),
+                    "base_judgement": base_j.get(tid), "tuned_judgement": tuned_j.get(tid),
+                    "grade_change": None if b is None or t is None else t - b,
+                    "chrf_change": None if bc is None or tc is None else tc - bc, "order": n})
+    return sorted(out, key=lambda x: (x["grade_change"] is None, -abs(x["grade_change"] or 0),
+                                      -abs(x["chrf_change"] or 0), x["order"]))
 
 
 def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     stats = {step: _read(workdir / folder / "stats.json") for step, folder in
-             (("curate", "curate"), ("synth", "synth"), ("train", "train"))}
-    base = _eval_summary(_read(workdir / "eval-base" / "report.json"))
-    tuned = _eval_summary(_read(workdir / "eval-tuned" / "report.json"))
+             (("curate", "curate"), ("synth", "synth"), ("train", "train"), ("merge", "merged"),
+              ("export", "export"))}
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
+    evals = {"base": _eval_summary(_read(workdir / "eval-base" / "report.json")),
+             "tuned": _eval_summary(_read(workdir / "eval-tuned" / "report.json"))}
+    grade_diff, notes = _grade_diff(workdir)
+    pairs = _pairs(workdir / "synth")
+    docs = _documents(workdir / "curate", {p["doc_id"] for p in pairs})
+    for p in pairs:  # synth records each pair's source; older folders get it from the curated document
+        p["source"] = p.get("source") or docs.get(p["doc_id"], {}).get("source")
+    versus = _versus(evals["base"], evals["tuned"], grade_diff)
     report: dict[str, Any] = {
         "workdir": str(workdir),
-        "curate": {k: curate.get(k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "removed_by_filter")},
+        "curate": {k: curate.get(k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "removed_by_filter",
+                                              "pages_skipped")},
         "synth": {k: synth.get(k) for k in ("documents", "requests", "pairs", "parse_rate", "pairs_per_doc",
-                                            "tokens_per_s")},
-        "train": {k: train.get(k) for k in ("steps", "train_loss_first", "train_loss_last", "eval_loss",
-                                            "tokens_per_s", "packing_efficiency", "qlora")},
-        "eval": {"base": base, "tuned": tuned},
-        "stages": {},
+                                            "documents_with_pairs", "rejected_by_reason", "tokens_per_s",
+                                            "generator")},
+        "train": {k: train.get(k) for k in ("steps", "examples", "eval_examples", "train_loss_first",
+                                            "train_loss_last", "eval_loss_start", "eval_loss", "tokens_per_s",
+                                            "step_s", "packing_efficiency", "qlora", "device", "seconds")},
+        "eval": {**evals, "versus": versus, "notes": notes},
+        "data_mix": _data_mix(_curated(workdir / "curate"), pairs, synth, train),
+        "examples": _examples(pairs, docs),
+        "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
+                          "summary": _stage_words(step, stats, evals)} for step in plan},
     }
-    if base.get("perplexity") and tuned.get("perplexity"):
-        report["eval"]["perplexity_change_pct"] = round(100 * (tuned["perplexity"] / base["perplexity"] - 1), 2)
-        report["eval"]["tuned_beats_base_perplexity"] = tuned["perplexity"] < base["perplexity"]
-    summaries = {
-        "curate": f"{curate.get('docs_in')} docs in → {curate.get('docs_out')} kept",
-        "synth": f"{synth.get('pairs')} pairs, parse rate {synth.get('parse_rate')}",
-        "train": f"loss {train.get('train_loss_first')} → {train.get('train_loss_last')}",
-        "merge": "standalone model written",
-        "eval-base": f"ppl {base.get('perplexity')}, chrF {base.get('chrf')}, grade {base.get('mean_grade')}",
-        "eval-tuned": f"ppl {tuned.get('perplexity')}, chrF {tuned.get('chrf')}, grade {tuned.get('mean_grade')}",
-        "export": "model card" + "".join(f" + {g['file']}" for g in _read(workdir / "export" / "stats.json")
-                                         .get("gguf", [])),
-    }
-    for step in plan:
-        report["stages"][step] = {"seconds": timings.get(step, {}).get("seconds"), "summary": summaries[step]}
+    ppl = next((r for r in versus if r["metric"] == "perplexity" and r["difference"] is not None), None)
+    if ppl:
+        report["eval"]["perplexity_change_pct"] = ppl["change_pct"]
+        report["eval"]["tuned_beats_base_perplexity"] = ppl["tuned"] < ppl["base"]
     return report
 
 
-def _charts(workdir: Path, report: dict) -> list[tuple[str, str]]:
-    import matplotlib
+# ---------------------------------------------------------------- HTML
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    charts = []
-    removed = report["curate"].get("removed_by_filter") or {}
-    if removed:
-        fig, ax = plt.subplots(figsize=(6, 0.35 * len(removed) + 1))
-        names = sorted(removed, key=removed.get)
-        ax.barh(names, [removed[n] for n in names], color="#c0504d")
-        ax.set_xlabel("documents removed")
-        charts.append(("What each curation filter removed", figure_uri(fig)))
-    metrics = [m for m in _metrics(workdir / "train" / "metrics.jsonl") if m.get("loss") is not None]
-    if metrics:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
-        evals = [m for m in _metrics(workdir / "train" / "metrics.jsonl") if m.get("eval_loss") is not None]
-        if evals:
-            ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
-        ax.set_xlabel("step")
-        ax.legend()
-        charts.append(("Training loss", figure_uri(fig)))
-    base, tuned = report["eval"]["base"], report["eval"]["tuned"]
-    pairs = [(k, base.get(k), tuned.get(k)) for k in ("perplexity", "chrf", "mean_grade", "accuracy")
-             if base.get(k) is not None and tuned.get(k) is not None]
-    if pairs:
-        fig, axes = plt.subplots(1, len(pairs), figsize=(2.6 * len(pairs), 2.8))
-        for ax, (name, b, t) in zip(axes if len(pairs) > 1 else [axes], pairs):
-            ax.bar(["base", "tuned"], [b, t], color=["#8c8c8c", "#4f81bd"])
-            ax.set_title(name)
-        charts.append(("Base vs tuned", figure_uri(fig)))
-    return charts
+def _figure_table(rows: list[tuple[str, str]]) -> str:
+    return table(["Figure", "Value"], [[html.escape(k), html.escape(v)] for k, v in rows])
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v, ensure_ascii=False))}</td></tr>"
-                    for k, v in rows)
-    return f"<table>{cells}</table>"
+def _stage_png(path: Path, alt: str, caption: str) -> str:
+    """A chart the stage drew itself, embedded so the report stays one file."""
+    return png_img(base64.b64encode(path.read_bytes()).decode(), alt, caption) if path.exists() else ""
+
+
+def _headline(report: dict) -> str:
+    rows = {r["metric"]: r for r in report["eval"]["versus"]}
+    said = []
+    if (p := rows.get("perplexity")) and p["difference"] is not None:
+        said.append(f"held-out perplexity {p['tuned']:.2f} against the base model's {p['base']:.2f} "
+                    f"({p['change_pct']:+.1f}%, {'better' if p['better'] == 'tuned' else 'not better'})")
+    if (g := rows.get("mean_grade")) and g["difference"] == 0 and g["tuned"] == g["base"]:
+        said.append(f"the same mean grade as the base model, {g['tuned']:.2f} of 5")
+    elif g and g["difference"] is not None:
+        ci = g["ci95"]
+        ci_words = "" if ci is None else f", 95% CI {ci[0]:+.2f} to {ci[1]:+.2f}" + (
+            ", a real change" if ci[0] > 0 or ci[1] < 0 else ", within noise")
+        said.append(f"mean grade {g['tuned']:.2f} against {g['base']:.2f} ({g['difference']:+.2f}{ci_words})")
+    if (c := rows.get("chrf")) and c["difference"] is not None:
+        said.append(f"chrF {c['tuned']:.1f} against {c['base']:.1f}")
+    return f'<p class="lead">The tuned model: {"; ".join(said)}.</p>' if said else ""
+
+
+def _stages_html(report: dict) -> str:
+    rows = [[html.escape(step), hms(info["seconds"]), html.escape(info["summary"])]
+            for step, info in report["stages"].items()]
+    total = sum(info["seconds"] or 0 for info in report["stages"].values())
+    return "<h2>Stages</h2>" + table(["Stage", "Wall time", "Result"], rows, ["Total", hms(total), ""], num=(1,))
+
+
+def _value(row: dict, side: str) -> str:
+    text = shown(row["metric"], row[side])
+    return f'<td class="num better">{text} ✓</td>' if row["better"] == side else text
+
+
+def _versus_html(report: dict) -> str:
+    ev = report["eval"]
+    rows = []
+    for r in ev["versus"]:
+        diff = shown(r["metric"], r["difference"], signed=True)
+        if r.get("change_pct") is not None:
+            diff += f" ({r['change_pct']:+.1f}%)"
+        ci = "–" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
+        rows.append([html.escape(r["label"]), _value(r, "base"), _value(r, "tuned"), diff, ci])
+    if not rows:
+        return ""
+    base, tuned = ev["base"], ev["tuned"]
+    names = (f"<p>Base: <b>{esc((base.get('model') or {}).get('name'))}</b> · tuned: "
+             f"<b>{esc((tuned.get('model') or {}).get('name'))}</b>. The better value is marked ✓.</p>")
+    judge = base.get("judge") or tuned.get("judge")
+    g = next((r for r in ev["versus"] if r["metric"] == "mean_grade"), None)
+    judge_words = "No judge graded the answers." if not judge else (
+        f"Grades (1 = poor … 5 = excellent) are given by <b>{esc(judge['model'])}</b> as judge with prompt version "
+        f"<b>{esc(judge['prompt_version'])}</b>"
+        + (f"; the difference is over the {g['n_paired']} tasks graded in both runs, with a paired bootstrap 95% "
+           "confidence interval." if g and g["n_paired"] else ".")
+        + " Only the grade has an interval: the other figures are one number per run.")
+    notes = "".join(f'<p class="muted">Note: {esc(n)}</p>' for n in ev.get("notes", []))
+    return ("<h2>Base vs tuned</h2>" + names
+            + table(["Metric", "Base", "Tuned", "Tuned − base", "95% CI of the difference"], rows,
+                    num=(1, 2, 3, 4))
+            + f'<p class="muted">{judge_words}</p>' + notes)
+
+
+def _curation_html(workdir: Path, report: dict) -> str:
+    c = report["curate"]
+    if c.get("docs_in") is None:
+        return ""
+    share = c["docs_out"] / c["docs_in"] if c["docs_in"] else None
+    rows = [("Documents read", f"{c['docs_in']:,}"), ("Documents kept", f"{c['docs_out']:,} ({pct(share)})"),
+            ("Text kept", f"{size(c.get('bytes_out'))} of {size(c.get('bytes_in'))}"),
+            ("Removed, by filter", counts(c.get("removed_by_filter")))]
+    if c.get("pages_skipped"):
+        rows.append(("Wiki pages skipped before filtering", counts(c["pages_skipped"])))
+    return ("<h2>Curation</h2>" + _figure_table(rows)
+            + _stage_png(workdir / "curate" / "filters.png", "documents kept and removed by each filter",
+                         "Documents kept, and removed by each curation filter"))
+
+
+def _mix_html(report: dict) -> str:
+    mix = report["data_mix"]
+    if not mix:
+        return ""
+    keys = ("documents", "documents_drawn", "passages", "documents_with_pairs", "pairs", "pairs_trained")
+    heads = ("Documents curated", "Drawn for synthesis", "Passages", "Documents with pairs", "Pairs kept",
+             "Pairs trained on")
+    shown = [(k, h) for k, h in zip(keys, heads) if any(r[k] is not None for r in mix)]
+
+    def number(v: int | None) -> str:
+        return "–" if v is None else f"{v:,}"
+    rows = [[html.escape(r["source"])] + [number(r[k]) for k, _ in shown] for r in mix]
+    foot = ["All"] + [number(sum(r[k] or 0 for r in mix)) for k, _ in shown]
+    return ("<h2>Data mix</h2><p>Where the training pairs came from, by source.</p>"
+            + table(["Source", *(h for _, h in shown)], rows, foot, num=tuple(range(1, len(shown) + 1))))
+
+
+def _synthesis_html(report: dict) -> str:
+    s = report["synth"]
+    if s.get("pairs") is None:
+        return ""
+    rows = [("Documents used", f"{s['documents']:,}"), ("Requests to the generator", f"{s['requests']:,}"),
+            ("Pairs kept", f"{s['pairs']:,} ({fmt(s.get('pairs_per_doc'), 1)} per document)"),
+            ("Documents whose outputs parsed", pct(s.get("parse_rate"))),
+            ("Documents that gave kept pairs", f"{s.get('documents_with_pairs')} of {s['documents']}"),
+            ("Rejected outputs, by reason", counts(s.get("rejected_by_reason"))),
+            ("Generation speed", rate(s.get("tokens_per_s"))), ("Generator", str(s.get("generator")))]
+    cards = []
+    for e in report["examples"]:
+        name = html.escape(e["title"] or e["doc_id"])
+        where = f'<a href="{html.escape(e["url"])}">{name}</a>' if e["url"] else f"<b>{name}</b>"
+        cards.append(
+            f'<section class="card"><div class="label">Source document</div><p>{where} '
+            f'<span class="muted">({esc(e["source"])})</span></p>'
+            f'<div class="label">Passage given to the generator</div><div class="text">{clip(e["passage"], 500)}</div>'
+            '<div class="arrow">↓</div><div class="cols">'
+            f'<div><div class="label">Instruction</div><div class="text">{clip(e["instruction"])}</div></div>'
+            f'<div><div class="label">Response</div><div class="text">{clip(e["response"])}</div></div>'
+            "</div></section>")
+    shown = (f"<h3>{len(cards)} synthesized pairs and where they came from</h3>" + "".join(cards)) if cards else ""
+    return "<h2>Synthesis</h2>" + _figure_table(rows) + shown
+
+
+def _training_html(workdir: Path, report: dict) -> str:
+    t = report["train"]
+    if t.get("steps") is None:
+        return ""
+    rows = [("Method", f"{'QLoRA (4-bit base)' if t.get('qlora') else 'LoRA'} on {t.get('device') or '–'}"),
+            ("Steps", f"{t['steps']:,}"),
+            ("Examples", f"{t.get('examples')} for training, {t.get('eval_examples')} held out"),
+            ("Packing efficiency", pct(t.get("packing_efficiency"))),
+            ("Training loss, first → last step",
+             f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}"),
+            ("Speed", f"{rate(t.get('tokens_per_s'))}, {fmt(t.get('step_s'), 1)} s per step"),
+            ("Training time", "–" if t.get("seconds") is None else f"{t['seconds'] / 60:.1f} minutes")]
+    if t.get("eval_loss") is not None:
+        rows.insert(5, ("Held-out loss, start → end", f"{fmt(t.get('eval_loss_start'))} → {fmt(t['eval_loss'])}"))
+    return ("<h2>Training</h2>" + _figure_table(rows)
+            + _stage_png(workdir / "train" / "loss.png", "training and held-out loss by step", "Loss by step"))
+
+
+def _change(x: dict) -> str:
+    if x["grade_change"] is not None:
+        g, before = x["grade_change"], x["base_judgement"]["grade"]
+        cls = "up" if g > 0 else "down" if g < 0 else "meta"
+        return f'<span class="{cls}">grade {before} → {before + g}' + (f" ({g:+d})" if g else "") + "</span>"
+    if x["chrf_change"] is not None:
+        return f'<span class="muted">chrF {x["chrf_change"]:+.1f}</span>'
+    return ""
+
+
+def _answers_html(tasks: list[dict]) -> str:
+    if not tasks:
+        return ""
+    graded = any(x["grade_change"] is not None for x in tasks)
+    order = "largest grade change first" if graded else "largest chrF change first (no judge grades)"
+    more = (f" The first {N_ANSWERS} of {len(tasks)}; every answer is in eval-base/ and eval-tuned/report.html."
+            if len(tasks) > N_ANSWERS else "")
+    cards = [f'<section class="card"><h3>{html.escape(x["task"]["task_id"])} {_change(x)}</h3>'
+             f'<div class="cols">{task_html(x["task"])}</div><div class="cols">'
+             f'{answer_html("Base answer", x["base"], x["base_judgement"])}'
+             f'{answer_html("Tuned answer", x["tuned"], x["tuned_judgement"])}</div></section>'
+             for x in tasks[:N_ANSWERS]]
+    return f"<h2>Answers side by side</h2><p>Each task, {order}.{more}</p>" + "".join(cards)
+
+
+def render(workdir: Path, report: dict) -> str:
+    model = (report["eval"]["base"].get("model") or {}).get("spec")
+    body = ["<h1>ezoforge run report</h1>",
+            f'<p class="muted">{"model " + esc(model) + " · " if model else ""}workdir '
+            f"<code>{esc(workdir)}</code></p>",
+            _headline(report), _stages_html(report), _versus_html(report), _curation_html(workdir, report),
+            _mix_html(report), _synthesis_html(report),
+            _training_html(workdir, report), _answers_html(_side_by_side(workdir))]
+    return page("ezoforge run report", body)
 
 
 def write_run_report(workdir: Path, plan: list[str], timings: dict) -> dict:
     report = collect(workdir, plan, timings)
     report["paths"] = {"json": str(workdir / "report.json"), "html": str(workdir / "report.html")}
     write_json(workdir / "report.json", report)
-    base, tuned = report["eval"]["base"], report["eval"]["tuned"]
-    keys = sorted(set(base) | set(tuned))
-    versus = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(base.get(k), ensure_ascii=False))}"
-                     f"</td><td>{html.escape(json.dumps(tuned.get(k), ensure_ascii=False))}</td></tr>" for k in keys)
-    change = report["eval"].get("perplexity_change_pct")
-    verdict = "" if change is None else (
-        f"<p><b>Held-out perplexity: tuned {tuned['perplexity']:.2f} vs base {base['perplexity']:.2f} "
-        f"({change:+.1f}%).</b></p>")
-    body = [
-        "<h1>ezoforge run report</h1>", f"<p>workdir: <code>{html.escape(str(workdir))}</code></p>",
-        "<h2>Stages</h2>", _table([(s, info) for s, info in report["stages"].items()]),
-        "<h2>Curation</h2>", _table(list(report["curate"].items())),
-        "<h2>Synthesis</h2>", _table(list(report["synth"].items())),
-        "<h2>Training</h2>", _table(list(report["train"].items())),
-        "<h2>Base vs tuned</h2>", verdict,
-        f"<table><tr><th></th><th>base</th><th>tuned</th></tr>{versus}</table>",
-    ]
-    for title, uri in _charts(workdir, report):
-        body.append(f"<h3>{html.escape(title)}</h3><img src='{uri}' alt='{html.escape(title)}'>")
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}th{background:#f4f4f4}")
-    write_text(workdir / "report.html", f"<!doctype html><html lang='ja'><meta charset='utf-8'><title>ezoforge run"
-                                        f"</title><style>{style}</style><body>{''.join(body)}</body></html>\n")
+    write_text(workdir / "report.html", render(workdir, report))
     return report
