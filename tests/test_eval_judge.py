@@ -93,3 +93,10 @@ def test_reask_recovers():
     verdict = judge_answer(judge, TASK, "富士山", reasks=1)
     assert (verdict.grade, verdict.reason) == (4, "正しい")
     assert "outside 1-5" in judge.sent[1][-1]["content"]
+
+
+def test_a_cut_json_verdict_keeps_its_reason_not_the_raw_json():
+    from ezoforge.eval.judge import parse_verdict
+
+    verdict = parse_verdict('{"reason": "答えが\\"短い\\"です", "grade": 2')  # no closing brace
+    assert (verdict.grade, verdict.reason) == (2, '答えが"短い"です')

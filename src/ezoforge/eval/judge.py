@@ -131,6 +131,20 @@ def _one(values: list[str], what: str) -> Verdict | None:
     return Verdict(grade, "", error)
 
 
+_REASON = re.compile(r'"(?:reason|理由)"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def _cut_json_reason(text: str) -> str:
+    """The reason from a JSON verdict cut short (no closing brace), else the text: a reader never sees raw JSON."""
+    found = _REASON.search(text)
+    if not found:
+        return text
+    try:
+        return json.loads(f'"{found.group(1)}"')
+    except ValueError:
+        return found.group(1)
+
+
 def parse_verdict(raw: str) -> Verdict:
     text = raw.strip()
     if not text:
@@ -150,7 +164,7 @@ def parse_verdict(raw: str) -> Verdict:
     plain = unicodedata.normalize("NFKC", text)
     for verdict in (_one(_BRACKETED.findall(plain), "[[n]]"), _one(_LABELLED.findall(plain), "labelled")):
         if verdict is not None:
-            return Verdict(verdict.grade, text, verdict.error)
+            return Verdict(verdict.grade, _cut_json_reason(text), verdict.error)
     lone = _LONE.match(plain)
     if lone:
         grade, error = _grade(lone.group(1))
