@@ -99,15 +99,17 @@ def test_judged_run_writes_consistent_outputs(judged, shared_data):
     assert made["answers_computed"] == 3 and made["judge_sent"] >= sum(bool(a["answer"].strip()) for a in answers)
 
 
-def test_rerun_from_cache_with_judge_stopped_is_identical(judged, tmp_path):
+def test_rerun_from_cache_is_identical_and_another_judge_url_is_not_a_hit(judged, tmp_path):
     out, recipe, _, error = judged
-    offline = recipe.model_copy(deep=True)
-    offline.eval.judge_url = dead_url()
-    assert (run_or_fail(offline, tmp_path)[1] is None) == (error is None)
+    assert (run_or_fail(recipe, tmp_path / "again")[1] is None) == (error is None)
     for name in ("report.json", "report.html", "answers.jsonl", "judgements.jsonl"):
-        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
-    made = stats(tmp_path)
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+    made = stats(tmp_path / "again")
     assert not made["model_loaded"] and made["answers_computed"] == 0 and made["judge_sent"] == 0
+    elsewhere = recipe.model_copy(deep=True)
+    elsewhere.eval.judge_url = dead_url()  # the same model name behind another URL may be another model
+    _, failure = run_or_fail(elsewhere, tmp_path / "elsewhere")
+    assert failure is not None and "judge request failed" in failure
 
 
 def test_unreachable_judge_gives_no_scores_and_fails(judged, cache, shared_data, tmp_path):

@@ -137,7 +137,7 @@ def test_rerun_is_a_no_op_and_other_settings_need_force(demo):
     recipe = load_recipe(DEMO, [f"workdir={demo}", *SMALL])
     export(demo / "merged", out, recipe.export, recipe.model.system_prompt)
     assert (out / "DONE").stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="differ: export.repo"):
+    with pytest.raises(ConfigError, match="export.repo: null → \"me/x\""):
         export(demo / "merged", out, ExportConfig(gguf=["f16"], repo="me/x"), recipe.model.system_prompt)
     assert (out / "DONE").stat().st_mtime_ns == before and not list(demo.glob(".export.tmp"))
 

@@ -1,7 +1,9 @@
 import json
+from dataclasses import asdict
 
 import pytest
 
+from ezoforge.cache import request_key
 from ezoforge.errors import RecordError
 from ezoforge.infer.chat import repl
 from ezoforge.infer.generate import Completion, Generator, Sampling, build_messages, generate_file
@@ -52,9 +54,11 @@ def test_batch_file_resumes_and_keeps_order(gen, tmp_path):
     src, out = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     rows = [{"id": f"q{i}", "prompt": p} for i, p in enumerate(["こんにちは", "1+1は？", "空は何色？"])]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    # A previous run that was killed after answering q1 (and tore its last line).
-    (tmp_path / "answers.jsonl.partial").write_text('{"id": "q1", "answer": "KEPT"}\n{"id": "q2", "ans', encoding="utf-8")
-    assert generate_file(gen, src, out, SYSTEM, Sampling(max_new_tokens=8), batch_size=2) == 3
+    # A previous run with the same settings that was killed after answering q1 (and tore its last line).
+    key = request_key(model="m", messages=build_messages("1+1は？", SYSTEM), sampling=asdict(Sampling(max_new_tokens=8)))
+    (tmp_path / "answers.jsonl.partial").write_text(json.dumps({"id": "q1", "key": key, "answer": "KEPT"}) +
+                                                    '\n{"id": "q2", "ans', encoding="utf-8")
+    assert generate_file(gen, src, out, SYSTEM, Sampling(max_new_tokens=8), batch_size=2, identity="m") == 3
     answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [a["id"] for a in answers] == ["q0", "q1", "q2"]
     assert answers[1]["answer"] == "KEPT" and answers[0]["answer"] and answers[2]["answer"]

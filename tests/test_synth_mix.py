@@ -8,6 +8,7 @@ import pytest
 from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.records import write_parquet
+from ezoforge.stage import Stage
 from ezoforge.synth.mix import draw
 from ezoforge.synth.passages import Doc, read_docs
 from ezoforge.synth.run import run
@@ -63,6 +64,7 @@ def test_a_source_comes_from_its_column_or_the_file_name(tmp_path):
 def test_a_share_for_an_absent_source_fails_before_the_folder_is_claimed(tmp_path):
     docs = tmp_path / "curated" / "data"
     write_parquet(docs / "00000.parquet", [{"id": "w1", "text": "本文。", "source": "wikipedia"}])
+    Stage("curate", tmp_path / "curated", {}).finish({})
     recipe = load_recipe(None, ["synth.mix={wikipedia: 0.5, fineweb: 0.5}"])
     with pytest.raises(ConfigError, match=r"synth\.mix\.fineweb: .* no documents with source 'fineweb' "
                                           r"\(its sources: wikipedia\)"):

@@ -119,13 +119,14 @@ def test_a_synth_folder_is_read_from_its_parquet_shards_once_finished(tmp_path):
 
 
 def test_train_stats_count_pairs_by_source(smol, tmp_path):
-    from ezoforge.records import mark_done, write_parquet
+    from ezoforge.records import write_parquet
+    from ezoforge.stage import Stage
 
     folder = tmp_path / "synth"
     write_parquet(folder / "data" / "part-00000.parquet", [
         {"id": f"p{i}", "doc_id": f"d{i}", "instruction": "何の話？", "response": "和紙です。", "context": None,
          "generator": "g", "source": source} for i, source in enumerate(["wikipedia", "fineweb", "wikipedia"])])
-    mark_done(folder, "fp")
+    Stage("synth", folder, {}).finish({})
     own = tmp_path / "own.jsonl"  # a user's file without sources: used, not counted
     own.write_text(json.dumps({"instruction": "挨拶して", "response": "どうも。"}, ensure_ascii=False) + "\n")
     stats = prepare(smol, [folder, own], None, 256, True, 0.0, 0).stats
