@@ -119,7 +119,7 @@ def test_stage_table_has_columns_and_times_from_the_run(workdir, page):
     timings = read(workdir / "timings.json")
     header, *rows, total = page.tables["Stages"][0]
     assert header == ["Stage", "Wall time", "Result"]
-    assert [r[0] for r in rows] == ["curate", "synth", "train", "merge", "eval-base", "eval-tuned"]
+    assert [r[0] for r in rows] == ["curate", "synth", "train", "merge", "eval-base", "eval-tuned", "export"]
     for stage, wall, result in rows:
         assert wall == hms(timings[stage]["seconds"]) and re.fullmatch(r"\d+:\d\d:\d\d", wall)
         assert len(result) > 10 and not result.startswith("{")
@@ -263,6 +263,7 @@ def test_mix_from_synth_and_train_stats_when_present_and_left_out_without_data(w
     assert report["data_mix"][1]["pairs_trained"] == 9
 
     shutil.rmtree(w / "curate" / "data")
+    shutil.rmtree(w / "synth" / "data")  # pairs carry their source too
     del synth["by_source"], train["pairs_by_source"]
     (w / "synth" / "stats.json").write_text(json.dumps(synth), encoding="utf-8")
     (w / "train" / "stats.json").write_text(json.dumps(train), encoding="utf-8")
