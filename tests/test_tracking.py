@@ -21,7 +21,6 @@ def test_report_to_reaches_the_trainer_config():
         load_recipe(None, ["train.report_to=neptune"])
 
 
-@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
 def test_a_tracker_that_is_not_installed_fails_before_training(tiny_model, elyza_rows, tmp_path):  # noqa: F811
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed here")
