@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from ezoforge.config import ServeConfig
 from ezoforge.infer.batching import Batcher
 from ezoforge.infer.generate import Completion, Generator, Sampling, TextSoFar, build_messages, whole_chars
 
@@ -21,7 +22,7 @@ def gen(bundled):
 
 @pytest.fixture(scope="module")
 def batcher(gen):
-    b = Batcher(gen, max_batch=16, max_queue=64)
+    b = Batcher(gen, ServeConfig(max_batch=16, max_queue=64))
     yield b
     b.close()
 
@@ -40,11 +41,15 @@ def drain(events) -> tuple[list[str], Completion]:
     return pieces, event
 
 
-def test_greedy_output_is_the_same_alone_or_in_a_batch(gen, batcher):
-    """Up to padding effects: float sums over padded rows may flip a near-tie late in a reply, never early."""
+@pytest.mark.parametrize("prefill_tokens", [4096, 1])
+def test_greedy_output_is_the_same_alone_or_in_a_batch(gen, prefill_tokens):
+    """Up to padding effects: float sums over padded rows may flip a near-tie late in a reply, never early.
+    With a prefill budget of 1 token the joining requests are prefilled one by one and then stacked."""
+    batcher = Batcher(gen, ServeConfig(max_batch=16, max_prefill_tokens=prefill_tokens))
     sampling = Sampling(max_new_tokens=24)
     alone = [drain(submit(batcher, gen, p, sampling)[1])[1] for p in PROMPTS]
     together = [drain(events)[1] for _, events in [submit(batcher, gen, p, sampling) for p in PROMPTS]]
+    batcher.close()
     reference = gen.complete([build_messages(p, SYSTEM) for p in PROMPTS[:1]], sampling)[0]
     assert alone[0].text == reference.text  # the loop decodes what generate() decodes
     same = sum(a.text == t.text for a, t in zip(alone, together))

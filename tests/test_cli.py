@@ -1,10 +1,12 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import BUNDLED
 from ezoforge.cli import app
+from ezoforge.errors import ConfigError
 
 runner = CliRunner()
 
@@ -40,6 +42,9 @@ def test_generate_prints_a_reply(bundled):
     assert result.stdout.strip()
 
 
-def test_generate_flags_that_contradict():
-    result = runner.invoke(app, ["generate", "--prompt", "x", "--system", "s", "--no-system"])
-    assert result.exit_code != 0
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"], ["serve", "--port", "1"]])
+def test_system_flags_that_contradict(command):
+    result = runner.invoke(app, [*command, "--model", BUNDLED, "--system", "s", "--no-system"])
+    assert isinstance(result.exception, ConfigError)  # `ezo` prints it and exits 2
+    assert str(result.exception) == "--system and --no-system contradict each other"
+    assert "loaded" not in result.output  # refused before the model loads

@@ -1,6 +1,6 @@
 import pytest
 
-from ezoforge.eval.judge import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
+from ezoforge.eval.judge_prompt import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
 from ezoforge.eval.tasks import OpenTask
 
 FENCE = "```"
@@ -96,7 +96,7 @@ def test_reask_recovers():
 
 
 def test_a_cut_json_verdict_keeps_its_reason_not_the_raw_json():
-    from ezoforge.eval.judge import parse_verdict
+    from ezoforge.eval.judge_prompt import parse_verdict
 
     verdict = parse_verdict('{"reason": "答えが\\"短い\\"です", "grade": 2')  # no closing brace
     assert (verdict.grade, verdict.reason) == (2, '答えが"短い"です')

@@ -14,9 +14,9 @@ from conftest import BUNDLED
 from ezoforge.cli import app
 from ezoforge.config import DEFAULT_SYSTEM_PROMPT, load_recipe
 from ezoforge.errors import EzoError
-from ezoforge.eval.judge import PROMPT_VERSION
+from ezoforge.eval.judge_prompt import PROMPT_VERSION
 from ezoforge.eval.run import compare, run
-from ezoforge.eval.scoring import jcqa_prompt
+from ezoforge.eval.likelihood import jcqa_prompt
 from ezoforge.eval.tasks import load_suite
 from ezoforge.infer.generate import Generator, build_messages
 from ezoforge.records import DONE, write_jsonl

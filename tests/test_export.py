@@ -247,7 +247,7 @@ def test_llama31_rope_scaling_becomes_llama_cpp_rope_factors():
 
 def test_hub_datasets_are_named_from_their_cache_paths(tmp_path):
     from ezoforge.export.card import metadata
-    from ezoforge.export.records import RunRecords
+    from ezoforge.export.provenance import RunRecords
 
     hub = "/data/hf/hub/datasets--HuggingFaceFW--fineweb-2/snapshots/0a1b/data/jpn_Jpan/train/000_00000.parquet"
     rec = RunRecords(tmp_path, curate=[{"stats": {"inputs": [hub, "/data/jawiki.xml.bz2"]}, "settings": {}}])

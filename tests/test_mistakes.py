@@ -189,3 +189,20 @@ def test_stated_liger_without_it(tmp_path):
     failed(ezo("train", rows, "--out", tmp_path / "t", "--model", BUNDLED, "--set", "train.liger=true"),
            "train.liger is true")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_stated_static_cache_on_a_cpu_loses_nothing_even_forced(tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": "1", "text": "富士山は日本一高い山である。"}])
+    out = tmp_path / "synth"
+    out.mkdir()
+    (out / "pairs-00000.parquet").write_bytes(b"earlier work")
+    (out / "DONE").write_text('{"fingerprint": "older settings", "stage": "synth"}')
+    failed(ezo("synth", docs, "--out", out, "--set", "synth.static_cache=true", "--force"),
+           "synth.static_cache is true", "needs CUDA", code=2)
+    assert (out / "pairs-00000.parquet").read_bytes() == b"earlier work"
+
+
+def test_static_cache_with_a_server_backend():
+    failed(ezo("validate", DEMO, "--set", "synth.backend=vllm", "--set", "synth.static_cache=true"),
+           "synth: ", "static_cache is a transformers-backend setting", "backend 'vllm'", code=2)

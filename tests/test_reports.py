@@ -18,7 +18,7 @@ from PIL import Image
 
 from ezoforge.config import load_recipe
 from ezoforge.pipeline import run_recipe
-from ezoforge.run_report import hms, write_run_report
+from ezoforge.recipe_report import hms, write_run_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"

@@ -41,7 +41,7 @@ def test_openai_client_streaming_matches_plain(client):
 
 
 def test_response_format_json_schema_is_enforced(client):
-    from ezoforge.eval.judge import verdict_schema
+    from ezoforge.eval.judge_prompt import verdict_schema
 
     fmt = verdict_schema(30)
     ask = [{"role": "user", "content": "「東京です」という回答を採点し、理由を日本語で書いてください。"}]

@@ -183,3 +183,18 @@ def test_load_with_dropped_streams(gen):
     print(f"idle {idle:.2f} s, after load {after:.2f} s; RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
     assert after <= 2 * idle
     assert rss_end - rss_start < 128 * 2**20  # without malloc_trim when idle it stayed ~210 MiB up
+
+
+def test_a_plain_request_whose_client_left_stops_generating(gen):
+    """Not only streams: a non-streaming client that gives up frees its place in the batch within seconds."""
+    app = create_app(gen, "m")
+    with BackgroundServer(app) as url:
+        body = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            post(url, body, timeout=httpx.Timeout(600, read=2))
+        start = time.perf_counter()
+        while httpx.get(f"{url}/health").json()["running"] and time.perf_counter() - start < 30:
+            time.sleep(0.1)
+        left = time.perf_counter() - start
+    # 1500 tokens take minutes here; the server notices a gone client once a second and cancels at the next step.
+    assert left < 10, left

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ezoforge.config import Recipe, dump_yaml, load_recipe
-from ezoforge.errors import EzoError
+from ezoforge.errors import ConfigError, EzoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval).")
@@ -31,6 +31,10 @@ TemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", help="Ji
 # Flags default to None: a flag overrides the recipe only when it is given.
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 … (default: the recipe's model.device).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (CUDA bf16, CPU float32), float32, bfloat16, float16 (default: the recipe's model.dtype).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt for a conversation without one (default: model.system_prompt, the EZO one).")]
+NoSystemOpt = Annotated[bool, typer.Option("--no-system", help="Add no system prompt.")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Reply length (generation.max_new_tokens).")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (generation.temperature).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage: deletes its folder, even one done with these settings.")]
 
 
@@ -50,6 +54,8 @@ def _recipe(config: Path | None, overrides: list[str] | None, **flags: Any) -> R
 
 
 def _system(system: str | None, no_system: bool, recipe: Recipe) -> str | None:
+    if system is not None and no_system:
+        raise ConfigError("--system and --no-system contradict each other")
     if no_system:
         return None
     return system if system is not None else recipe.model.system_prompt
@@ -72,10 +78,10 @@ def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One prompt; the reply is printed.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help='JSONL of {"id", "prompt"} (batch mode).')] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help='JSONL of {"id", "prompt", "answer"} (batch mode).')] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the EZO one).")] = None,
-    no_system: Annotated[bool, typer.Option("--no-system", help="Send no system message.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy.")] = None,
+    system: SystemOpt = None,
+    no_system: NoSystemOpt = False,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
@@ -92,15 +98,13 @@ def generate(
         raise EzoError("give exactly one of --prompt or --input")
     if input is not None and out is None:
         raise EzoError("--input needs --out")
-    if system is not None and no_system:
-        raise EzoError("--system and --no-system contradict each other")
     recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
         "generation.top_p": top_p, "generation.seed": seed, "generation.batch_size": batch_size})
     g = recipe.generation
     sampling = Sampling.from_config(g)
-    gen = Generator(_load(recipe, adapter))
     sys_prompt = _system(system, no_system, recipe)
+    gen = Generator(_load(recipe, adapter))
     if prompt is not None:
         print(gen.complete([build_messages(prompt, sys_prompt)], sampling)[0].text)
         return
@@ -116,10 +120,10 @@ def generate(
 def chat(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    system: Annotated[Optional[str], typer.Option("--system")] = None,
-    no_system: Annotated[bool, typer.Option("--no-system")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    system: SystemOpt = None,
+    no_system: NoSystemOpt = False,
+    max_new_tokens: MaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -132,7 +136,8 @@ def chat(
 
     recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature})
-    repl(Generator(_load(recipe, adapter)), _system(system, no_system, recipe), Sampling.from_config(recipe.generation))
+    sys_prompt = _system(system, no_system, recipe)
+    repl(Generator(_load(recipe, adapter)), sys_prompt, Sampling.from_config(recipe.generation))
 
 
 @app.command()
@@ -143,8 +148,8 @@ def serve(
     port: Annotated[int, typer.Option("--port")] = 8000,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the bearer key /v1/* requires.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt for requests without one (default: model.system_prompt).")] = None,
-    no_system: Annotated[bool, typer.Option("--no-system", help="Add no system prompt to requests.")] = False,
+    system: SystemOpt = None,
+    no_system: NoSystemOpt = False,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Default reply length (default: generation.max_new_tokens).")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Requests decoded together (serve.max_batch).")] = None,
     max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests waiting beyond the batch; more get 429 (serve.max_queue).")] = None,
@@ -167,11 +172,12 @@ def serve(
     from ezoforge.models import check_model
 
     api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
+    sys_prompt = _system(system, no_system, recipe)
     check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template)
     _port_is_free(host, port)
     gen = Generator(_load(recipe, adapter))
     run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env,
-               _system(system, no_system, recipe), recipe.generation.max_new_tokens, recipe.serve)
+               sys_prompt, recipe.generation.max_new_tokens, recipe.serve)
 
 
 def _port_is_free(host: str, port: int) -> None:
@@ -271,7 +277,7 @@ def eval_compare(
     """Runs side by side: mean grade with 95% CI, paired bootstrap difference vs the first, chrF, accuracy, perplexity."""
     from rich.table import Table
 
-    from ezoforge.eval.report import COMPARE_COLUMNS, compare_rows
+    from ezoforge.eval.eval_report import COMPARE_COLUMNS, compare_rows
     from ezoforge.eval.run import compare
 
     result = compare(dirs, out)

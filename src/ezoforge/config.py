@@ -227,7 +227,8 @@ class SynthConfig(Section):
     timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
     max_retries: int = Field(4, ge=0)
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
-    static_cache: bool = True  # CUDA only: static KV cache + compiled decode step (CUDA graphs)
+    # transformers backend: static KV cache + compiled decode step (CUDA graphs). auto: on CUDA only (logged).
+    static_cache: Literal["auto"] | bool = "auto"
     filters: PairFilters = PairFilters()
     # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
     # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
@@ -252,6 +253,9 @@ class SynthConfig(Section):
     def _openai_needs_url(self) -> "SynthConfig":
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url")
+        if self.backend != "transformers" and self.static_cache is True:
+            raise ValueError(f"static_cache is a transformers-backend setting; backend '{self.backend}' decides its "
+                             "own decoding (leave static_cache at auto)")
         return self
 
 
@@ -366,8 +370,11 @@ class ServeConfig(Section):
     max_queue: int = Field(64, ge=0)  # requests waiting for a place; one more gets 429 with Retry-After
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body gets 413
     request_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)  # seconds from arrival to the last token
+    # Prompt tokens (padded) prefilled in one forward pass when requests join: one pass over many long prompts
+    # builds a large attention matrix and was slower on a CPU than a few passes (bench/RESULTS.md, serve).
+    max_prefill_tokens: int = Field(4096, ge=1)
 
-    operational = frozenset({"max_batch", "max_queue", "max_body_bytes", "request_timeout"})
+    operational = frozenset({"max_batch", "max_queue", "max_body_bytes", "request_timeout", "max_prefill_tokens"})
 
 
 class Recipe(Section):

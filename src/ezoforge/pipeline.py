@@ -116,7 +116,7 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str]
             write_json(timings_path, timings)
         else:
             console.print(f"[dim]{step}: already done with these settings, skipped[/dim]")
-    from ezoforge.run_report import write_run_report
+    from ezoforge.recipe_report import write_run_report
 
     report = write_run_report(workdir, plan, timings)
     _print_summary(report)

@@ -20,9 +20,9 @@ from rich.progress import Progress
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import ModelConfig, Recipe, output_settings, to_plain
 from ezoforge.errors import EzoError, RecordError
-from ezoforge.eval import metrics, report as rep
-from ezoforge.eval.judge import PROMPT_VERSION
-from ezoforge.eval.judging import Judge
+from ezoforge.eval import eval_report, metrics
+from ezoforge.eval.judge_prompt import PROMPT_VERSION
+from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.tasks import OPEN_KINDS, Suite, load_suites
 from ezoforge.models import cache_root, check_model, check_spec, model_identity
 from ezoforge.records import read_jsonl, write_json, write_jsonl, write_text
@@ -102,7 +102,7 @@ def _answers(suites: list[Suite], recipe: Recipe, fp: str, models: _Models, cach
 
 def _predictions(suite: Suite, recipe: Recipe, fp: str, models: _Models, cache: RequestCache,
                  counts: Counter) -> list[dict]:
-    from ezoforge.eval.scoring import choice_logprobs, jcqa_prompt, pick
+    from ezoforge.eval.likelihood import choice_logprobs, jcqa_prompt, pick
 
     system, items = recipe.model.system_prompt, suite.items
     keys = [request_key(kind="choices", model=fp, system=system, prompt=jcqa_prompt(it), choices=it.choices)
@@ -116,7 +116,7 @@ def _predictions(suite: Suite, recipe: Recipe, fp: str, models: _Models, cache: 
 
 def _passages(suite: Suite, recipe: Recipe, fp: str, models: _Models, cache: RequestCache,
               counts: Counter) -> list[dict]:
-    from ezoforge.eval.scoring import passage_nll
+    from ezoforge.eval.likelihood import passage_nll
 
     window, items = recipe.eval.ppl_window, suite.items
     keys = [request_key(kind="ppl", model=fp, text=p.text, window=window) for p in items]
@@ -140,7 +140,7 @@ def _report(recipe: Recipe, adapter: Path | None, fp: str, rows: list[dict], jud
         refs = [r for r in subset if r["reference"] is not None]
         score = metrics.chrf([r["answer"] for r in refs], [r["reference"] for r in refs])[0] if refs else None
         graded = [j for j in judgements if j["task_id"] in ids]
-        return {"n_tasks": len(subset), **rep.grade_summary(graded, len(subset), judged, cfg.allow_partial, *boot),
+        return {"n_tasks": len(subset), **eval_report.grade_summary(graded, len(subset), judged, cfg.allow_partial, *boot),
                 "chrf": metrics.rounded(score)}
 
     tokens = sum(p["tokens"] for p in passages)
@@ -202,11 +202,13 @@ def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, sui
         rows = _answers(suites, recipe, fp, models, cache, counts)
         preds = [p for s in suites if s.kind == "jcqa" for p in _predictions(s, recipe, fp, models, cache, counts)]
         passages = [p for s in suites if s.kind == "ppl" for p in _passages(s, recipe, fp, models, cache, counts)]
+        judging = time.perf_counter()
         judgements = judge.judge_all([t for s in suites if s.kind in OPEN_KINDS for t in s.items],
                                      [r["answer"] for r in rows], _model_name(recipe, adapter)) \
             if judge and rows else []
         if judge:
-            counts.update(judge_sent=judge.sent, judge_cached=judge.cached)
+            counts.update(judge_sent=judge.sent, judge_cached=judge.cached,
+                          judge_seconds=round(time.perf_counter() - judging, 1))
     report = _report(recipe, adapter, fp, rows, judgements, preds, passages)
     if rows:
         write_jsonl(out / "answers.jsonl", rows)
@@ -215,7 +217,7 @@ def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, sui
     if preds:
         write_jsonl(out / "predictions.jsonl", preds)
     write_json(out / "report.json", report)
-    write_text(out / "report.html", rep.run_html(report, rows, judgements))
+    write_text(out / "report.html", eval_report.run_html(report, rows, judgements))
     stats = {**counts, "model_loaded": "loaded" in vars(models), "seconds": round(time.perf_counter() - started, 1)}
     if report["status"] == "failed":
         write_json(out / "stats.json", stats)  # no DONE: a rerun resumes and retries what failed
@@ -274,5 +276,5 @@ def compare(dirs: list[Path], out: Path | None = None) -> dict:
     result = {"baseline": labels[0], "runs": runs, "notes": notes}
     if out is not None:
         write_json(Path(out) / "compare.json", result)
-        write_text(Path(out) / "compare.html", rep.compare_html(result))
+        write_text(Path(out) / "compare.html", eval_report.compare_html(result))
     return result

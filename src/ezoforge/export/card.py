@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ezoforge.export.records import RunRecords
+from ezoforge.export.provenance import RunRecords
 
 # Bundled models' hub ids (a local spec names no hub repo).
 HUB_IDS = {"bundled:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}

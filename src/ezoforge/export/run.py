@@ -19,7 +19,7 @@ from ezoforge.errors import ModelError
 from ezoforge.export import card
 from ezoforge.export import gguf as gguf_file
 from ezoforge.export.ollama import modelfile
-from ezoforge.export.records import RunRecords, gather
+from ezoforge.export.provenance import RunRecords, gather
 from ezoforge.records import DONE, write_text
 from ezoforge.stage import Stage, input_fingerprints
 

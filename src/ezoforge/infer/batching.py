@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ezoforge.config import ServeConfig
 from ezoforge.infer.generate import Completion, Generator, Sampling, TextSoFar
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,10 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, gen: Generator, max_batch: int = 16, max_queue: int = 64):
-        self.gen, self.max_batch, self.max_queue = gen, max_batch, max_queue
-        if max_batch > 1 and not _plain_dynamic_cache(gen.model):
+    def __init__(self, gen: Generator, limits: ServeConfig):
+        self.gen, self.max_batch, self.max_queue = gen, limits.max_batch, limits.max_queue
+        self.prefill_tokens = limits.max_prefill_tokens
+        if self.max_batch > 1 and not _plain_dynamic_cache(gen.model):
             log.warning("this model's KV cache cannot be padded to join requests: serving one request at a time")
             self.max_batch = 1
         self.waiting: collections.deque[Job] = collections.deque()
@@ -114,10 +116,10 @@ class Batcher:
                 joining = []
                 while self.waiting and len(rows) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
-            self.running = len(rows)
             gone = [i for i, job in enumerate(rows) if self._ended_early(job)]
             if gone:
                 rows, cache, mask = self._drop(rows, cache, mask, gone)
+            self.running = len(rows)
             if not rows and not joining:
                 continue
             try:
@@ -129,9 +131,13 @@ class Batcher:
                         logits, cache = self._forward(step, mask, cache)
                         logits = [logits]
                     if joining:
-                        new_logits, new_cache, new_mask = self._prefill(joining)
-                        logits.append(new_logits)
-                        cache, mask = _merge(cache, mask, new_cache, new_mask)
+                        joining.sort(key=lambda j: len(j.prompt))  # neighbours in length pad each other little
+                        parts = [(cache, mask)] if rows else []
+                        for group in _prefill_groups(joining, self.prefill_tokens):
+                            new_logits, new_cache, new_mask = self._prefill(group)
+                            logits.append(new_logits)
+                            parts.append((new_cache, new_mask))
+                        cache, mask = _merge(parts)
                         rows = rows + joining
                     next_ids = self._sample(rows, torch.cat(logits))
             except Exception as e:  # a failed step fails its batch, never the server
@@ -221,15 +227,27 @@ class Batcher:
         return [rows[i] for i in keep], cache, mask
 
 
-def _merge(cache, mask, new_cache, new_mask):
-    """One cache for old and new rows: both padded on the left to the wider one."""
-    if cache is None:
-        return new_cache, new_mask
-    width = max(mask.shape[1], new_mask.shape[1])
-    for layer, new in zip(cache.layers, new_cache.layers):
-        layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(new.keys, width)])
-        layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(new.values, width)])
-    mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
+def _prefill_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
+    """Consecutive groups of at most `budget` padded prompt tokens each (a longer prompt goes alone)."""
+    groups, group = [], []
+    for job in jobs:
+        if group and (len(group) + 1) * max(len(job.prompt), *(len(j.prompt) for j in group)) > budget:
+            groups.append(group)
+            group = []
+        group.append(job)
+    return groups + [group]
+
+
+def _merge(parts: list[tuple]):
+    """One cache for all rows, in order: each (cache, mask) padded on the left to the widest, then stacked."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(mask.shape[1] for _, mask in parts)
+    cache = parts[0][0]
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([_pad_left(c.layers[i].keys, width) for c, _ in parts])
+        layer.values = torch.cat([_pad_left(c.layers[i].values, width) for c, _ in parts])
+    mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])
     return cache, mask
 
 

@@ -154,6 +154,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class KeyCheck:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY`. Plain ASGI rather than `@app.middleware("http")`,
+    whose wrapped `receive` hides a client's disconnect from `request.is_disconnected()`."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.key.encode()):
+                error = error_body("invalid or missing API key", "authentication_error", code="invalid_api_key")
+                return await JSONResponse(error, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(gen: Generator, served_model_name: str, api_key: str | None = None, system_prompt: str | None = None,
                max_tokens: int = 256, limits: ServeConfig | None = None) -> FastAPI:
     """`system_prompt` goes in front of a conversation that has none; `max_tokens` is the default reply length."""
@@ -161,7 +178,7 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = Batcher(gen, limits.max_batch, limits.max_queue)
+        app.state.batcher = Batcher(gen, limits)
         try:
             yield
         finally:
@@ -169,6 +186,8 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
 
     app = FastAPI(title="ezoforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(KeyCheck, key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -191,16 +210,6 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
     async def _crash(_: Request, e: Exception):
         log.exception("request failed")  # the trace stays in the server log, never in a response
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -266,17 +275,21 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         if req.stream:
             return StreamingResponse(_sse(job, events, cid, created), media_type="text/event-stream")
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=1.0)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)  # nobody reads it; the job is cancelled below
-                    continue
+                    event = None
                 if isinstance(event, Completion):
                     break
                 if isinstance(event, BaseException):
                     raise _job_error(event, limits)
+                # Text pieces arrive every step: look for a gone client once a second, whatever arrives.
+                if time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)  # nobody reads it; the job is cancelled below
         finally:
             job.cancel()  # no-op once finished; otherwise a client gone stops its generation at the next step
         return {

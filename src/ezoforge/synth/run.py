@@ -41,7 +41,7 @@ def _version(mode: str) -> str:
     return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
 
 
-def make_backend(recipe: Recipe, model: str):
+def make_backend(recipe: Recipe, model: str, static_cache: bool = False):
     """The backend with its tokenizer ready (requests are sized with it); a local model loads only if needed."""
     cfg, m = recipe.synth, recipe.model
     if cfg.backend == "openai":
@@ -57,7 +57,7 @@ def make_backend(recipe: Recipe, model: str):
             tokenizer = None
         return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
                              tokenizer, cfg.context_tokens or 4096)
-    from ezoforge.models import load, load_tokenizer, pick_device, require_chat_template, spec_context_length
+    from ezoforge.models import load, load_tokenizer, require_chat_template, spec_context_length
     from ezoforge.synth.backends import TransformersBackend, VLLMBackend
 
     chat = cfg.mode == "prompted"
@@ -70,7 +70,18 @@ def make_backend(recipe: Recipe, model: str):
     return TransformersBackend(
         tokenizer, context,
         lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat),
-        cfg.generation.batch_size, cfg.static_cache and pick_device(m.device).type == "cuda")
+        cfg.generation.batch_size, static_cache)
+
+
+def use_static_cache(setting, device) -> bool:
+    """`synth.static_cache`: true must be honoured (CUDA graphs need CUDA), auto picks it on CUDA and says so."""
+    if setting is True and device.type != "cuda":
+        raise ConfigError(f"synth.static_cache is true but the compiled static-cache decode needs CUDA; the model "
+                          f"runs on {device} (set synth.static_cache to auto or false)")
+    if setting == "auto":
+        log.info("synth.static_cache=auto: %s on %s", "on" if device.type == "cuda" else "off (CUDA only)", device)
+        return device.type == "cuda"
+    return setting
 
 
 def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
@@ -92,12 +103,13 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     files = input_files([input])
     m = recipe.model
     if cfg.backend == "openai":  # a served name: the server at base_url (in the output settings) says which model
-        identity = model
+        identity, static_cache = model, False
     else:  # a local model must exist before work starts, and is known by its weights
-        from ezoforge.models import check_model, model_identity
+        from ezoforge.models import check_model, model_identity, pick_device
 
         check_model(model, None, m.device, m.chat_template)
         identity = model_identity(model, None, m.dtype, m.device, m.chat_template)
+        static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
     settings = {"synth": output_settings(cfg), "model": model, "model_identity": identity,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
                 "version": _version(cfg.mode), "inputs": input_fingerprints([input])}
@@ -114,7 +126,7 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
     with stage.claimed():
-        backend = make_backend(recipe, model)
+        backend = make_backend(recipe, model, static_cache)
         reqs = build_requests(docs, backend, recipe)
         sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
         keys = [request_key(model=identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,

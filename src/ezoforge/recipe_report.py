@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ezoforge.eval.report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
+from ezoforge.eval.eval_report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
 from ezoforge.records import read_jsonl, write_json, write_text
 
 N_EXAMPLES = 3  # synthesized pairs shown with their provenance

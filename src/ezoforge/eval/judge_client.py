@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import EvalConfig
-from ezoforge.eval.judge import PROMPT_VERSION, Verdict, judge_answer, verdict_schema
+from ezoforge.eval.judge_prompt import PROMPT_VERSION, Verdict, judge_answer, verdict_schema
 from ezoforge.eval.tasks import OpenTask
 from ezoforge.infer.generate import Generator
 from ezoforge.infer.serve import BackgroundServer, create_app
