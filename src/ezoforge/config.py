@@ -370,9 +370,9 @@ class ServeConfig(Section):
     max_queue: int = Field(64, ge=0)  # requests waiting for a place; one more gets 429 with Retry-After
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body gets 413
     request_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)  # seconds from arrival to the last token
-    # Prompt tokens (padded) prefilled in one forward pass when requests join: one pass over many long prompts
-    # builds a large attention matrix and was slower on a CPU than a few passes (bench/RESULTS.md, serve).
-    max_prefill_tokens: int = Field(4096, ge=1)
+    # Prompt tokens (padded) prefilled in one forward pass when requests join: one pass over 14 judge prompts of
+    # ~1,400 tokens was slower on a CPU than one pass each (bench/judge_bench.py); short prompts still share one.
+    max_prefill_tokens: int = Field(2048, ge=1)
 
     operational = frozenset({"max_batch", "max_queue", "max_body_bytes", "request_timeout", "max_prefill_tokens"})
 
