@@ -55,7 +55,10 @@ def test_full_queue_is_429_with_retry_after_and_timeout_is_504(gen):
             lines = running.iter_lines()
             assert next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
             with client.stream("POST", f"{url}/v1/chat/completions", json=long) as waiting:
-                assert next(waiting.iter_lines()).startswith("data: ")  # accepted: it waits in the queue
+                # Held in a name: a dropped line iterator closes the connection, and the server rightly cancels.
+                waiting_lines = waiting.iter_lines()
+                assert next(waiting_lines).startswith("data: ")  # accepted: it waits in the queue
+                assert httpx.get(f"{url}/health").json()["waiting"] == 1
                 resp = post(url, {"messages": MESSAGES, "max_tokens": 4})
                 assert resp.status_code == 429 and is_error_body(resp)
                 assert int(resp.headers["retry-after"]) >= 1 and resp.json()["error"]["type"] == "rate_limit_error"
