@@ -140,8 +140,8 @@ def _report(recipe: Recipe, adapter: Path | None, fp: str, rows: list[dict], jud
         refs = [r for r in subset if r["reference"] is not None]
         score = metrics.chrf([r["answer"] for r in refs], [r["reference"] for r in refs])[0] if refs else None
         graded = [j for j in judgements if j["task_id"] in ids]
-        return {"n_tasks": len(subset), **eval_report.grade_summary(graded, len(subset), judged, cfg.allow_partial, *boot),
-                "chrf": metrics.rounded(score)}
+        summary = eval_report.grade_summary(graded, len(subset), judged, cfg.allow_partial, *boot)
+        return {"n_tasks": len(subset), **summary, "chrf": metrics.rounded(score)}
 
     tokens = sum(p["tokens"] for p in passages)
     if passages and not tokens:

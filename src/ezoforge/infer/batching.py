@@ -229,11 +229,12 @@ class Batcher:
 
 def _prefill_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
     """Consecutive groups of at most `budget` padded prompt tokens each (a longer prompt goes alone)."""
-    groups, group = [], []
+    groups, group, width = [], [], 0
     for job in jobs:
-        if group and (len(group) + 1) * max(len(job.prompt), *(len(j.prompt) for j in group)) > budget:
+        width = max(width, len(job.prompt))
+        if group and (len(group) + 1) * width > budget:
             groups.append(group)
-            group = []
+            group, width = [], len(job.prompt)
         group.append(job)
     return groups + [group]
 

@@ -41,7 +41,7 @@ def _version(mode: str) -> str:
     return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
 
 
-def make_backend(recipe: Recipe, model: str, static_cache: bool = False):
+def make_backend(recipe: Recipe, model: str, static_cache: bool):
     """The backend with its tokenizer ready (requests are sized with it); a local model loads only if needed."""
     cfg, m = recipe.synth, recipe.model
     if cfg.backend == "openai":
@@ -73,7 +73,7 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool = False):
         cfg.generation.batch_size, static_cache)
 
 
-def use_static_cache(setting, device) -> bool:
+def use_static_cache(setting: str | bool, device) -> bool:
     """`synth.static_cache`: true must be honoured (CUDA graphs need CUDA), auto picks it on CUDA and says so."""
     if setting is True and device.type != "cuda":
         raise ConfigError(f"synth.static_cache is true but the compiled static-cache decode needs CUDA; the model "
