@@ -23,12 +23,14 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ezo run recipes/demo.yaml
 
+# `test`: everything but the slow and GPU tests, offline, with the 15 slowest listed so the cost stays visible;
+# `test-all`: those too (the GPU ones skip without CUDA). Both list what was skipped and why (-rs in pyproject).
 test: install
 	# One thread per process: the suite runs servers and workers beside the model, and 2 cores oversubscribe.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
 
 test-all: install
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' --durations=15
 
 clean:
 	rm -rf runs/demo
@@ -46,7 +48,8 @@ gpu-bundle:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(BUNDLE) $(GPU_WHEELS)
-	# The Llama 3 tokenizer and Japanese prompts the benchmarks use (from llama-models and ../shared/data).
+	# The Llama 3 tokenizer, converted to the HF format here (not on the GPU's clock), and the Japanese prompts the
+	# benchmarks use (from llama-models and ../shared/data).
 	$(PY) bench/gpu_assets.py pack $(BUNDLE)/assets
 	@du -sb $(BUNDLE) | awk '{printf "$(BUNDLE): %.1f MiB (at most 64 MiB travel to the GPU machine)\n", $$1 / 2^20; \
 		if ($$1 > 64 * 2^20) exit 1}'

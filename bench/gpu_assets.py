@@ -1,22 +1,27 @@
 """What bench/gpu_check.sh needs besides wheels, for a GPU machine without a hub or ../shared.
 
-    python bench/gpu_assets.py pack DIR          # here (make gpu-bundle): Llama 3 tokenizer file + Japanese prompts
+    python bench/gpu_assets.py pack DIR          # here (make gpu-bundle): Llama 3 tokenizer, converted + Japanese prompts
     python bench/gpu_assets.py model DIR OUT     # there: a random-weight Llama-3.1-8B-shaped model folder + tokenizer
     python bench/gpu_assets.py pairs OUT         # there: instruction/response rows for `ezo train`
+    python bench/gpu_assets.py peak OUT -- CMD…  # there: run CMD, write its exit code and peak RSS to OUT (JSON)
 
-The tokenizer travels as the tiktoken file of `llama-models` (gzipped, ~1 MB; the HF tokenizer.json is 17 MB) with
-its split pattern and special tokens, and is rebuilt there with transformers' TikTokenConverter.
+The tokenizer is converted here from the tiktoken file of `llama-models` with transformers' TikTokenConverter (the
+GPU machine's minutes go to the GPU) and travels as its HF tokenizer.json, xz-compressed (1.7 MB of 17 MB).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
+import lzma
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAGRAPHS = ROOT.parent / "shared" / "data" / "jglue" / "jsquad" / "wikipedia_paragraphs.jsonl"
+XZ = "tokenizer.json.xz"
+# Shards of the random model: the streaming merge works shard by shard, so the check gives it several.
+SHARD = "1GB"
 # Llama 3.1's chat format: header, content, <|eot_id|> per turn.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
                  " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
@@ -29,37 +34,35 @@ SHAPE_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
 
 def pack(out: Path) -> None:
     import llama_models.llama3.tokenizer as lt
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     out.mkdir(parents=True, exist_ok=True)
     meta = lt.Tokenizer.get_instance()
-    with open(Path(lt.__file__).parent / "tokenizer.model", "rb") as src, gzip.open(out / "tokenizer.model.gz", "wb") as dst:
+    backend = TikTokenConverter(vocab_file=str(Path(lt.__file__).parent / "tokenizer.model"), pattern=meta.pat_str,
+                                extra_special_tokens=meta.special_tokens).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|finetune_right_pad_id|>")
+    tok.chat_template = CHAT_TEMPLATE
+    folder = out / "hf-tokenizer"
+    tok.save_pretrained(folder)
+    plain = folder / "tokenizer.json"
+    with open(plain, "rb") as src, lzma.open(plain.with_name(XZ), "wb") as dst:
         shutil.copyfileobj(src, dst)
-    (out / "tokenizer.json").write_text(json.dumps({"pat_str": meta.pat_str, "special_tokens": meta.special_tokens}))
+    plain.unlink()
     lines = PARAGRAPHS.read_text(encoding="utf-8").splitlines()[:256]  # generate_bench.py's prompt source
     (out / "paragraphs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def tokenizer(assets: Path):
-    """The Llama 3 tokenizer with the Llama 3.1 chat template; converted once (~a minute of Python), then cached."""
-    import tempfile
+    """The Llama 3 tokenizer with the Llama 3.1 chat template, as `pack` converted it."""
+    from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    cache = assets / "hf-tokenizer"
-    if (cache / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    meta = json.loads((assets / "tokenizer.json").read_text())
-    with tempfile.NamedTemporaryFile(suffix=".model") as f:
-        f.write(gzip.decompress((assets / "tokenizer.model.gz").read_bytes()))
-        f.flush()
-        backend = TikTokenConverter(vocab_file=f.name, pattern=meta["pat_str"],
-                                    extra_special_tokens=meta["special_tokens"]).converted()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  pad_token="<|finetune_right_pad_id|>")
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(cache)
-    return tok
+    folder = assets / "hf-tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        with lzma.open(folder / XZ) as src, open(folder / "tokenizer.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def model(assets: Path, out: Path, layers: int, tiny: bool) -> None:
@@ -77,9 +80,20 @@ def model(assets: Path, out: Path, layers: int, tiny: bool) -> None:
             m = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    m.save_pretrained(out)
+    m.save_pretrained(out, max_shard_size=SHARD)
     tokenizer(assets).save_pretrained(out)
     print(f"{out}: random Llama-3.1-8B {'vocabulary' if tiny else 'shape'}, {layers} layers, {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B")
+
+
+def peak(out: Path, cmd: list[str]) -> int:
+    """Run `cmd`; record its exit code and its peak resident memory (the largest of it and its children)."""
+    import resource
+    import subprocess
+
+    rc = subprocess.call(cmd)
+    kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out.write_text(json.dumps({"cmd": cmd, "rc": rc, "peak_rss_gib": round(kib / 2**20, 3)}))
+    return rc
 
 
 def pairs(out: Path) -> None:
@@ -95,10 +109,11 @@ def pairs(out: Path) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["pack", "model", "pairs"])
-    ap.add_argument("paths", nargs="+", type=Path)
+    ap.add_argument("what", choices=["pack", "model", "pairs", "peak"])
+    ap.add_argument("paths", nargs="+", help="peak: OUT -- CMD…")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="model: widths of 64 (CPU check of the script)")
     a = ap.parse_args()
-    {"pack": lambda: pack(a.paths[0]), "model": lambda: model(a.paths[0], a.paths[1], a.layers, a.tiny),
-     "pairs": lambda: pairs(a.paths[0])}[a.what]()
+    paths = [Path(x) for x in a.paths[:2]]
+    sys.exit({"pack": lambda: pack(paths[0]), "model": lambda: model(paths[0], paths[1], a.layers, a.tiny),
+              "pairs": lambda: pairs(paths[0]), "peak": lambda: peak(paths[0], a.paths[1:])}[a.what]())

@@ -1,4 +1,9 @@
+import logging
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BUNDLED = "bundled:smollm2-135m-instruct"
+
+
+def ezo_in_process(*args) -> subprocess.CompletedProcess:
+    """`ezo ARGS` run in this process (typer's CliRunner), ended as cli.main ends it: an EzoError gives its exit code
+    and `error: MESSAGE` on stderr; any other exception is a bug and is raised here with its traceback. Saves the
+    seconds a new process spends importing torch; a few tests still run the real `ezo` process."""
+    from typer.testing import CliRunner
+
+    from ezoforge.cli import _force_takes_optional_stage, app
+    from ezoforge.errors import EzoError
+
+    class Stderr(logging.Handler):  # main logs INFO to stderr; here stderr is the runner's while it runs
+        def emit(self, record):
+            sys.stderr.write(self.format(record) + "\n")
+
+    argv = _force_takes_optional_stage([str(a) for a in args])
+    root, handler = logging.getLogger(), Stderr(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        result = CliRunner().invoke(app, argv)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    error = result.exception
+    if error is not None and not isinstance(error, (EzoError, SystemExit)):
+        raise error
+    if isinstance(error, EzoError):
+        return subprocess.CompletedProcess(argv, error.exit_code, result.stdout, f"{result.stderr}error: {error}\n")
+    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,3 +76,60 @@ def live_server(bundled):
 
     with BackgroundServer(create_app(Generator(bundled), BUNDLED)) as url:
         yield url
+
+
+@pytest.fixture
+def scripted_judge():
+    """An OpenAI-compatible judge on loopback with known verdicts (tests/scripted_judge.py); `.url`, `.requests`."""
+    from scripted_judge import ScriptedJudge
+
+    with ScriptedJudge() as judge:
+        yield judge
+
+
+# ---------------------------------------------------------------- one judged demo run per session
+
+DEMO = REPO / "recipes" / "demo.yaml"
+# The demo recipe cut to seconds: two documents, two training steps, three tasks answered briefly.
+DEMO_SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400",
+              "synth.generation.max_new_tokens=64", "train.max_steps=2", "train.save_every=2", "train.max_length=256",
+              "eval.limit=3", "eval.generation.max_new_tokens=24"]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    workdir: Path
+    overrides: list[str]  # load_recipe(DEMO, [f"workdir=...", *overrides]) gives the recipe it ran
+    report: dict
+    judge: object  # the ScriptedJudge that graded it (still serving for the whole session)
+
+    def recipe(self, workdir: Path | None = None, *more: str):
+        from ezoforge.config import load_recipe
+
+        return load_recipe(DEMO, [f"workdir={workdir or self.workdir}", *self.overrides, *more])
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """`ezo run` of the demo recipe cut to seconds, judged by the scripted judge: built once per session and shared
+    by the tests that read it. Never change it: copy it with `demo_copy`."""
+    from scripted_judge import ScriptedJudge
+
+    from ezoforge.pipeline import run_recipe
+
+    root = tmp_path_factory.mktemp("demo")
+    with ScriptedJudge() as judge:
+        # Its own answer cache: every session generates the answers for real.
+        overrides = [*DEMO_SMALL, f"eval.judge_url={judge.url}", "eval.judge_model=scripted",
+                     f"eval.cache={root / 'eval-requests.sqlite'}"]
+        run = DemoRun(root / "run", overrides, {}, judge)
+        report = run_recipe(run.recipe(), DEMO)
+        yield DemoRun(run.workdir, overrides, report, judge)
+
+
+@pytest.fixture
+def demo_copy(demo_run, tmp_path) -> DemoRun:
+    """A private copy of the session's demo run, for a test that changes it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(demo_run.workdir, workdir)
+    return DemoRun(workdir, demo_run.overrides, demo_run.report, demo_run.judge)

@@ -96,7 +96,7 @@ def test_seeded_sampling_is_reproducible_in_a_batch(gen, batcher):
         drain(events)
 
 
-# ---------------------------------------------------------------- whole characters (issue 15)
+# ---------------------------------------------------------------- whole characters
 
 JA_PROMPTS = ["日本の伝統的な料理について説明してください。", "東京の有名な観光地を教えてください。"]
 LIMITS = range(1, 41)

@@ -3,6 +3,7 @@ import pytest
 from ezoforge.config import (DEFAULT_SYSTEM_PROMPT, diff_keys, dump_yaml, fingerprint, load_recipe,
                              parse_overrides, redact)
 from ezoforge.errors import ConfigError
+from ezoforge.stage import Stage
 
 
 def write(tmp_path, text):
@@ -58,12 +59,25 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
         load_recipe(write(tmp_path, "- 1\n- 2\n"))
 
 
-def test_secrets_are_redacted_and_env_names_kept():
+def test_secrets_are_redacted_and_env_names_kept(tmp_path):
     plain = {"judge_api_key_env": "OPENAI_API_KEY", "api_key": "sk-secret", "nested": [{"token": "t"}]}
     assert redact(plain) == {"judge_api_key_env": "OPENAI_API_KEY", "api_key": "***", "nested": [{"token": "***"}]}
-    assert "sk-" not in dump_yaml(load_recipe())
     # Token counts are settings, not secrets: they must reach saved configs and fingerprints.
     assert redact({"max_new_tokens": 64, "hf_token": "x"}) == {"max_new_tokens": 64, "hf_token": "***"}
+    # A recipe cannot hold a key (it names the environment variable) and the refusal does not echo it.
+    with pytest.raises(ConfigError, match=r"recipe.yaml:2: synth.api_key: unknown key") as e:
+        load_recipe(write(tmp_path, "synth:\n  api_key: sk-secret-1\n"))
+    assert "sk-secret-1" not in str(e.value)
+    recipe = load_recipe(None, ["eval.judge_api_key_env=MY_JUDGE_KEY"])
+    assert "judge_api_key_env: MY_JUDGE_KEY" in dump_yaml(recipe)
+    # What a stage saves (config.yaml, DONE) holds no secret value, whatever its settings carry.
+    settings = {"synth": {"api_key_env": "OPENAI_API_KEY", "hf_token": "hf-secret-2", "max_new_tokens": 64}}
+    stage = Stage("synth", tmp_path / "out", settings)
+    stage.start()
+    stage.finish({})
+    for name in ("config.yaml", "DONE"):
+        saved = (tmp_path / "out" / name).read_text(encoding="utf-8")
+        assert "hf-secret-2" not in saved and "OPENAI_API_KEY" in saved and "64" in saved, name
 
 
 def test_fingerprint_and_diff():

@@ -1,6 +1,6 @@
 """Each Japanese filter on small strings it must keep and drop (with the reason), plus real clean text."""
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -123,6 +123,21 @@ def _chain_verdict(chain, text: str) -> str | None:
     return None
 
 
+def test_default_chain_keeps_the_shipped_wikipedia_articles_and_drops_its_stubs():
+    from ezoforge.config import bundled_data
+    from ezoforge.curate.readers import Shard, read_wiki
+
+    path = bundled_data("bundled:wiki/jawiki-demo-pages-articles.xml")
+    docs = list(read_wiki(Shard(path, 0, 0, 1), Counter()))
+    chain = build_chain(FiltersConfig(), NormalizeConfig())
+    verdicts = {d.metadata.get("title", d.id): _chain_verdict(chain, d.text) for d in docs}
+    articles = {t for d, t in zip(docs, verdicts) if len(d.text) >= 400}
+    stubs = {t for d, t in zip(docs, verdicts) if len(d.text) < 150}
+    assert len(articles) == 35 and len(stubs) == 2, {t: len(d.text) for d, t in zip(docs, verdicts)}
+    assert {t: verdicts[t] for t in articles if verdicts[t]} == {}
+    assert {verdicts[t] for t in stubs} == {"too_short"}
+
+
 def test_default_chain_keeps_clean_wikipedia(shared_data):
     """JSQuAD's Wikipedia paragraphs, joined per article: every article of at least 400 characters (the Swallow
     length rule; single paragraphs are mostly shorter) passes all default filters."""
@@ -156,3 +171,43 @@ def test_repeat_coverage_matches_the_plain_definition(shared_data):
     texts += ["", "短い", "あいうえお" * 30, CLEAN + CLEAN[:200]]
     for t in texts:
         assert tx.repeat_coverage(tx.codepoints(t), [5, 10, 12, 20]) == {n: plain(t, n) for n in (5, 10, 12, 20)}
+
+
+# ---------------------------------------------------------------- the web sample's gold labels
+
+def test_web_labels_measure_the_filters_precision_and_recall(tmp_path):
+    """`ezo curate` over the shipped FineWeb-style sample, scored against its gold labels (data/web/labels.jsonl):
+    the quality filters should drop the junk pages and keep the good ones, deduplication the copies of good ones."""
+    import pyarrow.parquet as pq
+
+    from ezoforge.config import bundled_data, load_recipe
+    from ezoforge.curate.run import run
+
+    labels = {r["id"]: r["label"] for r in map(json.loads, open(bundled_data("bundled:web/labels.jsonl"),
+                                                                  encoding="utf-8"))}
+    stats = run(load_recipe(None), [bundled_data("bundled:web/fineweb-demo.parquet")], tmp_path / "out")
+    kept = {r["id"] for p in (tmp_path / "out" / "data").glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    dropped = {r["id"]: r["reason"] for p in (tmp_path / "out" / "rejected").glob("*.parquet")
+               for r in pq.read_table(p).to_pylist()}
+    assert kept.isdisjoint(dropped) and kept | set(dropped) == set(labels) and stats["docs_in"] == len(labels) == 66
+
+    def scores(predicted: set, actual: set) -> tuple[float, float]:
+        hit = len(predicted & actual)
+        return hit / len(predicted) if predicted else 1.0, hit / len(actual) if actual else 1.0
+
+    dups = {"exact_dup", "near_dup"}
+    junk = {i for i, label in labels.items() if label not in dups | {"good"}}
+    by_filters = {i for i, reason in dropped.items() if reason != "duplicate"}
+    filter_p, filter_r = scores(by_filters, junk)
+    dedup_p, dedup_r = scores({i for i, reason in dropped.items() if reason == "duplicate"},
+                              {i for i, label in labels.items() if label in dups})
+    per_label = defaultdict(Counter)
+    for i, label in labels.items():
+        per_label[label][dropped.get(i, "kept")] += 1
+    print(f"\nquality filters: precision {filter_p:.3f} recall {filter_r:.3f} ({len(junk)} junk pages); "
+          f"dedup: precision {dedup_p:.3f} recall {dedup_r:.3f}")
+    for label, outcome in sorted(per_label.items()):
+        print(f"  {label:10} {dict(outcome)}")
+    # Floors the shipped filters meet: no good page lost, every junk page and every copy caught.
+    assert per_label["good"] == Counter(kept=36)
+    assert (filter_p, filter_r) == (1.0, 1.0) and (dedup_p, dedup_r) == (1.0, 1.0)

@@ -7,14 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ezoforge.config import load_recipe
+from ezoforge.config import bundled_data, load_recipe
+from ezoforge.curate.readers import Shard, read_wiki
 from ezoforge.curate.run import _completed, run
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.records import Document
@@ -23,13 +24,14 @@ from test_curate_wiki import _page, export
 ENGLISH = "Lake Biwa is the largest freshwater lake in Japan, located in Shiga Prefecture. " * 8
 
 
-def articles(shared_data: Path, n: int) -> list[str]:
-    """JSQuAD's Wikipedia paragraphs joined per article; the first n articles of at least 400 characters."""
-    paras = defaultdict(list)
-    for line in (shared_data / "jglue/jsquad/wikipedia_paragraphs.jsonl").open(encoding="utf-8"):
-        row = json.loads(line)
-        paras[row["title"]].append(row["text"])
-    return [t for t in ("\n".join(p) for p in paras.values()) if len(t) >= 400][:n]
+WIKI = bundled_data("bundled:wiki/jawiki-demo-pages-articles.xml")
+WEB = bundled_data("bundled:web/fineweb-demo.parquet")
+
+
+def articles(n: int) -> list[str]:
+    """The plain text of the package's demo Wikipedia articles; the first n of at least 400 characters."""
+    texts = [d.text for d in read_wiki(Shard(WIKI, 0, 0, 1), Counter())]
+    return [t for t in texts if len(t) >= 400][:n]
 
 
 def near_copy(text: str) -> str:
@@ -54,9 +56,9 @@ def tables(out: Path) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
+def corpus(tmp_path_factory):
     """Three inputs (JSONL, Parquet, MediaWiki XML) with planted copies and junk; what must come out."""
-    arts = articles(shared_data, 9)
+    arts = articles(9)
     root = tmp_path_factory.mktemp("corpus")
     web = write_jsonl(root / "web.jsonl", [
         *({"id": f"a{i}", "text": arts[i]} for i in range(5)),
@@ -131,10 +133,10 @@ def test_force_redoes_with_new_settings(corpus, tmp_path):
     assert len(tables(out)["rejected/00000-filter.parquet"]) == 1  # the first run's files are gone
 
 
-def test_first_in_input_order_survives_when_shards_interleave(shared_data, tmp_path):
+def test_first_in_input_order_survives_when_shards_interleave(tmp_path):
     """With a file read as 4 strided shards, line n belongs to task n % 4: the copies on lines 8 and 9 sit in
     earlier tasks (0, 1) than their original on line 7 (task 3), yet the original is the one kept."""
-    arts = articles(shared_data, 10)
+    arts = articles(10)
     rows = [{"id": f"a{i}", "text": t} for i, t in enumerate(arts)]
     rows[7:7] = [{"id": "copy-a6", "text": arts[6]}, {"id": "near-a6", "text": near_copy(arts[6])}]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -145,12 +147,11 @@ def test_first_in_input_order_survives_when_shards_interleave(shared_data, tmp_p
     assert rejected == {"copy-a6": "duplicate", "near-a6": "duplicate"}
 
 
-def test_kill_and_resume_gives_identical_outputs(shared_data, tmp_path):
-    inputs = [str(shared_data / "jglue/jsquad/wikipedia_paragraphs.jsonl"),
-              str(shared_data / "ja-web-sample/fineweb2_edu_ja_sample100.jsonl")]
-    settings = ["--set", "curate.split_mb=0.1"]
+def test_kill_and_resume_gives_identical_outputs(tmp_path):
+    inputs = [WIKI, WEB]
+    settings = ["--set", "curate.split_mb=0.02"]  # the 127 KiB wiki and 48 KiB web files as 10 tasks
     reference = tmp_path / "reference"
-    tasks = run(recipe("curate.split_mb=0.1"), inputs, reference)["tasks"]
+    tasks = run(recipe("curate.split_mb=0.02"), inputs, reference)["tasks"]
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ezoforge", "curate", *inputs, "--out", str(out), *settings]
@@ -179,8 +180,8 @@ def test_malformed_jsonl_line_fails_with_file_and_line(tmp_path):
     assert f"{path}:3: invalid JSON" in " ".join(result.stderr.split())
 
 
-def test_malformed_rows_with_skip_go_to_rejected(shared_data, tmp_path):
-    arts = articles(shared_data, 2)
+def test_malformed_rows_with_skip_go_to_rejected(tmp_path):
+    arts = articles(2)
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_bytes(b"".join([
         json.dumps({"id": "ok", "text": arts[0]}, ensure_ascii=False).encode() + b"\n",

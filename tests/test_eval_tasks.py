@@ -9,6 +9,10 @@ from ezoforge.eval.eval_report import grade_summary
 from ezoforge.models import model_identity
 from ezoforge.eval.tasks import load_suite, load_suites, parse_spec
 
+# A config a model can be built from: model.quantize=auto sizes the model from it for the identity.
+TINY_CONFIG = json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "vocab_size": 64})
+
 
 def test_specs(tmp_path):
     assert parse_spec("elyza100") == ("elyza100", None)
@@ -74,7 +78,7 @@ def test_model_identity_follows_content(tmp_path, monkeypatch):
     model, adapter = tmp_path / "model", tmp_path / "adapter"
     model.mkdir()
     adapter.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(TINY_CONFIG)
     (model / "model.safetensors").write_bytes(b"w" * 10)
     (adapter / "adapter_model.safetensors").write_bytes(b"a" * 10)
     first = model_identity(str(model), adapter)
@@ -96,18 +100,18 @@ def test_model_identity_of_a_stage_folder_is_its_done_fingerprint(tmp_path, monk
     merged = tmp_path / "merged"
     stage = Stage("merge", merged, {"train_fingerprint": "abc"}, atomic=True)
     stage.start()
-    (stage.folder / "config.json").write_text("{}")
+    (stage.folder / "config.json").write_text(TINY_CONFIG)
     stage.finish({})
     first = model_identity(str(merged))
     other = Stage("merge", merged, {"train_fingerprint": "xyz"}, atomic=True)
     other.start(force=True)
-    (other.folder / "config.json").write_text("{}")
+    (other.folder / "config.json").write_text(TINY_CONFIG)
     other.finish({})
     assert model_identity(str(merged)) != first  # same files, another training run
 
 
-def _j(grade):
-    return {"grade": grade, "error": None if grade else "judge request failed"}
+def _j(grade, task=1):
+    return {"task_id": f"elyza100/{task}", "grade": grade, "error": None if grade else "judge request failed"}
 
 
 @pytest.mark.parametrize("grades,allow_partial,status,mean", [
@@ -117,7 +121,7 @@ def _j(grade):
     ([None, None], True, "failed", None),  # nothing graded: never a score, even when partial is allowed
 ])
 def test_grade_summary(grades, allow_partial, status, mean):
-    summary = grade_summary([_j(g) for g in grades], len(grades), True, allow_partial, 1000, 0)
+    summary = grade_summary([_j(g, n) for n, g in enumerate(grades)], len(grades), True, allow_partial, 1000, 0)
     assert (summary["status"], summary["mean_grade"]) == (status, mean)
     assert summary["n_scored"] + summary["n_failed"] == len(grades)
     assert (summary["ci95"] is None) == (mean is None)

@@ -13,29 +13,20 @@ import yaml
 from typer.testing import CliRunner
 
 from ezoforge.cli import app
-from ezoforge.config import DEFAULT_SYSTEM_PROMPT, ExportConfig, load_recipe
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT, ExportConfig
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.export import gguf as gguf_file
 from ezoforge.export.push import push
 from ezoforge.export.run import run as export
-from ezoforge.pipeline import run_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
-# The demo cut to seconds (as in test_pipeline.py), judged by the bundled model on two tasks so the card has grades.
-SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400", "synth.generation.max_new_tokens=64",
-         "train.max_steps=2", "train.save_every=2", "train.max_length=256", "eval.limit=2",
-         "eval.generation.max_new_tokens=12", "eval.judge_max_tokens=64"]
 JA_PROMPT = "日本で一番高い山は何ですか？"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    recipe = load_recipe(DEMO, [f"workdir={workdir}", *SMALL])
-    run_recipe(recipe, DEMO)
-    return workdir
+def demo(demo_run) -> Path:
+    """The session's demo run (conftest.py): read it, never change it."""
+    return demo_run.workdir
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +84,10 @@ def test_card_metadata_and_figures_come_from_the_run(demo):
         [base["perplexity"], tuned["perplexity"]], rel=1e-3)
     assert f"- judge model: {tuned['judge']['model']}\n" in body
     assert f"- judge prompt version: {tuned['prompt_version']}\n" in body
-    if tuned["mean_grade"] is not None:
-        assert f"{tuned['ci95'][0]:.4g}, {tuned['ci95'][1]:.4g}]" in body
+    assert tuned["mean_grade"] is not None  # the scripted judge grades every answer
+    assert f"{tuned['ci95'][0]:.4g}, {tuned['ci95'][1]:.4g}]" in body
+    assert "- open-ended tasks graded (tuned): 3 of 3\n" in body
+    assert "Paired difference in mean grade (tuned − base) over 3 tasks graded in both: " in body
     assert "JCommonsenseQA" not in body  # the run has no accuracy figure, so the card has none
     assert "Apache License 2.0" in body and "![base vs tuned](eval.png)" in body
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -131,10 +124,11 @@ def test_llama_31_base_gets_its_licence_notice():
     assert licence("/models/my-model")[0] is None
 
 
-def test_rerun_is_a_no_op_and_other_settings_need_force(demo):
+def test_rerun_is_a_no_op_and_other_settings_need_force(demo_run):
+    demo = demo_run.workdir
     out = demo / "export"
     before = (out / "DONE").stat().st_mtime_ns
-    recipe = load_recipe(DEMO, [f"workdir={demo}", *SMALL])
+    recipe = demo_run.recipe()
     export(demo / "merged", out, recipe.export, recipe.model.system_prompt)
     assert (out / "DONE").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="export.repo: null → \"me/x\""):

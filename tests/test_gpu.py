@@ -1,5 +1,6 @@
-"""CUDA-only checks of the training path (`pytest -m gpu`; bench/gpu_check.sh runs them on the lent GPU).
-A 2-layer Llama with random weights and its own id-level tokenizer: nothing here needs the hub or ../shared."""
+"""CUDA-only checks of the training path and of `ezo run`'s stage processes (`pytest -m gpu`; bench/gpu_check.sh runs them
+on the lent GPU). 2-layer Llamas with random weights and their own tokenizers: nothing here needs the hub or ../shared."""
+import json
 import tempfile
 from pathlib import Path
 
@@ -97,3 +98,54 @@ def test_offload_hooks_return_the_same_tensors_under_memory_pressure():
     assert moved == 24 * x.numel() * 4
     for a, b in zip(plain, offloaded):
         assert torch.equal(a, b)
+
+
+def byte_chat_model(out: Path) -> str:
+    """A 2-layer random Llama with a byte-level tokenizer and a chat template: what eval loads, made here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_each_stage_gives_its_cuda_memory_back(tmp_path):
+    """`ezo run`'s stages in their own processes: between stages this process has allocated nothing on the card
+    and the card's free memory is what it was; the same stage run in this process does allocate here."""
+    import gc
+    from importlib.resources import files
+
+    from ezoforge.config import Recipe
+    from ezoforge.pipeline import run_step, run_step_in_child
+
+    passages = files("ezoforge") / "data" / "heldout" / "heldout-ja.jsonl"
+    recipe = Recipe.model_validate({
+        "workdir": str(tmp_path), "stages": ["eval"],
+        "model": {"name": byte_chat_model(tmp_path / "model"), "device": "cuda", "quantize": "none"},
+        "eval": {"tasks": [f"ppl:{passages}"], "limit": 2, "cache": str(tmp_path / "cache.sqlite")}})
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    free = torch.cuda.mem_get_info()[0]
+    for _ in range(2):  # one stage, then the next
+        run_step_in_child("eval-base", recipe, tmp_path, force=True)
+        assert torch.cuda.memory_allocated() == base and torch.cuda.max_memory_allocated() == base
+        assert abs(torch.cuda.mem_get_info()[0] - free) < 256 * 2**20  # the child's context and tensors are gone
+    assert json.loads((tmp_path / "eval-base" / "report.json").read_text())["perplexity"] > 1
+    recipe.eval.cache = tmp_path / "other.sqlite"  # nothing cached: the stage loads the model to score
+    run_step("eval-base", recipe, tmp_path, force=True)
+    assert torch.cuda.max_memory_allocated() > base

@@ -1,5 +1,8 @@
-"""Every common mistake through the real CLI: a clear message naming the value and where it came from, a non-zero
-exit, no traceback, fast (before any model loads), and nothing claimed or lost on disk."""
+"""Every common mistake through the CLI: a clear message naming the value and where it came from, a non-zero
+exit, no traceback, fast (before any model loads), and nothing claimed or lost on disk.
+
+The commands run in this process (conftest.ezo_in_process); the last test runs the real `ezo` process to check its
+exit codes and that no traceback reaches the terminal."""
 import json
 import os
 import socket
@@ -10,27 +13,28 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi import FastAPI
-
 from conftest import BUNDLED
+from conftest import ezo_in_process as ezo
 from ezoforge.infer.serve import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
+WEB = ROOT / "src/ezoforge/data/web/fineweb-demo.parquet"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def ezo(*args, cwd=None) -> subprocess.CompletedProcess:
+def ezo_process(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ezoforge", *map(str, args)], env=ENV, capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300)
 
 
-def failed(proc, *words, code=None):
+def failed(proc: subprocess.CompletedProcess, *words, code=None) -> str:
     """The command failed cleanly and its message holds each word; returns the message."""
     text = " ".join(proc.stderr.split())  # rich wraps long lines
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert code is None or proc.returncode == code, (proc.returncode, text)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "Loading weights" not in proc.stderr  # failed before any model loaded
+    assert "Loading weights" not in proc.stderr and "loaded " not in proc.stderr  # failed before any model loaded
     for word in words:
         assert word in text, (word, text)
     return text
@@ -47,7 +51,7 @@ ENGLISH = ("The quick brown fox jumps over the lazy dog near the river bank ever
 def test_output_that_is_a_file(tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
-    failed(ezo("curate", ROOT / "src/ezoforge/data/web/fineweb-demo.parquet", "--out", target),
+    failed(ezo("curate", WEB, "--out", target),
            "notes.txt", "exists and is not a folder", code=2)
     assert target.read_text() == "mine"
 
@@ -131,7 +135,7 @@ def test_a_bad_override_is_blamed_on_itself(override, words):
 
 
 def test_a_bad_flag_is_named_as_a_flag(tmp_path):
-    failed(ezo("curate", ROOT / "src/ezoforge/data/web/fineweb-demo.parquet", "--out", tmp_path / "c",
+    failed(ezo("curate", WEB, "--out", tmp_path / "c",
                "--on-error", "maybe"), "flag --on-error", "curate.on_error")
 
 
@@ -142,9 +146,8 @@ def test_duplicate_sections_name_both_lines(tmp_path):
 
 
 def test_output_inside_the_input_is_refused(tmp_path):
-    web = ROOT / "src/ezoforge/data/web/fineweb-demo.parquet"
     first = tmp_path / "c"
-    assert ezo("curate", web, "--out", first).returncode == 0
+    assert ezo("curate", WEB, "--out", first).returncode == 0
     before = sorted(p.name for p in (first / "data").iterdir())
     failed(ezo("curate", first, "--out", first / "data"), "overlap")
     failed(ezo("curate", first, "--out", first / "again"), "overlap")
@@ -152,9 +155,8 @@ def test_output_inside_the_input_is_refused(tmp_path):
 
 
 def test_a_stage_folder_as_input_is_read_through_its_data_only(tmp_path):
-    web = ROOT / "src/ezoforge/data/web/fineweb-demo.parquet"
     first, second = tmp_path / "c", tmp_path / "c2"
-    assert ezo("curate", web, "--out", first).returncode == 0
+    assert ezo("curate", WEB, "--out", first).returncode == 0
     assert ezo("curate", first, "--out", second).returncode == 0
     a = json.loads((first / "stats.json").read_text())
     b = json.loads((second / "stats.json").read_text())
@@ -206,3 +208,14 @@ def test_stated_static_cache_on_a_cpu_loses_nothing_even_forced(tmp_path):
 def test_static_cache_with_a_server_backend():
     failed(ezo("validate", DEMO, "--set", "synth.backend=vllm", "--set", "synth.static_cache=true"),
            "synth: ", "static_cache is a transformers-backend setting", "backend 'vllm'", code=2)
+
+
+def test_the_ezo_command_exits_with_the_errors_code_and_no_traceback(tmp_path):
+    """What the in-process runs above stand for: `ezo` itself maps a ConfigError to 2 and another EzoError to 1, and
+    prints the message without a traceback."""
+    docs = write_jsonl(tmp_path / "en.jsonl", [{"id": f"en{i}", "text": ENGLISH} for i in range(3)])
+    for args, code, words in [
+        (["validate", DEMO, "--set", "trian.max_steps=3"], 2, ["error:", "--set trian.max_steps=3", "trian: unknown key"]),
+        (["curate", docs, "--out", tmp_path / "c"], 1, ["error:", "0 of 3 documents kept", "not_japanese 3"]),
+    ]:
+        failed(ezo_process(*args), *words, code=code)

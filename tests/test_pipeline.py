@@ -1,5 +1,6 @@
-"""`ezo run` end to end on the demo recipe, cut to seconds: every stage for real on the bundled model and data,
-the top-level report, a no-op rerun, and an edit that reruns only the stages it affects."""
+"""`ezo run` end to end on the demo recipe, cut to seconds: every stage for real on the bundled model and data
+(the session's `demo_run`, judged by the scripted judge), the top-level report, a no-op rerun, and an edit that
+reruns only the stages it affects."""
 import json
 from pathlib import Path
 
@@ -7,35 +8,28 @@ import pytest
 import transformers
 from typer.testing import CliRunner
 
+from conftest import DEMO
 from ezoforge.cli import app
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.pipeline import FOLDERS, run_recipe, steps
+from scripted_judge import expected_grade
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
-# The demo's recipe with sizes for a test: two documents, two training steps, no judge, short answers.
-SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400", "synth.generation.max_new_tokens=64",
-         "train.max_steps=2", "train.save_every=2", "train.max_length=256", "eval.judge_url=null",
-         "eval.judge_model=null", "eval.limit=2", "eval.generation.max_new_tokens=12"]
 
 
 def done_times(workdir: Path) -> dict[str, int]:
-    return {step: (workdir / folder / "DONE").stat().st_mtime_ns for step, folder in FOLDERS.items()}
+    return {step: (workdir / folder / "DONE").stat().st_mtime_ns for step, folder in FOLDERS.items()
+            if (workdir / folder).exists()}
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    recipe = load_recipe(DEMO, [f"workdir={workdir}", *SMALL])
-    return recipe, run_recipe(recipe, DEMO)
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
-    recipe, report = demo_run
-    workdir = Path(recipe.workdir)
-    assert steps(recipe) == list(FOLDERS)
-    for folder in FOLDERS.values():
+    workdir, report = demo_run.workdir, demo_run.report
+    assert steps(demo_run.recipe()) == [s for s in FOLDERS if s not in ("prefer", "eval-sft")]  # prefer: opt-in
+    for folder in (FOLDERS[s] for s in steps(demo_run.recipe())):
         assert (workdir / folder / "DONE").exists(), folder
     on_disk = json.loads((workdir / "report.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(report))
@@ -48,6 +42,10 @@ def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
     for side, folder in ((base, "eval-base"), (tuned, "eval-tuned")):
         own = json.loads((workdir / folder / "report.json").read_text(encoding="utf-8"))
         assert side["perplexity"] == own["perplexity"] > 1 and side["chrf"] == own["chrf"]
+        # the scripted judge's known verdicts: every answer graded, the mean of their grades
+        grades = [expected_grade(a["answer"]) for a in rows(workdir / folder / "answers.jsonl")]
+        assert len(grades) == 3 and side["mean_grade"] == own["mean_grade"] == round(sum(grades) / 3, 4)
+        assert [j["grade"] for j in rows(workdir / folder / "judgements.jsonl")] == grades
     assert tuned["model"] != base["model"]
     change = 100 * (tuned["perplexity"] / base["perplexity"] - 1)
     assert report["eval"]["perplexity_change_pct"] == round(change, 2)
@@ -58,28 +56,27 @@ def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
 
 
 def test_merged_model_loads_in_plain_transformers(demo_run):
-    recipe, _ = demo_run
-    merged = Path(recipe.workdir) / "merged"
+    merged = demo_run.workdir / "merged"
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     tok = transformers.AutoTokenizer.from_pretrained(merged)
     assert model.config.model_type == "llama" and tok.chat_template
 
 
-def test_rerun_is_a_no_op_and_an_edit_is_refused_until_forced(demo_run):
-    recipe, report = demo_run
-    workdir = Path(recipe.workdir)
+def test_rerun_is_a_no_op_and_an_edit_is_refused_until_forced(demo_copy):
+    workdir, report = demo_copy.workdir, demo_copy.report
     before = done_times(workdir)
-    again = run_recipe(recipe, DEMO)
+    again = run_recipe(demo_copy.recipe(), DEMO)
     assert done_times(workdir) == before
     assert again["stages"] == report["stages"]  # skipped stages keep the time they took when they ran
+    sent = len(demo_copy.judge.requests)
 
     # How often to save, log and keep checkpoints, workers, concurrency: nothing is redone.
-    operational = load_recipe(DEMO, [f"workdir={workdir}", *SMALL, "train.save_every=1", "train.log_every=5",
-                                     "curate.workers=2", "synth.concurrency=9", "eval.concurrency=2"])
+    operational = demo_copy.recipe(None, "train.save_every=1", "train.log_every=5", "curate.workers=2",
+                                   "synth.concurrency=9", "eval.concurrency=2")
     run_recipe(operational, DEMO)
-    assert done_times(workdir) == before
+    assert done_times(workdir) == before and len(demo_copy.judge.requests) == sent
 
-    edited = load_recipe(DEMO, [f"workdir={workdir}", *SMALL, "train.learning_rate=1e-4"])
+    edited = demo_copy.recipe(None, "train.learning_rate=1e-4")
     train_files = {p: p.stat().st_mtime_ns for p in (workdir / "train").rglob("*")}
     with pytest.raises(ConfigError, match=rf"train: {workdir / 'train'} was made with other settings — "
                                           r"train.learning_rate: 0.0003 → 0.0001"):
@@ -88,9 +85,13 @@ def test_rerun_is_a_no_op_and_an_edit_is_refused_until_forced(demo_run):
 
     run_recipe(edited, DEMO, force=["train"])
     after = done_times(workdir)
-    changed = {step for step in FOLDERS if after[step] != before[step]}
+    changed = {step for step in before if after[step] != before[step]}
     assert changed == {"train", "merge", "eval-tuned", "export"}  # the card reads what changed
     assert json.loads((workdir / "train" / "stats.json").read_text())["resumed_from_step"] == 0
+    # only the tuned model's answers were judged again, by the judge the recipe names
+    tuned = rows(workdir / "eval-tuned" / "judgements.jsonl")
+    assert {j["grade"] for j in tuned} == {expected_grade(a["answer"]) for a in rows(workdir / "eval-tuned" / "answers.jsonl")}
+    assert all(r["model"] == "scripted" for r in demo_copy.judge.requests[sent:])
 
 
 def test_shipped_recipes_validate():

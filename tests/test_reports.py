@@ -1,7 +1,8 @@
 """The run report and the eval report as a reader sees them: sections in order, figures from the stage files in
 words and units, no raw JSON in any cell, answers side by side; then both pages rendered in headless Chromium.
 
-The workdir is a real `ezo run` of the demo recipe cut to seconds, with the bundled model as a local judge."""
+The workdir is the session's `demo_run` (conftest.py): a real `ezo run` of the demo recipe cut to seconds, judged
+by the scripted judge, so every answer has a known grade."""
 import base64
 import io
 import json
@@ -16,17 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ezoforge.config import load_recipe
-from ezoforge.pipeline import run_recipe
 from ezoforge.recipe_report import hms, write_run_report
+from scripted_judge import expected_grade
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
-# Two documents, two training steps, three ELYZA-style tasks answered briefly and judged by the bundled model.
-SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400", "synth.generation.max_new_tokens=64",
-         "train.max_steps=2", "train.save_every=2", "train.max_length=256", "eval.limit=3",
-         "eval.generation.max_new_tokens=24", "eval.judge_max_tokens=48"]
-SECTIONS = ["Stages", "Base vs tuned", "Curation", "Data mix", "Synthesis", "Training", "Answers side by side"]
+SECTIONS = ["Stages", "Base vs tuned", "Beside published figures", "Contamination check", "Curation", "Data mix",
+            "Synthesis", "Training", "Answers side by side"]
 
 
 class Page(HTMLParser):
@@ -100,10 +95,8 @@ def parquet(folder: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("run")
-    run_recipe(load_recipe(DEMO, [f"workdir={workdir}", *SMALL]), DEMO)
-    return workdir
+def workdir(demo_run) -> Path:
+    return demo_run.workdir
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +141,15 @@ def test_base_vs_tuned_is_one_table_with_difference_ci_and_the_better_marked(wor
         assert [c.endswith(" ✓") for c in ppl[:2]] == [base["perplexity"] < tuned["perplexity"],
                                                       tuned["perplexity"] < base["perplexity"]]
     html = (workdir / "report.html").read_text(encoding="utf-8")
-    grade = t.get("Mean grade (judge, 1–5)")
-    if base["mean_grade"] is not None and tuned["mean_grade"] is not None:
-        from ezoforge.eval.run import compare
+    from ezoforge.eval.run import compare
 
-        diff = compare([workdir / "eval-base", workdir / "eval-tuned"])["runs"][1]["diff"]
-        assert grade[2] == f"{diff['diff']:+.2f}" and grade[3] == f"{diff['ci95'][0]:+.2f} to {diff['ci95'][1]:+.2f}"
+    grade = t["Mean grade (LLM judge)"]
+    means = [sum(expected_grade(a["answer"]) for a in jsonl(workdir / f"eval-{s}" / "answers.jsonl")) / 3
+             for s in ("base", "tuned")]
+    assert [c.removesuffix(" ✓") for c in grade[:2]] == [f"{m:.2f}" for m in means]
+    diff = compare([workdir / "eval-base", workdir / "eval-tuned"])["runs"][1]["diff"]
+    assert diff["n"] == 3 and diff["diff"] == pytest.approx(means[1] - means[0])
+    assert grade[2] == f"{diff['diff']:+.2f}" and grade[3] == f"{diff['ci95'][0]:+.2f} to {diff['ci95'][1]:+.2f}"
     # the judge and its prompt version said once, in words
     assert html.count(base["judge"]["prompt_version"]) == 1 and "as judge with prompt version" in html
 
@@ -191,9 +187,8 @@ def test_answers_side_by_side_largest_grade_change_first(workdir, page):
     def change(tid):
         b, t = sides["base"][1][tid]["grade"], sides["tuned"][1][tid]["grade"]
         return None if b is None or t is None else t - b
-    graded = [abs(change(t)) for t in shown if change(t) is not None]
+    graded = [abs(change(t)) for t in shown]  # the scripted judge grades every answer
     assert graded == sorted(graded, reverse=True)
-    assert [change(t) is None for t in shown] == sorted(change(t) is None for t in shown)  # ungraded ones last
     for card, tid in zip(cards, shown):
         text = card["text"]
         base, tuned = sides["base"][0][tid], sides["tuned"][0][tid]
@@ -203,8 +198,8 @@ def test_answers_side_by_side_largest_grade_change_first(workdir, page):
             text.index("Tuned answer")
         for side in ("base", "tuned"):
             j = sides[side][1][tid]
-            said = j["error"] or j["reason"]
-            assert said[:60] in text
+            assert j["grade"] == expected_grade(sides[side][0][tid]["answer"]) and j["error"] is None
+            assert j["reason"][:60] in text
 
 
 def test_no_cell_shows_raw_json(workdir, page):
@@ -226,8 +221,8 @@ def test_eval_report_shows_input_and_reference_beside_answer_grade_and_reason(wo
         for card, row in zip(p.cards, rows):
             text, j = card["text"], verdicts[row["task_id"]]
             assert row["prompt"][:80] in text and row["reference"][:80] in text and row["answer"][:80].strip() in text
-            assert (j["error"] or j["reason"])[:60] in text
-            assert (str(j["grade"]) in text) if j["grade"] is not None else "judge failed" in text
+            assert j["grade"] == expected_grade(row["answer"]) and j["reason"][:60] in text
+            assert str(j["grade"]) in text
             assert text.index("Question") < text.index("Reference answer") < text.index("Answer")
         figures = p.table("")
         assert figures["Open tasks"] == [str(len(rows))]
@@ -246,7 +241,8 @@ def test_images_are_embedded_pngs(workdir, page):
 
 def test_mix_from_synth_and_train_stats_when_present_and_left_out_without_data(workdir, tmp_path):
     """The agreed shape (synth `by_source`, train `pairs_by_source`) is rendered; no per-source data, no section."""
-    shutil.copytree(workdir, tmp_path / "w")
+    # the records the report reads, without the weights
+    shutil.copytree(workdir, tmp_path / "w", ignore=shutil.ignore_patterns("*.safetensors", "*.gguf", "*.pt", "*.pth"))
     w = tmp_path / "w"
     synth, train = read(w / "synth" / "stats.json"), read(w / "train" / "stats.json")
     synth["by_source"] = {"wikipedia": {"documents": 2, "passages": 3, "documents_with_pairs": 1, "pairs": 4},

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import ezo_in_process as ezo  # kills and a blocked import still run the real `ezo` process
 from ezoforge.cli import app
 from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
@@ -35,11 +36,6 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def sets(model: str, **train) -> list[str]:
     return [a for o in overrides(model, **train) for a in ("--set", o)]
-
-
-def ezo(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ezoforge", *args], env=ENV, capture_output=True, text=True,
-                          timeout=600, **kw)
 
 
 # ---------------------------------------------------------------- the stage folder rules

@@ -14,12 +14,13 @@ import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ezoforge.config import load_recipe
+from ezoforge.config import bundled_data, load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.infer.generate import Sampling
 from ezoforge.infer.serve import BackgroundServer
@@ -34,12 +35,13 @@ from ezoforge.synth.run import run
 BUNDLED = "bundled:smollm2-135m-instruct"
 
 
-def jsquad_docs(shared_data, tmp_path, n):
-    src = shared_data / "jglue" / "jsquad" / "wikipedia_paragraphs.jsonl"
-    lines = src.read_text(encoding="utf-8").splitlines()[:n]
+def paragraphs(tmp_path, n):
+    """The first n of the package's encyclopedic paragraphs (300-340 tokens each), as documents known by line."""
+    rows = Path(bundled_data("bundled:heldout/heldout-ja.jsonl")).read_text(encoding="utf-8").splitlines()[:n]
+    texts = [json.loads(x)["text"] for x in rows]
     path = tmp_path / "paragraphs.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path, [json.loads(x)["text"] for x in lines]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path, texts
 
 
 def pairs_of(out):
@@ -48,21 +50,22 @@ def pairs_of(out):
 
 # ---------------------------------------------------------------- transformers backend, bundled model
 
-def test_bundled_model_end_to_end(bundled, shared_data, tmp_path):
-    docs, texts = jsquad_docs(shared_data, tmp_path, 2)
-    recipe = load_recipe(None, ["synth.generation.max_new_tokens=24", "synth.pairs_per_doc=2",
+def test_bundled_model_end_to_end(bundled, tmp_path):
+    docs, texts = paragraphs(tmp_path, 2)
+    # Greedy decoding makes the outcome fixed: at 64 tokens the 135M model keeps a pair from these passages.
+    recipe = load_recipe(None, ["synth.generation.max_new_tokens=64", "synth.pairs_per_doc=1",
                                 "synth.max_passage_tokens=160"])
     out = tmp_path / "synth"
-    stats = run(recipe, docs, out, allow_empty=True)  # a 135M model at 24 tokens may keep no pair
+    stats = run(recipe, docs, out)
 
     assert (out / "DONE").exists() and json.loads((out / "stats.json").read_text())["pairs"] == stats["pairs"]
     assert stats["documents"] == 2
-    assert stats["requests"] > 2  # paragraphs of 228 and 391 tokens split into passages of at most 160
+    assert stats["requests"] > 2  # paragraphs of 339 and 315 tokens split into passages of at most 160
     assert stats["tokens_out"] > 0 and stats["tokens_in"] > stats["requests"] * 100
     tok = bundled.tokenizer
     rejected = [row for f in (out / "rejected").glob("*.parquet") for _, row in read_rows(f)]
     pairs = pairs_of(out)
-    assert stats["pairs"] == len(pairs) and stats["rejected"] == len(rejected)
+    assert stats["pairs"] == len(pairs) >= 1 and stats["rejected"] == len(rejected) >= 1
     assert stats["documents_with_pairs"] == len({p["doc_id"] for p in pairs})
     assert stats["parse_rate"] >= stats["documents_with_pairs"] / 2  # parsed before the filters judge the pairs
     for row in pairs:
@@ -76,12 +79,12 @@ def test_bundled_model_end_to_end(bundled, shared_data, tmp_path):
 
     # a finished folder is a no-op: nothing rewritten, nothing generated
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    assert run(recipe, docs, out, allow_empty=True) == stats
+    assert run(recipe, docs, out) == stats
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
 
     # deterministic: a fresh folder gets the same pairs and rejects
     again = tmp_path / "again"
-    assert {k: v for k, v in run(recipe, docs, again, allow_empty=True).items() if k != "tokens_per_s"} == \
+    assert {k: v for k, v in run(recipe, docs, again).items() if k != "tokens_per_s"} == \
            {k: v for k, v in stats.items() if k != "tokens_per_s"}
     assert pairs_of(again) == pairs
 
@@ -111,23 +114,24 @@ def test_vllm_missing_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- openai backend against `ezo serve`
 
-def test_openai_backend_against_ezo_serve(live_server, shared_data, tmp_path):
-    docs, _ = jsquad_docs(shared_data, tmp_path, 2)
+def test_openai_backend_against_ezo_serve(live_server, tmp_path):
+    docs, _ = paragraphs(tmp_path, 2)
     recipe = load_recipe(None, ["synth.backend=openai", f"synth.base_url={live_server}/v1", f"synth.model={BUNDLED}",
                                 "synth.generation.max_new_tokens=24", "synth.concurrency=2"])
     stats = run(recipe, docs, tmp_path / "out", allow_empty=True)
     assert stats["requests"] == stats["requests_sent"] >= 2 and stats["errors"] == 0
     assert stats["tokens_in"] > 500 and 0 < stats["tokens_out"] <= 24 * stats["requests"]
     rejected = [row for f in (tmp_path / "out" / "rejected").glob("*.parquet") for _, row in read_rows(f)]
-    # every reply reached the parser behind the prefill the server was asked to continue
-    assert all(r["output"].startswith("質問1: ") for r in rejected)
-    assert all(p["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}" for p in pairs_of(tmp_path / "out"))
+    # every reply reached the parser behind the prefill the server was asked to continue (24 tokens cut them all)
+    assert rejected and all(r["output"].startswith("質問1: ") for r in rejected)
+    assert stats["pairs"] == len(pairs_of(tmp_path / "out"))
+    assert stats["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}"
 
 
-def test_openai_backend_against_ezo_serve_matches_transformers(live_server, shared_data, tmp_path):
+def test_openai_backend_against_ezo_serve_matches_transformers(live_server, tmp_path):
     """Parity at temperature 0: the server continues the prefill, so it sees the prompt the local backend renders
     and writes the same greedy text (batch 1 on both sides: no padding to tell them apart)."""
-    docs, _ = jsquad_docs(shared_data, tmp_path, 3)  # several passages; the model keeps pairs for some
+    docs, _ = paragraphs(tmp_path, 3)  # several passages; the model keeps pairs for some
     common = ["synth.generation.max_new_tokens=48", "synth.max_passage_tokens=256", "synth.pairs_per_doc=2"]
     local = run(load_recipe(None, common + ["synth.generation.batch_size=1"]), docs, tmp_path / "local")
     served = run(load_recipe(None, common + ["synth.backend=openai", f"synth.base_url={live_server}/v1",

@@ -16,7 +16,7 @@ from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
 from trainkit import elyza_rows, overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
 
-SETTINGS = {"max_steps": 6, "save_every": 2, "keep_checkpoints": 2}
+SETTINGS = {"max_steps": 6, "save_every": 2, "eval_every": 2, "keep_checkpoints": 2}
 FSDP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate-fsdp-qlora.yaml"
 
 
@@ -174,7 +174,7 @@ def test_fsdp_recipe_configures_accelerate_for_qlora():
 def test_accelerate_launch_runs_ezo_train(tiny_model, elyza_rows, tmp_path):  # noqa: F811
     """The multi-GPU entry point as far as a CPU goes: `accelerate launch -m ezoforge train` with the shipped config."""
     out = tmp_path / "launched"
-    sets = [a for o in overrides(tiny_model, max_steps=1, save_every=1, max_length=128) for a in ("--set", o)]
+    sets = [a for o in overrides(tiny_model, max_steps=1, save_every=1) for a in ("--set", o)]
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_RECIPE),
                            "--cpu", "-m", "ezoforge", "train", str(elyza_rows), "--out", str(out), *sets],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)

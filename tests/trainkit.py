@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import BUNDLED
+from ezoforge.config import bundled_data
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +27,11 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def elyza_rows(shared_data, tmp_path_factory):
-    """ELYZA-tasks-100 as instruction/response rows (input→instruction, output→response)."""
+def elyza_rows(tmp_path_factory):
+    """The package's own ELYZA-format demo tasks as instruction/response rows (input→instruction,
+    output→response): 14 rows, so training tests run on any clone."""
     path = tmp_path_factory.mktemp("elyza") / "elyza.jsonl"
-    with open(shared_data / "elyza-tasks-100" / "test.jsonl", encoding="utf-8") as src, \
+    with open(bundled_data("bundled:tasks/demo-tasks.jsonl"), encoding="utf-8") as src, \
             open(path, "w", encoding="utf-8") as dst:
         for line in src:
             row = json.loads(line)
@@ -79,15 +81,16 @@ def offload_hooks(trainer):
     return next((c.hooks for c in trainer.callback_handler.callbacks if isinstance(c, OffloadCheckpoints)), None)
 
 
-def train_until_killed(args: list[str], out, step: int) -> None:
-    """Run `ezo train ARGS --out OUT` and SIGKILL it once checkpoint `step` is complete (and before DONE)."""
+def train_until_killed(args: list[str], out, step: int, command: str = "train") -> None:
+    """Run `ezo COMMAND ARGS --out OUT` (train, prefer) and SIGKILL it once checkpoint `step` is complete (and
+    before DONE)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "train", *args, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "ezoforge", command, *args, "--out", str(out)],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     marker = out / "checkpoints" / f"step-{step:06d}" / "COMPLETE"

@@ -31,6 +31,7 @@ TemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", help="Ji
 # Flags default to None: a flag overrides the recipe only when it is given.
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 … (default: the recipe's model.device).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (CUDA bf16, CPU float32), float32, bfloat16, float16 (default: the recipe's model.dtype).")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="auto (nf4 only where the weights do not fit the device), none, nf4, int8: bitsandbytes (default: the recipe's model.quantize).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt for a conversation without one (default: model.system_prompt, the EZO one).")]
 NoSystemOpt = Annotated[bool, typer.Option("--no-system", help="Add no system prompt.")]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Reply length (generation.max_new_tokens).")]
@@ -38,9 +39,11 @@ TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage: deletes its folder, even one done with these settings.")]
 
 
-def _model_flags(model: str | None, chat_template: Path | None, device: str | None, dtype: str | None) -> dict:
+def _model_flags(model: str | None, chat_template: Path | None, device: str | None, dtype: str | None,
+                 quantize: str | None = None) -> dict:
     """The model option group every model-loading command shares, as recipe keys."""
-    return {"model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype}
+    return {"model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
+            "model.quantize": quantize}
 
 
 # Flags whose name is not their key's last part (the rest are `--last-part`), for errors that name the flag.
@@ -66,8 +69,9 @@ def _load(recipe: Recipe, adapter: Path | None):
 
     m = recipe.model
     with console.status(f"loading {m.name}…"):
-        loaded = load(m.name, adapter, m.device, m.dtype, m.chat_template)
-    console.print(f"[dim]loaded {loaded.name} on {loaded.device} in {loaded.load_seconds:.1f} s[/dim]")
+        loaded = load(m.name, adapter, m.device, m.dtype, m.chat_template, quantize=m.quantize)
+    quantized = f" as {loaded.quantize}" if loaded.quantize != "none" else ""
+    console.print(f"[dim]loaded {loaded.name}{quantized} on {loaded.device} in {loaded.load_seconds:.1f} s[/dim]")
     return loaded
 
 
@@ -88,6 +92,7 @@ def generate(
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -98,7 +103,7 @@ def generate(
         raise EzoError("give exactly one of --prompt or --input")
     if input is not None and out is None:
         raise EzoError("--input needs --out")
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
         "generation.top_p": top_p, "generation.seed": seed, "generation.batch_size": batch_size})
     g = recipe.generation
@@ -111,7 +116,7 @@ def generate(
     from ezoforge.models import model_identity
 
     m = recipe.model
-    identity = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template)
+    identity = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize)
     n = generate_file(gen, input, out, sys_prompt, sampling, g.batch_size, identity)
     console.print(f"wrote {n} answers to {out}")
 
@@ -127,6 +132,7 @@ def chat(
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -134,7 +140,7 @@ def chat(
     from ezoforge.infer.chat import repl
     from ezoforge.infer.generate import Generator, Sampling
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
         "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature})
     sys_prompt = _system(system, no_system, recipe)
     repl(Generator(_load(recipe, adapter)), sys_prompt, Sampling.from_config(recipe.generation))
@@ -145,7 +151,7 @@ def serve(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     host: Annotated[str, typer.Option("--host", help="Bind address (loopback unless told otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 8000,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the bearer key /v1/* requires.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
     system: SystemOpt = None,
@@ -158,6 +164,7 @@ def serve(
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -166,14 +173,14 @@ def serve(
     from ezoforge.infer.serve import api_key_from_env
     from ezoforge.infer.serve import serve as run_server
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
         "generation.max_new_tokens": max_tokens, "serve.max_batch": max_batch, "serve.max_queue": max_queue,
         "serve.max_body_bytes": max_body_bytes, "serve.request_timeout": request_timeout})
     from ezoforge.models import check_model
 
     api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
     sys_prompt = _system(system, no_system, recipe)
-    check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template)
+    check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template, recipe.model.quantize)
     _port_is_free(host, port)
     gen = Generator(_load(recipe, adapter))
     run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env,
@@ -211,15 +218,17 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetO
 @app.command()
 def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetOpt = None,
          gpu: Annotated[str, typer.Option("--gpu", help="Card to estimate for: h100, h200, a100-80gb, a100-40gb, l40s, l4, rtx4090.")] = "h100",
+         ram: Annotated[float, typer.Option("--ram", min=1, help="Host memory in GiB the stages may use.")] = 64,
          as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False) -> None:
-    """Estimate a run before starting it: tokens per stage, training GPU memory, hours on the card."""
+    """Estimate a run before starting it: each stage's GPU memory, RAM, disk and hours on the card, and whether
+    it fits (a stage that does not names the setting that would make it fit)."""
     import json
 
     from ezoforge.plan import CARDS, plan as make_plan, print_plan
 
     if gpu not in CARDS:
         raise EzoError(f"--gpu {gpu}: unknown card (known: {', '.join(CARDS)})")
-    result = make_plan(load_recipe(recipe, set_), gpu)
+    result = make_plan(load_recipe(recipe, set_), gpu, ram_gib=ram)
     print(json.dumps(result, indent=2)) if as_json else print_plan(result)
 
 
@@ -245,6 +254,7 @@ def eval_(
     chat_template: TemplateOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -255,7 +265,7 @@ def eval_(
     from ezoforge.errors import ConfigError
     from ezoforge.eval.run import run as run_eval
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype), **{
+    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
         "eval.tasks": tasks.split(",") if tasks else None, "eval.judge_url": judge_url,
         "eval.judge_model": judge_model, "eval.judge_api_key_env": judge_api_key_env, "eval.limit": limit,
         "eval.concurrency": concurrency, "eval.allow_partial": allow_partial or None,
@@ -264,7 +274,7 @@ def eval_(
         raise ConfigError("ezo eval needs --out DIR")
     report = run_eval(recipe, out, adapter, force)
     console.print(f"[bold]{report['status']}[/bold] · mean grade {report['mean_grade']} (95% CI {report['ci95']}) · "
-                  f"{report['n_scored']}/{report['n_tasks']} graded · chrF {report['chrf']} · "
+                  f"{report['n_scored']} verdicts over {report['n_tasks']} tasks · chrF {report['chrf']} · "
                   f"accuracy {report['accuracy']} · perplexity {report['perplexity']} → {out / 'report.html'}",
                   highlight=False)
 
@@ -273,15 +283,19 @@ def eval_(
 def eval_compare(
     dirs: Annotated[list[Path], typer.Argument(help="Eval output folders; the first is the baseline.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json and compare.html here.")] = None,
+    allow_different_judges: Annotated[bool, typer.Option(
+        "--allow-different-judges", help="Show runs judged by different judges (as served) or judge prompts side by "
+                                         "side, marked and unpaired, instead of refusing.")] = False,
 ) -> None:
     """Runs side by side: mean grade with 95% CI, paired bootstrap difference vs the first, chrF, accuracy, perplexity."""
     from rich.table import Table
 
-    from ezoforge.eval.eval_report import COMPARE_COLUMNS, compare_rows
+    from ezoforge.eval.eval_report import COMPARE_COLUMNS, DIFFERENT_JUDGES, compare_rows
     from ezoforge.eval.run import compare
 
-    result = compare(dirs, out)
-    table = Table(*COMPARE_COLUMNS, title=f"baseline: {result['baseline']}")
+    result = compare(dirs, out, allow_different_judges)
+    mark = f" · {DIFFERENT_JUDGES}" if result["different_judges"] else ""
+    table = Table(*COMPARE_COLUMNS, title=f"baseline: {result['baseline']}{mark}")
     for row in compare_rows(result):
         table.add_row(*("–" if v is None else str(v) for v in row))
     Console().print(table)
@@ -376,10 +390,39 @@ def train(
 
 
 @app.command()
+def prefer(
+    train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` folder: its adapter is the SFT model, its inputs the instructions.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/pairs.jsonl, candidates, verdicts, adapter/, DONE).")] = ...,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Answers sampled per instruction (prefer.samples).")] = None,
+    min_margin: Annotated[Optional[float], typer.Option("--min-margin", help="Smallest grade gap between chosen and rejected (prefer.min_margin).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Instructions drawn from the SFT's pairs (prefer.limit).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="DPO optimizer steps (prefer.max_steps).")] = None,
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge, or local (eval.judge_url).")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The judge's model (eval.judge_model).")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Preference pairs from the SFT model's own answers, graded by the judge, then DPO continuing the SFT adapter."""
+    from ezoforge.prefer.run import run as run_prefer
+
+    recipe = _recipe(config, set_, **{"prefer.samples": samples, "prefer.min_margin": min_margin,
+                                      "prefer.limit": limit, "prefer.max_steps": max_steps,
+                                      "eval.judge_url": judge_url, "eval.judge_model": judge_model})
+    stats = run_prefer(recipe, train_dir, out, force=force)
+    before, after = stats["held_out_before"], stats["held_out_after"]
+    held = f" · held-out log-prob margin {before['logp_margin']} → {after['logp_margin']}" if before and after else ""
+    console.print(f"{stats['pairs']} pairs of {stats['instructions']} instructions (margins {stats['margin_histogram']})"
+                  f" · DPO {stats['dpo_steps']} steps, loss {stats['dpo_loss_first']} → {stats['dpo_loss_last']}{held}"
+                  f" → {out / 'adapter'}", highlight=False)
+
+
+@app.command()
 def merge(
     train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` output folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the standalone merged model.")] = ...,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16 (default), float32 or float16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="bf16 (default), float32, float16, or auto (the base's).")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -407,11 +450,16 @@ def _force_takes_optional_stage(argv: list[str]) -> list[str]:
     return [f"--force={ALL}" if a == "--force" and bare(i) else a for i, a in enumerate(argv)]
 
 
-def main() -> None:
-    sys.argv[1:] = _force_takes_optional_stage(sys.argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_rich_handler()])
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines through rich on stderr (`ezo run`'s stage processes call this too)."""
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_rich_handler()])
     for noisy in ("httpx", "httpx2", "urllib3", "datatrove"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    sys.argv[1:] = _force_takes_optional_stage(sys.argv[1:])
+    setup_logging()
     try:
         app()
     except EzoError as e:
@@ -440,7 +488,7 @@ def _rich_handler() -> logging.Handler:
     return RichHandler(console=console, show_path=False, show_time=False)
 
 
-# ---------------------------------------------------------------- export and push (issue 14)
+# ---------------------------------------------------------------- export and push
 
 @app.command()
 def export(

@@ -38,6 +38,14 @@ class ModelConfig(Section):
     device: str = "auto"
     chat_template: Path | None = None
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    # Weights of generate, chat, serve and eval's answers: bitsandbytes int8 or nf4 (double-quantized), or none;
+    # auto: nf4 only where the weights at the load dtype do not fit the device (logged). Training has its own
+    # setting (train.qlora).
+    quantize: Literal["auto", "none", "nf4", "int8"] = "auto"
+
+    # quantize changes answers, but every cached answer is keyed by models.model_identity, which holds the
+    # quantization actually used; a stage that never loads the model this way (train) is not invalidated by it.
+    operational = frozenset({"quantize"})
 
 
 class GenerationConfig(Section):
@@ -210,6 +218,29 @@ class PairFilters(Section):
     max_repeated_fraction: float = Field(0.3, gt=0.0, le=1.0)
 
 
+class VLLMConfig(Section):
+    """A vLLM engine (`synth.backend` or `eval.backend: vllm`). It claims `gpu_memory_utilization` of each card for
+    the weights, its activations and the KV cache; what the weights leave must hold at least one context of KV cache
+    (the section's `context_tokens`, vLLM's max_model_len)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)  # cards the weights are split over
+    # none: the checkpoint's own dtype (an AWQ/GPTQ checkpoint declares itself); fp8: weights quantized to FP8 on
+    # load (Hopper/Ada cards); bitsandbytes: 4-bit on load; awq/gptq: the checkpoint must be quantized so.
+    quantization: Literal["none", "fp8", "bitsandbytes", "awq", "gptq"] = "none"
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together (when the KV cache holds them)
+    enforce_eager: bool = False  # no CUDA graphs: less memory, slower decoding
+
+    # Quantization changes the answers; the rest changes only where and how fast they are computed.
+    operational = frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager"})
+
+    def refuse_unless(self, backend: str) -> None:
+        """A stated vllm setting under another backend would be ignored: refuse it."""
+        changed = [k for k in VLLMConfig.model_fields if getattr(self, k) != getattr(VLLMConfig(), k)]
+        if backend != "vllm" and changed:
+            raise ValueError(f"vllm.{changed[0]} is a vllm-backend setting; backend '{backend}' would ignore it")
+
+
 class SynthConfig(Section):
     model: str | None = None  # None: the recipe's base model
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
@@ -229,6 +260,7 @@ class SynthConfig(Section):
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
     # transformers backend: static KV cache + compiled decode step (CUDA graphs). auto: on CUDA only (logged).
     static_cache: Literal["auto"] | bool = "auto"
+    vllm: VLLMConfig = VLLMConfig()  # backend vllm only; its max_model_len is context_tokens
     filters: PairFilters = PairFilters()
     # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
     # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
@@ -256,6 +288,7 @@ class SynthConfig(Section):
         if self.backend != "transformers" and self.static_cache is True:
             raise ValueError(f"static_cache is a transformers-backend setting; backend '{self.backend}' decides its "
                              "own decoding (leave static_cache at auto)")
+        self.vllm.refuse_unless(self.backend)
         return self
 
 
@@ -281,6 +314,7 @@ class TrainConfig(Section):
     context_loss: bool = False
     gradient_checkpointing: bool = True
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_every: int = Field(50, ge=1)  # held-out loss every N steps and after the last (what metrics.jsonl records)
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -317,8 +351,54 @@ class TrainConfig(Section):
         return self
 
 
+class SamplingConfig(GenerationConfig):
+    """Generation that samples: several answers to one prompt must be able to differ."""
+
+    temperature: float = Field(0.8, gt=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+
+
+class PreferConfig(Section):
+    """`ezo prefer`: preference pairs from the SFT model's own answers, graded by the recipe's judge (eval.judge_*),
+    then DPO continuing the SFT adapter against the SFT model as the reference."""
+
+    limit: int | None = Field(None, ge=1)  # instructions drawn (seeded, nested) from the pairs the SFT trained on
+    samples: int = Field(4, ge=1)  # answers sampled per instruction from the SFT model
+    include_reference: bool = True  # the synthesized response stands as one more candidate
+    min_margin: float = Field(1.0, gt=0)  # keep (best, worst) only when their grades differ by at least this
+    generation: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    # DPO (TRL's DPOTrainer) on the kept pairs; the LoRA shape, quantization and attention are the SFT's (train.*).
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "aot", "apo_zero", "apo_down", "sigmoid_norm"] = "sigmoid"
+    learning_rate: float = Field(5e-5, gt=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(2, ge=1)  # pairs per step (each is two sequences)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16)  # prompt + answer tokens; longer pairs are cut at the end
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held-out pairs: DPO loss and log-prob margin before/after
+    save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    liger: bool | None = None  # None: Liger's layer kernels on CUDA when liger-kernel is installed
+
+    operational = frozenset({"save_every", "keep_checkpoints", "log_every"})
+
+    @model_validator(mode="after")
+    def _checks(self) -> "PreferConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.samples == 1 and not self.include_reference:
+            raise ValueError("one sampled answer and no reference make no pair: raise samples or include_reference")
+        return self
+
+
 class MergeConfig(Section):
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # The merged model's stored dtype; `auto` keeps the base's.
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
 
 
 class EvalConfig(Section):
@@ -338,23 +418,58 @@ class EvalConfig(Section):
     concurrency: int = Field(4, ge=1)
     allow_partial: bool = False
     generation: GenerationConfig = GenerationConfig(max_new_tokens=512)
+    # A task's score is the mean over `samples` answers (at generation.temperature) x `judgments` verdicts on each
+    # (at judge_temperature); flexeval's ELYZA-tasks-100 protocol is 3 x 3. Each index has its own cache entry.
+    samples: int = Field(1, ge=1)
+    judgments: int = Field(1, ge=1)
+    judge_temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)  # FastChat and ours: 0
+    # Reference answers (FastChat answer format, e.g. Japanese MT-Bench reference_answer/*.jsonl) for the
+    # math/reasoning/coding questions of mt-bench-ja; a question's own `reference` field wins.
+    mt_bench_references: Path | None = None
     jcqa_normalization: Literal["sum", "per_char"] = "sum"
     ppl_window: int = Field(1024, ge=8)  # tokens per scored window of a long paragraph
     bootstrap_samples: int = Field(1000, ge=100)
     bootstrap_seed: int = 0
     cache: Path | None = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge) / eval-requests.sqlite
+    # Before judging, each task's input and reference are looked up in the training pairs and the curated documents
+    # behind the evaluated model (eval/contamination.py): warn lists the tasks found, fail stops naming them.
+    contamination: Literal["warn", "fail", "off"] = "warn"
+    contamination_n: int = Field(13, ge=4)  # characters per n-gram
+    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)  # share of a text's n-grams found in training text
+    # Where open tasks' answers come from, through synth's backends: the model loaded here (transformers), a vLLM
+    # engine here (vllm: `vllm` settings, a merged model), or an OpenAI-compatible server holding model.name
+    # (openai: base_url). Choice and perplexity tasks score with the model's own forward pass, loaded here once a
+    # vLLM engine has been shut down.
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
+    max_retries: int = Field(4, ge=0)
+    vllm: VLLMConfig = VLLMConfig()
+    context_tokens: int | None = Field(None, ge=128)  # vllm's max_model_len; None: the model's own, at most 8192
 
     # judge_url is not here: another server may hold another model under the same name.
-    operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache"})
+    operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
+                             "api_key_env", "timeout", "max_retries"})
 
     @model_validator(mode="after")
     def _judge_pair(self) -> "EvalConfig":
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("judge_url and judge_model go together")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url")
+        self.vllm.refuse_unless(self.backend)
+        # Repeats that cannot differ would only shrink the spread and the interval: refuse them.
+        if self.samples > 1 and self.generation.temperature == 0:
+            raise ValueError(f"samples={self.samples} with generation.temperature=0: greedy decoding gives the same "
+                             "answer every time; set eval.generation.temperature > 0 or samples=1")
+        if self.judgments > 1 and self.judge_temperature == 0:
+            raise ValueError(f"judgments={self.judgments} with judge_temperature=0 asks for one verdict "
+                             f"{self.judgments} times; set eval.judge_temperature > 0 or judgments=1")
         return self
 
 
-# ---------------------------------------------------------------- export (issue 14)
+# ---------------------------------------------------------------- export
 
 class ExportConfig(Section):
     """`ezo export`: a publishable folder (weights, tokenizer, model card) and optional GGUF files."""
@@ -381,12 +496,14 @@ class Recipe(Section):
     """A whole run: the model, each stage's settings and where outputs go."""
 
     workdir: Path = Path("runs/default")
-    stages: list[Literal["curate", "synth", "train", "merge", "eval", "export"]] = list(STAGES)  # export: opt-in
+    # export and prefer (between train and merge): opt-in
+    stages: list[Literal["curate", "synth", "train", "prefer", "merge", "eval", "export"]] = list(STAGES)
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     curate: CurateConfig = CurateConfig()
     synth: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
+    prefer: PreferConfig = PreferConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()

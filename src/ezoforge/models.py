@@ -5,6 +5,7 @@ GGUF files are dequantized by transformers (`gguf_file=`), which parses metadata
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ezoforge.errors import ModelError
+from ezoforge.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,16 @@ def check_spec(spec: str) -> None:
 
 
 def check_model(spec: str, adapter: str | Path | None = None, device: str = "auto",
-                chat_template: str | Path | None = None) -> None:
+                chat_template: str | Path | None = None, quantize: str = "auto") -> None:
     """Every cheap check of a model's settings, run before anything loads or a folder is claimed."""
     check_spec(spec)
     if chat_template is not None and not Path(chat_template).is_file():
         raise ModelError(f"chat template {chat_template}: no such file (--chat-template / model.chat_template)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-    pick_device(device)
+    dev = pick_device(device)
+    if quantize not in ("auto", "none"):
+        check_quantize(spec, quantize, dev)
 
 
 def resolve(spec: str) -> str:
@@ -148,6 +151,135 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+# ---------------------------------------------------------------- quantization (bitsandbytes)
+
+GIB = 2**30
+
+
+def bytes_per_param(quantize: str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Stored bytes per weight of a quantized (linear) layer: none keeps the load dtype; int8 is one byte (plus a
+    float32 scale per row, negligible); nf4 is half a byte plus its double-quantized scales (an 8-bit absmax per
+    64 weights, a float32 per 256 of those)."""
+    return {"none": dtype.itemsize, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}[quantize]
+
+
+def weight_bytes(params: float, quantize: str, dtype: torch.dtype = torch.bfloat16, kept_params: float = 0) -> float:
+    """Bytes a model's weights take once loaded: `params` in the linear layers bitsandbytes quantizes, plus
+    `kept_params` (embeddings, the output head, norms) that stay in the load dtype."""
+    return params * bytes_per_param(quantize, dtype) + kept_params * dtype.itemsize
+
+
+def param_counts(spec: str) -> tuple[int, int]:
+    """(parameters bitsandbytes would quantize, the rest), from the model's config alone: the model is built on
+    the meta device, so no weight is read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(spec)))
+    skip = set(get_keys_to_not_convert(model))
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name not in skip)
+    return linear, sum(p.numel() for p in model.parameters()) - linear
+
+
+def _checkpoint_quantization(spec: str) -> str | None:
+    """The quantization method a checkpoint was saved with (AWQ, GPTQ, a saved bitsandbytes model…), if any."""
+    from transformers import AutoConfig
+
+    q = getattr(AutoConfig.from_pretrained(resolve(spec)), "quantization_config", None)
+    return None if q is None else str(q.get("quant_method") if isinstance(q, dict) else q.quant_method)
+
+
+def check_quantize(spec: str, quantize: str, dev: torch.device) -> None:
+    """A stated nf4/int8 must be doable here: bitsandbytes installed and working on the device, on a checkpoint
+    not already quantized. Runs a tiny layer, never the model."""
+    setting = f"model.quantize is {quantize}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{setting} but bitsandbytes is not installed (pip install bitsandbytes), "
+                          "or set model.quantize to none")
+    if (method := _checkpoint_quantization(spec)) is not None:
+        raise ConfigError(f"{setting} but {spec} is already quantized ({method}): set model.quantize to none "
+                          "to load it as it is saved")
+    try:
+        import bitsandbytes as bnb
+
+        layer = (bnb.nn.Linear4bit(64, 64, quant_type="nf4") if quantize == "nf4"
+                 else bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)).to(dev)
+        with torch.no_grad():
+            layer(torch.randn(2, 64, device=dev))
+    except Exception as e:  # bitsandbytes raises many kinds on a device it does not support
+        raise ConfigError(f"{setting} but bitsandbytes cannot run it on {dev} ({type(e).__name__}: {e}): "
+                          "set model.quantize to none or auto") from None
+
+
+def _free_bytes(dev: torch.device) -> tuple[float, float]:
+    """(memory free for weights, memory in all) on the device."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)
+    import psutil  # an accelerate dependency
+
+    mem = psutil.virtual_memory()
+    return mem.available, mem.total
+
+
+# Room a card keeps beyond the weights for the KV cache and activations of batched decoding (a 70B's KV cache at
+# 16k tokens in flight is ~5 GiB).
+HEADROOM_FRACTION, HEADROOM_MIN = 0.1, 2 * GIB
+
+
+@functools.lru_cache(maxsize=None)
+def auto_quantize(spec: str, device: str = "auto", dtype: str = "auto") -> str:
+    """`model.quantize: auto`: none when the weights at the load dtype fit the device (on CUDA with headroom for
+    the KV cache and activations), else nf4; logged. Decided once per process, so the identity in cache keys and
+    the load that follows agree even after the model has taken the memory."""
+    dev = pick_device(device)
+    load_dtype = pick_dtype(dtype, dev)
+    if dev.type not in ("cuda", "cpu"):
+        log.info("model.quantize=auto: none (bitsandbytes quantization is used on CUDA and CPU only, not %s)", dev)
+        return "none"
+    if (method := _checkpoint_quantization(spec)) is not None:
+        log.info("model.quantize=auto: none (%s is already quantized: %s)", spec, method)
+        return "none"
+    linear, kept = param_counts(spec)
+    free, total = _free_bytes(dev)
+    room = free - (max(HEADROOM_MIN, HEADROOM_FRACTION * total) if dev.type == "cuda" else 0)
+    need = {q: weight_bytes(linear, q, load_dtype, kept) for q in ("none", "nf4")}
+    where = f"{room / GIB:.1f} GiB free on {dev}" + (" beyond the headroom for KV cache" if dev.type == "cuda" else "")
+    if need["none"] <= room:
+        log.info("model.quantize=auto: none (the weights take %.1f GiB in %s; %s)", need["none"] / GIB,
+                 str(load_dtype).removeprefix("torch."), where)
+        return "none"
+    if need["nf4"] > room:
+        raise ModelError(f"{spec}: its weights take {need['none'] / GIB:.1f} GiB in {load_dtype}, still "
+                         f"{need['nf4'] / GIB:.1f} GiB in nf4, and there are {where} (model.quantize=auto): use a "
+                         "larger device, or state model.quantize to try anyway")
+    why = (f"the weights take {need['none'] / GIB:.1f} GiB in {str(load_dtype).removeprefix('torch.')}, more than "
+           f"the {where}; {need['nf4'] / GIB:.1f} GiB in nf4")
+    try:
+        check_quantize(spec, "nf4", dev)
+    except ConfigError as e:
+        raise ConfigError(f"model.quantize=auto chose nf4 ({why}), but: {e}") from None
+    log.info("model.quantize=auto: nf4 (%s)", why)
+    return "nf4"
+
+
+def pick_quantize(spec: str, quantize: str = "auto", device: str = "auto", dtype: str = "auto") -> str:
+    """The quantization a load uses: a stated one as it is (checked by check_model), or auto's choice."""
+    return auto_quantize(spec, device, dtype) if quantize == "auto" else quantize
+
+
+def bnb_config(quantize: str, compute_dtype: torch.dtype):
+    """For inference only: the CPU repacking of 4-bit weights that breaks LoRA gradients (train/model.py) is left on
+    here, where it is harmless and faster."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def file_digest(path: Path) -> str:
@@ -193,10 +325,10 @@ def hub_revision(repo: str) -> str | None:
 
 
 def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "auto", device: str = "auto",
-                   chat_template: str | Path | None = None) -> str:
+                   chat_template: str | Path | None = None, quantize: str = "auto") -> str:
     """A short hash of everything that determines a model's outputs, for cache keys: the weights (a finished
     ezoforge stage folder by its DONE fingerprint, other local files by content, a hub id by its resolved
-    revision), the adapter's files, the chat template, dtype and device."""
+    revision), the adapter's files, the chat template, dtype, device and the quantization a load uses."""
     from ezoforge.cache import request_key
     from ezoforge.stage import done_fingerprint
 
@@ -212,9 +344,12 @@ def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "a
         weights = {"stage": fp} if (fp := done_fingerprint(path)) else {"files": folder_digest(path)}
     else:
         weights["revision"] = hub_revision(spec)
+    # Unquantized loads keep the identity they had before quantization existed (their cached answers stay valid).
+    q = pick_quantize(spec, quantize, device, dtype)
     return request_key(weights=weights, adapter=adapter and folder_digest(Path(adapter)),
                        chat_template=chat_template and file_digest(Path(chat_template)),
-                       dtype=str(pick_dtype(dtype, dev)), device=dev.type)[:16]
+                       dtype=str(pick_dtype(dtype, dev)), device=dev.type,
+                       **({"quantize": q} if q != "none" else {}))[:16]
 
 
 def load_tokenizer(spec: str, chat_template: str | Path | None = None):
@@ -257,6 +392,7 @@ class Loaded:
     adapter: str | None
     device: torch.device
     load_seconds: float
+    quantize: str = "none"  # what the weights were loaded as: none, int8 or nf4
 
     @property
     def name(self) -> str:
@@ -280,25 +416,48 @@ def spec_context_length(spec: str) -> int:
 
 
 def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-         chat_template: str | Path | None = None, need_chat_template: bool = True) -> Loaded:
-    """Model + tokenizer, in eval mode on the chosen device, with an optional PEFT adapter applied.
+         chat_template: str | Path | None = None, need_chat_template: bool = True, quantize: str = "auto") -> Loaded:
+    """Model + tokenizer, in eval mode on the chosen device, with an optional PEFT adapter applied; `quantize`
+    (model.quantize) loads the linear layers as bitsandbytes int8 or nf4 (auto: nf4 only where they do not fit).
     `need_chat_template=False` is for base-format models prompted with raw text (an instruction synthesizer)."""
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    check_model(spec, adapter, device, chat_template)
+    check_model(spec, adapter, device, chat_template, quantize)
     dev = pick_device(device)
+    load_dtype = pick_dtype(dtype, dev)
+    q = pick_quantize(spec, quantize, device, dtype)
     source = resolve(spec)
     tokenizer = load_tokenizer(spec, chat_template)
     if need_chat_template:
         require_chat_template(tokenizer, spec)
+    kwargs: dict = {"dtype": load_dtype}
+    if q != "none":
+        # bitsandbytes quantizes each weight as it lands on the device; a quantized model is not moved afterwards.
+        kwargs.update(quantization_config=bnb_config(q, load_dtype), device_map={"": _device_index(dev)})
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype(dtype, dev))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load model ({e})") from None
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(dev).eval()
-    return Loaded(model, tokenizer, spec, str(adapter) if adapter else None, dev, time.perf_counter() - start)
+    if q == "none":
+        model.to(dev)
+    model.eval()
+    if q == "int8":
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_an_int8_cast_notice)
+    return Loaded(model, tokenizer, spec, str(adapter) if adapter else None, dev, time.perf_counter() - start, q)
+
+
+def _not_an_int8_cast_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes logs this on every forward of every int8 layer whose input is not float16 (it casts, by design).
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _device_index(dev: torch.device) -> torch.device:
+    """accelerate's device map wants a concrete CUDA device (cuda:N), not plain `cuda`."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev

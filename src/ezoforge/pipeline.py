@@ -3,39 +3,57 @@
 A stage whose DONE marker matches its settings is skipped (each stage checks that itself), so a killed
 run continues where it stopped. A stage whose output-shaping settings were edited is refused, naming the keys,
 and nothing is deleted: `--force STAGE` redoes that stage and every stage after it, `--force` the whole recipe.
+
+Each stage runs in a process of its own: whatever it loaded (a model, a vLLM engine, CUDA memory, allocator
+caches) is given back to the system before the next stage starts, so a synthesis engine never shares the card
+with training. The child starts its own process group: an interrupted run stops the stage and anything it started,
+and a child whose parent died (killed outright) stops itself.
 """
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
 import time
+import traceback
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ezoforge.config import Recipe
-from ezoforge.errors import ConfigError
+from ezoforge.errors import ConfigError, EzoError
 from ezoforge.records import write_json
 from ezoforge.stage import done_info
 
 console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 # Folder of each step under the workdir, in run order.
-FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "merge": "merged",
-           "eval-base": "eval-base", "eval-tuned": "eval-tuned", "export": "export"}
+FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "prefer": "prefer", "merge": "merged",
+           "eval-base": "eval-base", "eval-sft": "eval-sft", "eval-tuned": "eval-tuned", "export": "export"}
 
 
 def steps(recipe: Recipe) -> list[str]:
-    """The recipe's stages as pipeline steps; eval runs twice (base, then tuned when there is a tuned model)."""
+    """The recipe's stages as pipeline steps; eval runs twice (base, then tuned when there is a tuned model), three
+    times with a prefer stage (base, SFT alone, then the tuned model: SFT+DPO)."""
     out = []
     for stage in recipe.stages:
         if stage == "eval":
             out.append("eval-base")
+            if "prefer" in recipe.stages:
+                out.append("eval-sft")
             if "train" in recipe.stages or "merge" in recipe.stages:
                 out.append("eval-tuned")
         else:
             out.append(stage)
-    return sorted(out, key=lambda s: s == "export")  # export last: its card reads the evals
+    # In FOLDERS' order: prefer between train and merge (merge folds its adapter), export last (its card reads the evals).
+    return sorted(out, key=list(FOLDERS).index)
 
 
 def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
@@ -49,26 +67,186 @@ def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> d
     if step == "train":
         from ezoforge.train.run import run
         return run(recipe, [workdir / "synth"], out, force=force)
+    if step == "prefer":
+        from ezoforge.prefer.run import run
+        return run(recipe, workdir / "train", out, force=force)
     if step == "merge":
         from ezoforge.train.merge import run
-        return run(workdir / "train", out, recipe.merge.dtype, force=force)
+        return run(workdir / tuned_folder(recipe), out, recipe.merge.dtype, force=force)
     if step == "export":
         from ezoforge.export.run import run
         return run(workdir / "merged", out, recipe.export, recipe.model.system_prompt, force=force)
     from ezoforge.eval.run import run
     if step == "eval-base":
         return run(recipe, out, force=force)
+    if step == "eval-sft":
+        return run(recipe, out, adapter=workdir / "train" / "adapter", force=force)
     tuned = recipe.model_copy(deep=True)
     if "merge" in recipe.stages:
         tuned.model.name = str(workdir / "merged")
         return run(tuned, out, force=force)
-    return run(recipe, out, adapter=workdir / "train" / "adapter", force=force)
+    return run(recipe, out, adapter=workdir / tuned_folder(recipe) / "adapter", force=force)
+
+
+def tuned_folder(recipe: Recipe) -> str:
+    """The folder whose adapter is the run's tuned model: DPO's (the SFT adapter continued) when there is one."""
+    return FOLDERS["prefer"] if "prefer" in recipe.stages else FOLDERS["train"]
+
+
+class ChildTraceback(Exception):
+    """The traceback of a stage's process, shown as the cause of the exception re-raised here."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
+# Seconds a stopped stage gets to clean up (locks, partial files) before it is terminated, then killed.
+STOP_GRACE_S = 30
+
+
+class StageProcess:
+    """A spawned process (nothing of this one is inherited, CUDA included) that runs steps one at a time when
+    told. It ends after a step that did work, so that step's memory is given back; steps found already done
+    share one process, so a resumed run does not pay a process start per finished stage."""
+
+    def __init__(self, recipe: Recipe, workdir: Path):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        alive_in, self.alive = ctx.Pipe(duplex=False)  # held open here: the child sees EOF once we are gone
+        self.proc = ctx.Process(target=_child, name="ezo-stage", daemon=False,
+                                args=(recipe, workdir, theirs, alive_in, logging.getLogger().level))
+        self.proc.start()
+        theirs.close()
+        alive_in.close()
+
+    def run(self, step: str, force: bool) -> tuple[dict, bool]:
+        """The step's result and whether it did work (after which this process has ended); raises what the
+        step raised: an EzoError as the same class and message, anything else with the child's traceback."""
+        try:
+            self.conn.send((step, force))
+            wait([self.conn, self.proc.sentinel])
+            try:
+                kind, payload, worked = self.conn.recv()
+            except (EOFError, OSError):  # ended without a word: killed (as the out-of-memory killer does), or crashed
+                self.proc.join()
+                raise EzoError(f"{step}: the stage's process ended without a result "
+                               f"({_exit_reason(self.proc.exitcode)}); rerun to resume it") from None
+        except BaseException:  # Ctrl-C here, or an error while waiting: the stage stops too
+            _stop(self.proc, signal.SIGINT)
+            self.close()
+            raise
+        if kind == "ok":
+            if worked:
+                self.close()
+            return payload, worked
+        self.close()
+        if kind == "error":
+            raise payload from None
+        error, child_traceback = payload
+        raise error from ChildTraceback(child_traceback)
+
+    def close(self) -> None:
+        """Let the process end (it does once its pipe closes) and wait until it has."""
+        self.conn.close()
+        self.proc.join(STOP_GRACE_S)
+        if self.proc.is_alive():  # something it started does not end
+            log.warning("the stage's process did not exit after its last step; terminating it")
+            _stop(self.proc, signal.SIGTERM)
+        self.alive.close()
+
+
+def run_step_in_child(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """`run_step` in a process of its own, which has ended when this returns."""
+    child = StageProcess(recipe, workdir)
+    try:
+        return child.run(step, force)[0]
+    finally:
+        child.close()
+
+
+def _stop(proc, first: int) -> None:
+    """Signal the child's process group (the stage and any workers it started), then escalate."""
+    for sig in (first, signal.SIGTERM, signal.SIGKILL):
+        if not proc.is_alive():
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        proc.join(STOP_GRACE_S if sig == signal.SIGINT else 5)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        return f"killed by {name}" + (", as the out-of-memory killer does" if name == "SIGKILL" else "")
+    return f"exit code {code}"
+
+
+def _child(recipe: Recipe, workdir: Path, conn: Connection, alive: Connection, log_level: int) -> None:
+    os.setpgrp()  # its own group: stopping the stage stops its workers too
+    from ezoforge.cli import setup_logging
+
+    setup_logging(log_level)
+    threading.Thread(target=_stop_when_orphaned, args=(alive,), daemon=True).start()
+    try:
+        while _next_step(recipe, workdir, conn):
+            pass
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # stopped by the parent, which already knows, or the parent is gone
+
+
+def _next_step(recipe: Recipe, workdir: Path, conn: Connection) -> bool:
+    """Run the step the parent names and report it; False when this process should end."""
+    try:
+        step, force = conn.recv()
+    except EOFError:
+        return False
+    marker = workdir / FOLDERS[step] / "DONE" if step in FOLDERS else None
+    before = marker.stat().st_mtime_ns if marker and marker.exists() else None
+    try:
+        result = run_step(step, recipe, workdir, force=force)
+    except KeyboardInterrupt:
+        raise
+    except EzoError as e:
+        conn.send(("error", _portable(e, EzoError(str(e))), True))
+        return False
+    except BaseException as e:
+        conn.send(("crash", (_portable(e, RuntimeError(f"{type(e).__name__}: {e}")), traceback.format_exc()), True))
+        return False
+    worked = force or before is None or not marker.exists() or marker.stat().st_mtime_ns != before
+    conn.send(("ok", result, worked))
+    return not worked
+
+
+def _portable(error: BaseException, fallback: BaseException) -> BaseException:
+    """The exception itself when it survives pickling unchanged, else `fallback` (keeping its exit code)."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return copy
+    except Exception:
+        pass
+    fallback.exit_code = getattr(error, "exit_code", 1)
+    return fallback
+
+
+def _stop_when_orphaned(alive: Connection) -> None:
+    """Block until the parent is gone (its end of the pipe closes), then stop this stage's whole group."""
+    try:
+        alive.recv()
+    except (EOFError, OSError):
+        pass
+    os.killpg(os.getpgrp(), signal.SIGINT)
+    time.sleep(STOP_GRACE_S)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 ALL = "all"
 # Which steps read each step's folder: redoing a step redoes these after it (eval-base reads only the base model).
-READERS = {"curate": ["synth"], "synth": ["train"], "train": ["merge", "eval-tuned"],
-           "merge": ["eval-tuned", "export"], "eval-base": ["export"], "eval-tuned": ["export"], "export": []}
+READERS = {"curate": ["synth"], "synth": ["train"], "train": ["prefer", "merge", "eval-sft", "eval-tuned"],
+           "prefer": ["merge", "eval-tuned"], "merge": ["eval-tuned", "export"], "eval-base": ["export"],
+           "eval-sft": ["export"], "eval-tuned": ["export"], "export": []}
 
 
 def forced_steps(plan: list[str], force: list[str]) -> set[str]:
@@ -101,21 +279,28 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str]
     timings_path = workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     console.rule(f"ezo run {recipe_path or ''} → {workdir}")
-    results = {}
-    for i, step in enumerate(plan, 1):
-        folder = workdir / FOLDERS[step]
-        was_done = done_info(folder) is not None and step not in redo
-        console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
-        start = time.perf_counter()
-        results[step] = run_step(step, recipe, workdir, force=step in redo)
-        seconds = time.perf_counter() - start
-        marker = done_info(folder) or {}
-        # A skipped stage keeps the time it took when it really ran.
-        if not (was_done and timings.get(step, {}).get("fingerprint") == marker.get("fingerprint")):
-            timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint")}
-            write_json(timings_path, timings)
-        else:
-            console.print(f"[dim]{step}: already done with these settings, skipped[/dim]")
+    results, child = {}, None
+    try:
+        for i, step in enumerate(plan, 1):
+            folder = workdir / FOLDERS[step]
+            was_done = done_info(folder) is not None and step not in redo
+            console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
+            start = time.perf_counter()
+            child = child or StageProcess(recipe, workdir)
+            results[step], worked = child.run(step, force=step in redo)
+            if worked:  # that process has ended: the next stage starts with the memory it held
+                child = None
+            seconds = time.perf_counter() - start
+            marker = done_info(folder) or {}
+            # A skipped stage keeps the time it took when it really ran.
+            if not (was_done and timings.get(step, {}).get("fingerprint") == marker.get("fingerprint")):
+                timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint")}
+                write_json(timings_path, timings)
+            else:
+                console.print(f"[dim]{step}: already done with these settings, skipped[/dim]")
+    finally:
+        if child is not None:
+            child.close()
     from ezoforge.recipe_report import write_run_report
 
     report = write_run_report(workdir, plan, timings)

@@ -1,17 +1,22 @@
-"""`ezo plan`: what a recipe will cost before it runs — tokens per stage, GPU memory, hours on a card.
+"""`ezo plan`: what a recipe will cost before it runs — for every stage its peak GPU memory, host memory, disk
+written and hours on a card, and whether it fits; a stage that does not fit names the setting that makes it fit.
 
 Estimates, not promises: every assumption is printed with the figures, and `sources` says where each one comes
 from. Where a training step was measured at the recipe's shape on the chosen card (MEASURED), its tokens/s and peak
-memory are used as they are; otherwise a model calibrated on those measurements estimates them.
+memory are used as they are; everything else is the memory and speed model below, not a measurement.
 """
 from __future__ import annotations
 
 import glob
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.config import Recipe
+from ezoforge.config import Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
+from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
+
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ CARDS = {
     "a100-40gb": Card(40, 312, 1.55), "l40s": Card(48, 362, 0.86), "l4": Card(24, 121, 0.3),
     "rtx4090": Card(24, 165, 1.0),
 }
+HOST_RAM_GIB = 64  # "ordinary RAM": what `--ram` assumes unless told
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class Shape:
     vocab: int
     kv_heads: int
     heads: int
+    context: int  # tokens the model takes (max_position_embeddings)
+    tied: bool = False
 
     @property
     def linear_dims(self) -> list[tuple[int, int]]:
@@ -44,6 +52,16 @@ class Shape:
         kv = self.hidden * self.kv_heads // self.heads
         h, i = self.hidden, self.intermediate
         return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def embedding_params(self) -> int:
+        """The input embeddings and the LM head: no quantization scheme here touches them (they stay 16-bit)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """The KV cache of one token in 16-bit: keys and values of every layer's KV heads."""
+        return 2 * self.layers * self.kv_heads * (self.hidden // self.heads) * 2
 
 
 @dataclass(frozen=True)
@@ -57,8 +75,8 @@ class Measured:
     source: str
 
 
-REFERENCE = ("HF+peft QLoRA reference measured on one H100 (DEVELOPERS.md), an upper bound for ezo train's memory; "
-             "ezo train's own step is not measured on a GPU yet (bench/RESULTS.md)")
+REFERENCE = ("HF+peft QLoRA reference measured on one H100 (bench/RESULTS.md: reference figures), an upper bound "
+             "for ezo train's memory; ezo train's own step is not measured on a GPU yet (bench/RESULTS.md)")
 # (shape, card) -> the measured step. bench/train_bench.py's figures replace these once measured on such a card.
 MEASURED = {
     ("llama-3.1-8b", "h100"): Measured(4, 2048, 5851, 21.7, REFERENCE),
@@ -66,16 +84,46 @@ MEASURED = {
 }
 
 KNOWN_SHAPES = {  # so a plan works offline for the recipes we ship
-    "llama-3.1-8b": Shape(8.03e9, 32, 4096, 14336, 128256, 8, 32),
-    "llama-3.1-70b": Shape(70.6e9, 80, 8192, 28672, 128256, 8, 64),
+    "llama-3.1-8b": Shape(8.03e9, 32, 4096, 14336, 128256, 8, 32, 131072),
+    "llama-3.1-70b": Shape(70.6e9, 80, 8192, 28672, 128256, 8, 64, 131072),
+    # Instruction Pre-Training's synthesizer: a Mistral-7B-v0.1 fine-tune
+    "instruction-synthesizer": Shape(7.24e9, 32, 4096, 14336, 32000, 8, 32, 32768),
 }
 # Training FLOPs per token: forward + backward through the frozen weights (input grads) + the recompute that
 # gradient checkpointing adds = ~8 N. HF+peft QLoRA on one H100 reached 38% of peak at 8B (5,851 tok/s).
 TRAIN_FLOPS_PER_PARAM = 8
 TRAIN_MFU = 0.38
-DECODE_EFFICIENCY = 0.5  # share of the memory-bandwidth bound a batched engine (vLLM) reaches
-DECODE_BATCH = 64
+DECODE_EFFICIENCY = 0.5  # share of the memory-bandwidth bound a batched decode reaches
+PREFILL_MFU = 0.4  # share of the bf16 peak a prefill (and a compute-bound decode) reaches
 CHARS_PER_TOKEN_JA = 1.1  # Llama 3 tokenizer on Japanese prose (measured on the demo corpus: ~1.0–1.2)
+DOC_TOKENS = 1500  # a curated document
+# Prompt tokens around a passage: our prompted instruction with its few-shot example; the synthesizer's markers.
+PROMPT_TOKENS = {"prompted": 600, "synthesizer": 10}
+# Pairs one synthesizer answer holds (Instruction Pre-Training: ~200M pairs from ~40M raw texts).
+SYNTHESIZER_PAIRS = 5
+EVAL_PROMPT_TOKENS = 512  # an ELYZA-tasks-100 task with the system prompt, rounded up
+
+# Bytes per weight of the quantized linear layers (embeddings and the LM head stay 16-bit): bitsandbytes NF4
+# (vLLM's "bitsandbytes" too) and int8 as models.py counts them, FP8 with per-tensor scales, AWQ/GPTQ 4-bit with
+# 16-bit scales and zeros per group of 128.
+LINEAR_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "nf4": bytes_per_param("nf4"),
+                "bitsandbytes": bytes_per_param("nf4"), "int8": bytes_per_param("int8"), "fp8": 1.0,
+                "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128}
+# Bytes moved per parameter in a bitsandbytes batch decode step: the packed weight read, the 16-bit copy written
+# and read back.
+DEQUANT_TRAFFIC = {"nf4": 0.5 + 2 * 2, "int8": 1 + 2 * 2}
+CUDA_OVERHEAD_GIB = 2.0  # CUDA context, allocator slack and a forward pass's activations (torch processes)
+VLLM_OVERHEAD_GIB = 2.0  # vLLM: CUDA context and its profiling pass's activations
+VLLM_GRAPHS_GIB = 1.0  # vLLM's captured CUDA graphs (none with enforce_eager)
+PROCESS_RAM_GIB = 2.0  # a Python process with torch and transformers imported
+VLLM_RAM_GIB = 4.0  # vLLM's processes on the host
+CURATE_WORKER_GIB = 1.0  # one curate worker process: Python, datatrove, a batch of documents
+# bench/curate_bench.py, whole chain (filters, MinHash, dedup) on FineWeb JSONL, 1 worker, idle 2-core CPU
+# (bench/RESULTS.md); wiki markup parsing and bz2 are not in that figure.
+CURATE_MB_PER_WORKER_S = 1.57
+DISK_BYTES_S = 1e9  # reading and writing weights (an NVMe-class disk)
+HUB_SHARD_BYTES = 5e9  # the hub's usual safetensors shard (Llama-3.1-70B: 30 shards of ≤ 5 GB)
+COMPRESSION = 2.5  # Parquet / gzip on Japanese text
 
 
 def known_shape(spec: str) -> str | None:
@@ -88,15 +136,32 @@ def model_shape(spec: str) -> Shape:
         return KNOWN_SHAPES[known_shape(spec)]
     from transformers import AutoConfig
 
-    from ezoforge.models import resolve
+    from ezoforge.models import config_context_length, resolve
 
     cfg = AutoConfig.from_pretrained(resolve(spec))
     h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    shape = Shape(0, n, h, i, v, kv, cfg.num_attention_heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    shape = Shape(0, n, h, i, v, kv, cfg.num_attention_heads, config_context_length(cfg), tied)
     per_layer = sum(a * b for a, b in shape.linear_dims)
-    embeddings = v * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    return Shape(per_layer * n + embeddings, n, h, i, v, kv, cfg.num_attention_heads)
+    return Shape(per_layer * n + shape.embedding_params, n, h, i, v, kv, cfg.num_attention_heads, shape.context, tied)
+
+
+def weight_bytes(shape: Shape, scheme: str) -> float:
+    return (shape.params - shape.embedding_params) * LINEAR_BYTES[scheme] + shape.embedding_params * 2
+
+
+def largest_shard(spec: str, shape: Shape) -> tuple[float, str]:
+    """Bytes of the model's largest weights file: measured for a local folder, else the hub's usual shard."""
+    if spec.startswith("bundled:") or spec.endswith(".gguf"):
+        from ezoforge.models import resolve
+
+        spec = resolve(spec)  # the converted safetensors folder
+    path = Path(spec).expanduser()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if files:
+        return float(max(f.stat().st_size for f in files)), "its largest file"
+    return min(HUB_SHARD_BYTES, shape.params * 2), "the hub's usual shard size"
 
 
 # Compressed inputs are sized by typical expansion ratios for Japanese text (decompressing a 4 GB dump
@@ -137,82 +202,462 @@ def synth_mix(recipe: Recipe, docs: float) -> dict:
                                         for s, v in sorted(shares.items())}}
 
 
-def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5) -> dict:
-    card = CARDS[card_name]
-    shape = model_shape(recipe.model.name)
-    qlora = recipe.train.qlora is not False
+@dataclass(frozen=True)
+class Volume:
+    """How much text each stage handles."""
+
+    chars: int
+    curated_tokens: float
+    docs: float
+    requests: float
+    passage_tokens: float
+    synth_in: float
+    synth_out: float
+    train_tokens: float
+    eval_out: float  # one eval run's answer tokens: tasks x samples x turns
+    judge_calls: float  # one eval run's verdicts: tasks x samples x judgments x turns
+    missing: list[str]
+
+
+def volume(recipe: Recipe, docs_kept: float) -> Volume:
     t, s = recipe.train, recipe.synth
     chars = input_chars(recipe.curate.inputs)
     curated_tokens = chars * docs_kept / CHARS_PER_TOKEN_JA
-    doc_tokens = 1500  # a curated document, capped by the synth passage length
-    docs = curated_tokens / doc_tokens
+    docs = curated_tokens / DOC_TOKENS
     # Inputs not downloaded yet: a full dump holds far more documents than synth.limit, so the limit binds.
     missing = [p for p in recipe.curate.inputs if not glob.glob(p)]
     if s.limit:
         docs = s.limit if missing else min(docs, s.limit)
-    synth_in = docs * (doc_tokens + 600)  # passage + our prompt with its few-shot example
-    synth_out = docs * s.generation.max_new_tokens
-    pair_tokens = doc_tokens + 300
+    prompt = PROMPT_TOKENS[s.mode]
+    budget = max(32, min(s.max_passage_tokens, synth_context(recipe) - prompt - s.generation.max_new_tokens - 16))
+    per_doc = math.ceil(DOC_TOKENS / budget)  # longer documents are split into passages
+    passage = DOC_TOKENS / per_doc
+    requests = docs * per_doc
+    pairs = s.pairs_per_doc if s.mode == "prompted" else SYNTHESIZER_PAIRS
+    # Each pair trains with its source passage as context.
+    pair_tokens = passage + s.generation.max_new_tokens / pairs
     train_tokens = (t.max_steps * t.batch_size * t.grad_accum * t.max_length if t.max_steps
-                    else docs * s.pairs_per_doc * pair_tokens * (t.epochs or 1))
-    weight_bytes = shape.params * (0.5 * 1.03 if qlora else 2)  # nf4 + double-quantized scales, or bf16
-    lora_params = t.lora_r * sum(a + b for a, b in shape.linear_dims) * shape.layers
-    tokens_per_row = t.max_length
-    activations = shape.layers * t.batch_size * tokens_per_row * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
-    logits = t.batch_size * tokens_per_row * shape.vocab * 4 * 2  # float32 logits and their gradient
-    train_mem = (weight_bytes + lora_params * 16 + activations + logits) / 2**30 + 2.0  # + CUDA context, allocator
-    train_tps = card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
-    sources = {"train_tokens_per_s": f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at {TRAIN_MFU:.0%} "
-                                     "of the card's bf16 peak (calibrated on the 8B H100 reference, 5,851 tok/s)",
-               "train_memory_gib": "model: NF4 weights, LoRA + AdamW, checkpointed hidden states, fp32 logits",
-               "decode_tokens_per_s": f"model: {DECODE_EFFICIENCY:.0%} of the memory-bandwidth bound at batch "
-                                      f"{DECODE_BATCH}; not measured"}
-    measured = MEASURED.get((known_shape(recipe.model.name), card_name))
-    if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
-                                                                                                measured.length):
-        train_tps, train_mem = measured.tokens_per_s, measured.peak_gib
-        sources["train_tokens_per_s"] = sources["train_memory_gib"] = (
-            f"measured: {measured.rows} x {measured.length} tokens, {measured.source}")
-    decode_tps = DECODE_BATCH * card.bandwidth_tbs * 1e12 * DECODE_EFFICIENCY / (shape.params * 2)
-    n_eval = recipe.eval.limit or 100
-    eval_tokens = 2 * n_eval * recipe.eval.generation.max_new_tokens  # base and tuned
+                    else requests * pairs * pair_tokens * (t.epochs or 1))
+    e = recipe.eval
+    # MT-Bench asks two turns per question; every answer is judged `judgments` times.
+    turns = 2 if any(t.startswith("mt-bench-ja") for t in e.tasks) else 1
+    answers = (e.limit or 100) * e.samples * turns
+    return Volume(chars, curated_tokens, docs, requests, passage, requests * (passage + prompt),
+                  requests * s.generation.max_new_tokens, train_tokens,
+                  answers * recipe.eval.generation.max_new_tokens,
+                  answers * recipe.eval.judgments if recipe.eval.judge_model else 0, missing)
+
+
+def synth_context(recipe: Recipe) -> int:
+    """The synth model's context as synth uses it (vLLM's max_model_len): synth.context_tokens or the model's."""
+    s = recipe.synth
+    if s.backend == "openai":
+        return s.context_tokens or 4096
+    return min(model_shape(s.model or recipe.model.name).context, s.context_tokens or 1 << 30)
+
+
+def decode_tokens_per_s(card: Card, shape: Shape, weights: float, batch: float, cards: int = 1) -> float:
+    """Batched decoding: memory-bandwidth bound (the weights, split over `cards`, read once per step), capped by
+    compute."""
+    bandwidth = batch * cards * card.bandwidth_tbs * 1e12 * DECODE_EFFICIENCY / weights
+    return min(bandwidth, cards * prefill_tokens_per_s(card, shape))
+
+
+def prefill_tokens_per_s(card: Card, shape: Shape) -> float:
+    return card.bf16_tflops * 1e12 * PREFILL_MFU / (2 * shape.params)
+
+
+class Planner:
+    """One recipe on one card: each stage's figures, and which stage first loads each model (it downloads it)."""
+
+    def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float):
+        self.recipe, self.card_name, self.card, self.ram = recipe, card_name, CARDS[card_name], ram_gib
+        self.shape = model_shape(recipe.model.name)
+        self.vol = volume(recipe, docs_kept)
+        self.sources: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+
+    # ------------------------------------------------------------ shared pieces
+
+    def base_dtype(self) -> str:
+        return "float32" if self.recipe.model.dtype == "float32" else "bfloat16"  # auto is bf16 on a GPU
+
+    def merged_bytes(self) -> float:
+        """Bytes per parameter of the merged model: merge.dtype, or with auto the base's (hub bases are 16-bit)."""
+        dtype = self.recipe.merge.dtype
+        if dtype == "auto":
+            config = Path(self.recipe.model.name).expanduser() / "config.json"
+            stored = json.loads(config.read_text()) if config.is_file() else {}
+            dtype = stored.get("dtype") or stored.get("torch_dtype") or "bfloat16"
+        return LINEAR_BYTES.get(dtype, 2.0)
+
+    def lora_params(self) -> float:
+        return self.recipe.train.lora_r * sum(a + b for a, b in self.shape.linear_dims) * self.shape.layers
+
+    def download(self, stage: str, spec: str, shape: Shape) -> float:
+        """A hub model is written to the hub cache by the first stage that loads it (a cached one writes nothing)."""
+        if Path(spec).expanduser().exists() or spec.startswith("bundled:"):
+            return 0.0
+        from ezoforge.pipeline import steps
+
+        r = self.recipe
+        loads = {"synth": {r.synth.model or r.model.name} if r.synth.backend != "openai" else set(),
+                 "train": {r.model.name}, "merge": {r.model.name},
+                 "eval-base": {r.model.name} | ({r.eval.judge_model} if r.eval.judge_url == "local" else set())}
+        first = next((s for s in steps(r) if spec in loads.get(s, ())), None)
+        return shape.params * 2 if first == stage else 0.0
+
+    def eval_quantize(self) -> str:
+        """model.quantize as eval's answers get it; auto as models.auto_quantize decides on an idle card: none
+        where the weights leave its headroom free, else nf4."""
+        setting = self.recipe.model.quantize
+        if setting != "auto":
+            return setting
+        room = self.card.memory_gib - max(HEADROOM_MIN / GIB, HEADROOM_FRACTION * self.card.memory_gib)
+        return "none" if weight_bytes(self.shape, self.base_dtype()) / GIB <= room else "nf4"
+
+    # ------------------------------------------------------------ stages
+
+    def curate(self) -> dict:
+        c = self.recipe.curate
+        text_bytes = self.vol.chars * 3
+        kept_bytes = self.vol.curated_tokens * CHARS_PER_TOKEN_JA * 3
+        signatures = self.vol.chars / (DOC_TOKENS * CHARS_PER_TOKEN_JA) * c.dedup.num_buckets * \
+            c.dedup.hashes_per_bucket * 8
+        self.sources["curate"] = (f"model: {CURATE_WORKER_GIB:g} GiB per worker (not measured); "
+                                  f"{CURATE_MB_PER_WORKER_S} MB of text per worker-second (measured: "
+                                  "bench/curate_bench.py on a 2-core CPU, FineWeb JSONL; wiki parsing not included)")
+        unknown = bool(self.vol.missing)
+        if unknown:
+            self.notes["curate"] = "inputs not on disk: their size, so curate's disk and hours, are unknown"
+        return {"gpu_gib": 0.0, "ram_gib": c.workers * CURATE_WORKER_GIB,
+                "disk_gib": None if unknown else (kept_bytes / COMPRESSION + signatures) / GIB,
+                "hours": None if unknown else text_bytes / (CURATE_MB_PER_WORKER_S * 1e6 * c.workers) / 3600}
+
+    def vllm_engine(self, shape: Shape, v: VLLMConfig, context: int, seq_tokens: float) -> dict:
+        """A vLLM engine on this card: it takes gpu_memory_utilization of it and must hold one full context of
+        KV cache beside the weights; how many sequences of `seq_tokens` decode at once sets its speed."""
+        scheme = self.base_dtype() if v.quantization == "none" else v.quantization
+        tp = v.tensor_parallel_size
+        weights = weight_bytes(shape, scheme) / tp / GIB
+        overhead = VLLM_OVERHEAD_GIB + (0 if v.enforce_eager else VLLM_GRAPHS_GIB)
+        pool = v.gpu_memory_utilization * self.card.memory_gib
+        kv = pool - weights - overhead
+        kv_per_token = shape.kv_bytes_per_token / min(tp, shape.kv_heads) / GIB
+        need = weights + overhead + context * kv_per_token  # vLLM refuses to start without one full context
+        seqs = max(0.0, min(v.max_num_seqs, kv / (seq_tokens * kv_per_token)))
+        source = (f"vLLM takes gpu_memory_utilization x the card ({pool:.1f} GiB): weights in {scheme} "
+                  f"({weights:.1f} GiB per card), {overhead:g} GiB of context/activations/graphs, the rest KV cache "
+                  f"({max(kv, 0):.1f} GiB, ~{seqs:.0f} sequences at once; one {context}-token context needs "
+                  f"{context * kv_per_token:.1f} GiB)")
+        fits = need <= pool
+        return {"gpu_gib": pool if fits else need, "fits_gpu": fits, "source": source, "cards": tp,
+                "tokens_per_s": decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), max(seqs, 1), tp)}
+
+    def synth(self) -> dict:
+        r, s = self.recipe, self.recipe.synth
+        disk_out = self.vol.synth_out * CHARS_PER_TOKEN_JA * 3 * (1 + 1 / COMPRESSION)  # stored answers + pairs
+        if s.backend == "openai":
+            self.sources["synth"] = f"served at {s.base_url}: no local GPU; its speed is the server's (not planned)"
+            return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": disk_out / GIB, "hours": None}
+        spec = s.model or r.model.name
+        shape = model_shape(spec)
+        seq_tokens = self.vol.passage_tokens + PROMPT_TOKENS[s.mode] + s.generation.max_new_tokens
+        shard, _ = largest_shard(spec, shape)
+        if s.backend == "vllm":
+            engine = self.vllm_engine(shape, s.vllm, synth_context(r), seq_tokens)
+            self.sources["synth"] = "model: " + engine.pop("source")
+            ram, rate, cards = VLLM_RAM_GIB + shard / GIB, engine.pop("tokens_per_s"), engine.pop("cards")
+        else:
+            weights = weight_bytes(shape, self.base_dtype()) / GIB
+            batch = s.generation.batch_size
+            engine = {"gpu_gib": weights + batch * seq_tokens * shape.kv_bytes_per_token / GIB + CUDA_OVERHEAD_GIB}
+            ram, cards = PROCESS_RAM_GIB + shard / GIB, 1
+            rate = decode_tokens_per_s(self.card, shape, weight_bytes(shape, self.base_dtype()), batch)
+            self.sources["synth"] = (f"model: transformers, {self.base_dtype()} weights ({weights:.1f} GiB) + KV cache "
+                                     f"of generation.batch_size {batch} + {CUDA_OVERHEAD_GIB:g} GiB")
+        prefill = cards * prefill_tokens_per_s(self.card, shape)
+        return {**engine, "ram_gib": ram, "disk_gib": (disk_out + self.download("synth", spec, shape)) / GIB,
+                "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600}
+
+    def train(self) -> dict:
+        r, t = self.recipe, self.recipe.train
+        shape, card = self.shape, self.card
+        qlora = t.qlora is not False
+        scheme = "nf4" if qlora else self.base_dtype()
+        weights = weight_bytes(shape, scheme)  # NF4 keeps embeddings and head 16-bit
+        activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 * \
+            (1 if t.gradient_checkpointing else 18)
+        logits = t.batch_size * t.max_length * shape.vocab * 4 * 2  # float32 logits and their gradient
+        gpu = (weights + self.lora_params() * 16 + activations + logits) / GIB + CUDA_OVERHEAD_GIB
+        tps = card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
+        self.sources["train_tokens_per_s"] = (f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at "
+                                              f"{TRAIN_MFU:.0%} of the card's bf16 peak (calibrated on the 8B H100 "
+                                              "reference, 5,851 tok/s)")
+        self.sources["train_memory_gib"] = (f"model: {scheme} weights (16-bit embeddings and head), LoRA + AdamW, "
+                                            "hidden states (checkpointed or not), fp32 logits")
+        measured = MEASURED.get((known_shape(r.model.name), self.card_name))
+        if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
+                                                                                                    measured.length):
+            tps, gpu = measured.tokens_per_s, measured.peak_gib
+            self.sources["train_tokens_per_s"] = self.sources["train_memory_gib"] = (
+                f"measured: {measured.rows} x {measured.length} tokens, {measured.source}")
+        # Checkpointed layers' inputs wait in pinned host memory (offload_activations, on with CUDA checkpointing).
+        offload = t.offload_activations is True or (t.offload_activations == "auto" and t.gradient_checkpointing)
+        host_activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 if offload else 0
+        shard, _ = largest_shard(r.model.name, shape)
+        adapter = self.lora_params() * 4
+        checkpoints = t.keep_checkpoints * self.lora_params() * 12  # fp32 adapter + AdamW moments
+        self.tps = tps
+        return {"gpu_gib": gpu, "ram_gib": PROCESS_RAM_GIB + (shard + host_activations) / GIB,
+                "disk_gib": (adapter + checkpoints + self.download("train", r.model.name, shape)) / GIB,
+                "hours": self.vol.train_tokens / tps / 3600}
+
+    def prefer(self) -> dict:
+        """Answers sampled from the SFT model (base + adapter, transformers), one judge call per candidate and
+        judgment, then DPO: policy and reference are two adapters on one base; a pair is two sequences, and the
+        reference adds a forward pass to each step's forward and backward (3 forwards' worth)."""
+        r, p, t, shape = self.recipe, self.recipe.prefer, self.recipe.train, self.shape
+        pairs_made = self.vol.requests * (r.synth.pairs_per_doc if r.synth.mode == "prompted" else SYNTHESIZER_PAIRS)
+        instructions = min(p.limit, pairs_made) if p.limit else pairs_made
+        prompt = self.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
+        answers = instructions * p.samples
+        judge_calls = instructions * (p.samples + p.include_reference) * r.eval.judgments
+        g = p.generation
+        quantize = self.eval_quantize()
+        sample_scheme = self.base_dtype() if quantize == "none" else quantize
+        sampling_gpu = (weight_bytes(shape, sample_scheme) + self.lora_params() * 2 + g.batch_size *
+                        (prompt + g.max_new_tokens) * shape.kv_bytes_per_token) / GIB + CUDA_OVERHEAD_GIB
+        qlora = t.qlora is not False
+        scheme = "nf4" if qlora else self.base_dtype()
+        sequences = 2 * p.batch_size
+        activations = shape.layers * sequences * p.max_length * shape.hidden * 2 * \
+            (1 if t.gradient_checkpointing else 18)
+        # TRL's fused LM head never holds the tokens x vocab logits; the reference adapter adds fp32 LoRA weights.
+        dpo_gpu = (weight_bytes(shape, scheme) + self.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
+        tps = getattr(self, "tps", None) or \
+            self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
+        steps_pairs = p.max_steps * p.batch_size * p.grad_accum if p.max_steps else instructions * (p.epochs or 1)
+        dpo_tokens = steps_pairs * 2 * p.max_length
+        decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, sample_scheme), g.batch_size)
+        sample_tokens = answers * g.max_new_tokens
+        shard, _ = largest_shard(r.model.name, shape)
+        self.sources["prefer"] = (
+            f"model: {answers:,.0f} answers ({instructions:,.0f} instructions x prefer.samples {p.samples}) decoded "
+            f"in {sample_scheme} at generation.batch_size {g.batch_size}; {judge_calls:,.0f} judge calls (their time is "
+            f"the judge's); DPO on at most {instructions:,.0f} pairs (all kept: an upper bound), {scheme} weights + "
+            "two adapters, 2 sequences per pair, at train's tokens/s x 3/4 for the reference's forward pass")
+        return {"gpu_gib": max(sampling_gpu, dpo_gpu), "ram_gib": PROCESS_RAM_GIB + shard / GIB,
+                "disk_gib": (self.lora_params() * 4 * (1 + p.keep_checkpoints * 3)
+                             + (answers + judge_calls) * (g.max_new_tokens + r.eval.judge_max_tokens) * 6) / GIB,
+                "hours": (sample_tokens / decode + answers * prompt / prefill_tokens_per_s(self.card, shape)
+                          + dpo_tokens * 4 / 3 / tps) / 3600,
+                "sample_tokens": int(sample_tokens), "judge_calls": int(judge_calls), "dpo_tokens": int(dpo_tokens)}
+
+    def merge(self) -> dict:
+        # Tensor by tensor from the base's shards (train/merge.py): one shard mapped, the adapter, and the largest
+        # tensor being made: a LoRA target's W, B·A and their sum in float32, or a copied embedding.
+        shard, basis = largest_shard(self.recipe.model.name, self.shape)
+        tensor = max(3 * 4 * max(a * b for a, b in self.shape.linear_dims), 2 * self.shape.vocab * self.shape.hidden)
+        ram = PROCESS_RAM_GIB + (shard + self.lora_params() * 4 + tensor) / GIB
+        written = self.shape.params * self.merged_bytes()
+        self.sources["merge"] = (f"model: the streaming merge holds the largest base shard ({shard / 1e9:.1f} GB, "
+                                 f"{basis}), the adapter and the largest tensor it makes; GPU unused; disk at "
+                                 f"{DISK_BYTES_S / 1e9:g} GB/s (not measured)")
+        return {"gpu_gib": 0.0, "ram_gib": ram, "disk_gib": written / GIB,
+                "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
+
+    def eval(self, name: str) -> dict:
+        """Answers from eval.backend; choice/perplexity tasks and a local judge load the model here (after a vLLM
+        engine has given the card back), with model.quantize."""
+        r, e = self.recipe, self.recipe.eval
+        batch, answer_tokens = e.generation.batch_size, EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
+        local_judge = e.judge_url == "local"
+        figures, sources, rate = [], [], None
+        if e.backend == "vllm":
+            context = e.context_tokens or min(self.shape.context, 8192)
+            engine = self.vllm_engine(self.shape, e.vllm, context, answer_tokens)
+            figures.append(engine)
+            sources.append("answers: " + engine["source"])
+            rate = engine["tokens_per_s"]
+        elif e.backend == "openai":
+            sources.append(f"answers from {e.base_url} (its speed is the server's, not planned)")
+        kinds = {t.partition(":")[0] for t in e.tasks}
+        if e.backend == "transformers" or kinds & {"jcqa", "ppl"} or local_judge:
+            quantize = self.eval_quantize()
+            scheme = self.base_dtype() if quantize == "none" else quantize
+            weights = weight_bytes(self.shape, scheme)
+            if name == "eval-sft" or (name == "eval-tuned" and "merge" not in r.stages):
+                weights += self.lora_params() * 2  # the adapter on top of the base
+            kv = batch * answer_tokens * self.shape.kv_bytes_per_token
+            judge = 0.0
+            if local_judge and e.judge_model != r.model.name:
+                judge_shape = model_shape(e.judge_model)
+                judge = weight_bytes(judge_shape, self.base_dtype()) + batch * \
+                    (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * judge_shape.kv_bytes_per_token
+            figures.append({"gpu_gib": (weights + kv + judge) / GIB + CUDA_OVERHEAD_GIB})
+            sources.append(f"the model here with model.quantize {r.model.quantize} (-> {quantize}): {scheme} "
+                           f"weights + KV cache of generation.batch_size {batch} x {answer_tokens} tokens + "
+                           f"{CUDA_OVERHEAD_GIB:g} GiB" + (" + the local judge" if judge else ""))
+            if e.backend == "transformers":
+                # bitsandbytes decodes a batch by dequantizing each weight to 16-bit first: more bytes move.
+                traffic = self.shape.params * DEQUANT_TRAFFIC[quantize] if quantize in DEQUANT_TRAFFIC else weights
+                rate = decode_tokens_per_s(self.card, self.shape, traffic, batch)
+        self.sources["eval"] = "model: " + "; then ".join(sources) + \
+            "; hours count the answers only (a judge's time is its server's)"
+        peak = max(figures, key=lambda f: f["gpu_gib"], default={"gpu_gib": 0.0})
+        shard, _ = largest_shard(r.model.name, self.shape)
+        return {"gpu_gib": peak["gpu_gib"], "fits_gpu": all(f.get("fits_gpu", f["gpu_gib"] <= self.card.memory_gib)
+                                                            for f in figures),
+                "ram_gib": (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB,
+                "disk_gib": self.download(name, r.model.name, self.shape) / GIB,
+                "hours": None if rate is None else self.vol.eval_out / rate / 3600}
+
+    def export(self) -> dict:
+        sizes = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 weights + one f16 scale
+        shard, _ = largest_shard(self.recipe.model.name, self.shape)
+        written = self.shape.params * (self.merged_bytes() +
+                                       sum(sizes[g] for g in self.recipe.export.gguf))
+        self.sources["export"] = "model: a copy of the merged weights + each GGUF, written tensor by tensor"
+        return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + shard / GIB, "disk_gib": written / GIB,
+                "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
+
+    def stage(self, name: str) -> dict:
+        est = self.eval(name) if name.startswith("eval") else getattr(self, name)()
+        est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and est["ram_gib"] <= self.ram)
+        return est
+
+
+def vllm_candidates(section: str) -> list[list[str]]:
+    q, ctx = f"{section}.vllm.quantization", f"{section}.context_tokens=4096"
+    return [[f"{section}.vllm.gpu_memory_utilization=0.95"], [ctx], [f"{q}=fp8"], [f"{q}=fp8", ctx],
+            [f"{q}=bitsandbytes"], [f"{q}=bitsandbytes", ctx],
+            *[[f"{section}.vllm.tensor_parallel_size={n}"] for n in (2, 4, 8)]]
+
+
+# What may make a stage fit, in the order tried: the least change to what the run produces first. A candidate that
+# does not validate (an engine setting under another backend) is skipped.
+CANDIDATES = {
+    "synth": [*vllm_candidates("synth"),
+              ["synth.backend=vllm", "synth.model=instruction-pretrain/instruction-synthesizer",
+               "synth.mode=synthesizer", "synth.context_tokens=4096"]],
+    "train": [["train.gradient_checkpointing=true"], ["train.qlora=true"],
+              *[[f"train.batch_size={b}", f"train.grad_accum={g}"] for b, g in ((2, 2), (1, 4))],
+              *[[f"train.max_length={n}"] for n in (2048, 1024)]],
+    "prefer": [["train.gradient_checkpointing=true"], ["train.qlora=true"], ["prefer.batch_size=1"],
+               *[[f"prefer.max_length={n}"] for n in (1024, 512)]],
+    "eval": [*[[f"eval.generation.batch_size={b}"] for b in (16, 8, 4, 1)], ["model.quantize=int8"],
+             ["model.quantize=nf4"], *[["model.quantize=nf4", f"eval.generation.batch_size={b}"] for b in (8, 1)],
+             *vllm_candidates("eval")],
+}
+
+
+def with_settings(recipe: Recipe, overrides: list[str]) -> Recipe | None:
+    """The recipe with dotted overrides applied; None where they do not validate (or the setting is absent)."""
+    from pydantic import ValidationError
+
+    try:
+        return Recipe.model_validate(deep_merge(to_plain(recipe), parse_overrides(overrides)))
+    except ValidationError:
+        return None
+
+
+def to_fit(recipe: Recipe, stage: str, card_name: str, docs_kept: float, ram_gib: float) -> str | None:
+    """The first candidate setting under which the stage fits, as `key: value, …` (None when none does)."""
+    train_scale = recipe.train.batch_size * recipe.train.grad_accum
+    for overrides in CANDIDATES.get(stage.split("-")[0], []):
+        if stage == "train" and overrides[0].startswith("train.batch_size"):
+            batch = int(overrides[0].split("=")[1])
+            if batch >= recipe.train.batch_size:
+                continue
+            overrides = [overrides[0], f"train.grad_accum={max(1, train_scale // batch)}"]  # same global batch
+        changed = with_settings(recipe, overrides)
+        if changed is None or to_plain(changed) == to_plain(recipe):
+            continue
+        if Planner(changed, card_name, docs_kept, ram_gib).stage(stage)["fits"]:
+            return ", ".join(o.replace("=", ": ", 1) for o in overrides)
+    return None
+
+
+def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gib: float = HOST_RAM_GIB) -> dict:
+    from ezoforge.pipeline import steps
+
+    p = Planner(recipe, card_name, docs_kept, ram_gib)
+    stages: dict[str, dict] = {}
+    for name in steps(recipe):
+        est = p.stage(name)
+        if not est["fits"]:
+            est["to_fit"] = to_fit(recipe, name, card_name, docs_kept, ram_gib) or (
+                f"no recipe setting: needs {est['ram_gib']:.1f} GiB of RAM (--ram)" if est["ram_gib"] > ram_gib
+                else f"no single recipe setting: needs {est['gpu_gib']:.1f} GiB of GPU memory")
+        stages[name] = {k: (round(v, 2 if k == "hours" else 1) if isinstance(v, float) else v)
+                        for k, v in est.items()}
+    vol, shape = p.vol, p.shape
+    train = stages.get("train") or p.stage("train")
+    hours = {name: stages[name]["hours"] for name in ("synth", "train") if name in stages}
+    evals = [stages[n]["hours"] for n in stages if n.startswith("eval")]
+    if evals:
+        hours["eval"] = round(sum(evals), 3)
     return {
-        "model": recipe.model.name, "card": card_name, "params_b": round(shape.params / 1e9, 2),
-        "tokens": {"curate_in": int(chars / CHARS_PER_TOKEN_JA), "curate_kept": int(curated_tokens),
-                   "synth_in": int(synth_in), "synth_out": int(synth_out), "train": int(train_tokens),
-                   "eval_out": int(eval_tokens)},
-        "synth_mix": synth_mix(recipe, docs),
-        "train_memory_gib": round(train_mem, 1), "fits": train_mem <= card.memory_gib,
-        "hours": {"synth": round(synth_out / decode_tps / 3600, 2), "train": round(train_tokens / train_tps / 3600, 2),
-                  "eval": round(eval_tokens / decode_tps / 3600, 3)},
-        "sources": sources,
+        "model": recipe.model.name, "card": card_name, "card_gib": p.card.memory_gib, "ram_gib": ram_gib,
+        "params_b": round(shape.params / 1e9, 2),
+        "tokens": {"curate_in": int(vol.chars / CHARS_PER_TOKEN_JA), "curate_kept": int(vol.curated_tokens),
+                   "synth_in": int(vol.synth_in), "synth_out": int(vol.synth_out), "train": int(vol.train_tokens),
+                   "eval_out": int(vol.eval_out * len(evals)), "judge_calls": int(vol.judge_calls * len(evals))},
+        "synth_mix": synth_mix(recipe, vol.docs),
+        "stages": stages,
+        "fits": all(s["fits"] for s in stages.values()),
+        "train_memory_gib": train["gpu_gib"],
+        "hours": hours,
+        "sources": {**p.sources, "decode_tokens_per_s": f"model: {DECODE_EFFICIENCY:.0%} of the memory-bandwidth "
+                    f"bound at the batch decoded together, capped at {PREFILL_MFU:.0%} of bf16 peak; not measured"},
+        "notes": p.notes,
         "assumptions": {"docs_kept_fraction": docs_kept, "chars_per_token": CHARS_PER_TOKEN_JA,
-                        "train_tokens_per_s": round(train_tps), "decode_tokens_per_s": round(decode_tps),
-                        "qlora": qlora, "gradient_checkpointing": t.gradient_checkpointing,
-                        **({"inputs_missing": missing, "documents_from": "synth.limit" if s.limit else "none"}
-                           if missing else {})},
+                        "train_tokens_per_s": round(p.tps), "qlora": recipe.train.qlora is not False,
+                        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+                        "eval_quantize": p.eval_quantize(),
+                        **({"inputs_missing": vol.missing, "documents_from": "synth.limit" if recipe.synth.limit
+                            else "none"} if vol.missing else {})},
     }
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The plan in the form recipe comments state it (tests/test_plan.py compares the two): a heading, then
+    `STAGE G GiB GPU / R GiB RAM / H h`, two stages a line, and the verdict."""
+    entries = [f"{name} {s['gpu_gib']} GiB GPU / {s['ram_gib']} GiB RAM" + ("" if s["hours"] is None
+                                                                           else f" / {s['hours']} h")
+               for name, s in result["stages"].items()]
+    entries.append("fits" if result["fits"] else "does not fit")
+    return [f"ezo plan --gpu {result['card']}:"] + ["  " + " · ".join(entries[i:i + 2])
+                                                     for i in range(0, len(entries), 2)]
 
 
 def print_plan(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ezo plan — {result['model']} ({result['params_b']} B params) on {result['card']}")
-    for col in ("stage", "tokens", "hours"):
+    table = Table(title=f"ezo plan — {result['model']} ({result['params_b']} B params) on {result['card']} "
+                        f"({result['card_gib']} GiB) with {result['ram_gib']} GiB RAM")
+    for col in ("stage", "GPU GiB", "RAM GiB", "disk GiB", "hours", "fits"):
         table.add_column(col, justify="right" if col != "stage" else "left")
-    tok, hours = result["tokens"], result["hours"]
-    table.add_row("curate", f"{tok['curate_in']:,} in → ~{tok['curate_kept']:,} kept", "CPU")
-    table.add_row("synth", f"{tok['synth_in']:,} in / {tok['synth_out']:,} out", f"{hours['synth']}")
-    table.add_row("train", f"{tok['train']:,}", f"{hours['train']}")
-    table.add_row("eval", f"{tok['eval_out']:,} out", f"{hours['eval']}")
+    for name, s in result["stages"].items():
+        unknown = "—"  # inputs not on disk yet, or a server elsewhere (see the notes below)
+        table.add_row(name, f"{s['gpu_gib']}", f"{s['ram_gib']}",
+                      *(unknown if s[k] is None else f"{s[k]}" for k in ("disk_gib", "hours")),
+                      "yes" if s["fits"] else f"NO — {s['to_fit']}")
     console = Console()
     console.print(table)
-    fits = "fits" if result["fits"] else "does NOT fit"
+    tok = result["tokens"]
+    console.print(f"tokens: curate {tok['curate_in']:,} in → ~{tok['curate_kept']:,} kept; synth {tok['synth_in']:,}"
+                  f" in / {tok['synth_out']:,} out; train {tok['train']:,}; eval {tok['eval_out']:,} out "
+                  f"({tok['judge_calls']:,} judge calls)")
     mix = result["synth_mix"]
     console.print("synth draws " + ", ".join(f"{s} {v['share']:.0%} (~{v['documents']:,} documents)"
                                              for s, v in mix["sources"].items()) + f"; shares from {mix['basis']}")
-    console.print(f"training peak memory ≈ {result['train_memory_gib']} GiB: {fits} on one {result['card']}")
-    console.print(f"assumptions: {json.dumps(result['assumptions'])}")
-    for figure, source in result["sources"].items():
+    console.print(("every stage fits" if result["fits"] else "does NOT fit") + f" on one {result['card']}",
+                  highlight=False)
+    for line in summary_lines(result):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"assumptions: {json.dumps(result['assumptions'])}", highlight=False)
+    for figure, source in {**result["sources"], **result["notes"]}.items():
         console.print(f"{figure}: {source}", highlight=False)

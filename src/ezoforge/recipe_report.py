@@ -102,7 +102,7 @@ def _eval_words(e: dict) -> str:
     if e.get("accuracy") is not None:
         parts.append(f"JCQA accuracy {pct(e['accuracy'], 1)}")
     if e.get("mean_grade") is not None:
-        parts.append(f"mean grade {e['mean_grade']:.2f} of 5")
+        parts.append(f"mean grade {e['mean_grade']:.2f} of {(e.get('scale') or [1, 5])[1]}")
     elif e.get("n_tasks"):
         parts.append(grade_words(e))
     return " · ".join(parts) or "no figures"
@@ -120,6 +120,11 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
     if step == "train":
         return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss "
                 f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
+    if step == "prefer":
+        p = stats["prefer"]
+        return (f"{plural(p.get('pairs'), 'preference pair')} from {plural(p.get('instructions'), 'instruction')} "
+                f"(margins {p.get('margin_histogram')}), DPO {plural(p.get('dpo_steps'), 'step')}, loss "
+                f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}")
     if step == "merge":
         params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
         return f"adapter merged into a standalone {m.get('dtype', '')} model{params}"
@@ -133,7 +138,7 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
 
 def _eval_summary(rep: dict) -> dict:
     keys = ("status", "n_tasks", "n_scored", "n_failed", "mean_grade", "ci95", "chrf", "accuracy", "n_choice_items",
-            "perplexity", "ppl_tokens", "model", "judge", "partial")
+            "perplexity", "ppl_tokens", "model", "judge", "partial", "anchors", "contamination", "scale")
     return {k: rep.get(k) for k in keys if k in rep}
 
 
@@ -143,12 +148,13 @@ def _grade_diff(workdir: Path) -> tuple[dict | None, list[str]]:
         return None, []
     from ezoforge.eval.run import compare
 
-    result = compare([workdir / "eval-base", workdir / "eval-tuned"])
+    # Evals judged by different judges are shown, never paired: compare's notes say so.
+    result = compare([workdir / "eval-base", workdir / "eval-tuned"], allow_different_judges=True)
     return result["runs"][1]["diff"], result["notes"]
 
 
 METRICS = {  # key: (label, higher is better, digits shown); accuracy is shown as a percentage
-    "mean_grade": ("Mean grade (judge, 1–5)", True, 2),
+    "mean_grade": ("Mean grade (LLM judge)", True, 2),
     "chrf": ("chrF vs the references (0–100)", True, 1),
     "accuracy": ("JCommonsenseQA accuracy", True, 1),
     "perplexity": ("Perplexity on held-out text (lower is better)", False, 2),
@@ -247,11 +253,13 @@ def _side_by_side(workdir: Path) -> list[dict]:
 
 def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     stats = {step: _read(workdir / folder / "stats.json") for step, folder in
-             (("curate", "curate"), ("synth", "synth"), ("train", "train"), ("merge", "merged"),
-              ("export", "export"))}
+             (("curate", "curate"), ("synth", "synth"), ("train", "train"), ("prefer", "prefer"),
+              ("merge", "merged"), ("export", "export"))}
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
     evals = {"base": _eval_summary(_read(workdir / "eval-base" / "report.json")),
              "tuned": _eval_summary(_read(workdir / "eval-tuned" / "report.json"))}
+    if (workdir / "eval-sft").is_dir():  # with a prefer stage: SFT alone, before DPO
+        evals["sft"] = _eval_summary(_read(workdir / "eval-sft" / "report.json"))
     grade_diff, notes = _grade_diff(workdir)
     pairs = _pairs(workdir / "synth")
     docs = _documents(workdir / "curate", {p["doc_id"] for p in pairs})
@@ -268,6 +276,10 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
         "train": {k: train.get(k) for k in ("steps", "examples", "eval_examples", "train_loss_first",
                                             "train_loss_last", "eval_loss_start", "eval_loss", "tokens_per_s",
                                             "step_s", "packing_efficiency", "qlora", "device", "seconds")},
+        "prefer": {k: stats["prefer"].get(k) for k in ("instructions", "candidates", "pairs", "margin_histogram",
+                                                        "margin_mean", "dpo_steps", "dpo_loss_first", "dpo_loss_last",
+                                                        "held_out_before", "held_out_after")}
+        if stats["prefer"] else None,
         "eval": {**evals, "versus": versus, "notes": notes},
         "data_mix": _data_mix(_curated(workdir / "curate"), pairs, synth, train),
         "examples": _examples(pairs, docs),
@@ -299,7 +311,7 @@ def _headline(report: dict) -> str:
         said.append(f"held-out perplexity {p['tuned']:.2f} against the base model's {p['base']:.2f} "
                     f"({p['change_pct']:+.1f}%, {'better' if p['better'] == 'tuned' else 'not better'})")
     if (g := rows.get("mean_grade")) and g["difference"] == 0 and g["tuned"] == g["base"]:
-        said.append(f"the same mean grade as the base model, {g['tuned']:.2f} of 5")
+        said.append(f"the same mean grade as the base model, {g['tuned']:.2f}")
     elif g and g["difference"] is not None:
         ci = g["ci95"]
         ci_words = "" if ci is None else f", 95% CI {ci[0]:+.2f} to {ci[1]:+.2f}" + (
@@ -349,6 +361,17 @@ def _versus_html(report: dict) -> str:
             + table(["Metric", "Base", "Tuned", "Tuned − base", "95% CI of the difference"], rows,
                     num=(1, 2, 3, 4))
             + f'<p class="muted">{judge_words}</p>' + notes)
+
+
+def _published_html(report: dict) -> list[str]:
+    """Base and tuned beside the published figures their judge graded, and the tuned model's contamination check."""
+    from ezoforge.eval import anchors, contamination
+
+    ev = report["eval"]
+    runs = [(f"{side}: {(ev[side].get('model') or {}).get('name')}", ev[side].get("anchors") or [])
+            for side in ("base", "tuned")]
+    return [anchors.html_section(anchors.beside(runs)),
+            contamination.html_section(ev["tuned"].get("contamination") or ev["base"].get("contamination"))]
 
 
 def _curation_html(workdir: Path, report: dict) -> str:
@@ -457,7 +480,8 @@ def render(workdir: Path, report: dict) -> str:
     body = ["<h1>ezoforge run report</h1>",
             f'<p class="muted">{"model " + esc(model) + " · " if model else ""}workdir '
             f"<code>{esc(workdir)}</code></p>",
-            _headline(report), _stages_html(report), _versus_html(report), _curation_html(workdir, report),
+            _headline(report), _stages_html(report), _versus_html(report), *_published_html(report),
+            _curation_html(workdir, report),
             _mix_html(report), _synthesis_html(report),
             _training_html(workdir, report), _answers_html(_side_by_side(workdir))]
     return page("ezoforge run report", body)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ezoforge.errors import RecordError
 
@@ -50,11 +50,17 @@ class Judgement(Record):
     task_id: str
     model: str
     answer: str
-    judge: str
-    grade: int | None = Field(None, ge=1, le=5)
+    judge: str  # the name it was asked for
+    grade: int | float | None = Field(None, ge=1, le=10)  # on the protocol's scale: ELYZA 1-5, MT-Bench 1-10
     error: str | None = None
     reason: str = ""
     prompt_version: str
+    prompt: str | None = None  # the protocol's prompt used (MT-Bench: single-v1, single-math-v1-multi-turn, ...)
+    sample: int = 0
+    turn: int = 1
+    judgment: int = 0
+    judge_served: str | None = None  # the `model` the judge's response reported; None: no request was needed
+    system_fingerprint: str | None = None
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -189,15 +195,6 @@ def require(path: str | Path, lineno: int, row: dict[str, Any], field: str, kind
     if not isinstance(value, kind):
         raise RecordError(f"{path}:{lineno}: field '{field}' must be {kind.__name__}, got {type(value).__name__}")
     return value
-
-
-def parse_record(model: type[Record], path: str | Path, lineno: int, row: dict[str, Any]) -> Record:
-    try:
-        return model.model_validate(row)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise RecordError(f"{path}:{lineno}: field '{field}': {first['msg']}") from None
 
 
 def stage_files(folder: str | Path, patterns: tuple[str, ...] = ("*.parquet", "*.jsonl", "*.jsonl.gz")) -> list[Path]:

@@ -26,6 +26,8 @@ class ChatReply:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    model: str | None = None  # the model as the server reports it answered (OpenAI: the dated version)
+    system_fingerprint: str | None = None
 
 
 def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 120.0,
@@ -49,7 +51,9 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_
                  temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None, extra_body=extra_body,
                  **extra)
     choice = resp.choices[0]
-    return _reply(choice.message.content, resp.usage, choice.finish_reason)
+    reply = _reply(choice.message.content, resp.usage, choice.finish_reason)
+    reply.model, reply.system_fingerprint = resp.model or None, getattr(resp, "system_fingerprint", None)
+    return reply
 
 
 def complete(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,

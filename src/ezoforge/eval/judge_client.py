@@ -7,12 +7,14 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import EvalConfig
-from ezoforge.eval.judge_prompt import PROMPT_VERSION, Verdict, judge_answer, verdict_schema
+from ezoforge.eval import judge_prompt, mt_bench
+from ezoforge.eval.judge_prompt import Verdict, converse, judge_answer, verdict_schema
 from ezoforge.eval.tasks import OpenTask
 from ezoforge.infer.generate import Generator
 from ezoforge.infer.serve import BackgroundServer, create_app
@@ -22,6 +24,25 @@ from ezoforge.remote import RemoteError, chat, make_client
 
 # Statuses that mean the judge itself is unusable (unreachable, bad key, unknown model), not this one request.
 _FATAL = (None, 401, 403, 404)
+
+# Each open task kind's judging protocol: its prompt version and grade scale.
+PROTOCOLS = {"elyza100": (judge_prompt.PROMPT_VERSION, judge_prompt.SCALE),
+             "mt-bench-ja": (mt_bench.PROMPT_VERSION, mt_bench.SCALE),
+             "prefer": (judge_prompt.PROMPT_VERSION, judge_prompt.SCALE)}  # `ezo prefer`'s candidates: ELYZA's rubric
+
+
+def kind_of(task_id: str) -> str:
+    return task_id.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One verdict to get: judgment `judgment` of the model's answer to `turn` in sample `sample` of `task`."""
+    task: OpenTask
+    sample: int
+    turn: int
+    judgment: int
+    answers: tuple[str, ...]  # the sample's answers to turns 1..turn
 
 
 class Judge:
@@ -51,45 +72,73 @@ class Judge:
                 self.client = make_client(url, timeout=max(self.cfg.judge_timeout, 3600.0), max_retries=0)
             return self.client
 
-    def ask(self, messages: list[dict[str, str]]) -> str:
-        fmt = verdict_schema(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured else None
+    def ask(self, messages: list[dict[str, str]], judgment: int, prompt_version: str,
+            fmt: dict | None) -> dict:
+        """The reply to `messages` as verdict number `judgment` (its own cache entry and sampling seed): text, and
+        the `model` and `system_fingerprint` the judge reported."""
+        temperature = self.cfg.judge_temperature
         key = request_key(kind="judge", url=self.cfg.judge_url, judge=self.judge_identity,
-                          prompt_version=PROMPT_VERSION, messages=messages, max_tokens=self.cfg.judge_max_tokens,
-                          temperature=0.0, **({"response_format": fmt} if fmt else {}))
+                          prompt_version=prompt_version, messages=messages, max_tokens=self.cfg.judge_max_tokens,
+                          temperature=temperature, judgment=judgment, **({"response_format": fmt} if fmt else {}))
         hit = self.cache.get(key)
         if hit is not None:
             with self.lock:
                 self.cached += 1
-            return hit["text"]
+            return hit
         if self.broken:
             raise RemoteError(self.broken)
         try:
-            reply = chat(self._connect(), self.cfg.judge_model, messages, self.cfg.judge_max_tokens, temperature=0.0,
-                         response_format=fmt)
+            reply = chat(self._connect(), self.cfg.judge_model, messages, self.cfg.judge_max_tokens,
+                         temperature=temperature, seed=judgment, response_format=fmt)
         except RemoteError as e:
             if e.status in _FATAL:
                 self.broken = f"not sent: an earlier request failed ({e})"
             raise
-        self.cache.put(key, {"text": reply.text, "finish_reason": reply.finish_reason})
+        value = {"text": reply.text, "finish_reason": reply.finish_reason, "model": reply.model,
+                 "system_fingerprint": reply.system_fingerprint}
+        self.cache.put(key, value)
         with self.lock:
             self.sent += 1
-        return reply.text
+        return value
 
-    def judge_all(self, tasks: list[OpenTask], answers: list[str], model_name: str) -> list[dict]:
-        """One Judgement per task, in task order; a request that fails is recorded as an error, never a grade."""
-        def one(task: OpenTask, answer: str) -> dict:
+    def _verdict(self, unit: Unit, said: list[dict]) -> Verdict:
+        """The unit's verdict; each reply the judge gave for it is appended to `said`."""
+        kind, reasks = kind_of(unit.task.id), self.cfg.judge_reasks
+        mt = kind == "mt-bench-ja"
+        # MT-Bench's verdicts are FastChat's free text; ours may be held to the verdict's schema.
+        fmt = verdict_schema(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured and not mt else None
+
+        def ask(messages):
+            said.append(self.ask(messages, unit.judgment, PROTOCOLS[kind][0], fmt))
+            return said[-1]["text"]
+
+        if mt:
+            _, messages = mt_bench.judge_messages(unit.task, list(unit.answers), unit.turn)
+            return converse(ask, messages, reasks, mt_bench.parse_rating, mt_bench.REASK)
+        return judge_answer(ask, unit.task, unit.answers[-1], reasks)
+
+    def judge_all(self, units: list[Unit], model_name: str) -> list[dict]:
+        """One Judgement per unit, in order; a request that fails is recorded as an error, never a grade."""
+        def one(unit: Unit) -> dict:
+            said: list[dict] = []
+            kind = kind_of(unit.task.id)
             try:
-                verdict = judge_answer(self.ask, task, answer, self.cfg.judge_reasks)
+                verdict = self._verdict(unit, said)
             except RemoteError as e:
                 verdict = Verdict(None, "", f"judge request failed: {e}")
-            return Judgement(task_id=task.id, model=model_name, answer=answer, judge=self.cfg.judge_model,
-                             grade=verdict.grade, error=verdict.error, reason=verdict.reason,
-                             prompt_version=PROMPT_VERSION).model_dump()
+            last = said[-1] if said else {}
+            return Judgement(task_id=unit.task.id, model=model_name, answer=unit.answers[-1],
+                             judge=self.cfg.judge_model, grade=verdict.grade, error=verdict.error,
+                             reason=verdict.reason, prompt_version=PROTOCOLS[kind][0],
+                             prompt=mt_bench.prompt_for(unit.task, unit.turn).name if kind == "mt-bench-ja" else None,
+                             sample=unit.sample, turn=unit.turn, judgment=unit.judgment,
+                             judge_served=last.get("model"), system_fingerprint=last.get("system_fingerprint"),
+                             ).model_dump()
 
         # `local` too: the in-process server batches concurrent requests.
         with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress() as progress:
-            bar = progress.add_task("judging", total=len(tasks))
-            futures = [pool.submit(one, t, a) for t, a in zip(tasks, answers)]
+            bar = progress.add_task("judging", total=len(units))
+            futures = [pool.submit(one, u) for u in units]
             for _ in as_completed(futures):
                 progress.advance(bar)
             return [f.result() for f in futures]

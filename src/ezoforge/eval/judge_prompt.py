@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ezoforge.eval.tasks import OpenTask
 
 PROMPT_VERSION = "ezo-judge-ja-v1"
+SCALE = (1, 5)
 EMPTY_ANSWER_REASON = "empty answer: graded 1 without a judge call"
 
 SYSTEM = "あなたは日本語の回答を公正かつ厳格に採点する評価者です。指示された形式だけで出力してください。"
@@ -77,7 +78,7 @@ def judge_messages(task: OpenTask, answer: str) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class Verdict:
-    grade: int | None
+    grade: int | float | None  # on the protocol's scale
     reason: str
     error: str | None = None
 
@@ -181,12 +182,17 @@ def judge_answer(ask: Callable[[list[dict[str, str]]], str], task: OpenTask, ans
     the judge's own earlier reply, so a deterministic judge sees a different request each time."""
     if not answer.strip():
         return Verdict(1, EMPTY_ANSWER_REASON)
-    messages = judge_messages(task, answer)
+    return converse(ask, judge_messages(task, answer), reasks, parse_verdict, REASK)
+
+
+def converse(ask: Callable[[list[dict[str, str]]], str], messages: list[dict[str, str]], reasks: int,
+             parse: Callable[[str], Verdict], reask: str) -> Verdict:
+    """Ask, parse, and re-ask (`reask` formatted with the problem) until a grade or `reasks` follow-ups."""
     for _ in range(reasks + 1):
         raw = ask(messages)
-        verdict = parse_verdict(raw)
+        verdict = parse(raw)
         if verdict.grade is not None:
             return verdict
         messages = messages + [{"role": "assistant", "content": raw},
-                               {"role": "user", "content": REASK.format(problem=verdict.error)}]
+                               {"role": "user", "content": reask.format(problem=verdict.error)}]
     return Verdict(None, raw.strip()[:500], f"unusable verdict after {reasks + 1} requests: {verdict.error}")

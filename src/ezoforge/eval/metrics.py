@@ -37,6 +37,29 @@ def bootstrap_ci(values: list[float], samples: int, seed: int) -> list[float]:
     return [float(x) for x in np.percentile(means, [2.5, 97.5])]
 
 
+def task_grades(judgements: list[dict]) -> dict[str, list[float]]:
+    """Each task's grades (over its samples x judgments x turns, failures left out), in first-seen task order."""
+    out: dict[str, list[float]] = {}
+    for j in judgements:
+        out.setdefault(j["task_id"], [])
+        if j["grade"] is not None:
+            out[j["task_id"]].append(j["grade"])
+    return out
+
+
+def task_spread(grades: list[float]) -> dict:
+    """How a task's grades vary: count, mean, sample standard deviation (None for one grade), min and max."""
+    v = np.asarray(grades, dtype=float)
+    return {"n": len(v), "mean": rounded(v.mean()), "std": rounded(v.std(ddof=1)) if len(v) > 1 else None,
+            "min": rounded(v.min()), "max": rounded(v.max())}
+
+
+def mean_over_tasks(per_task: dict[str, list[float]], samples: int, seed: int) -> tuple[float, list[float]]:
+    """(the mean of the per-task means, its percentile 95% interval from a seeded bootstrap over tasks)."""
+    means = [float(np.mean(g)) for g in per_task.values() if g]
+    return float(np.mean(means)), bootstrap_ci(means, samples, seed)
+
+
 def paired_bootstrap(base: list[float], other: list[float], samples: int, seed: int) -> dict:
     """Mean of other - base over the same tasks, its 95% interval, and the share of resamples where other
     is not better (a one-sided bootstrap p-value for "other beats base")."""

@@ -1,12 +1,16 @@
 """Task specs (`elyza100`, `elyza100:PATH`, `jcqa[:PATH]`, `mt-bench-ja:PATH`, `ppl:PATH`) and their items.
 
+`mt-bench-ja:PATH` reads FastChat question rows `{question_id, category, turns}`; reference answers for the
+categories MT-Bench judges against one come from a row's `reference` list or from an answer file in FastChat's
+format (`{question_id, choices: [{turns}]}`, e.g. Japanese MT-Bench's reference_answer/*.jsonl).
+
 Item ids are `KIND/KEY` (KEY: the row's own id, else its 1-based position), independent of the file's path,
 so runs over different copies of the same benchmark pair up task by task in `ezo eval compare`.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,16 @@ KINDS = OPEN_KINDS + ("jcqa", "ppl")
 @dataclass(frozen=True)
 class OpenTask:
     id: str
-    prompt: str
-    reference: str | None
+    prompt: str  # the first (for ELYZA the only) user turn
+    reference: str | None  # an answer to score chrF against (ELYZA)
     aspect: str | None
+    category: str | None = None  # MT-Bench's
+    later_turns: tuple[str, ...] = ()  # user turns asked after the model's own previous answer
+    references: tuple[str, ...] = ()  # per-turn reference answers the judge is shown (MT-Bench)
+
+    @property
+    def turns(self) -> tuple[str, ...]:
+        return (self.prompt, *self.later_turns)
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,12 @@ def _item(kind: str, where: str, lineno: int, row: dict[str, Any], position: int
         return OpenTask(f"elyza100/{position}", require(where, lineno, row, "input"),
                         require(where, lineno, row, "output"), (aspect or "").strip() or None)
     if kind == "mt-bench-ja":
-        turns = require(where, lineno, row, "turns", list)
-        if not turns or not isinstance(turns[0], str):
-            raise RecordError(f"{where}:{lineno}: field 'turns' must hold at least one string")
-        # Only the first turn is asked: the rubric and judge prompt are single-turn.
-        return OpenTask(f"mt-bench-ja/{_key(where, lineno, row, 'question_id', position)}", turns[0], None, None)
+        turns = _strings(where, lineno, row, "turns")
+        if len(turns) not in (1, 2):  # MT-Bench's judge prompts cover one or two turns
+            raise RecordError(f"{where}:{lineno}: field 'turns' must hold 1 or 2 strings, got {len(turns)}")
+        return OpenTask(f"mt-bench-ja/{_key(where, lineno, row, 'question_id', position)}", turns[0], None, None,
+                        require(where, lineno, row, "category"), tuple(turns[1:]),
+                        tuple(_strings(where, lineno, row, "reference")) if row.get("reference") is not None else ())
     if kind == "jcqa":
         choices = tuple(require(where, lineno, row, f"choice{i}") for i in range(5))
         if not all(c.strip() for c in choices):
@@ -111,8 +123,30 @@ def _item(kind: str, where: str, lineno: int, row: dict[str, Any], position: int
     return Passage(f"ppl/{_key(where, lineno, row, 'id', position)}", require(where, lineno, row, "text"))
 
 
-def load_suite(spec: str, limit: int | None = None) -> Suite:
-    """The first `limit` items of a task spec, in input order; bad rows raise RecordError naming FILE:LINE."""
+def _strings(where: str, lineno: int, row: dict[str, Any], field: str) -> list[str]:
+    value = require(where, lineno, row, field, list)
+    if not value or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"{where}:{lineno}: field '{field}' must be a non-empty list of strings")
+    return value
+
+
+def load_references(path: Path) -> dict[str, tuple[str, ...]]:
+    """question_id -> per-turn reference answers, from a FastChat answer file (its first choice)."""
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file (eval.mt_bench_references)")
+    out = {}
+    for lineno, row in read_jsonl(path):
+        choices = require(path, lineno, row, "choices", list)
+        if not choices or not isinstance(choices[0], dict):
+            raise RecordError(f"{path}:{lineno}: field 'choices' must hold at least one {{\"turns\": [...]}}")
+        out[_key(str(path), lineno, row, "question_id", lineno)] = tuple(_strings(str(path), lineno, choices[0], "turns"))
+    return out
+
+
+def load_suite(spec: str, limit: int | None = None, references: Path | None = None) -> Suite:
+    """The first `limit` items of a task spec, in input order; bad rows raise RecordError naming FILE:LINE.
+
+    `references`: an MT-Bench reference answer file, filling `references` of questions that carry none."""
     kind, path = parse_spec(spec)
     if path is not None and not path.is_file():
         raise RecordError(f"{path}: no such file (task spec {spec!r})")
@@ -128,11 +162,15 @@ def load_suite(spec: str, limit: int | None = None) -> Suite:
         items.append(item)
     if not items:
         raise RecordError(f"{path or spec}: no items")
+    if kind == "mt-bench-ja" and references is not None:
+        refs = load_references(references)
+        items = [it if it.references else replace(it, references=refs.get(it.id.split("/", 1)[1], ()))
+                 for it in items]
     return Suite(spec, kind, path, items)
 
 
-def load_suites(specs: list[str], limit: int | None = None) -> list[Suite]:
-    suites = [load_suite(s, limit) for s in specs]
+def load_suites(specs: list[str], limit: int | None = None, references: Path | None = None) -> list[Suite]:
+    suites = [load_suite(s, limit, references) for s in specs]
     kinds = [s.kind for s in suites]
     for kind in set(kinds):
         if kinds.count(kind) > 1:

@@ -29,7 +29,7 @@ SMOLLM2_NOTICE = ("The base model, SmolLM2 by Hugging Face, is released under th
 LICENCES = [(("llama-3.1", "llama3.1", "llama-31", "llama31"), "llama3.1", LLAMA31_NOTICE),
             (("smollm2",), "apache-2.0", SMOLLM2_NOTICE)]
 
-EVAL_METRICS = [("mean_grade", "mean grade (1–5, LLM judge)"), ("chrf", "chrF"),
+EVAL_METRICS = [("mean_grade", "mean grade (LLM judge)"), ("chrf", "chrF"),
                 ("accuracy", "JCommonsenseQA accuracy"), ("perplexity", "held-out perplexity (lower is better)")]
 USAGE_PROMPT = "日本の四季について、それぞれの特徴を簡単に教えてください。"
 
@@ -187,7 +187,17 @@ def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
         out.append("Some judgements failed; grades are over the tasks that were graded.")
     if chart:
         out.append("![base vs tuned](eval.png)")
-    return out
+    return out + _published_section(base, tuned)
+
+
+def _published_section(base: dict, tuned: dict) -> list[str]:
+    """The evals beside the published figures their judge graded, and the tuned model's contamination check."""
+    from ezoforge.eval import anchors, contamination
+
+    groups = anchors.beside([(label, r.get("anchors") or []) for label, r in (("base", base), ("tuned", tuned))])
+    checked = contamination.markdown_section(tuned.get("contamination") or base.get("contamination"))
+    return (["### Beside published figures", *anchors.markdown_section(groups)] if groups else []) + (
+        ["### Contamination check", *checked] if checked else [])
 
 
 def usage(model_ref: str, system_prompt: str | None) -> str:

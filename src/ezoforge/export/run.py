@@ -52,7 +52,8 @@ def _paired_diff(rec: RunRecords) -> dict | None:
         return None
     from ezoforge.eval.run import compare
 
-    return compare([rec.merged_dir.parent / "eval-base", rec.merged_dir.parent / "eval-tuned"])["runs"][1]["diff"]
+    evals = [rec.merged_dir.parent / "eval-base", rec.merged_dir.parent / "eval-tuned"]
+    return compare(evals, allow_different_judges=True)["runs"][1]["diff"]  # None when the judges differ
 
 
 def _stops(model_dir: Path, tokenizer) -> list[str]:

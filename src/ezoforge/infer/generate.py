@@ -112,9 +112,6 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return self.count_tokens(self.prompt_text(messages))
-
     def _generate_kwargs(self, sampling: Sampling) -> dict:
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.tokenizer.pad_token_id)

@@ -1,6 +1,7 @@
 """Where completions come from: a local transformers model, vLLM (optional `gpu` extra), or any OpenAI-compatible
 server. Every backend takes a list of Requests and reports each result (or the exception that ended it) through
 `done(index, Output | Exception)` as soon as it exists, so the caller can store it durably before the next one.
+The same backends answer eval's conversations (`complete`, the shape of `Generator.complete`).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from ezoforge.config import VLLMConfig
 from ezoforge.errors import ConfigError, EzoError
-from ezoforge.infer.generate import Generator, Sampling
+from ezoforge.infer.generate import Completion, Generator, Sampling
 from ezoforge.models import Loaded
 from ezoforge.synth.prompts import Request
 
@@ -30,7 +32,24 @@ class Output:
     finish_reason: str
 
 
-class LocalBackend:
+class Backend:
+    """What every backend offers besides its own `run(reqs, sampling, done)`."""
+
+    def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
+        """Whole conversations answered, in order; the first failed request raises."""
+        reqs = [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in msgs))
+                for i, msgs in enumerate(batch)]
+        outs: list[Output | Exception | None] = [None] * len(reqs)
+        self.run(reqs, sampling, outs.__setitem__)
+        if failed := next((o for o in outs if isinstance(o, Exception)), None):
+            raise failed
+        return [Completion(o.text, o.tokens_in, o.tokens_out, o.finish_reason) for o in outs]
+
+    def close(self) -> None:
+        """Give back what the backend holds beyond what garbage collection frees (an engine's GPU memory)."""
+
+
+class LocalBackend(Backend):
     """Shared by transformers and vLLM: we render prompts ourselves, so a chat request can end in a prefill.
     The model itself loads on the first `run`: a resumed run whose requests are all stored never loads it."""
 
@@ -65,9 +84,16 @@ class TransformersBackend(LocalBackend):
         self.batch_size = batch_size
         self.static_cache = static_cache
 
-    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+    def generator(self) -> Generator:
         if self.gen is None:
             self.gen = Generator(self.load())
+        return self.gen
+
+    def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
+        return self.generator().complete(batch, sampling)  # batched as the caller chunks them, in order
+
+    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        self.generator()
         texts = [self.render(r) for r in reqs]
         lengths = [self.count_tokens(t) for t in texts]
         extra: dict = {}
@@ -87,14 +113,26 @@ class TransformersBackend(LocalBackend):
                                c.prompt_tokens, c.completion_tokens, c.finish_reason))
 
 
+def vllm_engine_kwargs(model: str, dtype: str, seed: int, max_model_len: int, cfg: VLLMConfig) -> dict:
+    """`vllm.LLM(**kwargs)` for a resolved model path and the recipe's engine settings."""
+    kwargs = {"model": model, "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
+              "tensor_parallel_size": cfg.tensor_parallel_size, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+              "max_num_seqs": cfg.max_num_seqs, "enforce_eager": cfg.enforce_eager}
+    if cfg.quantization != "none":
+        kwargs["quantization"] = cfg.quantization
+    if cfg.quantization == "bitsandbytes":
+        kwargs["load_format"] = "bitsandbytes"  # vLLM releases before 0.8 need it said twice
+    return kwargs
+
+
 class VLLMBackend(LocalBackend):
     name = "vllm"
 
-    def __init__(self, tokenizer, context_length: int, spec: str, dtype: str, seed: int):
+    def __init__(self, tokenizer, context_length: int, spec: str, dtype: str, seed: int, cfg: VLLMConfig):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("backend 'vllm' needs the gpu extra: pip install 'ezoforge[gpu]'")
         super().__init__(tokenizer, context_length)
-        self.spec, self.dtype, self.seed = spec, dtype, seed
+        self.spec, self.dtype, self.seed, self.cfg = spec, dtype, seed, cfg
         self.llm = None
 
     def _engine(self):
@@ -103,9 +141,34 @@ class VLLMBackend(LocalBackend):
 
             from ezoforge.models import resolve
 
-            self.llm = LLM(model=resolve(self.spec), dtype=self.dtype, seed=self.seed,
-                           max_model_len=self.context_length)
+            self.llm = LLM(**vllm_engine_kwargs(resolve(self.spec), self.dtype, self.seed, self.context_length,
+                                                self.cfg))
         return self.llm
+
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back: it holds gpu_memory_utilization of the card until
+        then, and the next stage may run in this process."""
+        if self.llm is None:
+            return
+        import gc
+
+        import torch
+
+        engine, self.llm = self.llm, None
+        core = getattr(engine.llm_engine, "engine_core", None)  # vLLM V1: the engine runs in its own process
+        if core is not None:
+            core.shutdown()
+        del engine
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        except ImportError:  # a vLLM without these holds no process group to end
+            pass
+        else:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
         from vllm import SamplingParams
@@ -127,7 +190,7 @@ class VLLMBackend(LocalBackend):
                                             "length" if gen.finish_reason == "length" else "stop"))
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """Concurrent requests to an OpenAI-compatible server. The prefill goes as a final assistant message that the
     server continues (`continue_final_message`, a request extension of vLLM and `ezo serve`), so the model sees
     the prompt a local backend renders. A server that rejects the extension (HTTP 400) is noticed on the first

@@ -66,7 +66,7 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool):
         require_chat_template(tokenizer, model)
     context = min(spec_context_length(model), cfg.context_tokens or 1 << 30)
     if cfg.backend == "vllm":
-        return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed)
+        return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed, cfg.vllm)
     return TransformersBackend(
         tokenizer, context,
         lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat),
@@ -129,15 +129,20 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         backend = make_backend(recipe, model, static_cache)
         reqs = build_requests(docs, backend, recipe)
         sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
+        # vLLM's on-load quantization changes the answers (keys without it stay those of the unquantized model).
+        quantized = ({"quantization": cfg.vllm.quantization}
+                     if cfg.backend == "vllm" and cfg.vllm.quantization != "none" else {})
         keys = [request_key(model=identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,
                             version=_version(cfg.mode), messages=r.messages, prefill=r.prefill, prompt=r.prompt,
-                            sampling=asdict(sampling)) for r in reqs]
+                            sampling=asdict(sampling), **quantized) for r in reqs]
         cache = RequestCache(Path(out) / "requests.sqlite")
         try:
             sent = _generate(backend, reqs, keys, cache, sampling)
             return _write(stage, recipe, model, docs, reqs, keys, cache, sent, allow_empty)
         finally:
             cache.close()
+            if cfg.backend == "vllm":
+                backend.close()  # the engine holds most of the card until shut down
 
 
 def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> dict:

@@ -8,7 +8,7 @@ import torch
 
 from ezoforge.config import TrainConfig
 from ezoforge.errors import ConfigError, ModelError
-from ezoforge.models import resolve
+from ezoforge.models import pick_dtype, resolve
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,19 @@ def attn_implementation(cfg: TrainConfig, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_base(spec: str, cfg: TrainConfig, device: torch.device, qlora: bool):
-    """The base model, 4-bit NF4 (double-quantized, bf16 compute) when `qlora`; bf16 on CUDA, float32 on CPU."""
+def load_base(spec: str, cfg: TrainConfig, device: torch.device, qlora: bool, dtype: str = "auto"):
+    """The base model in `model.dtype` (auto: bf16 on CUDA, float32 on CPU), or 4-bit NF4 (double-quantized)
+    computing in that dtype (auto: bf16) when `qlora`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation(cfg, device)}
+    weights = pick_dtype(dtype, device)
+    kwargs: dict = {"dtype": weights, "attn_implementation": attn_implementation(cfg, device)}
     if qlora:
+        compute = torch.bfloat16 if dtype == "auto" else weights
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_quant_storage=torch.bfloat16)  # storage in bf16 lets FSDP shard the 4-bit weights
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute)  # storage in the compute dtype lets FSDP shard the 4-bit weights
         if device.type == "cpu":
             kwargs["device_map"] = "cpu"
     try:

@@ -37,10 +37,14 @@ def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
             "input_fingerprints": input_fingerprints(inputs)}
 
 
-def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False):
+def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
+               precision: torch.dtype | None = None):
+    """TRL's settings; `precision` is the base's dtype (model.dtype), which CUDA autocast follows."""
     from trl import SFTConfig
 
     cuda = device.type == "cuda"
+    if precision is None:
+        precision = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
     return SFTConfig(
         output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -48,10 +52,10 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
         max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
-        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.save_every,
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
         eval_on_start=evaluate and eval_first,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=cuda and not torch.cuda.is_bf16_supported(),
+        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": cfg.checkpoint_every,
                                          **({"selective": True} if cfg.selective_checkpointing else {})},
@@ -62,7 +66,7 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
         log_level="warning", dataloader_num_workers=0)
 
 
-# ---------------------------------------------------------------- experiment tracking (issue 14)
+# ---------------------------------------------------------------- experiment tracking
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
@@ -112,7 +116,7 @@ def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eva
 
     flat = model.config._attn_implementation.startswith("flash")  # varlen kernels want one padding-free row
     trainer = SFTTrainer(
-        model=model, args=sft_config(cfg, staging, device, bool(eval_rows), eval_first),
+        model=model, args=sft_config(cfg, staging, device, bool(eval_rows), eval_first, model.dtype),
         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer, data_collator=PackedCollator(tokenizer.pad_token_id, flat),
         peft_config=lora_config(cfg), callbacks=callbacks)
@@ -190,7 +194,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
              s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
              f", {s['truncated']} truncated" if s["truncated"] else "")
-    model = load_base(name, cfg, device, qlora)
+    model = load_base(name, cfg, device, qlora, recipe.model.dtype)
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
     saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
@@ -200,6 +204,8 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
              device, attn_implementation(cfg, device), ", checkpoint inputs offloaded to host memory" if offload else "",
              f", resuming at step {resume_step}" if resume else "")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if data.eval and trainer.state.global_step % cfg.eval_every:
+        trainer.evaluate()  # the held-out loss of the adapter that is saved, whatever the cadence
     save_adapter(trainer, out, dist.is_main_process)
     if not dist.is_main_process:
         return {}

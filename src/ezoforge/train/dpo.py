@@ -1,0 +1,128 @@
+"""DPO (TRL's DPOTrainer) that continues an SFT LoRA adapter, with the SFT model itself as the reference.
+
+The base loads once. The SFT adapter is loaded trainable as PEFT's "default" adapter and TRL copies it into a frozen
+"ref" adapter beside it (TRL 1.x's replacement for `model_adapter_name`/`ref_adapter_name`): reference log-probs
+are the same base with "ref" active, so no second copy of the base is held. DIR/adapter is the SFT adapter
+updated, so merging it into the base gives SFT+DPO, not DPO alone.
+
+Checkpoints, kill/resume and the adapter swap are `ezo train`'s (train/checkpoints.py, train/run.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ezoforge.config import PreferConfig, TrainConfig
+from ezoforge.stage import Stage
+from ezoforge.train import checkpoints
+from ezoforge.train.model import attn_implementation, float32_adapters, load_base
+from ezoforge.train.progress import TrainLog, plot_loss
+from ezoforge.train.run import hardware, save_adapter, summarize
+
+log = logging.getLogger(__name__)
+
+REF = "ref"  # the name TRL gives the frozen copy of the adapter it is handed
+
+
+def dpo_config(cfg: PreferConfig, train: TrainConfig, staging: Path, device: torch.device, precision: torch.dtype):
+    from trl import DPOConfig
+
+    cuda = device.type == "cuda"
+    # TRL 1.16 computes DPO's log-probs through its own fused, chunked LM head (never the tokens x vocab logits) and
+    # refuses Liger's fused loss; Liger adds its layer kernels only.
+    liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
+    return DPOConfig(
+        output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
+        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
+        eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
+        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
+        use_liger_kernel=bool(liger), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
+        include_num_input_tokens_seen="non_padding", report_to=[], disable_tqdm=True, log_level="warning",
+        dataloader_num_workers=0)
+
+
+def conversational(pairs: list[dict]) -> list[dict]:
+    """Our pair rows as TRL's conversational preference rows (TRL applies the chat template)."""
+    return [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
+def load_policy(spec: str, sft_adapter: Path, train: TrainConfig, device: torch.device, qlora: bool, dtype: str):
+    """The base with the SFT adapter as the trainable "default" adapter."""
+    from peft import PeftModel
+
+    base = load_base(spec, train, device, qlora, dtype)  # the Trainer moves it to the device
+    return PeftModel.from_pretrained(base, str(sft_adapter), is_trainable=True)
+
+
+def make_trainer(model, tokenizer, cfg: PreferConfig, train: TrainConfig, train_rows: list[dict],
+                 eval_rows: list[dict], staging: Path, device: torch.device, callbacks: list | None = None):
+    from datasets import Dataset, disable_progress_bars
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    disable_progress_bars()  # the stage shows its own progress
+    base = model.get_base_model()
+    trainer = DPOTrainer(
+        model=model, args=dpo_config(cfg, train, staging, device, base.dtype),
+        train_dataset=Dataset.from_list(conversational(train_rows)),
+        eval_dataset=Dataset.from_list(conversational(eval_rows)) if eval_rows else None,
+        processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    if REF not in trainer.model.peft_config:
+        raise RuntimeError("TRL made no frozen reference adapter: the reference would be the base, not the SFT model")
+    float32_adapters(trainer.model)  # only the trainable ("default") adapter: "ref" is frozen
+    return trainer
+
+
+def held_out(trainer) -> dict[str, float] | None:
+    """DPO loss and the chosen-minus-rejected log-probability margin on the held-out pairs, as the model is now."""
+    if trainer.eval_dataset is None:
+        return None
+    m = trainer.evaluate()
+    return {"loss": round(m["eval_loss"], 5),
+            "logp_margin": round(m["eval_logps/chosen"] - m["eval_logps/rejected"], 4),
+            "reward_accuracy": round(m["eval_rewards/accuracies"], 4)}
+
+
+def train_dpo(spec: str, dtype: str, sft_adapter: Path, tokenizer, cfg: PreferConfig, train: TrainConfig,
+              pairs: list[dict], held: list[dict], out: Path, stage: Stage, device: torch.device,
+              qlora: bool) -> dict[str, Any]:
+    """Train DIR/adapter from `sft_adapter` on `pairs`, resuming from DIR/checkpoints; the DPO figures."""
+    folder = out / "checkpoints"
+    resume = checkpoints.latest(folder)
+    resume_step = checkpoints.check(resume, stage.settings) if resume else 0
+    checkpoints.clean(folder)
+    model = load_policy(spec, sft_adapter, train, device, qlora, dtype)
+    train_log = TrainLog(out / "metrics.jsonl", resume_step)
+    saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(pairs))
+    trainer = make_trainer(model, tokenizer, cfg, train, pairs, held, folder / checkpoints.STAGING, device, [saver])
+    log.info("DPO (%s, beta %g) on %d pairs (+%d held out), %s r=%d continuing %s on %s (%s attention)%s",
+             cfg.loss_type, cfg.beta, len(pairs), len(held), "QLoRA" if qlora else "LoRA",
+             model.peft_config["default"].r, sft_adapter, device, attn_implementation(train, device),
+             f", resuming at step {resume_step}" if resume else "")
+    if not resume:  # the SFT model's held-out loss is metrics.jsonl's step-0 row, written once
+        trainer.add_callback(train_log)
+    before = held_out(trainer)  # the checkpoint loads inside train(): here the model is the SFT model
+    if resume:
+        trainer.add_callback(train_log)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    after = held_out(trainer)
+    trainer.model.delete_adapter(REF)  # the reference is the SFT adapter, kept in its own folder: save the policy only
+    save_adapter(trainer, out, True)
+    checkpoints.clean(folder)
+    plot_loss(train_log.rows, out / "loss.png")
+    s = summarize(train_log.rows)
+    return {"dpo_steps": trainer.state.global_step, "dpo_loss_first": s["train_loss_first"],
+            "dpo_loss_last": s["train_loss_last"], "dpo_step_s": s["step_s"], "held_out_pairs": len(held),
+            "held_out_before": before, "held_out_after": after, "qlora": qlora, "device": str(device),
+            "hardware": hardware(device), "resumed_from_step": resume_step}

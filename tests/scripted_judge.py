@@ -1,0 +1,80 @@
+"""A scripted OpenAI-compatible judge on loopback: known verdicts, so every assertion about grades is exact.
+
+`with ScriptedJudge() as judge:` serves `POST {judge.url}/chat/completions` (the url ends in /v1) from a thread;
+each request body is appended to `judge.requests`. The reply text comes from `script(messages) -> str`; the default grades an
+answer by its length (`expected_grade`), which a test recomputes from answers.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODEL = "scripted-judge-2026-12-01"
+FINGERPRINT = "fp_scripted_0001"
+_ANSWER = re.compile(r"# アシスタントの回答\n(.*)\n\n# 採点方法", re.S)
+
+
+def expected_grade(answer: str) -> int:
+    """The default script's grade; an empty answer gets 1, as the judge gives it without a request."""
+    return 1 + len(answer.strip()) % 5
+
+
+def answer_of(messages: list[dict]) -> str:
+    """The assistant's answer quoted in a judge prompt (ezoforge.eval.judge_prompt.TEMPLATE)."""
+    found = _ANSWER.search(messages[1]["content"])
+    assert found, "not a judge prompt"
+    return found.group(1)
+
+
+def by_length(messages: list[dict]) -> str:
+    answer = answer_of(messages)
+    return json.dumps({"reason": f"{len(answer.strip())} 文字", "grade": expected_grade(answer)}, ensure_ascii=False)
+
+
+class ScriptedJudge:
+    def __init__(self, script: Callable[[list[dict]], str] = by_length, model: str = MODEL,
+                 fingerprint: str = FINGERPRINT):
+        self.script, self.model, self.fingerprint = script, model, fingerprint
+        self.requests: list[dict] = []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append(body)
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                try:
+                    text = judge.script(body["messages"])
+                except Exception as e:  # a script that does not fit the request: a clear 400, never retried
+                    return self._send(400, {"error": {"message": f"scripted judge: {e!r}"}})
+                self._send(200, {"id": f"chatcmpl-{len(judge.requests)}", "object": "chat.completion", "created": 0,
+                                 "model": judge.model, "system_fingerprint": judge.fingerprint,
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def _send(self, status: int, payload: dict):
+                data = json.dumps(payload, ensure_ascii=False).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def __enter__(self) -> ScriptedJudge:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
