@@ -63,8 +63,10 @@ def bundled():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """External benchmark files that ezoforge does not ship; everything else runs on the package's own data."""
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+        pytest.skip("needs ../shared/data beside the checkout (external benchmark files: ELYZA-tasks-100, JGLUE, "
+                    "ja-mt-bench, a FineWeb-2 sample)")
     return SHARED_DATA
 
 

@@ -152,7 +152,7 @@ def test_default_chain_keeps_clean_wikipedia(shared_data):
     assert dropped == {}
 
 
-def test_repeat_coverage_matches_the_plain_definition(shared_data):
+def test_repeat_coverage_matches_the_plain_definition():
     """The pruned, vectorised measure equals the plain one: characters under any later occurrence of an n-gram."""
     import re
 
@@ -166,8 +166,12 @@ def test_repeat_coverage_matches_the_plain_definition(shared_data):
             seen.add(t[i:i + n])
         return len(covered)
 
-    web = shared_data / "ja-web-sample/fineweb2_edu_ja_sample100.jsonl"
-    texts = [re.sub(r"\s+", "", json.loads(line)["text"]) for line in web.open(encoding="utf-8")][:40]
+    import pyarrow.parquet as pq
+
+    from ezoforge.config import bundled_data
+
+    web = pq.read_table(bundled_data("bundled:web/fineweb-demo.parquet")).column("text").to_pylist()
+    texts = [re.sub(r"\s+", "", t) for t in web]  # good pages and junk (repeats, navigation, spam) alike
     texts += ["", "短い", "あいうえお" * 30, CLEAN + CLEAN[:200]]
     for t in texts:
         assert tx.repeat_coverage(tx.codepoints(t), [5, 10, 12, 20]) == {n: plain(t, n) for n in (5, 10, 12, 20)}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import BUNDLED, ezo_in_process
 from ezoforge.cli import app
-from ezoforge.config import DEFAULT_SYSTEM_PROMPT, load_recipe
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT, bundled_data, load_recipe
 from ezoforge.errors import EzoError
 from ezoforge.eval.judge_prompt import PROMPT_VERSION
 from ezoforge.eval.run import compare, run
@@ -21,7 +21,7 @@ from ezoforge.infer.generate import Generator, build_messages
 from ezoforge.records import DONE, write_jsonl
 from scripted_judge import FINGERPRINT, MODEL, ScriptedJudge, expected_grade
 
-TASKS = "elyza100:bundled:tasks/demo-tasks.jsonl"  # the package's own ELYZA-format tasks
+TASKS = f"elyza100:{bundled_data('bundled:tasks/demo-tasks.jsonl')}"  # the package's own ELYZA-format tasks
 JCQA = "jglue/jcommonsenseqa/valid-v1.3.json"
 
 

@@ -12,6 +12,7 @@ from ezoforge.prefer.pairs import best_and_worst
 from ezoforge.stage import Stage
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
+from conftest import REPO
 from scripted_judge import answer_of, expected_grade
 from trainkit import overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
 
@@ -87,7 +88,8 @@ def test_candidates_are_graded_as_the_judge_said_and_pairs_keep_the_margin(judge
         if margin >= 1 and best["text"] != worst["text"]:
             (p,) = kept
             assert (p["chosen"], p["rejected"], p["margin"]) == (best["text"], worst["text"], margin)
-            assert p["chosen_grade"] == max(c["grade"] for c in cs) and p["rejected_grade"] == min(c["grade"] for c in cs)
+            grades = [c["grade"] for c in cs]
+            assert (p["chosen_grade"], p["rejected_grade"]) == (max(grades), min(grades))
             assert p["prompt"][-1] == {"role": "user", "content": p["instruction"]}
         else:
             assert not kept
@@ -108,32 +110,43 @@ def test_dpo_folder_is_the_sft_adapter_updated_and_merge_accepts_it(judged, sft)
         (sft / "DONE").read_text())["settings"]["model"]["name"]
     assert not (out / "adapter" / "ref").exists()
     assert stats["dpo_steps"] == 4 and stats["dpo_loss_first"] is not None
-    dpo, base = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(sft / "adapter" / "adapter_model.safetensors")
+    dpo = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = load_file(sft / "adapter" / "adapter_model.safetensors")
     assert dpo.keys() == base.keys()
     moved = [k for k in dpo if not torch.equal(dpo[k], base[k])]
     assert moved
-    # Continued, not restarted: a fresh LoRA has B = 0, the DPO adapter stays near the SFT's.
-    for k in moved:
-        assert (dpo[k] - base[k]).norm() < base[k].norm() + 1.0, k
+    # Continued, not restarted: a fresh adapter would draw A anew (relative distance ~1.4); DPO's moved A a little.
+    for k in (k for k in dpo if "lora_A" in k):
+        assert (dpo[k] - base[k]).norm() < 0.5 * base[k].norm(), k
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
-def test_rerun_is_a_no_op_and_force_reuses_every_answer_and_verdict(judged, tiny_model, sft):  # noqa: F811
-    out, stats, judge = judged
+def test_rerun_is_a_no_op_and_force_reuses_every_answer_and_verdict(judged, tiny_model, sft, tmp_path):  # noqa: F811
+    import shutil
+
+    done, stats, judge = judged
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
     sent = len(judge.requests)
     again = prefer_run.run(recipe(tiny_model, judge), sft, out)
     assert again == stats and len(judge.requests) == sent
-    redone = prefer_run.run(recipe(tiny_model, judge), sft, out, force=True)
-    assert len(judge.requests) == sent  # every verdict came from the cache
+    # A changed output setting is refused, naming it, and nothing is touched.
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ConfigError, match="prefer.max_steps: 4 → 1"):
+        prefer_run.run(recipe(tiny_model, judge, "prefer.max_steps=1"), sft, out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    # --force redoes the stage (one DPO step here) with every answer and verdict from the folder's cache.
+    redone = prefer_run.run(recipe(tiny_model, judge, "prefer.max_steps=1"), sft, out, force=True)
+    assert len(judge.requests) == sent
     assert redone["answers_cached"] == 12 and redone.get("answers_computed", 0) == 0
     assert redone["judge_sent"] == 0 and redone["judge_cached"] == sent
-    assert redone["pairs"] == stats["pairs"] and redone["margin_histogram"] == stats["margin_histogram"]
-    # A changed output setting is refused, naming it, and nothing is touched.
-    with pytest.raises(ConfigError, match="prefer.min_margin"):
-        prefer_run.run(recipe(tiny_model, judge, "prefer.min_margin=2"), sft, out)
+    assert rows(out / "data" / "pairs.jsonl") == rows(done / "data" / "pairs.jsonl")
+    assert redone["dpo_steps"] == 1 and redone["margin_histogram"] == stats["margin_histogram"]
 
 
 def test_needs_a_judge_and_refuses_another_base(tiny_model, sft, tmp_path, scripted_judge):  # noqa: F811
+    with pytest.raises(ConfigError, match="stage prefer grades answers with the recipe's judge"):
+        load_recipe(None, ["stages=[train, prefer]"])  # before any stage runs
     with pytest.raises(ConfigError, match="eval.judge_model"):
         prefer_run.run(load_recipe(None, [f"model.name={tiny_model}"]), sft, tmp_path / "a")
     with pytest.raises(ConfigError, match="model.name"):
@@ -163,7 +176,8 @@ def logp_margin(model, tokenizer, pairs) -> float:
     return sum(logp(p["prompt"], p["chosen"]) - logp(p["prompt"], p["rejected"]) for p in pairs) / len(pairs)
 
 
-def test_dpo_raises_the_held_out_margin_lowers_the_loss_and_keeps_the_reference_frozen(tiny_model, sft, tmp_path):  # noqa: F811
+def test_dpo_raises_the_held_out_margin_lowers_the_loss_and_keeps_the_reference_frozen(  # noqa: F811
+        tiny_model, sft, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -250,7 +264,8 @@ def test_merging_the_dpo_folder_gives_base_plus_the_dpo_adapter(judged, tiny_mod
 def test_pipeline_puts_prefer_between_train_and_merge_and_evaluates_three_models():
     from ezoforge.pipeline import forced_steps, steps
 
-    r = load_recipe(None, ["stages=[curate, synth, train, merge, prefer, eval]"])
+    r = load_recipe(None, ["stages=[curate, synth, train, merge, prefer, eval]", "eval.judge_url=local",
+                           "eval.judge_model=bundled:smollm2-135m-instruct"])
     assert steps(r) == ["curate", "synth", "train", "prefer", "merge", "eval-base", "eval-sft", "eval-tuned"]
     assert forced_steps(steps(r), ["train"]) == {"train", "prefer", "merge", "eval-sft", "eval-tuned"}
     assert forced_steps(steps(r), ["prefer"]) == {"prefer", "merge", "eval-tuned"}
@@ -259,12 +274,14 @@ def test_pipeline_puts_prefer_between_train_and_merge_and_evaluates_three_models
 def test_plan_counts_sampling_judge_calls_and_dpo():
     from ezoforge.plan import plan
 
-    r = load_recipe(None, ["stages=[train, prefer]", "prefer.limit=100", "prefer.samples=3", "eval.judge_url=x",
+    # The demo's data makes at least 16 synthesized pairs: 10 instructions are drawn from them.
+    r = load_recipe(REPO / "recipes" / "demo.yaml", ["stages=[train, prefer]", "prefer.limit=10", "prefer.samples=3",
+                                                     "eval.judge_url=x",
                            "eval.judge_model=y", "eval.judgments=2", "eval.judge_temperature=0.7",
                            "prefer.generation.max_new_tokens=200", "prefer.max_steps=50", "prefer.batch_size=2",
                            "prefer.max_length=1024"])
     p = plan(r, "h100")["stages"]["prefer"]
-    assert p["sample_tokens"] == 100 * 3 * 200
-    assert p["judge_calls"] == 100 * (3 + 1) * 2  # the synthesized reference is a candidate too
+    assert p["sample_tokens"] == 10 * 3 * 200
+    assert p["judge_calls"] == 10 * (3 + 1) * 2  # the synthesized reference is a candidate too
     assert p["dpo_tokens"] == 50 * 2 * 2 * 1024  # two sequences per pair
-    assert p["fits"] and p["gpu_gib"] > 0 and p["hours"] > 0
+    assert p["fits"] and p["gpu_gib"] > 0 and p["hours"] is not None

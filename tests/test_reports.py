@@ -217,8 +217,9 @@ def test_eval_report_shows_input_and_reference_beside_answer_grade_and_reason(wo
         rows = jsonl(workdir / folder / "answers.jsonl")
         verdicts = {j["task_id"]: j for j in jsonl(workdir / folder / "judgements.jsonl")}
         p = Page((workdir / folder / "report.html").read_text(encoding="utf-8"))
-        assert p.h2 == ["Tasks"] and [c["h3"] for c in p.cards] == [r["task_id"] for r in rows]
-        for card, row in zip(p.cards, rows):
+        cards = [c for c in p.cards if c["section"] == "Tasks"]
+        assert p.h2[-1] == "Tasks" and [c["h3"] for c in cards] == [r["task_id"] for r in rows]  # answers last
+        for card, row in zip(cards, rows):
             text, j = card["text"], verdicts[row["task_id"]]
             assert row["prompt"][:80] in text and row["reference"][:80] in text and row["answer"][:80].strip() in text
             assert j["grade"] == expected_grade(row["answer"]) and j["reason"][:60] in text

@@ -143,7 +143,7 @@ def test_a_stopped_run_leaves_no_stage_running(tmp_path, how):
         os.kill(parent.pid, how)
         parent.wait(timeout=120)
         (stage,) = stages
-        wait_for(lambda: not running(stage), "the stage process to end")
+        wait_for(lambda: not running(stage), "the stage process to end", limit_s=120)  # its grace is 30 s
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -509,6 +509,14 @@ class Recipe(Section):
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="after")
+    def _prefer_needs_a_judge(self) -> "Recipe":
+        # Checked here, so `ezo run` fails before curating and training, not at the prefer stage.
+        if "prefer" in self.stages and not self.eval.judge_model:
+            raise ValueError("stage prefer grades answers with the recipe's judge: set eval.judge_url and "
+                             "eval.judge_model")
+        return self
+
 
 # ---------------------------------------------------------------- loading
 

@@ -142,14 +142,15 @@ def _eval_summary(rep: dict) -> dict:
     return {k: rep.get(k) for k in keys if k in rep}
 
 
-def _grade_diff(workdir: Path) -> tuple[dict | None, list[str]]:
-    """Tuned minus base mean grade over the tasks graded in both, with its paired bootstrap interval."""
-    if not all((workdir / f / "report.json").exists() for f in ("eval-base", "eval-tuned")):
+def _grade_diff(workdir: Path, before: str = "eval-base") -> tuple[dict | None, list[str]]:
+    """Tuned minus `before` (base, or the SFT model) mean grade over the tasks graded in both, with its paired
+    bootstrap interval."""
+    if not all((workdir / f / "report.json").exists() for f in (before, "eval-tuned")):
         return None, []
     from ezoforge.eval.run import compare
 
     # Evals judged by different judges are shown, never paired: compare's notes say so.
-    result = compare([workdir / "eval-base", workdir / "eval-tuned"], allow_different_judges=True)
+    result = compare([workdir / before, workdir / "eval-tuned"], allow_different_judges=True)
     return result["runs"][1]["diff"], result["notes"]
 
 
@@ -260,6 +261,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
              "tuned": _eval_summary(_read(workdir / "eval-tuned" / "report.json"))}
     if (workdir / "eval-sft").is_dir():  # with a prefer stage: SFT alone, before DPO
         evals["sft"] = _eval_summary(_read(workdir / "eval-sft" / "report.json"))
+    dpo_diff = _grade_diff(workdir, "eval-sft")[0] if "sft" in evals else None
     grade_diff, notes = _grade_diff(workdir)
     pairs = _pairs(workdir / "synth")
     docs = _documents(workdir / "curate", {p["doc_id"] for p in pairs})
@@ -280,7 +282,8 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
                                                         "margin_mean", "dpo_steps", "dpo_loss_first", "dpo_loss_last",
                                                         "held_out_before", "held_out_after")}
         if stats["prefer"] else None,
-        "eval": {**evals, "versus": versus, "notes": notes},
+        "eval": {**evals, "versus": versus, "notes": notes,
+                 "dpo_versus": _versus(evals["sft"], evals["tuned"], dpo_diff) if "sft" in evals else None},
         "data_mix": _data_mix(_curated(workdir / "curate"), pairs, synth, train),
         "examples": _examples(pairs, docs),
         "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
@@ -334,15 +337,43 @@ def _value(row: dict, side: str) -> str:
     return f'<td class="num better">{text} ✓</td>' if row["better"] == side else text
 
 
-def _versus_html(report: dict) -> str:
-    ev = report["eval"]
+def _versus_rows(versus: list[dict]) -> list[list[str]]:
     rows = []
-    for r in ev["versus"]:
+    for r in versus:
         diff = shown(r["metric"], r["difference"], signed=True)
         if r.get("change_pct") is not None:
             diff += f" ({r['change_pct']:+.1f}%)"
         ci = "–" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
         rows.append([html.escape(r["label"]), _value(r, "base"), _value(r, "tuned"), diff, ci])
+    return rows
+
+
+def _prefer_html(report: dict) -> str:
+    """The preference step: its data (instruction → candidates → verdicts → pair) and SFT alone vs SFT+DPO."""
+    p, ev = report.get("prefer"), report["eval"]
+    if not p:
+        return ""
+    before, after = p.get("held_out_before") or {}, p.get("held_out_after") or {}
+    figures = _figure_table([
+        ("instructions (from the SFT's own pairs)", str(p.get("instructions"))),
+        ("candidates (sampled + synthesized), each graded by the judge", str(p.get("candidates"))),
+        ("pairs kept (best vs worst, margin ≥ prefer.min_margin)", str(p.get("pairs"))),
+        ("grade margins (best − worst: instructions)", str(p.get("margin_histogram"))),
+        ("DPO loss, first → last step", f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}"),
+        ("held-out log p(chosen) − log p(rejected), SFT → SFT+DPO",
+         f"{fmt(before.get('logp_margin'))} → {fmt(after.get('logp_margin'))}")])
+    rows = _versus_rows(ev.get("dpo_versus") or [])
+    table_html = table(["Metric", "SFT", "SFT+DPO", "SFT+DPO − SFT", "95% CI of the difference"], rows,
+                       num=(1, 2, 3, 4)) if rows else ""
+    return ("<h2>Preference step: SFT → SFT+DPO</h2>" + figures
+            + '<p class="muted">Provenance: prefer/candidates.jsonl (each instruction\'s answers), '
+              "prefer/verdicts.jsonl (the judge's verdict on each), prefer/data/pairs.jsonl (the pairs DPO trained "
+              "on, each naming its instruction, document and candidates).</p>" + table_html)
+
+
+def _versus_html(report: dict) -> str:
+    ev = report["eval"]
+    rows = _versus_rows(ev["versus"])
     if not rows:
         return ""
     base, tuned = ev["base"], ev["tuned"]
@@ -480,7 +511,8 @@ def render(workdir: Path, report: dict) -> str:
     body = ["<h1>ezoforge run report</h1>",
             f'<p class="muted">{"model " + esc(model) + " · " if model else ""}workdir '
             f"<code>{esc(workdir)}</code></p>",
-            _headline(report), _stages_html(report), _versus_html(report), *_published_html(report),
+            _headline(report), _stages_html(report), _versus_html(report), _prefer_html(report),
+            *_published_html(report),
             _curation_html(workdir, report),
             _mix_html(report), _synthesis_html(report),
             _training_html(workdir, report), _answers_html(_side_by_side(workdir))]

@@ -303,8 +303,10 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     fp = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize)
     inputs = [s.path for s in suites if s.path is not None] + (
         [cfg.mt_bench_references] if cfg.mt_bench_references and any(s.kind == "mt-bench-ja" for s in suites) else [])
+    # A local model and adapter are known by their content (fp), not by where they lie: a moved or copied run
+    # folder stays done.
     stage = Stage("eval", out, {
-        "model": {"spec": recipe.model.name, "adapter": str(adapter) if adapter else None, "fingerprint": fp,
+        "model": {"spec": None if Path(m.name).exists() else m.name, "adapter": adapter is not None, "fingerprint": fp,
                   "system_prompt": recipe.model.system_prompt},
         "inputs": input_fingerprints(inputs),
         "eval": output_settings(cfg),

@@ -158,18 +158,41 @@ def _method_section(rec: RunRecords) -> str:
     return _facts(facts)
 
 
+def _preference_section(rec: RunRecords) -> str:
+    """DPO after the SFT: the preference data's provenance and figures."""
+    if not rec.prefer:
+        return ""
+    s, cfg = rec.prefer["stats"], rec.prefer["settings"].get("prefer", {})
+    judge = rec.prefer["settings"].get("judge", {})
+    before, after = s.get("held_out_before") or {}, s.get("held_out_after") or {}
+    return _facts([
+        ("method", f"DPO ({cfg.get('loss_type')}, beta {cfg.get('beta')}) continuing the SFT LoRA adapter, with the "
+                   "SFT model as the reference"),
+        ("preference data", f"{s.get('instructions')} instructions drawn from the SFT's own training pairs → "
+                            f"{s.get('candidates')} candidates ({cfg.get('samples')} sampled from the SFT model"
+                            + (" + the synthesized response" if cfg.get("include_reference") else "") + " each) → "
+                            f"graded by {judge.get('judge_model')} → {s.get('pairs')} (chosen, rejected) pairs with "
+                            f"grade margin ≥ {cfg.get('min_margin')}"),
+        ("grade margins (margin: instructions)", s.get("margin_histogram")),
+        ("DPO steps / learning rate", f"{s.get('dpo_steps')} / {cfg.get('learning_rate')}"),
+        ("DPO loss (first → last step)", f"{_fmt(s.get('dpo_loss_first'))} → {_fmt(s.get('dpo_loss_last'))}"),
+        ("held-out log p(chosen) − log p(rejected) (SFT → SFT+DPO)",
+         f"{_fmt(before.get('logp_margin'))} → {_fmt(after.get('logp_margin'))}" if before and after else None)])
+
+
 def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
-    base, tuned = rec.evals.get("base", {}), rec.evals.get("tuned", {})
+    base, sft, tuned = rec.evals.get("base", {}), rec.evals.get("sft", {}), rec.evals.get("tuned", {})
     if not base and not tuned:
         return []
+    runs = (base, sft, tuned) if sft else (base, tuned)  # with DPO: base, SFT alone, SFT+DPO
     rows = []
     for key, label in EVAL_METRICS:
-        if base.get(key) is None and tuned.get(key) is None:
+        if all(r.get(key) is None for r in runs):
             continue
         cells = [f"{_fmt(r[key])} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if key == "mean_grade" and r.get(
-            "ci95") else r.get(key) for r in (base, tuned)]
+            "ci95") else r.get(key) for r in runs]
         rows.append([label, *cells])
-    out = [_table(["metric", "base", "tuned"], rows)]
+    out = [_table(["metric", "base", "SFT", "SFT+DPO"] if sft else ["metric", "base", "tuned"], rows)]
     if diff:
         out.append(f"Paired difference in mean grade (tuned − base) over {diff['n']} tasks graded in both: "
                    f"{_fmt(diff['diff'])}, 95% CI [{_fmt(diff['ci95'][0])}, {_fmt(diff['ci95'][1])}] "
@@ -224,7 +247,8 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
     body = ["---", yaml.safe_dump(metadata(rec, list(gguf)), allow_unicode=True, sort_keys=False).strip(), "---", "",
             f"# {title}", "",
             ("A Japanese assistant model made with ezoforge the way the EZO models were made: instruction data "
-             "synthesized from Japanese text, then supervised fine-tuning." if rec.train else
+             "synthesized from Japanese text, then supervised fine-tuning"
+             + (", then DPO on pairs graded by its own evaluation judge." if rec.prefer else ".") if rec.train else
              "A model exported with ezoforge (no training records were found beside it).")
             + (f" Base model: `{hub_id(base) or base}`." if base else ""), ""]
     data = _data_section(rec)
@@ -233,6 +257,9 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
     method = _method_section(rec)
     if method:
         body += ["## Training", "", method, ""]
+    preference = _preference_section(rec)
+    if preference:
+        body += ["### Preference tuning (SFT → DPO)", "", preference, ""]
     evals = _eval_section(rec, diff, chart)
     if evals:
         body += ["## Evaluation", "", *[p + "\n" for p in evals]]

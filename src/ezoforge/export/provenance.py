@@ -28,9 +28,10 @@ class RunRecords:
     merged_dir: Path
     merged: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
+    prefer: dict[str, Any] | None = None  # DPO after the SFT: the merged adapter is the SFT adapter continued
     synth: list[dict[str, Any]] = field(default_factory=list)
     curate: list[dict[str, Any]] = field(default_factory=list)
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"tuned" -> report.json
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"sft"/"tuned" -> report.json
 
     @property
     def base_model(self) -> str | None:
@@ -45,14 +46,18 @@ class RunRecords:
 
     def folders(self) -> list[Path]:
         """Every record folder the card reads, for the export's fingerprint."""
-        stages = [self.merged, self.train, *self.synth, *self.curate]
+        stages = [self.merged, self.prefer, self.train, *self.synth, *self.curate]
         return [s["dir"] for s in stages if s] + [self.merged_dir.parent / f"eval-{k}" for k in self.evals]
 
 
 def gather(merged: Path) -> RunRecords:
     merged = Path(merged)
     rec = RunRecords(merged, _stage(merged))
-    trains = [t for p in (rec.merged or {}).get("inputs", []) if (t := _stage(p)) and t["stage"] == "train"]
+    read = [s for p in (rec.merged or {}).get("inputs", []) if (s := _stage(p))]
+    rec.prefer = next((s for s in read if s["stage"] == "prefer"), None)
+    if rec.prefer:  # merged ← prefer ← train
+        read = [s for p in rec.prefer["inputs"] if (s := _stage(p))]
+    trains = [t for t in read if t["stage"] == "train"]
     rec.train = trains[0] if trains else None
     rec.synth = [s for p in (rec.train or {}).get("inputs", []) if (s := _stage(p)) and s["stage"] == "synth"]
     for synth in rec.synth:
@@ -61,7 +66,9 @@ def gather(merged: Path) -> RunRecords:
             if curate and curate["stage"] == "curate" and all(c["dir"] != curate["dir"] for c in rec.curate):
                 rec.curate.append(curate)
     # An eval beside the merged folder counts only when it evaluated this model (tuned) or its base (base).
-    for kind, model in (("base", rec.base_model), ("tuned", str(merged))):
+    # With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO).
+    for kind, model in (("base", rec.base_model), ("sft", rec.base_model if rec.prefer else None),
+                        ("tuned", str(merged))):
         report = merged.parent / f"eval-{kind}" / "report.json"
         if model and report.is_file() and done_info(report.parent) is not None:
             data = json.loads(report.read_text(encoding="utf-8"))

@@ -197,7 +197,8 @@ def _judge(instructions: list[Instruction], answers: dict[str, list[dict]], reci
         units += [Unit(task, k, 1, j, (text,)) for k, (text, _, _) in enumerate(texts) for j in range(ev.judgments)]
     started = time.perf_counter()
     judged = judge.judge_all(units, f"{model.name}+sft") if units else []
-    counts.update(judge_sent=judge.sent, judge_cached=judge.cached, judge_seconds=round(time.perf_counter() - started, 1))
+    counts.update(judge_sent=judge.sent, judge_cached=judge.cached,
+                  judge_seconds=round(time.perf_counter() - started, 1))
     verdicts, of = [], {}
     for unit, v in zip(units, judged):
         row = {"instruction_id": unit.task.id.split("/", 1)[1], "candidate": unit.sample, **v}

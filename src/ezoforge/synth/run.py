@@ -69,8 +69,14 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool):
         return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed, cfg.vllm)
     return TransformersBackend(
         tokenizer, context,
-        lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat),
+        lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat,
+                     quantize=base_quantize(recipe)),
         cfg.generation.batch_size, static_cache)
+
+
+def base_quantize(recipe: Recipe) -> str:
+    """model.quantize holds for the base model; a synthesizer of its own (synth.model) fits itself (auto)."""
+    return recipe.model.quantize if recipe.synth.model in (None, recipe.model.name) else "auto"
 
 
 def use_static_cache(setting: str | bool, device) -> bool:
@@ -107,8 +113,8 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     else:  # a local model must exist before work starts, and is known by its weights
         from ezoforge.models import check_model, model_identity, pick_device
 
-        check_model(model, None, m.device, m.chat_template)
-        identity = model_identity(model, None, m.dtype, m.device, m.chat_template)
+        check_model(model, None, m.device, m.chat_template, base_quantize(recipe))
+        identity = model_identity(model, None, m.dtype, m.device, m.chat_template, base_quantize(recipe))
         static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
     settings = {"synth": output_settings(cfg), "model": model, "model_identity": identity,
                 "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
