@@ -9,7 +9,6 @@ Checkpoints, kill/resume and the adapter swap are `ezo train`'s (train/checkpoin
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ezoforge.stage import Stage
 from ezoforge.train import checkpoints
 from ezoforge.train.model import attn_implementation, float32_adapters, load_base
 from ezoforge.train.progress import TrainLog, plot_loss
-from ezoforge.train.run import hardware, save_adapter, summarize
+from ezoforge.train.run import hardware, save_adapter, summarize, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +30,13 @@ REF = "ref"  # the name TRL gives the frozen copy of the adapter it is handed
 def dpo_config(cfg: PreferConfig, train: TrainConfig, staging: Path, device: torch.device, precision: torch.dtype):
     from trl import DPOConfig
 
-    cuda = device.type == "cuda"
     # TRL 1.16 computes DPO's log-probs through its own fused, chunked LM head (never the tokens x vocab logits) and
     # refuses Liger's fused loss; Liger adds its layer kernels only.
-    liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
     return DPOConfig(
-        output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
-        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
-        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
-        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
-        eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
-        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
+        **trainer_args(cfg, staging, device, precision), eval_strategy="no",
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
-        use_liger_kernel=bool(liger), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length,
-        include_num_input_tokens_seen="non_padding", report_to=[], disable_tqdm=True, log_level="warning",
-        dataloader_num_workers=0)
+        beta=cfg.beta, loss_type=[cfg.loss_type], report_to=[])
 
 
 def conversational(pairs: list[dict]) -> list[dict]:

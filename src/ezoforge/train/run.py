@@ -37,33 +37,39 @@ def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
             "input_fingerprints": input_fingerprints(inputs)}
 
 
-def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
-               precision: torch.dtype | None = None):
-    """TRL's settings; `precision` is the base's dtype (model.dtype), which CUDA autocast follows."""
-    from trl import SFTConfig
-
+def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None) -> dict:
+    """The arguments SFT and DPO share (batch, schedule, saving, precision, Liger), from a section that has the
+    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows."""
     cuda = device.type == "cuda"
     if precision is None:
         precision = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
-    return SFTConfig(
+    return dict(
         output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
         max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
-        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
-        eval_on_start=evaluate and eval_first,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
         bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
+        use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True, log_level="warning", dataloader_num_workers=0)
+
+
+def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
+               precision: torch.dtype | None = None):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_args(cfg, staging, device, precision),
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
+        eval_on_start=evaluate and eval_first,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": cfg.checkpoint_every,
                                          **({"selective": True} if cfg.selective_checkpointing else {})},
-        use_liger_kernel=bool(liger), torch_compile=cfg.compile,
+        torch_compile=cfg.compile,
         # Our rows are tokenized, labelled and packed already (see data.py).
-        dataset_kwargs={"skip_prepare_dataset": True}, packing=False, max_length=cfg.max_length,
-        include_num_input_tokens_seen="non_padding", report_to=trainer_trackers(cfg), disable_tqdm=True,
-        log_level="warning", dataloader_num_workers=0)
+        dataset_kwargs={"skip_prepare_dataset": True}, packing=False, report_to=trainer_trackers(cfg))
 
 
 # ---------------------------------------------------------------- experiment tracking
