@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-all clean gpu-bundle
+.PHONY: install demo test test-cov test-all clean gpu-bundle
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,11 +23,18 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ezo run recipes/demo.yaml
 
-# `test`: everything but the slow and GPU tests, offline, with the 15 slowest listed so the cost stays visible;
-# `test-all`: those too (the GPU ones skip without CUDA). Both list what was skipped and why (-rs in pyproject).
+# `test`: the import layers (lint-imports), then everything but the slow and GPU tests, offline, on two xdist
+# workers (one builds the shared demo run while the other takes the rest), with the 15 slowest listed so the cost
+# stays visible; `test-all`: the slow and GPU tests too, one at a time (the GPU ones skip without CUDA). Both list what was skipped
+# and why (-rs in pyproject). `test-cov`: `test` with line coverage of src/ezoforge, stage processes included.
+TEST_WORKERS ?= 2
 test: install
-	# One thread per process: the suite runs servers and workers beside the model, and 2 cores oversubscribe.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
+	$(VENV)/bin/lint-imports
+	# One thread per process: each worker runs servers and stage processes beside the model on 2 cores.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
+test-cov: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --cov=ezoforge --cov-report=term
 
 test-all: install
 	$(PY) -m pytest -q -m '' --durations=15

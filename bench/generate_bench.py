@@ -82,8 +82,8 @@ def plain_generate(model, tokenizer, texts, batch: int, new_tokens: int, device)
 
 
 def ours(backend, texts, new_tokens: int, device) -> tuple[int, float]:
+    from ezoforge.infer.backends import Request
     from ezoforge.infer.generate import Sampling
-    from ezoforge.synth.prompts import Request
 
     reqs = [Request(str(i), t, prompt=t) for i, t in enumerate(texts)]
     outs = {}
@@ -110,8 +110,8 @@ def main() -> None:
 
     import transformers
 
+    from ezoforge.infer.backends import TransformersBackend
     from ezoforge.models import Loaded
-    from ezoforge.synth.backends import TransformersBackend
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -47,6 +47,15 @@ def ezo_in_process(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    # `make test` runs two xdist workers (--dist loadgroup): the tests that read the session's demo run go to one
+    # worker, so the run is built once while the other worker takes the rest.
+    for item in items:
+        if "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("demo"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _hf_home(tmp_path_factory):
     # `datasets` and the hub cache write under HF_HOME; keep tests from touching the user's cache.
@@ -115,14 +124,16 @@ class DemoRun:
 def demo_run(tmp_path_factory) -> DemoRun:
     """`ezo run` of the demo recipe cut to seconds, judged by the scripted judge: built once per session and shared
     by the tests that read it. Never change it: copy it with `demo_copy`."""
-    from scripted_judge import ScriptedJudge
+    from scripted_judge import ScriptedJudge, judge_and_synthesizer
 
     from ezoforge.pipeline import run_recipe
 
     root = tmp_path_factory.mktemp("demo")
-    with ScriptedJudge() as judge:
-        # Its own answer cache: every session generates the answers for real.
-        overrides = [*DEMO_SMALL, f"eval.judge_url={judge.url}", "eval.judge_model=scripted",
+    with ScriptedJudge(judge_and_synthesizer) as judge:
+        # Pairs come from the scripted server (synth's own path is tested in test_synth_run); answers are generated
+        # for real, into their own cache.
+        overrides = [*DEMO_SMALL, "synth.backend=openai", f"synth.base_url={judge.url}", f"synth.model={BUNDLED}",
+                     f"eval.judge_url={judge.url}", "eval.judge_model=scripted",
                      f"eval.cache={root / 'eval-requests.sqlite'}"]
         run = DemoRun(root / "run", overrides, {}, judge)
         report = run_recipe(run.recipe(), DEMO)

@@ -2,7 +2,8 @@
 
 `with ScriptedJudge() as judge:` serves `POST {judge.url}/chat/completions` (the url ends in /v1) from a thread;
 each request body is appended to `judge.requests`. The reply text comes from `script(messages) -> str`; the default grades an
-answer by its length (`expected_grade`), which a test recomputes from answers.jsonl.
+answer by its length (`expected_grade`), which a test recomputes from answers.jsonl. `judge_and_synthesizer` also
+answers synth's prompted requests, so a pipeline test can synthesize pairs in milliseconds.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODEL = "scripted-judge-2026-12-01"
 FINGERPRINT = "fp_scripted_0001"
 _ANSWER = re.compile(r"# アシスタントの回答\n(.*)\n\n# 採点方法", re.S)
+_PASSAGE = re.compile(r"^文章:\n(.*?)\n\n", re.S)
 
 
 def expected_grade(answer: str) -> int:
@@ -32,6 +34,20 @@ def answer_of(messages: list[dict]) -> str:
 def by_length(messages: list[dict]) -> str:
     answer = answer_of(messages)
     return json.dumps({"reason": f"{len(answer.strip())} 文字", "grade": expected_grade(answer)}, ensure_ascii=False)
+
+
+def first_sentence(messages: list[dict]) -> str:
+    """A prompted synth request (ezoforge.synth.prompts.prompted) is continued after its prefill `…回答1:` with the
+    passage's first sentence: an answer the pair filters keep."""
+    found = _PASSAGE.search(messages[-2]["content"])
+    assert found and messages[-1]["role"] == "assistant", "not a prompted synth request"
+    sentence = re.match(r".+?[。！？]", found.group(1).strip(), re.S)
+    return " " + (sentence.group(0) if sentence else found.group(1).strip()[:60])
+
+
+def judge_and_synthesizer(messages: list[dict]) -> str:
+    return first_sentence(messages) if _PASSAGE.search(messages[-2]["content"] if len(messages) > 1 else "") \
+        else by_length(messages)
 
 
 class ScriptedJudge:

@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
 from ezoforge.config import bundled_data, load_recipe
 from ezoforge.errors import EzoError
-from ezoforge.eval import contamination, eval_report
+from ezoforge.eval import contamination
 from ezoforge.eval.tasks import load_suite
 from ezoforge.records import write_jsonl, write_parquet
 from ezoforge.stage import Stage
@@ -174,8 +175,8 @@ def test_the_demo_run_records_the_check_in_stats_report_and_card(demo_run):
     report = json.loads((tuned / "report.json").read_text(encoding="utf-8"))
     assert report["contamination"] == result
     sentence = contamination.summary(result)
-    assert eval_report.esc(sentence) in (tuned / "report.html").read_text(encoding="utf-8")
-    assert eval_report.esc(sentence) in (demo_run.workdir / "report.html").read_text(encoding="utf-8")
+    assert escape(sentence) in (tuned / "report.html").read_text(encoding="utf-8")
+    assert escape(sentence) in (demo_run.workdir / "report.html").read_text(encoding="utf-8")
     base = json.loads((demo_run.workdir / "eval-base" / "report.json").read_text(encoding="utf-8"))
     assert base["contamination"]["checked_against"] == []  # the base model has no training records of ours
     assert sentence in (demo_run.workdir / "export" / "README.md").read_text(encoding="utf-8")

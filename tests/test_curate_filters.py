@@ -156,7 +156,7 @@ def test_repeat_coverage_matches_the_plain_definition():
     """The pruned, vectorised measure equals the plain one: characters under any later occurrence of an n-gram."""
     import re
 
-    from ezoforge.curate import text as tx
+    from ezoforge import text as tx
 
     def plain(t: str, n: int) -> int:
         seen, covered = set(), set()

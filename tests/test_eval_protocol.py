@@ -17,7 +17,8 @@ from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError, RecordError
 from ezoforge.eval.eval_report import DIFFERENT_JUDGES, grade_summary
 from ezoforge.eval.mt_bench import PROMPTS, parse_rating
-from ezoforge.eval.run import compare, run
+from ezoforge.eval.compare import compare
+from ezoforge.eval.run import run
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.models import model_identity
 from ezoforge.records import write_jsonl

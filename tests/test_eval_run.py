@@ -14,7 +14,8 @@ from ezoforge.cli import app
 from ezoforge.config import DEFAULT_SYSTEM_PROMPT, bundled_data, load_recipe
 from ezoforge.errors import EzoError
 from ezoforge.eval.judge_prompt import PROMPT_VERSION
-from ezoforge.eval.run import compare, run
+from ezoforge.eval.compare import compare
+from ezoforge.eval.run import run
 from ezoforge.eval.likelihood import jcqa_prompt
 from ezoforge.eval.tasks import load_suite
 from ezoforge.infer.generate import Generator, build_messages

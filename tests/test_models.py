@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ezoforge.errors import ModelError
-from ezoforge.models import bundled_gguf, load, resolve
+from ezoforge.export.card import hub_id
+from ezoforge.models import bundled_gguf, is_hub_id, load, resolve
 
 
 def test_bundled_gguf_is_found_without_importing_its_package():
@@ -30,6 +31,26 @@ def test_gguf_converts_once_into_a_safetensors_cache(tmp_path, monkeypatch):
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ModelError, match=message):
         resolve(spec)
+
+
+@pytest.mark.parametrize("spec, hub", [
+    ("meta-llama/Llama-3.1-8B-Instruct", True),
+    ("gpt2", True),  # a one-part canonical id
+    ("org/name", False),  # a folder of that name exists here
+    ("./models/llama", False),
+    ("/models/llama", False),
+    ("~/models/llama", False),
+    ("runs/demo/merged", False),  # deeper than org/name
+    ("model.gguf", False),
+    ("bundled:smollm2-135m-instruct", False),
+])
+def test_hub_id_or_local_path(spec, hub, tmp_path, monkeypatch):
+    """The one test loading (check_spec) and the model card (hub_id) both use."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert is_hub_id(spec) is hub
+    if not spec.startswith("bundled:"):  # the card names a bundled model by its own hub id
+        assert hub_id(spec) == (spec if hub else None)
 
 
 def test_adapter_folder_passed_as_model_is_explained(tmp_path):

@@ -141,7 +141,7 @@ def test_base_vs_tuned_is_one_table_with_difference_ci_and_the_better_marked(wor
         assert [c.endswith(" ✓") for c in ppl[:2]] == [base["perplexity"] < tuned["perplexity"],
                                                       tuned["perplexity"] < base["perplexity"]]
     html = (workdir / "report.html").read_text(encoding="utf-8")
-    from ezoforge.eval.run import compare
+    from ezoforge.eval.compare import compare
 
     grade = t["Mean grade (LLM judge)"]
     means = [sum(expected_grade(a["answer"]) for a in jsonl(workdir / f"eval-{s}" / "answers.jsonl")) / 3
@@ -173,8 +173,9 @@ def test_data_mix_and_synthesized_pairs_with_provenance(workdir, page):
         doc = docs[pair["doc_id"]]
         assert (doc["title"] or doc["id"]) in card["text"] and pair["context"][:100] in card["text"]
         assert pair["response"][:100] in card["text"]
-        text = card["text"]
-        assert text.index("Source document") < text.index("Passage") < text.index("Instruction") < text.index("Response")
+        at = 0
+        for label in ("Source document", "Passage", "Instruction", "Response"):  # in this order (a passage may
+            at = card["text"].index(label, at)                                  # hold one of the words too)
 
 
 def test_answers_side_by_side_largest_grade_change_first(workdir, page):
@@ -266,6 +267,44 @@ def test_mix_from_synth_and_train_stats_when_present_and_left_out_without_data(w
     (w / "train" / "stats.json").write_text(json.dumps(train), encoding="utf-8")
     report = write_run_report(w, list(timings), timings)
     assert report["data_mix"] == [] and "Data mix" not in Page((w / "report.html").read_text(encoding="utf-8")).h2
+
+
+def test_markup_in_a_task_or_model_name_is_shown_as_text_in_every_page(demo_copy, tmp_path):
+    """The eval report, the compare page and the run report escape what the records hold: a task id and a model
+    name carrying a script tag are printed as text, and no script tag reaches the page."""
+    from markupsafe import escape
+
+    from ezoforge.eval import eval_report
+    from ezoforge.eval.compare import compare
+
+    workdir = demo_copy.workdir
+    model_tag, task_tag = "<script>model()</script>", "<script>task()</script>"
+    for side in ("base", "tuned"):
+        folder = workdir / f"eval-{side}"
+        report = read(folder / "report.json")
+        report["model"]["name"] += model_tag
+        (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+        first = jsonl(folder / "answers.jsonl")[0]["task_id"]
+        for name in ("answers.jsonl", "judgements.jsonl"):
+            rows = jsonl(folder / name)
+            for r in rows:
+                r["task_id"] += task_tag if r["task_id"] == first else ""
+            (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                       encoding="utf-8")
+    tuned = workdir / "eval-tuned"
+    compare([workdir / "eval-base", tuned], tmp_path)
+    write_run_report(workdir, [], {})
+    pages = {"eval": eval_report.run_html(read(tuned / "report.json"), jsonl(tuned / "answers.jsonl"),
+                                          jsonl(tuned / "judgements.jsonl")),
+             "compare": (tmp_path / "compare.html").read_text(encoding="utf-8"),
+             "run": (workdir / "report.html").read_text(encoding="utf-8")}
+    for name, text in pages.items():
+        assert "<script" not in text, name
+        assert escape(model_tag) in text, name
+    for name, section in (("eval", "Tasks"), ("run", "Answers side by side")):  # the pages that show tasks
+        assert escape(task_tag) in pages[name], name
+        heads = [c["h3"] for c in Page(pages[name]).cards if c["section"] == section]
+        assert sum(h.split()[0].endswith(task_tag) for h in heads) == 1, name
 
 
 # ---------------------------------------------------------------- in a real browser

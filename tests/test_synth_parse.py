@@ -3,8 +3,9 @@ import pytest
 
 from ezoforge.config import PairFilters
 from ezoforge.synth import prompts
-from ezoforge.synth.parse import PairFilter, japanese_ratio, parse_prompted, parse_synthesizer
+from ezoforge.synth.parse import PairFilter, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import sentences, split
+from ezoforge.text import japanese_ratio
 
 # ---------------------------------------------------------------- synthesizer format
 

@@ -7,8 +7,8 @@ import torch
 from conftest import BUNDLED
 from ezoforge.errors import RecordError
 from ezoforge.models import load_tokenizer
-from ezoforge.train.data import (IGNORE, PackedCollator, encode, end_of_turn_id, pack, prepare, read_conversations,
-                                 split_eval)
+from ezoforge.train.data import PackedCollator, pack, prepare, read_conversations, split_eval
+from ezoforge.turns import IGNORE, encode, end_of_turn_id
 from trainkit import elyza_rows, tiny_model  # noqa: F401  (fixtures)
 
 LLAMA3_TEMPLATE = (

@@ -7,7 +7,7 @@ import pytest
 
 from ezoforge.config import Recipe, load_recipe, output_settings
 from ezoforge.errors import ConfigError
-from ezoforge.synth.backends import vllm_engine_kwargs
+from ezoforge.infer.backends import vllm_engine_kwargs
 
 
 def test_the_recipe_settings_reach_the_engine(tmp_path):

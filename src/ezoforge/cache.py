@@ -9,8 +9,12 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rich.progress import Progress
 
 
 def request_key(**parts: Any) -> str:
@@ -45,3 +49,22 @@ class RequestCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def cached(cache: RequestCache, keys: list[str], compute: Callable[[list[int]], list], batch: int, label: str,
+           counts: Counter) -> list:
+    """The value for each key: read from the cache, or computed `batch` at a time and stored as each batch ends."""
+    values = [cache.get(k) for k in keys]
+    todo = [i for i, v in enumerate(values) if v is None]
+    counts[f"{label}_cached"] += len(keys) - len(todo)
+    counts[f"{label}_computed"] += len(todo)
+    if todo:
+        with Progress() as progress:
+            bar = progress.add_task(label, total=len(keys), completed=len(keys) - len(todo))
+            for start in range(0, len(todo), batch):
+                chunk = todo[start: start + batch]
+                for i, value in zip(chunk, compute(chunk)):
+                    cache.put(keys[i], value)
+                    values[i] = value
+                progress.advance(bar, len(chunk))
+    return values

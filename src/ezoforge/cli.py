@@ -5,10 +5,14 @@ stage's `run`. Heavy imports happen inside the commands so `ezo --help` stays in
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,6 +22,7 @@ from rich.markup import escape
 
 from ezoforge.config import Recipe, dump_yaml, load_recipe
 from ezoforge.errors import ConfigError, EzoError
+from ezoforge.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval).")
@@ -25,35 +30,73 @@ console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML to start from.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. train.max_steps=10 (repeatable).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="HF id, local folder, .gguf file or bundled:smollm2-135m-instruct.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="PEFT adapter folder to apply.")]
-TemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", help="Jinja chat template file, for models without one.")]
-# Flags default to None: a flag overrides the recipe only when it is given.
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 … (default: the recipe's model.device).")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto (CUDA bf16, CPU float32), float32, bfloat16, float16 (default: the recipe's model.dtype).")]
-QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="auto (nf4 only where the weights do not fit the device), none, nf4, int8: bitsandbytes (default: the recipe's model.quantize).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt for a conversation without one (default: model.system_prompt, the EZO one).")]
 NoSystemOpt = Annotated[bool, typer.Option("--no-system", help="Add no system prompt.")]
-MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", help="Reply length (generation.max_new_tokens).")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (generation.temperature).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage: deletes its folder, even one done with these settings.")]
 
 
-def _model_flags(model: str | None, chat_template: Path | None, device: str | None, dtype: str | None,
-                 quantize: str | None = None) -> dict:
-    """The model option group every model-loading command shares, as recipe keys."""
-    return {"model.name": model, "model.chat_template": chat_template, "model.device": device, "model.dtype": dtype,
-            "model.quantize": quantize}
+@dataclass(frozen=True)
+class Flag:
+    """An option that sets one recipe key, declared once for every command that takes it. Not given (None), the
+    recipe's value stands; a --set override beats it."""
+
+    key: str
+    names: tuple[str, ...]
+    type: Any
+    help: str = ""
+    parse: Callable[[Any], Any] | None = None  # the given value as the recipe takes it
+
+    @property
+    def param(self) -> str:
+        return self.key.replace(".", "__")
+
+    @property
+    def flag(self) -> str:
+        """The name errors use."""
+        return self.names[0].split("/")[0]
+
+    def annotation(self) -> Any:
+        return Annotated[Optional[self.type], typer.Option(*self.names, help=f"{self.help} ({self.key})".lstrip())]
+
+    def value(self, given: Any) -> Any:
+        return given if given is None or self.parse is None else self.parse(given)
 
 
-# Flags whose name is not their key's last part (the rest are `--last-part`), for errors that name the flag.
-_FLAG_NAMES = {"model.name": "--model", "synth.model": "--model", "eval.allow_partial": "--allow-partial"}
+def recipe_options(*flags: Flag):
+    """A command that works from the recipe: it takes `flags`, --config and --set besides its own options, and is
+    called with `recipe`: the recipe file (or the defaults), then the flags given, then the --set overrides."""
+    def wrap(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "recipe"]
+        added = [(f.param, None, f.annotation()) for f in flags] + [("config", None, ConfigOpt), ("set_", None, SetOpt)]
+
+        @functools.wraps(command)
+        def with_recipe(**given: Any):
+            values = {f.key: f.value(given.pop(f.param)) for f in flags}
+            recipe = load_recipe(given.pop("config"), given.pop("set_"), values, {f.key: f.flag for f in flags})
+            return command(recipe=recipe, **given)
+
+        with_recipe.__signature__ = inspect.Signature(
+            own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                   for name, default, annotation in added])
+        return with_recipe
+    return wrap
 
 
-def _recipe(config: Path | None, overrides: list[str] | None, **flags: Any) -> Recipe:
-    """The recipe (or defaults), then the flags given on the command line ("a.b" keys; None = not given), then
-    --set overrides."""
-    return load_recipe(config, overrides, flags, _FLAG_NAMES)
+# Flags more than one command takes.
+MODEL_FLAGS = (  # every command that loads recipe.model
+    Flag("model.name", ("--model", "-m"), str, "HF id, local folder, .gguf file or bundled:smollm2-135m-instruct."),
+    Flag("model.chat_template", ("--chat-template",), Path, "Jinja chat template file, for models without one."),
+    Flag("model.device", ("--device",), str, "auto (CUDA if present), cpu, cuda, cuda:1 …"),
+    Flag("model.dtype", ("--dtype",), str, "auto (CUDA bf16, CPU float32), float32, bfloat16, float16."),
+    Flag("model.quantize", ("--quantize",), str,
+         "auto (nf4 only where the weights do not fit the device), none, nf4, int8: bitsandbytes."))
+MAX_NEW_TOKENS = Flag("generation.max_new_tokens", ("--max-new-tokens",), int, "Reply length.")
+TEMPERATURE = Flag("generation.temperature", ("--temperature",), float, "0 = greedy.")
+JUDGE_URL = Flag("eval.judge_url", ("--judge-url",), str,
+                 "OpenAI-compatible base URL, or `local` to serve --judge-model in-process.")
+JUDGE_MODEL = Flag("eval.judge_model", ("--judge-model",), str, "Judge model name (with `local`: a model spec).")
+MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _system(system: str | None, no_system: bool, recipe: Recipe) -> str | None:
@@ -76,25 +119,16 @@ def _load(recipe: Recipe, adapter: Path | None):
 
 
 @app.command()
+@recipe_options(*MODEL_FLAGS, MAX_NEW_TOKENS, TEMPERATURE, Flag("generation.top_p", ("--top-p",), float),
+                Flag("generation.seed", ("--seed",), int), Flag("generation.batch_size", ("--batch-size",), int))
 def generate(
-    model: ModelOpt = None,
+    recipe: Recipe,
     adapter: AdapterOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One prompt; the reply is printed.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help='JSONL of {"id", "prompt"} (batch mode).')] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help='JSONL of {"id", "prompt", "answer"} (batch mode).')] = None,
     system: SystemOpt = None,
     no_system: NoSystemOpt = False,
-    max_new_tokens: MaxNewTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Print the assistant's reply to --prompt, or answer every line of --input into --out."""
     from ezoforge.infer.generate import Generator, Sampling, build_messages, generate_file
@@ -103,9 +137,6 @@ def generate(
         raise EzoError("give exactly one of --prompt or --input")
     if input is not None and out is None:
         raise EzoError("--input needs --out")
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
-        "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
-        "generation.top_p": top_p, "generation.seed": seed, "generation.batch_size": batch_size})
     g = recipe.generation
     sampling = Sampling.from_config(g)
     sys_prompt = _system(system, no_system, recipe)
@@ -122,33 +153,25 @@ def generate(
 
 
 @app.command()
-def chat(
-    model: ModelOpt = None,
-    adapter: AdapterOpt = None,
-    system: SystemOpt = None,
-    no_system: NoSystemOpt = False,
-    max_new_tokens: MaxNewTokensOpt = None,
-    temperature: TemperatureOpt = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
+@recipe_options(*MODEL_FLAGS, MAX_NEW_TOKENS, TEMPERATURE)
+def chat(recipe: Recipe, adapter: AdapterOpt = None, system: SystemOpt = None, no_system: NoSystemOpt = False) -> None:
     """Interactive multi-turn chat, streamed. Commands: /reset, /system TEXT, /exit."""
     from ezoforge.infer.chat import repl
     from ezoforge.infer.generate import Generator, Sampling
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
-        "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature})
     sys_prompt = _system(system, no_system, recipe)
     repl(Generator(_load(recipe, adapter)), sys_prompt, Sampling.from_config(recipe.generation))
 
 
 @app.command()
+@recipe_options(*MODEL_FLAGS, Flag("generation.max_new_tokens", ("--max-tokens",), int, "Default reply length."),
+                Flag("serve.max_batch", ("--max-batch",), int, "Requests decoded together."),
+                Flag("serve.max_queue", ("--max-queue",), int, "Requests waiting beyond the batch; more get 429."),
+                Flag("serve.max_body_bytes", ("--max-body-bytes",), int, "Larger request bodies get 413."),
+                Flag("serve.request_timeout", ("--request-timeout",), float,
+                     "Seconds a request may take, queueing included."))
 def serve(
-    model: ModelOpt = None,
+    recipe: Recipe,
     adapter: AdapterOpt = None,
     host: Annotated[str, typer.Option("--host", help="Bind address (loopback unless told otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 8000,
@@ -156,26 +179,11 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
     system: SystemOpt = None,
     no_system: NoSystemOpt = False,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Default reply length (default: generation.max_new_tokens).")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Requests decoded together (serve.max_batch).")] = None,
-    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Requests waiting beyond the batch; more get 429 (serve.max_queue).")] = None,
-    max_body_bytes: Annotated[Optional[int], typer.Option("--max-body-bytes", help="Larger request bodies get 413 (serve.max_body_bytes).")] = None,
-    request_timeout: Annotated[Optional[float], typer.Option("--request-timeout", help="Seconds a request may take, queueing included (serve.request_timeout).")] = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions (plain and SSE), GET /v1/models, GET /health."""
     from ezoforge.infer.generate import Generator
     from ezoforge.infer.serve import api_key_from_env
     from ezoforge.infer.serve import serve as run_server
-
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
-        "generation.max_new_tokens": max_tokens, "serve.max_batch": max_batch, "serve.max_queue": max_queue,
-        "serve.max_body_bytes": max_body_bytes, "serve.request_timeout": request_timeout})
     from ezoforge.models import check_model
 
     api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
@@ -238,38 +246,29 @@ app.add_typer(eval_app, name="eval")
 
 
 @eval_app.callback(invoke_without_command=True)
+@recipe_options(*MODEL_FLAGS,
+                Flag("eval.tasks", ("--tasks", "-t"), str,
+                     "SPEC[,SPEC…]: elyza100[:PATH], jcqa[:PATH], mt-bench-ja:PATH, ppl:PATH.",
+                     parse=lambda tasks: tasks.split(",")),
+                JUDGE_URL, JUDGE_MODEL,
+                Flag("eval.judge_api_key_env", ("--judge-api-key-env",), str, "Env var holding the judge's API key."),
+                Flag("eval.limit", ("--limit",), int, "First N items of each task."),
+                Flag("eval.concurrency", ("--concurrency",), int, "Judge requests in flight."),
+                Flag("eval.allow_partial", ("--allow-partial",), bool,
+                     "Report a mean over graded tasks even if some judgements failed."),
+                Flag("eval.generation.max_new_tokens", ("--max-new-tokens",), int, "Reply length."))
 def eval_(
     ctx: typer.Context,
-    model: ModelOpt = None,
+    recipe: Recipe,
     adapter: AdapterOpt = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", "-t", help="SPEC[,SPEC…]: elyza100[:PATH], jcqa[:PATH], mt-bench-ja:PATH, ppl:PATH.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (answers, judgements, report).")] = None,
-    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL, or `local` to serve --judge-model in-process.")] = None,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model name (with `local`: a model spec).")] = None,
-    judge_api_key_env: Annotated[Optional[str], typer.Option("--judge-api-key-env", help="Env var holding the judge's API key.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="First N items of each task.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Judge requests in flight.")] = None,
-    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Report a mean over graded tasks even if some judgements failed.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
-    chat_template: TemplateOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
     force: ForceOpt = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Answer, judge and score a model into --out (report.json, report.html)."""
     if ctx.invoked_subcommand is not None:
         return
-    from ezoforge.errors import ConfigError
     from ezoforge.eval.run import run as run_eval
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, device, dtype, quantize), **{
-        "eval.tasks": tasks.split(",") if tasks else None, "eval.judge_url": judge_url,
-        "eval.judge_model": judge_model, "eval.judge_api_key_env": judge_api_key_env, "eval.limit": limit,
-        "eval.concurrency": concurrency, "eval.allow_partial": allow_partial or None,
-        "eval.generation.max_new_tokens": max_new_tokens})
     if out is None:
         raise ConfigError("ezo eval needs --out DIR")
     report = run_eval(recipe, out, adapter, force)
@@ -291,7 +290,7 @@ def eval_compare(
     from rich.table import Table
 
     from ezoforge.eval.eval_report import COMPARE_COLUMNS, DIFFERENT_JUDGES, compare_rows
-    from ezoforge.eval.run import compare
+    from ezoforge.eval.compare import compare
 
     result = compare(dirs, out, allow_different_judges)
     mark = f" · {DIFFERENT_JUDGES}" if result["different_judges"] else ""
@@ -306,52 +305,46 @@ def eval_compare(
 
 
 @app.command()
+@recipe_options(Flag("curate.workers", ("--workers", "-w"), int, "Parallel tasks."),
+                Flag("curate.on_error", ("--on-error",), str, "fail (default) or skip: bad rows go to rejected/."))
 def curate(
+    recipe: Recipe,
     inputs: Annotated[Optional[list[str]], typer.Argument(
         help="Inputs: .xml/.xml.bz2 (MediaWiki export), .parquet, .jsonl/.jsonl.gz, folders or globs "
              "(default: curate.inputs from the recipe).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/, rejected/, stats.json, DONE).")] = ...,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Parallel tasks.")] = None,
-    on_error: Annotated[Optional[str], typer.Option("--on-error", help="fail (default) or skip: bad rows go to rejected/.")] = None,
     force: ForceOpt = False,
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Finish even when no document is kept.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Extract clean, deduplicated Japanese documents from Wikipedia dumps and FineWeb-style web text."""
     from ezoforge.curate.run import run as run_curate
 
-    recipe = _recipe(config, set_, **{"curate.workers": workers, "curate.on_error": on_error})
     stats = run_curate(recipe, inputs or [], out, force=force, allow_empty=allow_empty)
     removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "none"
     console.print(f"kept {stats['docs_out']} of {stats['docs_in']} documents in {out / 'data'} (removed: {removed})")
 
 
 @app.command()
+@recipe_options(Flag("synth.model", ("--model", "-m"), str,
+                     "Model spec, or the served model name with --backend openai (default: the recipe's)."),
+                Flag("synth.backend", ("--backend",), str, "transformers, vllm or openai."),
+                Flag("synth.base_url", ("--base-url",), str, "OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."),
+                Flag("synth.api_key_env", ("--api-key-env",), str, "Env var holding the server's API key."),
+                Flag("synth.mode", ("--mode",), str,
+                     "prompted (any chat model) or synthesizer (Instruction Pre-Training format)."),
+                Flag("synth.pairs_per_doc", ("--pairs-per-doc",), int, "Pairs asked for per passage (prompted mode)."),
+                Flag("synth.limit", ("--limit",), int, "Draw N documents: a seeded mix of the sources (synth.mix)."),
+                Flag("synth.concurrency", ("--concurrency",), int, "Requests in flight (openai backend)."))
 def synth(
+    recipe: Recipe,
     input: Annotated[Path, typer.Argument(help="A curate output folder, or JSONL/Parquet file(s) with `text` (and `id`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/, rejected/, stats.json, DONE).")] = ...,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model spec, or the served model name with --backend openai (default: the recipe's).")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="transformers, vllm or openai.")] = None,
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")] = None,
-    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Env var holding the server's API key.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="prompted (any chat model) or synthesizer (Instruction Pre-Training format).")] = None,
-    pairs_per_doc: Annotated[Optional[int], typer.Option("--pairs-per-doc", help="Pairs asked for per passage (prompted mode).")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        "--limit", help="Draw N documents: a seeded mix of the sources (synth.mix).")] = None,
-    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight (openai backend).")] = None,
     force: ForceOpt = False,
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Finish even when no pair is kept.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Synthesize instruction/response pairs from documents, resumably (completed requests are never resent)."""
     from ezoforge.synth.run import run as run_synth
 
-    recipe = _recipe(config, set_, **{
-        "synth.model": model, "synth.backend": backend, "synth.base_url": base_url, "synth.api_key_env": api_key_env,
-        "synth.mode": mode, "synth.pairs_per_doc": pairs_per_doc, "synth.limit": limit,
-        "synth.concurrency": concurrency})
     stats = run_synth(recipe, input, out, force=force, allow_empty=allow_empty)
     console.print(f"{stats['pairs']} pairs from {stats['documents']} documents ({stats['requests']} requests, "
                   f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} failed) in {out / 'data'}")
@@ -363,25 +356,22 @@ def synth(
 
 
 @app.command()
+@recipe_options(*MODEL_FLAGS[:2],
+                Flag("train.qlora", ("--qlora/--no-qlora",), bool,
+                     "4-bit NF4 base, or an error if it cannot train here (auto = 4-bit on CUDA, LoRA on a CPU)."),
+                Flag("train.max_steps", ("--max-steps",), int, "Optimizer steps."),
+                Flag("train.epochs", ("--epochs",), float, "Passes over the data (instead of --max-steps)."),
+                Flag("train.save_every", ("--save-every",), int, "Checkpoint (and eval) every N steps."),
+                Flag("train.seed", ("--seed",), int))
 def train(
+    recipe: Recipe,
     inputs: Annotated[list[Path], typer.Argument(help="A synth output folder, or JSONL/Parquet with instruction+response (+context) or messages.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, checkpoints/, metrics.jsonl, loss.png, DONE).")] = ...,
-    model: ModelOpt = None,
-    qlora: Annotated[Optional[bool], typer.Option("--qlora/--no-qlora", help="4-bit NF4 base, or an error if it cannot train here (default: the recipe's train.qlora, auto = 4-bit on CUDA, LoRA on a CPU).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.")] = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data (instead of --max-steps).")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint (and eval) every N steps.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    chat_template: TemplateOpt = None,
     force: ForceOpt = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Instruction-tune a LoRA/QLoRA adapter with assistant-only loss; rerun the same command to resume after a kill."""
     from ezoforge.train.run import run as run_train
 
-    recipe = _recipe(config, set_, **_model_flags(model, chat_template, None, None), **{"train.qlora": qlora,
-        "train.max_steps": max_steps, "train.epochs": epochs, "train.save_every": save_every, "train.seed": seed})
     stats = run_train(recipe, inputs, out, force=force)
     if stats:
         console.print(f"{stats['steps']} steps · loss {stats['train_loss_first']} → {stats['train_loss_last']} · "
@@ -390,25 +380,20 @@ def train(
 
 
 @app.command()
+@recipe_options(Flag("prefer.samples", ("--samples",), int, "Answers sampled per instruction."),
+                Flag("prefer.min_margin", ("--min-margin",), float, "Smallest grade gap between chosen and rejected."),
+                Flag("prefer.limit", ("--limit",), int, "Instructions drawn from the SFT's pairs."),
+                Flag("prefer.max_steps", ("--max-steps",), int, "DPO optimizer steps."),
+                JUDGE_URL, JUDGE_MODEL)
 def prefer(
+    recipe: Recipe,
     train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` folder: its adapter is the SFT model, its inputs the instructions.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data/pairs.jsonl, candidates, verdicts, adapter/, DONE).")] = ...,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Answers sampled per instruction (prefer.samples).")] = None,
-    min_margin: Annotated[Optional[float], typer.Option("--min-margin", help="Smallest grade gap between chosen and rejected (prefer.min_margin).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Instructions drawn from the SFT's pairs (prefer.limit).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="DPO optimizer steps (prefer.max_steps).")] = None,
-    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge, or local (eval.judge_url).")] = None,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The judge's model (eval.judge_model).")] = None,
     force: ForceOpt = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Preference pairs from the SFT model's own answers, graded by the judge, then DPO continuing the SFT adapter."""
     from ezoforge.prefer.run import run as run_prefer
 
-    recipe = _recipe(config, set_, **{"prefer.samples": samples, "prefer.min_margin": min_margin,
-                                      "prefer.limit": limit, "prefer.max_steps": max_steps,
-                                      "eval.judge_url": judge_url, "eval.judge_model": judge_model})
     stats = run_prefer(recipe, train_dir, out, force=force)
     before, after = stats["held_out_before"], stats["held_out_after"]
     held = f" · held-out log-prob margin {before['logp_margin']} → {after['logp_margin']}" if before and after else ""
@@ -418,20 +403,17 @@ def prefer(
 
 
 @app.command()
+@recipe_options(Flag("merge.dtype", ("--dtype",), str, "bf16 (default), float32, float16, or auto (the base's).",
+                     parse=lambda dtype: MERGE_DTYPES.get(dtype, dtype)))
 def merge(
+    recipe: Recipe,
     train_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` output folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the standalone merged model.")] = ...,
-    dtype: Annotated[Optional[str], typer.Option(
-        "--dtype", help="bf16 (default), float32, float16, or auto (the base's).")] = None,
     force: ForceOpt = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """Merge the adapter into a full-precision copy of its base and save a model plain transformers and vLLM load."""
     from ezoforge.train.merge import run as run_merge
 
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    recipe = _recipe(config, set_, **{"merge.dtype": aliases.get(dtype, dtype)})
     stats = run_merge(train_dir, out, recipe.merge.dtype, force=force)
     console.print(f"merged {stats['base']} + {train_dir / 'adapter'} → {out} ({stats['dtype']})", highlight=False)
 
@@ -450,16 +432,9 @@ def _force_takes_optional_stage(argv: list[str]) -> list[str]:
     return [f"--force={ALL}" if a == "--force" and bare(i) else a for i, a in enumerate(argv)]
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log lines through rich on stderr (`ezo run`'s stage processes call this too)."""
-    logging.basicConfig(level=level, format="%(message)s", handlers=[_rich_handler()])
-    for noisy in ("httpx", "httpx2", "urllib3", "datatrove"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main() -> None:
     sys.argv[1:] = _force_takes_optional_stage(sys.argv[1:])
-    setup_logging()
+    setup_logging(logging.INFO, console)
     try:
         app()
     except EzoError as e:
@@ -482,29 +457,22 @@ def main() -> None:
         sys.exit(70)
 
 
-def _rich_handler() -> logging.Handler:
-    from rich.logging import RichHandler
-
-    return RichHandler(console=console, show_path=False, show_time=False)
-
-
 # ---------------------------------------------------------------- export and push
 
 @app.command()
+@recipe_options(Flag("export.gguf", ("--gguf",), list[str], "Also write a GGUF (+ Ollama Modelfile): f16 or q8_0 (repeatable)."),
+                Flag("export.repo", ("--repo",), str, "USER/NAME the card's usage snippet loads (default: the output folder)."))
 def export(
+    recipe: Recipe,
     merged: Annotated[Path, typer.Argument(help="A merged model folder (`ezo merge` output).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: `export` beside MERGED).")] = None,
-    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="Also write a GGUF (+ Ollama Modelfile): f16 or q8_0 (repeatable).")] = None,
-    repo: Annotated[Optional[str], typer.Option("--repo", help="USER/NAME the card's usage snippet loads (default: the output folder).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a folder made with other settings.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
 ) -> None:
     """A folder ready to publish: weights, tokenizer, model card (README.md) from the run's records, optional GGUF."""
     from ezoforge.export.run import run as run_export
+    from ezoforge.stage import FOLDERS
 
-    recipe = _recipe(config, set_, **{"export.gguf": gguf, "export.repo": repo})
-    out = out or merged.parent / "export"
+    out = out or merged.parent / FOLDERS["export"]
     stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, force=force)
     files = "".join(f", gguf/{g['file']}" for g in stats["gguf"])
     console.print(f"exported {merged} → {out} (README.md{', eval.png' if stats['chart'] else ''}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -705,6 +706,15 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+def secret(var: str, what: str) -> str:
+    """A key or token, read only from the environment variable a recipe or flag names, so it is never in a recipe,
+    a saved config or a log; unset or empty is an error that names `what` asked for it."""
+    value = os.environ.get(var, "")
+    if not value:
+        raise ConfigError(f"{what}: environment variable {var} is not set or empty")
+    return value
 
 
 def to_plain(model: BaseModel) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Japanese character classes: the one definition the curation filters, the pair filters and constrained decoding use.
+"""Japanese character classes and sentence ends: the one definition curation, synthesis and constrained decoding use.
 
 Each class is a list of inclusive code point ranges.
 """
@@ -15,6 +15,10 @@ SPACE = [(0x3000, 0x3000)]  # ideographic space
 
 KANA = HIRAGANA + KATAKANA
 LETTERS = KANA + KANJI  # what counts as Japanese writing
+
+# What ends a sentence: 。！？ and the ASCII forms NFKC gives ！？; closing brackets after one still belong to it.
+SENTENCE_ENDS = "。！？!?"
+CLOSING_BRACKETS = "」』）)】"
 
 
 def char_class(ranges: list[tuple[int, int]]) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ezoforge.errors import ConfigError, ModelError
+from ezoforge.records import replace_folder
+from ezoforge.turns import end_of_turn_id
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,23 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder (atomic: temp folder, then rename)."""
+    """Dequantize a GGUF file once into a safetensors folder (atomic: temp folder, then rename). Processes that
+    ask at the same time (test workers, a pipeline beside `ezo serve`) wait for the one that converts."""
+    from filelock import FileLock
+
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").exists():
         return target
+    locks = cache_root() / "locks"  # beside the cache, so the gguf folder holds only finished models
+    locks.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.name}.lock"):
+        if not (target / "config.json").exists():
+            _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
@@ -63,17 +78,22 @@ def convert_gguf(gguf: Path) -> Path:
     # A GGUF-loaded model is dense but flagged as quantized, and save_pretrained refuses until this is removed.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        replace_folder(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted in %.1f s", time.perf_counter() - start)
-    return target
+
+
+def is_hub_id(spec: str) -> bool:
+    """A model hub repo id (`org/name`, or a one-part canonical id such as `gpt2`), not a local path: anything that
+    exists on disk, starts like a path, nests deeper than org/name, is a .gguf file or is bundled is local."""
+    return (not spec.startswith(("bundled:", ".", "/", "~")) and spec.count("/") <= 1
+            and Path(spec).suffix != ".gguf" and not Path(spec).expanduser().exists())
 
 
 def check_spec(spec: str) -> None:
@@ -92,7 +112,7 @@ def check_spec(spec: str) -> None:
             raise ModelError(f"{spec}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
     elif path.exists():
         raise ModelError(f"{spec}: a file that is not a model (give a model folder, a .gguf file or a hub id)")
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    elif not is_hub_id(spec):
         raise ModelError(f"{spec}: no such model folder or file")
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
@@ -371,8 +391,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     """The one rule for which ids end a reply: the model's generation-config eos, the tokenizer's eos and the chat
     template's end-of-turn token (Llama 3 base models list only <|end_of_text|>, so a tuned model would otherwise
     run past <|eot_id|>)."""
-    from ezoforge.train.data import end_of_turn_id
-
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
     ids += [tokenizer.eos_token_id, end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None]

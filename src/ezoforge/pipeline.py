@@ -28,15 +28,12 @@ from rich.table import Table
 
 from ezoforge.config import Recipe
 from ezoforge.errors import ConfigError, EzoError
+from ezoforge.logs import setup_logging
 from ezoforge.records import write_json
-from ezoforge.stage import done_info
+from ezoforge.stage import FOLDERS, done_info
 
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
-
-# Folder of each step under the workdir, in run order.
-FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "prefer": "prefer", "merge": "merged",
-           "eval-base": "eval-base", "eval-sft": "eval-sft", "eval-tuned": "eval-tuned", "export": "export"}
 
 
 def steps(recipe: Recipe) -> list[str]:
@@ -57,33 +54,33 @@ def steps(recipe: Recipe) -> list[str]:
 
 
 def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
-    out = workdir / FOLDERS[step]
+    out, folder = workdir / FOLDERS[step], {s: workdir / f for s, f in FOLDERS.items()}
     if step == "curate":
         from ezoforge.curate.run import run
         return run(recipe, recipe.curate.inputs, out, force=force)
     if step == "synth":
         from ezoforge.synth.run import run
-        return run(recipe, workdir / "curate", out, force=force)
+        return run(recipe, folder["curate"], out, force=force)
     if step == "train":
         from ezoforge.train.run import run
-        return run(recipe, [workdir / "synth"], out, force=force)
+        return run(recipe, [folder["synth"]], out, force=force)
     if step == "prefer":
         from ezoforge.prefer.run import run
-        return run(recipe, workdir / "train", out, force=force)
+        return run(recipe, folder["train"], out, force=force)
     if step == "merge":
         from ezoforge.train.merge import run
         return run(workdir / tuned_folder(recipe), out, recipe.merge.dtype, force=force)
     if step == "export":
         from ezoforge.export.run import run
-        return run(workdir / "merged", out, recipe.export, recipe.model.system_prompt, force=force)
+        return run(folder["merge"], out, recipe.export, recipe.model.system_prompt, force=force)
     from ezoforge.eval.run import run
     if step == "eval-base":
         return run(recipe, out, force=force)
     if step == "eval-sft":
-        return run(recipe, out, adapter=workdir / "train" / "adapter", force=force)
+        return run(recipe, out, adapter=folder["train"] / "adapter", force=force)
     tuned = recipe.model_copy(deep=True)
     if "merge" in recipe.stages:
-        tuned.model.name = str(workdir / "merged")
+        tuned.model.name = str(folder["merge"])
         return run(tuned, out, force=force)
     return run(recipe, out, adapter=workdir / tuned_folder(recipe) / "adapter", force=force)
 
@@ -185,9 +182,7 @@ def _exit_reason(code: int | None) -> str:
 
 def _child(recipe: Recipe, workdir: Path, conn: Connection, alive: Connection, log_level: int) -> None:
     os.setpgrp()  # its own group: stopping the stage stops its workers too
-    from ezoforge.cli import setup_logging
-
-    setup_logging(log_level)
+    setup_logging(log_level, console)
     threading.Thread(target=_stop_when_orphaned, args=(alive,), daemon=True).start()
     try:
         while _next_step(recipe, workdir, conn):

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ezoforge.config import Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
+from ezoforge.errors import RecordError
 from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
+from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
 
 GIB = 2**30
 
@@ -174,24 +176,21 @@ def input_chars(patterns: list[str]) -> int:
     total = 0.0
     for pattern in patterns:
         for name in sorted(glob.glob(pattern)):
-            path = Path(name)
-            total += path.stat().st_size * EXPANSION.get(path.suffix, 1.0) / 3
+            files = files_under(name, CORPUS_SUFFIXES) if Path(name).is_dir() else [Path(name)]
+            total += sum(f.stat().st_size * EXPANSION.get(f.suffix, 1.0) / 3 for f in files)
     return int(total)
 
 
 def synth_mix(recipe: Recipe, docs: float) -> dict:
     """The documents synth will draw per source: `synth.mix` as set, else each source in proportion to its
     curated documents, estimated here by the size of its curate inputs (equal shares when none is on disk)."""
-    from ezoforge.curate.readers import SOURCES, suffix
-    from ezoforge.errors import RecordError
-
     if recipe.synth.mix:
         shares, basis = dict(recipe.synth.mix), "synth.mix"
     else:
         chars: dict[str, int] = {}
         for pattern in recipe.curate.inputs:
             try:
-                source = SOURCES[suffix(pattern)]
+                source = CORPUS_SOURCES[corpus_suffix(pattern)]
             except RecordError:  # a folder: its files' kinds are not known before curation
                 source = "other"
             chars[source] = chars.get(source, 0) + input_chars([pattern])

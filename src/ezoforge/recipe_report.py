@@ -6,7 +6,6 @@ difference and its interval, the data mix, where synthesized pairs came from, an
 from __future__ import annotations
 
 import base64
-import html
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,8 +14,11 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ezoforge.eval.eval_report import answer_html, clip, esc, fmt, grade_words, page, png_img, table, task_html
+from ezoforge.eval.compare import paired_diff
+from ezoforge.metric_catalogue import METRICS, grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
+from ezoforge.report_kit import Cell, fmt, render
+from ezoforge.stage import FOLDERS
 
 N_EXAMPLES = 3  # synthesized pairs shown with their provenance
 N_ANSWERS = 20  # eval tasks shown side by side (largest grade changes first); each eval's own report has them all
@@ -96,13 +98,13 @@ def counts(by_name: dict[str, int] | None) -> str:
 def _eval_words(e: dict) -> str:
     parts = []
     if e.get("perplexity") is not None:
-        parts.append(f"perplexity {e['perplexity']:.2f}")
+        parts.append(f"perplexity {METRICS['perplexity'].shown(e['perplexity'])}")
     if e.get("chrf") is not None:
-        parts.append(f"chrF {e['chrf']:.1f}")
+        parts.append(f"chrF {METRICS['chrf'].shown(e['chrf'])}")
     if e.get("accuracy") is not None:
-        parts.append(f"JCQA accuracy {pct(e['accuracy'], 1)}")
+        parts.append(f"JCQA accuracy {METRICS['accuracy'].shown(e['accuracy'])}")
     if e.get("mean_grade") is not None:
-        parts.append(f"mean grade {e['mean_grade']:.2f} of {(e.get('scale') or [1, 5])[1]}")
+        parts.append(f"mean grade {METRICS['mean_grade'].shown(e['mean_grade'])} of {(e.get('scale') or [1, 5])[1]}")
     elif e.get("n_tasks"):
         parts.append(grade_words(e))
     return " · ".join(parts) or "no figures"
@@ -142,51 +144,30 @@ def _eval_summary(rep: dict) -> dict:
     return {k: rep.get(k) for k in keys if k in rep}
 
 
-def _grade_diff(workdir: Path, before: str = "eval-base") -> tuple[dict | None, list[str]]:
+def _grade_diff(workdir: Path, before: str = FOLDERS["eval-base"]) -> tuple[dict | None, list[str]]:
     """Tuned minus `before` (base, or the SFT model) mean grade over the tasks graded in both, with its paired
-    bootstrap interval."""
-    if not all((workdir / f / "report.json").exists() for f in (before, "eval-tuned")):
+    bootstrap interval, and compare's notes."""
+    tuned = FOLDERS["eval-tuned"]
+    if not all((workdir / f / "report.json").exists() for f in (before, tuned)):
         return None, []
-    from ezoforge.eval.run import compare
-
-    # Evals judged by different judges are shown, never paired: compare's notes say so.
-    result = compare([workdir / before, workdir / "eval-tuned"], allow_different_judges=True)
-    return result["runs"][1]["diff"], result["notes"]
-
-
-METRICS = {  # key: (label, higher is better, digits shown); accuracy is shown as a percentage
-    "mean_grade": ("Mean grade (LLM judge)", True, 2),
-    "chrf": ("chrF vs the references (0–100)", True, 1),
-    "accuracy": ("JCommonsenseQA accuracy", True, 1),
-    "perplexity": ("Perplexity on held-out text (lower is better)", False, 2),
-}
-
-
-def shown(key: str, x: float | None, signed: bool = False) -> str:
-    """A metric's value (or a difference, `signed`) as the report prints it."""
-    if x is None:
-        return "–"
-    digits, sign = METRICS[key][2], "+" if signed else ""
-    if key == "accuracy":
-        return f"{100 * x:{sign}.{digits}f}" + (" pt" if signed else "%")
-    return f"{x:{sign},.{digits}f}"
+    return paired_diff(workdir / before, workdir / tuned)
 
 
 def _versus(base: dict, tuned: dict, grade_diff: dict | None) -> list[dict]:
     rows = []
-    for key, (label, higher, _) in METRICS.items():
-        b, t = base.get(key), tuned.get(key)
+    for key, metric in METRICS.items():
+        b, t, higher = base.get(key), tuned.get(key), metric.higher_is_better
         if b is None and t is None:
             continue
-        row = {"metric": key, "label": label, "base": b, "tuned": t, "higher_is_better": higher,
+        row = {"metric": key, "label": metric.label, "base": b, "tuned": t, "higher_is_better": higher,
                "difference": None, "ci95": None, "n_paired": None, "better": None}
         if b is not None and t is not None:
             row["difference"] = round(t - b, 4)
-            same = shown(key, t) == shown(key, b)  # equal as printed: neither is marked
+            same = metric.shown(t) == metric.shown(b)  # equal as printed: neither is marked
             row["better"] = None if same else "tuned" if (t > b) == higher else "base"
         if key == "mean_grade" and grade_diff is not None:  # paired over the tasks graded in both runs
             d = grade_diff["diff"]
-            tie = shown(key, d, signed=True) in ("+0.00", "-0.00")
+            tie = metric.shown(d, signed=True) in ("+0.00", "-0.00")
             row.update(difference=d, ci95=grade_diff["ci95"], n_paired=grade_diff["n"],
                        better=None if tie else "tuned" if d > 0 else "base")
         if key == "perplexity" and row["difference"] is not None:
@@ -234,7 +215,7 @@ def _side_by_side(workdir: Path) -> list[dict]:
     """Each eval task with both answers and verdicts, the largest grade change (then chrF change) first."""
     sides = {}
     for side in ("base", "tuned"):
-        folder = workdir / f"eval-{side}"
+        folder = workdir / FOLDERS[f"eval-{side}"]
         sides[side] = ({r["task_id"]: r for r in _jsonl(folder / "answers.jsonl")},
                        {j["task_id"]: j for j in _jsonl(folder / "judgements.jsonl")})
     (base_rows, base_j), (tuned_rows, tuned_j) = sides["base"], sides["tuned"]
@@ -254,17 +235,16 @@ def _side_by_side(workdir: Path) -> list[dict]:
 
 def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     stats = {step: _read(workdir / folder / "stats.json") for step, folder in
-             (("curate", "curate"), ("synth", "synth"), ("train", "train"), ("prefer", "prefer"),
-              ("merge", "merged"), ("export", "export"))}
+             FOLDERS.items() if not step.startswith("eval-")}
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
-    evals = {"base": _eval_summary(_read(workdir / "eval-base" / "report.json")),
-             "tuned": _eval_summary(_read(workdir / "eval-tuned" / "report.json"))}
-    if (workdir / "eval-sft").is_dir():  # with a prefer stage: SFT alone, before DPO
-        evals["sft"] = _eval_summary(_read(workdir / "eval-sft" / "report.json"))
-    dpo_diff = _grade_diff(workdir, "eval-sft")[0] if "sft" in evals else None
+    evals = {"base": _eval_summary(_read(workdir / FOLDERS["eval-base"] / "report.json")),
+             "tuned": _eval_summary(_read(workdir / FOLDERS["eval-tuned"] / "report.json"))}
+    if (workdir / FOLDERS["eval-sft"]).is_dir():  # with a prefer stage: SFT alone, before DPO
+        evals["sft"] = _eval_summary(_read(workdir / FOLDERS["eval-sft"] / "report.json"))
+    dpo_diff = _grade_diff(workdir, FOLDERS["eval-sft"])[0] if "sft" in evals else None
     grade_diff, notes = _grade_diff(workdir)
-    pairs = _pairs(workdir / "synth")
-    docs = _documents(workdir / "curate", {p["doc_id"] for p in pairs})
+    pairs = _pairs(workdir / FOLDERS["synth"])
+    docs = _documents(workdir / FOLDERS["curate"], {p["doc_id"] for p in pairs})
     for p in pairs:  # synth records each pair's source; older folders get it from the curated document
         p["source"] = p.get("source") or docs.get(p["doc_id"], {}).get("source")
     versus = _versus(evals["base"], evals["tuned"], grade_diff)
@@ -284,7 +264,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
         if stats["prefer"] else None,
         "eval": {**evals, "versus": versus, "notes": notes,
                  "dpo_versus": _versus(evals["sft"], evals["tuned"], dpo_diff) if "sft" in evals else None},
-        "data_mix": _data_mix(_curated(workdir / "curate"), pairs, synth, train),
+        "data_mix": _data_mix(_curated(workdir / FOLDERS["curate"]), pairs, synth, train),
         "examples": _examples(pairs, docs),
         "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
                           "summary": _stage_words(step, stats, evals)} for step in plan},
@@ -296,18 +276,14 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     return report
 
 
-# ---------------------------------------------------------------- HTML
+# ---------------------------------------------------------------- the page (templates/run_report.html)
 
-def _figure_table(rows: list[tuple[str, str]]) -> str:
-    return table(["Figure", "Value"], [[html.escape(k), html.escape(v)] for k, v in rows])
-
-
-def _stage_png(path: Path, alt: str, caption: str) -> str:
+def _stage_png(path: Path) -> str | None:
     """A chart the stage drew itself, embedded so the report stays one file."""
-    return png_img(base64.b64encode(path.read_bytes()).decode(), alt, caption) if path.exists() else ""
+    return base64.b64encode(path.read_bytes()).decode() if path.exists() else None
 
 
-def _headline(report: dict) -> str:
+def _headline(report: dict) -> list[str]:
     rows = {r["metric"]: r for r in report["eval"]["versus"]}
     said = []
     if (p := rows.get("perplexity")) and p["difference"] is not None:
@@ -322,108 +298,82 @@ def _headline(report: dict) -> str:
         said.append(f"mean grade {g['tuned']:.2f} against {g['base']:.2f} ({g['difference']:+.2f}{ci_words})")
     if (c := rows.get("chrf")) and c["difference"] is not None:
         said.append(f"chrF {c['tuned']:.1f} against {c['base']:.1f}")
-    return f'<p class="lead">The tuned model: {"; ".join(said)}.</p>' if said else ""
+    return said
 
 
-def _stages_html(report: dict) -> str:
-    rows = [[html.escape(step), hms(info["seconds"]), html.escape(info["summary"])]
-            for step, info in report["stages"].items()]
-    total = sum(info["seconds"] or 0 for info in report["stages"].values())
-    return "<h2>Stages</h2>" + table(["Stage", "Wall time", "Result"], rows, ["Total", hms(total), ""], num=(1,))
+def _value(row: dict, side: str) -> str | Cell:
+    text = METRICS[row["metric"]].shown(row[side])
+    return Cell(f"{text} ✓", "better") if row["better"] == side else text
 
 
-def _value(row: dict, side: str) -> str:
-    text = shown(row["metric"], row[side])
-    return f'<td class="num better">{text} ✓</td>' if row["better"] == side else text
-
-
-def _versus_rows(versus: list[dict]) -> list[list[str]]:
+def _versus_rows(versus: list[dict]) -> list[list]:
     rows = []
     for r in versus:
-        diff = shown(r["metric"], r["difference"], signed=True)
+        diff = METRICS[r["metric"]].shown(r["difference"], signed=True)
         if r.get("change_pct") is not None:
             diff += f" ({r['change_pct']:+.1f}%)"
         ci = "–" if r["ci95"] is None else f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}"
-        rows.append([html.escape(r["label"]), _value(r, "base"), _value(r, "tuned"), diff, ci])
+        rows.append([r["label"], _value(r, "base"), _value(r, "tuned"), diff, ci])
     return rows
 
 
-def _prefer_html(report: dict) -> str:
+def _versus_view(report: dict) -> dict | None:
+    ev = report["eval"]
+    if not ev["versus"]:
+        return None
+    base, tuned = ev["base"], ev["tuned"]
+    g = next((r for r in ev["versus"] if r["metric"] == "mean_grade"), None)
+    return {"base": (base.get("model") or {}).get("name"), "tuned": (tuned.get("model") or {}).get("name"),
+            "rows": _versus_rows(ev["versus"]), "judge": base.get("judge") or tuned.get("judge"),
+            "n_paired": g and g["n_paired"], "notes": ev.get("notes", [])}
+
+
+def _prefer_view(report: dict) -> dict | None:
     """The preference step: its data (instruction → candidates → verdicts → pair) and SFT alone vs SFT+DPO."""
-    p, ev = report.get("prefer"), report["eval"]
+    p = report.get("prefer")
     if not p:
-        return ""
+        return None
     before, after = p.get("held_out_before") or {}, p.get("held_out_after") or {}
-    figures = _figure_table([
+    return {"figures": [
         ("instructions (from the SFT's own pairs)", str(p.get("instructions"))),
         ("candidates (sampled + synthesized), each graded by the judge", str(p.get("candidates"))),
         ("pairs kept (best vs worst, margin ≥ prefer.min_margin)", str(p.get("pairs"))),
         ("grade margins (best − worst: instructions)", str(p.get("margin_histogram"))),
         ("DPO loss, first → last step", f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}"),
         ("held-out log p(chosen) − log p(rejected), SFT → SFT+DPO",
-         f"{fmt(before.get('logp_margin'))} → {fmt(after.get('logp_margin'))}")])
-    rows = _versus_rows(ev.get("dpo_versus") or [])
-    table_html = table(["Metric", "SFT", "SFT+DPO", "SFT+DPO − SFT", "95% CI of the difference"], rows,
-                       num=(1, 2, 3, 4)) if rows else ""
-    return ("<h2>Preference step: SFT → SFT+DPO</h2>" + figures
-            + '<p class="muted">Provenance: prefer/candidates.jsonl (each instruction\'s answers), '
-              "prefer/verdicts.jsonl (the judge's verdict on each), prefer/data/pairs.jsonl (the pairs DPO trained "
-              "on, each naming its instruction, document and candidates).</p>" + table_html)
+         f"{fmt(before.get('logp_margin'))} → {fmt(after.get('logp_margin'))}")],
+        "rows": _versus_rows(report["eval"].get("dpo_versus") or [])}
 
 
-def _versus_html(report: dict) -> str:
-    ev = report["eval"]
-    rows = _versus_rows(ev["versus"])
-    if not rows:
-        return ""
-    base, tuned = ev["base"], ev["tuned"]
-    names = (f"<p>Base: <b>{esc((base.get('model') or {}).get('name'))}</b> · tuned: "
-             f"<b>{esc((tuned.get('model') or {}).get('name'))}</b>. The better value is marked ✓.</p>")
-    judge = base.get("judge") or tuned.get("judge")
-    g = next((r for r in ev["versus"] if r["metric"] == "mean_grade"), None)
-    judge_words = "No judge graded the answers." if not judge else (
-        f"Grades (1 = poor … 5 = excellent) are given by <b>{esc(judge['model'])}</b> as judge with prompt version "
-        f"<b>{esc(judge['prompt_version'])}</b>"
-        + (f"; the difference is over the {g['n_paired']} tasks graded in both runs, with a paired bootstrap 95% "
-           "confidence interval." if g and g["n_paired"] else ".")
-        + " Only the grade has an interval: the other figures are one number per run.")
-    notes = "".join(f'<p class="muted">Note: {esc(n)}</p>' for n in ev.get("notes", []))
-    return ("<h2>Base vs tuned</h2>" + names
-            + table(["Metric", "Base", "Tuned", "Tuned − base", "95% CI of the difference"], rows,
-                    num=(1, 2, 3, 4))
-            + f'<p class="muted">{judge_words}</p>' + notes)
-
-
-def _published_html(report: dict) -> list[str]:
+def _published(report: dict) -> dict:
     """Base and tuned beside the published figures their judge graded, and the tuned model's contamination check."""
     from ezoforge.eval import anchors, contamination
 
     ev = report["eval"]
     runs = [(f"{side}: {(ev[side].get('model') or {}).get('name')}", ev[side].get("anchors") or [])
             for side in ("base", "tuned")]
-    return [anchors.html_section(anchors.beside(runs)),
-            contamination.html_section(ev["tuned"].get("contamination") or ev["base"].get("contamination"))]
+    return {"published": anchors.html_section(anchors.beside(runs)),
+            "contamination": contamination.html_section(ev["tuned"].get("contamination")
+                                                        or ev["base"].get("contamination"))}
 
 
-def _curation_html(workdir: Path, report: dict) -> str:
+def _curation_view(workdir: Path, report: dict) -> dict | None:
     c = report["curate"]
     if c.get("docs_in") is None:
-        return ""
+        return None
     share = c["docs_out"] / c["docs_in"] if c["docs_in"] else None
     rows = [("Documents read", f"{c['docs_in']:,}"), ("Documents kept", f"{c['docs_out']:,} ({pct(share)})"),
             ("Text kept", f"{size(c.get('bytes_out'))} of {size(c.get('bytes_in'))}"),
             ("Removed, by filter", counts(c.get("removed_by_filter")))]
     if c.get("pages_skipped"):
         rows.append(("Wiki pages skipped before filtering", counts(c["pages_skipped"])))
-    return ("<h2>Curation</h2>" + _figure_table(rows)
-            + _stage_png(workdir / "curate" / "filters.png", "documents kept and removed by each filter",
-                         "Documents kept, and removed by each curation filter"))
+    return {"figures": rows, "chart": _stage_png(workdir / "curate" / "filters.png")}
 
 
-def _mix_html(report: dict) -> str:
+def _mix_view(report: dict) -> dict | None:
     mix = report["data_mix"]
     if not mix:
-        return ""
+        return None
     keys = ("documents", "documents_drawn", "passages", "documents_with_pairs", "pairs", "pairs_trained")
     heads = ("Documents curated", "Drawn for synthesis", "Passages", "Documents with pairs", "Pairs kept",
              "Pairs trained on")
@@ -431,42 +381,28 @@ def _mix_html(report: dict) -> str:
 
     def number(v: int | None) -> str:
         return "–" if v is None else f"{v:,}"
-    rows = [[html.escape(r["source"])] + [number(r[k]) for k, _ in shown] for r in mix]
-    foot = ["All"] + [number(sum(r[k] or 0 for r in mix)) for k, _ in shown]
-    return ("<h2>Data mix</h2><p>Where the training pairs came from, by source.</p>"
-            + table(["Source", *(h for _, h in shown)], rows, foot, num=tuple(range(1, len(shown) + 1))))
+    return {"header": ["Source", *(h for _, h in shown)],
+            "rows": [[r["source"]] + [number(r[k]) for k, _ in shown] for r in mix],
+            "foot": ["All"] + [number(sum(r[k] or 0 for r in mix)) for k, _ in shown]}
 
 
-def _synthesis_html(report: dict) -> str:
+def _synthesis_view(report: dict) -> dict | None:
     s = report["synth"]
     if s.get("pairs") is None:
-        return ""
+        return None
     rows = [("Documents used", f"{s['documents']:,}"), ("Requests to the generator", f"{s['requests']:,}"),
             ("Pairs kept", f"{s['pairs']:,} ({fmt(s.get('pairs_per_doc'), 1)} per document)"),
             ("Documents whose outputs parsed", pct(s.get("parse_rate"))),
             ("Documents that gave kept pairs", f"{s.get('documents_with_pairs')} of {s['documents']}"),
             ("Rejected outputs, by reason", counts(s.get("rejected_by_reason"))),
             ("Generation speed", rate(s.get("tokens_per_s"))), ("Generator", str(s.get("generator")))]
-    cards = []
-    for e in report["examples"]:
-        name = html.escape(e["title"] or e["doc_id"])
-        where = f'<a href="{html.escape(e["url"])}">{name}</a>' if e["url"] else f"<b>{name}</b>"
-        cards.append(
-            f'<section class="card"><div class="label">Source document</div><p>{where} '
-            f'<span class="muted">({esc(e["source"])})</span></p>'
-            f'<div class="label">Passage given to the generator</div><div class="text">{clip(e["passage"], 500)}</div>'
-            '<div class="arrow">↓</div><div class="cols">'
-            f'<div><div class="label">Instruction</div><div class="text">{clip(e["instruction"])}</div></div>'
-            f'<div><div class="label">Response</div><div class="text">{clip(e["response"])}</div></div>'
-            "</div></section>")
-    shown = (f"<h3>{len(cards)} synthesized pairs and where they came from</h3>" + "".join(cards)) if cards else ""
-    return "<h2>Synthesis</h2>" + _figure_table(rows) + shown
+    return {"figures": rows, "examples": report["examples"]}
 
 
-def _training_html(workdir: Path, report: dict) -> str:
+def _training_view(workdir: Path, report: dict) -> dict | None:
     t = report["train"]
     if t.get("steps") is None:
-        return ""
+        return None
     rows = [("Method", f"{'QLoRA (4-bit base)' if t.get('qlora') else 'LoRA'} on {t.get('device') or '–'}"),
             ("Steps", f"{t['steps']:,}"),
             ("Examples", f"{t.get('examples')} for training, {t.get('eval_examples')} held out"),
@@ -477,51 +413,34 @@ def _training_html(workdir: Path, report: dict) -> str:
             ("Training time", "–" if t.get("seconds") is None else f"{t['seconds'] / 60:.1f} minutes")]
     if t.get("eval_loss") is not None:
         rows.insert(5, ("Held-out loss, start → end", f"{fmt(t.get('eval_loss_start'))} → {fmt(t['eval_loss'])}"))
-    return ("<h2>Training</h2>" + _figure_table(rows)
-            + _stage_png(workdir / "train" / "loss.png", "training and held-out loss by step", "Loss by step"))
+    return {"figures": rows, "chart": _stage_png(workdir / "train" / "loss.png")}
 
 
-def _change(x: dict) -> str:
-    if x["grade_change"] is not None:
-        g, before = x["grade_change"], x["base_judgement"]["grade"]
-        cls = "up" if g > 0 else "down" if g < 0 else "meta"
-        return f'<span class="{cls}">grade {before} → {before + g}' + (f" ({g:+d})" if g else "") + "</span>"
-    if x["chrf_change"] is not None:
-        return f'<span class="muted">chrF {x["chrf_change"]:+.1f}</span>'
-    return ""
-
-
-def _answers_html(tasks: list[dict]) -> str:
+def _answers_view(tasks: list[dict]) -> dict | None:
     if not tasks:
-        return ""
+        return None
     graded = any(x["grade_change"] is not None for x in tasks)
-    order = "largest grade change first" if graded else "largest chrF change first (no judge grades)"
     more = (f" The first {N_ANSWERS} of {len(tasks)}; every answer is in eval-base/ and eval-tuned/report.html."
             if len(tasks) > N_ANSWERS else "")
-    cards = [f'<section class="card"><h3>{html.escape(x["task"]["task_id"])} {_change(x)}</h3>'
-             f'<div class="cols">{task_html(x["task"])}</div><div class="cols">'
-             f'{answer_html("Base answer", x["base"], x["base_judgement"])}'
-             f'{answer_html("Tuned answer", x["tuned"], x["tuned_judgement"])}</div></section>'
-             for x in tasks[:N_ANSWERS]]
-    return f"<h2>Answers side by side</h2><p>Each task, {order}.{more}</p>" + "".join(cards)
+    return {"order": "largest grade change first" if graded else "largest chrF change first (no judge grades)",
+            "more": more, "tasks": tasks[:N_ANSWERS]}
 
 
-def render(workdir: Path, report: dict) -> str:
-    model = (report["eval"]["base"].get("model") or {}).get("spec")
-    body = ["<h1>ezoforge run report</h1>",
-            f'<p class="muted">{"model " + esc(model) + " · " if model else ""}workdir '
-            f"<code>{esc(workdir)}</code></p>",
-            _headline(report), _stages_html(report), _versus_html(report), _prefer_html(report),
-            *_published_html(report),
-            _curation_html(workdir, report),
-            _mix_html(report), _synthesis_html(report),
-            _training_html(workdir, report), _answers_html(_side_by_side(workdir))]
-    return page("ezoforge run report", body)
+def render_page(workdir: Path, report: dict) -> str:
+    stages = report["stages"]
+    return render("run_report.html", model=(report["eval"]["base"].get("model") or {}).get("spec"),
+                  workdir=str(workdir), headline=_headline(report),
+                  stages=[[step, hms(info["seconds"]), info["summary"]] for step, info in stages.items()],
+                  total=hms(sum(info["seconds"] or 0 for info in stages.values())),
+                  versus=_versus_view(report), prefer=_prefer_view(report), **_published(report),
+                  curation=_curation_view(workdir, report), mix=_mix_view(report),
+                  synthesis=_synthesis_view(report), training=_training_view(workdir, report),
+                  side_by_side=_answers_view(_side_by_side(workdir)))
 
 
 def write_run_report(workdir: Path, plan: list[str], timings: dict) -> dict:
     report = collect(workdir, plan, timings)
     report["paths"] = {"json": str(workdir / "report.json"), "html": str(workdir / "report.html")}
     write_json(workdir / "report.json", report)
-    write_text(workdir / "report.html", render(workdir, report))
+    write_text(workdir / "report.html", render_page(workdir, report))
     return report

@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -96,6 +97,23 @@ def fsync_dir(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder(new: str | Path, final: str | Path) -> None:
+    """Put the finished folder `new` at `final` by renames, so `final` is always a whole folder: the old one until
+    the new one is in place. The files' data reach the disk before the new folder gets its name."""
+    new, final = Path(new), Path(final)
+    for f in new.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -197,11 +215,25 @@ def require(path: str | Path, lineno: int, row: dict[str, Any], field: str, kind
     return value
 
 
-def stage_files(folder: str | Path, patterns: tuple[str, ...] = ("*.parquet", "*.jsonl", "*.jsonl.gz")) -> list[Path]:
-    """The data shards of a stage output folder (its data/ subfolder), or of a plain folder, sorted."""
-    folder = Path(folder)
-    base = folder / "data" if (folder / "data").is_dir() else folder
-    files = sorted({p for pat in patterns for p in base.glob(pat)})
-    if not files:
-        raise RecordError(f"{folder}: no data files ({', '.join(patterns)})")
-    return files
+# ---------------------------------------------------------------- input files
+
+# What stages write into data/ and read back (read_rows).
+DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+# The corpora curate reads, by file name ending, and the source each is.
+CORPUS_SOURCES = {".xml": "wikipedia", ".xml.bz2": "wikipedia", ".parquet": "fineweb", ".jsonl": "jsonl",
+                  ".jsonl.gz": "jsonl"}
+CORPUS_SUFFIXES = tuple(CORPUS_SOURCES)
+
+
+def corpus_suffix(path: str | Path) -> str:
+    name = Path(path).name
+    for s in sorted(CORPUS_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    raise RecordError(f"{path}: unsupported input type (expected {', '.join(CORPUS_SUFFIXES)})")
+
+
+def files_under(folder: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The one walk of an input folder: every file at any depth below it whose name ends in one of `suffixes`,
+    sorted by path. Any depth, because downloaded corpora nest their shards (FineWeb-2: data/LANG/train/*.parquet)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith(suffixes))

@@ -6,12 +6,12 @@ fails raises RemoteError: callers record it as an error, never as text.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import openai
 
-from ezoforge.errors import ConfigError, EzoError
+from ezoforge.config import secret
+from ezoforge.errors import EzoError
 
 
 class RemoteError(EzoError):
@@ -32,12 +32,7 @@ class ChatReply:
 
 def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 120.0,
                 max_retries: int = 4) -> openai.OpenAI:
-    """The key is read from the named environment variable only; it is never stored or logged."""
-    key = "none"
-    if api_key_env:
-        key = os.environ.get(api_key_env, "")
-        if not key:
-            raise ConfigError(f"api_key_env {api_key_env}: environment variable is not set or empty")
+    key = secret(api_key_env, f"api_key_env {api_key_env}") if api_key_env else "none"
     return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 

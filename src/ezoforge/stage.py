@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,12 @@ import yaml
 
 from ezoforge.config import diff_keys, fingerprint, redact
 from ezoforge.errors import ConfigError, RecordError
-from ezoforge.records import DONE, fsync_dir, stage_files, write_json, write_text
+from ezoforge.records import DATA_SUFFIXES, DONE, files_under, replace_folder, write_json, write_text
 
 CONFIG = "config.yaml"
+# Each `ezo run` step's folder under the workdir, in run order.
+FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "prefer": "prefer", "merge": "merged",
+           "eval-base": "eval-base", "eval-sft": "eval-sft", "eval-tuned": "eval-tuned", "export": "export"}
 
 
 def done_info(folder: str | Path) -> dict[str, Any] | None:
@@ -45,7 +47,7 @@ def is_stage_folder(folder: str | Path) -> bool:
 
 def input_files(paths: list[str | Path]) -> list[Path]:
     """Data files of each input: a stage folder must be finished and is read through its data/ only; a plain
-    folder gives its data files; a file is itself."""
+    folder gives its data files at any depth (records.files_under); a file is itself."""
     files: list[Path] = []
     for path in map(Path, paths):
         if is_stage_folder(path):
@@ -53,9 +55,9 @@ def input_files(paths: list[str | Path]) -> list[Path]:
                 raise RecordError(f"{path}: this stage output is not finished (no DONE marker); finish or rerun it first")
             if not (path / "data").is_dir():
                 raise RecordError(f"{path}: a finished stage folder without data/ (not a curate or synth output)")
-            files += stage_files(path / "data")
+            files += _data_files(path / "data")
         elif path.is_dir():
-            files += stage_files(path)
+            files += _data_files(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -63,15 +65,22 @@ def input_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def _data_files(folder: Path) -> list[Path]:
+    files = files_under(folder, DATA_SUFFIXES)
+    if not files:
+        raise RecordError(f"{folder}: no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})")
+    return files
+
+
 def input_fingerprints(paths: list[str | Path]) -> list[str]:
     """Identify inputs: a finished stage folder by its DONE fingerprint, a file by path, size and mtime (as make
-    and rsync do), a plain folder by its files."""
+    and rsync do), a plain folder by the data files input_files reads from it."""
     out = []
     for p in map(Path, paths):
         if (fp := done_fingerprint(p)) is not None:
             out.append(fp)
         elif p.is_dir():
-            out += input_fingerprints(sorted(f for f in p.rglob("*") if f.is_file()))
+            out += input_fingerprints(files_under(p, DATA_SUFFIXES))
         elif p.exists():
             st = p.stat()
             out.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
@@ -191,18 +200,8 @@ class Stage:
         write_json(self.folder / "stats.json", stats)
         write_json(self.folder / DONE, {"fingerprint": self.fingerprint, "stage": self.name,
                                         "settings": self.settings, "inputs": self.inputs, "stats": stats})
-        if self.atomic:
-            for f in self.folder.rglob("*"):  # the files' data on disk before the folder gets its final name
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-            old = self.out.parent / f".{self.out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if self.out.exists():  # only under --force: the old folder goes once the new one is in place
-                os.replace(self.out, old)
-            os.replace(self.folder, self.out)
-            fsync_dir(self.out.parent)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.atomic:  # an old folder is there only under --force: it goes once the new one is in place
+            replace_folder(self.folder, self.out)
         return stats
 
     @staticmethod

@@ -23,8 +23,8 @@ from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from ezoforge import text as tx
 from ezoforge.config import DedupConfig
-from ezoforge.curate import text as tx
 from ezoforge.records import atomic_path
 
 _SHIFT = np.uint64(32)

@@ -18,12 +18,13 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 
 from ezoforge import ja
+from ezoforge import text as tx
 from ezoforge.config import FiltersConfig, NormalizeConfig, Rule
-from ezoforge.curate import text as tx
 
 _URL = re.compile(r"(?:https?|ftp)://[!-~]+|www\.[!-~]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0B-\x1F\x7F]")
-_SENTENCE_END = re.compile(r"(?:[。！？!?\n]|\.(?!\d))+")  # "." too: NFKC turns the academic "．" into it
+# A line break ends a sentence here too, and "." not before a digit: NFKC turns the academic "．" into it.
+_SENTENCE_END = re.compile(rf"(?:[{re.escape(ja.SENTENCE_ENDS)}\n]|\.(?!\d))+")
 _TERMINAL = ("。", "！", "？", "!", "?", "」", "』", "）", ")", "…", "‥", ".", '"', "'")
 _ELLIPSES = ("…", "‥", "...", "・・・")
 
@@ -139,9 +140,7 @@ class JapaneseFilter(JaFilter):
     name = "🗾 Japanese characters"
 
     def measure(self, text):
-        c = tx.class_counts(text)
-        ja = c[tx.HIRAGANA] + c[tx.KATAKANA] + c[tx.KANJI] + c[tx.JA_PUNCT]
-        return {"ja_ratio": _ratio(ja, c.sum() - c[tx.SPACE])}
+        return {"ja_ratio": tx.japanese_share(text)}
 
     def fail(self, m):
         return _below("not_japanese", "ja_ratio", m, self.rule.min_ratio)
@@ -154,8 +153,7 @@ class LengthFilter(JaFilter):
 
     def measure(self, text):
         c = tx.class_counts(text)
-        return {"chars": float(c.sum() - c[tx.SPACE]),
-                "ja_chars": float(c[tx.HIRAGANA] + c[tx.KATAKANA] + c[tx.KANJI] + c[tx.JA_PUNCT])}
+        return {"chars": float(c.sum() - c[tx.SPACE]), "ja_chars": float(tx.japanese_chars(c))}
 
     def fail(self, m):
         return _below("too_short", "chars", m, self.rule.min_chars) or \

@@ -29,19 +29,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from ezoforge.curate.wikitext import DROP_NAMESPACES, wikitext_to_text
 from ezoforge.errors import RecordError
-from ezoforge.records import require, write_json
-
-SUFFIXES = (".xml", ".xml.bz2", ".parquet", ".jsonl", ".jsonl.gz")
-SOURCES = {".xml": "wikipedia", ".xml.bz2": "wikipedia", ".parquet": "fineweb", ".jsonl": "jsonl",
-           ".jsonl.gz": "jsonl"}
-
-
-def suffix(path: str | Path) -> str:
-    name = Path(path).name
-    for s in sorted(SUFFIXES, key=len, reverse=True):
-        if name.endswith(s):
-            return s
-    raise RecordError(f"{path}: unsupported input type (expected {', '.join(SUFFIXES)})")
+from ezoforge.records import corpus_suffix, require, write_json
 
 
 @dataclass(frozen=True)
@@ -59,7 +47,7 @@ def plan_shards(files: list[Path], split_mb: float) -> list[Shard]:
     """One task per shard, in input order; the plan depends only on the files and split_mb."""
     shards = []
     for i, path in enumerate(files):
-        suffix(path)
+        corpus_suffix(path)
         if not path.is_file():
             raise RecordError(f"{path}: no such file")
         size = path.stat().st_size
@@ -234,7 +222,7 @@ class ShardReader(PipelineStep):
         self.on_error = on_error
 
     def documents(self, shard: Shard, skipped: Counter) -> Iterator[Document]:
-        kind = suffix(shard.path)
+        kind = corpus_suffix(shard.path)
         if kind.startswith(".xml"):
             return read_wiki(shard, skipped)
         if kind == ".parquet":

@@ -41,10 +41,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ezoforge.config import CurateConfig, Recipe, bundled_data, output_settings
 from ezoforge.curate.dedup import CharMinhashSignature, FirstInOrderCluster, minhash_config
 from ezoforge.curate.ja_filters import build_chain
-from ezoforge.curate.readers import SUFFIXES, DropMalformed, Shard, ShardReader, plan_shards
+from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shards
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import ConfigError, EzoError, RecordError
-from ezoforge.records import atomic_path
+from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
 from ezoforge.stage import Stage, input_files, input_fingerprints, is_stage_folder
 
 console = Console(stderr=True)
@@ -58,7 +58,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         if is_stage_folder(pattern):  # an earlier stage's output: its data/ only, never rejected/ or work files
             found = input_files([pattern])
         elif Path(pattern).is_dir():
-            found = sorted(p for p in Path(pattern).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            found = files_under(pattern, CORPUS_SUFFIXES)
         elif glob.has_magic(pattern):
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         else:

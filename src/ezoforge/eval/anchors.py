@@ -10,12 +10,12 @@ ranked. A local judge (the bundled 135M model above all) graded no published fig
 from __future__ import annotations
 
 import csv
-import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ezoforge.errors import RecordError
 from ezoforge.eval import judge_prompt, mt_bench
+from ezoforge.report_kit import Cell, render
 
 ANCHORS = Path(__file__).resolve().parent.parent / "data" / "anchors.csv"
 FIELDS = ("model", "benchmark", "score", "scale", "judge", "protocol", "source", "date", "note")
@@ -190,24 +190,16 @@ def _cells(item: dict, scale: str) -> tuple[str, str, str, str, str]:
 
 
 def html_section(groups: list[tuple[dict, list[Run]]]) -> str:
-    """A sentence and a table per group of `beside`."""
-    from ezoforge.eval.eval_report import table
-
-    parts = []
+    """A sentence and a table per group of `beside` (templates/anchors.html)."""
+    benchmarks = []
     for p, runs in groups:
-        name = BENCHMARK_NAMES[p["benchmark"]]
-        parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(p['statement'])}</p>")
-        if not p["rows"]:
-            continue
         rows = []
-        for item in ranked(p, runs):
+        for item in ranked(p, runs) if p["rows"] else []:
             score, scale, protocol, date, source = _cells(item, p["scale"])
-            label = html.escape(item["label"])
-            link = f'<a href="{html.escape(source)}">source</a>' if source else ""
-            rows.append([f"<b>{label}</b>" if item["row"] is None else label, html.escape(score), html.escape(scale),
-                         html.escape(protocol), html.escape(date), link])
-        parts.append(table(["Model", "Score", "Scale", "Protocol", "Date", "Source"], rows, num=(1,)))
-    return "<h2>Beside published figures</h2>" + "".join(parts) if parts else ""
+            label = Cell(item["label"], bold=item["row"] is None)  # the runs in bold
+            rows.append([label, score, scale, protocol, date, Cell("source", href=source) if source else ""])
+        benchmarks.append({"name": BENCHMARK_NAMES[p["benchmark"]], "statement": p["statement"], "rows": rows})
+    return render("anchors.html", benchmarks=benchmarks)
 
 
 def markdown_section(groups: list[tuple[dict, list[Run]]]) -> list[str]:

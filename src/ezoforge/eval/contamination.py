@@ -18,7 +18,6 @@ each text's n-grams intersected with that set: time linear in the training text,
 """
 from __future__ import annotations
 
-import html
 import logging
 import unicodedata
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 from ezoforge.errors import EzoError
 from ezoforge.eval.tasks import OpenTask
 from ezoforge.records import read_rows
+from ezoforge.report_kit import render
 from ezoforge.stage import done_info, input_files
 
 FIELDS = ("input", "reference")
@@ -194,16 +194,10 @@ def summary(result: dict | None) -> str:
 
 
 def html_section(result: dict | None) -> str:
-    from ezoforge.eval.eval_report import table
-
-    if result is None:
-        return ""
-    body = f"<h2>Contamination check</h2><p>{html.escape(summary(result))}</p>"
-    if result.get("flagged"):
-        body += table(["Task", "Input found", "Reference found", "Found in"],
-                      [[html.escape(f["task_id"]), *(_pct(f.get(k + "_share")) for k in FIELDS),
-                        html.escape(", ".join(f["found_in"]))] for f in result["flagged"]], num=(1, 2))
-    return body
+    """The sentence and the flagged tasks (templates/contamination.html); nothing when no check ran."""
+    flagged = [[f["task_id"], *(_pct(f.get(k + "_share")) for k in FIELDS), ", ".join(f["found_in"])]
+               for f in (result or {}).get("flagged") or []]
+    return render("contamination.html", result=result, summary=summary(result) if result else None, flagged=flagged)
 
 
 def markdown_section(result: dict | None) -> list[str]:

@@ -1,4 +1,4 @@
-"""`ezo eval`: answer, judge and score one model into DIR; `compare` several DIRs.
+"""`ezo eval`: answer, judge and score one model into DIR (compare.py puts several side by side).
 
 Every model output and judge reply is stored in a request cache the moment it arrives, keyed by what
 determines it, so a rerun computes only what is missing: with everything cached it loads no model, sends
@@ -10,14 +10,11 @@ import functools
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from rich.progress import Progress
-
-from ezoforge.cache import RequestCache, request_key
+from ezoforge.cache import RequestCache, cached, request_key
 from ezoforge.config import EvalConfig, ModelConfig, Recipe, output_settings, to_plain
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.eval import anchors, contamination, eval_report, metrics
@@ -25,28 +22,9 @@ from ezoforge.eval.judge_client import PROTOCOLS, Judge, Unit, kind_of
 from ezoforge.eval.mt_bench import needs_reference
 from ezoforge.eval.tasks import OPEN_KINDS, OpenTask, Suite, load_suites
 from ezoforge.models import cache_root, check_model, check_spec, model_identity
-from ezoforge.records import read_jsonl, write_json, write_jsonl, write_text
+from ezoforge.records import write_json, write_jsonl, write_text
 from ezoforge.stage import Stage, input_fingerprints
 
-
-
-def _cached(cache: RequestCache, keys: list[str], compute: Callable[[list[int]], list], batch: int, label: str,
-            counts: Counter) -> list:
-    """The value for each key: read from the cache, or computed `batch` at a time and stored as each batch ends."""
-    values = [cache.get(k) for k in keys]
-    todo = [i for i, v in enumerate(values) if v is None]
-    counts[f"{label}_cached"] += len(keys) - len(todo)
-    counts[f"{label}_computed"] += len(todo)
-    if todo:
-        with Progress() as progress:
-            bar = progress.add_task(label, total=len(keys), completed=len(keys) - len(todo))
-            for start in range(0, len(todo), batch):
-                chunk = todo[start: start + batch]
-                for i, value in zip(chunk, compute(chunk)):
-                    cache.put(keys[i], value)
-                    values[i] = value
-                progress.advance(bar, len(chunk))
-    return values
 
 
 class _Models:
@@ -60,7 +38,7 @@ class _Models:
         self.engine = None if cfg.backend == "transformers" else self._engine()
 
     def _engine(self):
-        from ezoforge.synth.backends import OpenAIBackend, VLLMBackend
+        from ezoforge.infer.backends import OpenAIBackend, VLLMBackend
 
         cfg, m = self.cfg, self.m
         if self.adapter is not None:
@@ -94,7 +72,7 @@ class _Models:
         """Answers: `complete(conversations, sampling) -> [Completion]`."""
         if self.engine is not None:
             return self.engine
-        from ezoforge.synth.backends import TransformersBackend
+        from ezoforge.infer.backends import TransformersBackend
 
         loaded = self.loaded
         return TransformersBackend(loaded.tokenizer, loaded.context_length, lambda: loaded,
@@ -150,7 +128,7 @@ def _answers(tasks: list[OpenTask], recipe: Recipe, fp: str, models: _Models, ca
                 return [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
                         for c in outs]
 
-            for i, value in zip(idx, _cached(cache, keys, compute, g.batch_size, "answers", counts)):
+            for i, value in zip(idx, cached(cache, keys, compute, g.batch_size, "answers", counts)):
                 said[i, s, turn] = value
     rows = [{"task_id": t.id, "sample": s, "turn": turn, "prompt": t.turns[turn - 1],
              "reference": t.reference if turn == 1 else None, **said[i, s, turn]}
@@ -190,7 +168,7 @@ def _predictions(suite: Suite, recipe: Recipe, fp: str, models: _Models, cache: 
     system, items = recipe.model.system_prompt, suite.items
     keys = [request_key(kind="choices", model=fp, system=system, prompt=jcqa_prompt(it), choices=it.choices)
             for it in items]
-    values = _cached(cache, keys, lambda idx: [{"logprobs": lp} for lp in choice_logprobs(
+    values = cached(cache, keys, lambda idx: [{"logprobs": lp} for lp in choice_logprobs(
         models.scorer, system, [items[i] for i in idx])], recipe.eval.generation.batch_size, "choices", counts)
     return [{"id": it.id, "pred": pick(v["logprobs"], it.choices, recipe.eval.jcqa_normalization), "label": it.label,
              "pred_per_char": pick(v["logprobs"], it.choices, "per_char"), "pred_sum": pick(v["logprobs"], it.choices, "sum"),
@@ -203,7 +181,7 @@ def _passages(suite: Suite, recipe: Recipe, fp: str, models: _Models, cache: Req
 
     window, items = recipe.eval.ppl_window, suite.items
     keys = [request_key(kind="ppl", model=fp, text=p.text, window=window) for p in items]
-    values = _cached(cache, keys, lambda idx: [{"nll": nll, "tokens": n} for nll, n in passage_nll(
+    values = cached(cache, keys, lambda idx: [{"nll": nll, "tokens": n} for nll, n in passage_nll(
         models.loaded, [items[i].text for i in idx], window)], recipe.eval.generation.batch_size, "passages", counts)
     return [{"id": p.id, **v} for p, v in zip(items, values)]
 
@@ -367,74 +345,3 @@ def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, sui
 
 def _model_name(recipe: Recipe, adapter: Path | None) -> str:
     return recipe.model.name if adapter is None else f"{recipe.model.name}+{Path(adapter).name}"
-
-
-# ---------------------------------------------------------------- compare
-
-def _load_run(folder: Path) -> tuple[dict, dict[str, float]]:
-    """The report and each task's mean grade (over its samples x judgments x turns)."""
-    path = folder / "report.json"
-    if not path.is_file():
-        raise EzoError(f"{folder}: no report.json (not an `ezo eval` output folder)")
-    report = json.loads(path.read_text(encoding="utf-8"))
-    graded = folder / "judgements.jsonl"
-    per_task = metrics.task_grades([j for _, j in read_jsonl(graded)]) if graded.exists() else {}
-    return report, {t: sum(g) / len(g) for t, g in per_task.items() if g}
-
-
-def judge_identity(report: dict) -> str | None:
-    """The judge as it answered (its reported model, else the name it was asked for) and the judge prompt."""
-    judge = report.get("judge")
-    if not judge:
-        return None
-    return f"{' + '.join(judge.get('served') or [judge['model']])} / {judge['prompt_version']}"
-
-
-def compare(dirs: list[Path], out: Path | None = None, allow_different_judges: bool = False) -> dict:
-    """Runs side by side; each later run's grades are paired with the first run's on the tasks both graded.
-
-    Grades from different judges (as served) or judge prompts measure different things: ranking them is refused
-    (ConfigError naming both) unless `allow_different_judges`, which marks the result and pairs none of them."""
-    if len(dirs) < 2:
-        raise EzoError("compare needs at least two eval folders")
-    loaded = [(Path(d), *_load_run(Path(d))) for d in dirs]
-    names = [d.name for d, _, _ in loaded]
-    labels = names if len(set(names)) == len(names) else [str(d) for d, _, _ in loaded]
-    judged = [(label, judge_identity(report)) for label, (_, report, _) in zip(labels, loaded) if report.get("judge")]
-    differ = [(label, who) for label, who in judged if who != judged[0][1]]
-    if differ and not allow_different_judges:
-        raise ConfigError(f"{judged[0][0]} was judged by {judged[0][1]} but {differ[0][0]} by {differ[0][1]}: grades "
-                          "from different judges or judge prompts cannot be ranked; pass --allow-different-judges "
-                          "to show them side by side, marked and unpaired")
-    (_, base, base_grades), notes, runs = loaded[0], [], []
-    for label, (folder, report, grades) in zip(labels, loaded):
-        judge = judge_identity(report)
-        row = {"label": label, "dir": str(folder), "model": report["model"]["name"], "judge": judge,
-               "protocol": _protocol_words(report),
-               **{k: report.get(k) for k in ("status", "n_tasks", "n_scored", "n_failed", "mean_grade", "ci95",
-                                             "chrf", "accuracy", "perplexity")}, "diff": None}
-        if runs:
-            shared = sorted(set(base_grades) & set(grades))
-            if judge != runs[0]["judge"]:
-                notes.append(f"{label}: judged by {judge}, the baseline by {runs[0]['judge']}: grades not paired")
-            elif not shared:
-                notes.append(f"{label}: no task graded in both this run and the baseline")
-            else:
-                d = metrics.paired_bootstrap([base_grades[t] for t in shared], [grades[t] for t in shared],
-                                             base["bootstrap"]["samples"], base["bootstrap"]["seed"])
-                row["diff"] = {**d, "diff": metrics.rounded(d["diff"]), "ci95": [metrics.rounded(x) for x in d["ci95"]],
-                               "p_not_better": metrics.rounded(d["p_not_better"])}
-        if report.get("status") in ("failed", "partial"):
-            notes.append(f"{label}: {report['n_failed']} judgement(s) failed ({report['status']})")
-        notes += [f"{label}: {n}" for n in (report.get("judge") or {}).get("notes", [])]
-        runs.append(row)
-    result = {"baseline": labels[0], "runs": runs, "notes": notes, "different_judges": bool(differ)}
-    if out is not None:
-        write_json(Path(out) / "compare.json", result)
-        write_text(Path(out) / "compare.html", eval_report.compare_html(result))
-    return result
-
-
-def _protocol_words(report: dict) -> str | None:
-    p = report.get("protocol")
-    return f"{p['samples']}×{p['judgments']}" if p else None

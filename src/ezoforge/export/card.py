@@ -5,7 +5,6 @@ absent is left out rather than filled in.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,9 @@ from typing import Any
 import yaml
 
 from ezoforge.export.provenance import RunRecords
+from ezoforge.metric_catalogue import METRICS
+from ezoforge.models import is_hub_id
+from ezoforge.report_kit import metric_bars, png_bytes
 
 # Bundled models' hub ids (a local spec names no hub repo).
 HUB_IDS = {"bundled:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -29,8 +31,6 @@ SMOLLM2_NOTICE = ("The base model, SmolLM2 by Hugging Face, is released under th
 LICENCES = [(("llama-3.1", "llama3.1", "llama-31", "llama31"), "llama3.1", LLAMA31_NOTICE),
             (("smollm2",), "apache-2.0", SMOLLM2_NOTICE)]
 
-EVAL_METRICS = [("mean_grade", "mean grade (LLM judge)"), ("chrf", "chrF"),
-                ("accuracy", "JCommonsenseQA accuracy"), ("perplexity", "held-out perplexity (lower is better)")]
 USAGE_PROMPT = "日本の四季について、それぞれの特徴を簡単に教えてください。"
 
 
@@ -39,8 +39,7 @@ def hub_id(spec: str | None) -> str | None:
         return None
     if spec in HUB_IDS:
         return HUB_IDS[spec]
-    looks_local = spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") != 1
-    return None if looks_local else spec
+    return spec if is_hub_id(spec) else None
 
 
 def licence(spec: str | None) -> tuple[str | None, str]:
@@ -186,12 +185,12 @@ def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
         return []
     runs = (base, sft, tuned) if sft else (base, tuned)  # with DPO: base, SFT alone, SFT+DPO
     rows = []
-    for key, label in EVAL_METRICS:
+    for key, metric in METRICS.items():
         if all(r.get(key) is None for r in runs):
             continue
         cells = [f"{_fmt(r[key])} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if key == "mean_grade" and r.get(
             "ci95") else r.get(key) for r in runs]
-        rows.append([label, *cells])
+        rows.append([metric.short, *cells])
     out = [_table(["metric", "base", "SFT", "SFT+DPO"] if sft else ["metric", "base", "tuned"], rows)]
     if diff:
         out.append(f"Paired difference in mean grade (tuned − base) over {diff['n']} tasks graded in both: "
@@ -286,26 +285,7 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
 
 
 def eval_chart(rec: RunRecords) -> bytes | None:
-    """Base vs tuned bars for each eval figure both runs have (mean grade with its 95% CI)."""
-    from matplotlib.figure import Figure
-
-    base, tuned = rec.evals.get("base", {}), rec.evals.get("tuned", {})
-    metrics = [(k, label) for k, label in EVAL_METRICS if base.get(k) is not None or tuned.get(k) is not None]
-    if not metrics:
-        return None
-    runs = [(name, r) for name, r in (("base", base), ("tuned", tuned)) if r]
-    fig = Figure(figsize=(3.0 * len(metrics) + 0.5, 3.2), layout="constrained")
-    for ax, (key, label) in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
-        values = [r.get(key) or 0.0 for _, r in runs]
-        err = None
-        if key == "mean_grade":
-            cis = [r.get("ci95") or [v, v] for v, (_, r) in zip(values, runs)]
-            err = [[max(v - ci[0], 0) for v, ci in zip(values, cis)], [max(ci[1] - v, 0) for v, ci in zip(values, cis)]]
-        bars = ax.bar([n for n, _ in runs], values, yerr=err, capsize=4, color=["#8c8c8c", "#4f81bd"][:len(runs)])
-        ax.bar_label(bars, fmt="%.4g", label_type="center", color="white")
-        ax.set_title(label, fontsize=9)
-        if key == "mean_grade":
-            ax.set_ylim(0, 5.2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+    """Base vs tuned bars for each eval figure the runs have (mean grade with its 95% CI): report_kit's chart."""
+    runs = [(name, rec.evals[name]) for name in ("base", "tuned") if rec.evals.get(name)]
+    fig = metric_bars(runs)
+    return png_bytes(fig) if fig else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ezoforge.stage import done_info
+from ezoforge.stage import FOLDERS, done_info
 
 
 def _stage(folder: Path) -> dict[str, Any] | None:
@@ -47,7 +47,7 @@ class RunRecords:
     def folders(self) -> list[Path]:
         """Every record folder the card reads, for the export's fingerprint."""
         stages = [self.merged, self.prefer, self.train, *self.synth, *self.curate]
-        return [s["dir"] for s in stages if s] + [self.merged_dir.parent / f"eval-{k}" for k in self.evals]
+        return [s["dir"] for s in stages if s] + [self.merged_dir.parent / FOLDERS[f"eval-{k}"] for k in self.evals]
 
 
 def gather(merged: Path) -> RunRecords:
@@ -69,7 +69,7 @@ def gather(merged: Path) -> RunRecords:
     # With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO).
     for kind, model in (("base", rec.base_model), ("sft", rec.base_model if rec.prefer else None),
                         ("tuned", str(merged))):
-        report = merged.parent / f"eval-{kind}" / "report.json"
+        report = merged.parent / FOLDERS[f"eval-{kind}"] / "report.json"
         if model and report.is_file() and done_info(report.parent) is not None:
             data = json.loads(report.read_text(encoding="utf-8"))
             spec = data.get("model", {}).get("spec", "")

@@ -5,10 +5,10 @@ The token comes from the HF_TOKEN environment variable only (not a saved login) 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from ezoforge.config import secret
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.export.run import STAGE_FILES
 from ezoforge.records import DONE
@@ -33,9 +33,7 @@ def push(folder: str | Path, repo: str, private: bool = False, dry_run: bool = F
     result = {"repo": repo, "private": private, "files": listing, "bytes": sum(s for _, s in listing)}
     if dry_run:
         return result
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise ConfigError("ezo push needs a Hugging Face token in the HF_TOKEN environment variable")
+    token = secret("HF_TOKEN", "ezo push needs a Hugging Face token")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from ezoforge.config import ExportConfig, to_plain
 from ezoforge.errors import ModelError
+from ezoforge.eval.compare import paired_diff
 from ezoforge.export import card
 from ezoforge.export import gguf as gguf_file
 from ezoforge.export.ollama import modelfile
 from ezoforge.export.provenance import RunRecords, gather
 from ezoforge.records import DONE, write_text
-from ezoforge.stage import Stage, input_fingerprints
+from ezoforge.stage import FOLDERS, Stage, input_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,8 @@ def _copy_model(merged: Path, dst: Path) -> list[str]:
 def _paired_diff(rec: RunRecords) -> dict | None:
     if not {"base", "tuned"} <= set(rec.evals):
         return None
-    from ezoforge.eval.run import compare
-
-    evals = [rec.merged_dir.parent / "eval-base", rec.merged_dir.parent / "eval-tuned"]
-    return compare(evals, allow_different_judges=True)["runs"][1]["diff"]  # None when the judges differ
+    workdir = rec.merged_dir.parent
+    return paired_diff(workdir / FOLDERS["eval-base"], workdir / FOLDERS["eval-tuned"])[0]
 
 
 def _stops(model_dir: Path, tokenizer) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ezoforge.config import ServeConfig
-from ezoforge.infer.generate import Completion, Generator, Sampling, TextSoFar
+from ezoforge.infer.generate import Completion, Generator, Sampling, TextSoFar, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Batcher:
                 if ended or so_far.stopped or len(job.out) >= job.sampling.max_new_tokens:
                     if piece := so_far.finish():
                         job.deliver(piece)
-                    reason = "length" if not (ended or so_far.stopped) else "stop"
+                    reason = finish_reason(ended or so_far.stopped, len(job.out), job.sampling.max_new_tokens)
                     job.deliver(Completion(so_far.text.strip(), len(job.prompt), len(job.out), reason))
                     finished.append(i)
             if finished:

@@ -23,6 +23,16 @@ class Completion:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
 
 
+def finish_reason(stopped: bool, tokens: int, max_new_tokens: int) -> str:
+    """Why a reply ended: "length" when the token limit cut it, else "stop" (an end of turn or a stop string)."""
+    return "stop" if stopped or tokens < max_new_tokens else "length"
+
+
+def as_finish_reason(reported: str | None) -> str:
+    """Another engine's finish_reason (vLLM's, a server's) in the same two words: all but "length" is "stop"."""
+    return "length" if reported == "length" else "stop"
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 256
@@ -163,8 +173,8 @@ class Generator:
                     break
             text, stopped = _cut_at_stop(self.decode(row[:n]), sampling.stop)
             text = whole_chars(text)
-            reason = "stop" if ended or stopped or n < sampling.max_new_tokens else "length"
-            results.append(Completion(text.strip(), int(plen), n, reason))
+            results.append(Completion(text.strip(), int(plen), n,
+                                      finish_reason(ended or stopped, n, sampling.max_new_tokens)))
         return results
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
@@ -221,8 +231,8 @@ class Generator:
             raise result["error"]
         if piece := so_far.finish():
             yield piece
-        reason = "stop" if so_far.stopped or ended or n < sampling.max_new_tokens else "length"
-        yield Completion(so_far.text, int(enc["input_ids"].shape[1]), n, reason)
+        yield Completion(so_far.text, int(enc["input_ids"].shape[1]), n,
+                         finish_reason(ended or so_far.stopped, n, sampling.max_new_tokens))
 
 
 def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,

@@ -9,7 +9,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 from typing import Annotated, Literal
@@ -21,8 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ezoforge.config import ServeConfig
-from ezoforge.errors import ConfigError
+from ezoforge.config import ServeConfig, secret
 from ezoforge.infer.batching import Batcher, Job, QueueFull, Shutdown, Timeout
 from ezoforge.infer.generate import Completion, Generator, Sampling
 
@@ -339,13 +337,8 @@ def _check_schema(schema: dict) -> None:
 
 
 def api_key_from_env(var: str | None) -> str | None:
-    """The key comes only from the environment; an unset variable is an error, not an open server."""
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if not value:
-        raise ConfigError(f"--api-key-env {var}: environment variable {var} is not set or empty")
-    return value
+    """An unset variable is an error, not an open server."""
+    return None if var is None else secret(var, f"--api-key-env {var}")
 
 
 def serve(gen: Generator, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ezoforge.cache import RequestCache, request_key
+from ezoforge.cache import RequestCache, cached, request_key
 from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.eval import judge_prompt
@@ -148,7 +148,6 @@ def _sample(instructions: list[Instruction], messages: dict[str, list], model: M
             cache: RequestCache, counts: Counter) -> dict[str, list[dict]]:
     """`prefer.samples` answers per instruction from base + SFT adapter, each sample index with its own seed (eval's
     answer keys); the model loads only when an answer is missing from the cache."""
-    from ezoforge.eval.run import _cached
     from ezoforge.infer.generate import Generator, Sampling
     from ezoforge.models import load, model_identity
 
@@ -166,8 +165,8 @@ def _sample(instructions: list[Instruction], messages: dict[str, list], model: M
             return [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
                     for c in done]
 
-        for ins, value in zip(instructions, _cached(cache, keys, compute, cfg.generation.batch_size,
-                                                    "answers", counts)):
+        for ins, value in zip(instructions, cached(cache, keys, compute, cfg.generation.batch_size,
+                                                   "answers", counts)):
             out[ins.id].append(value)
     generator.cache_clear()
     return out

@@ -12,7 +12,7 @@ from difflib import SequenceMatcher
 
 from ezoforge import ja
 from ezoforge.config import PairFilters
-from ezoforge.curate.text import codepoints, repeat_coverage
+from ezoforge.text import codepoints, japanese_ratio, repeat_coverage
 from ezoforge.synth.prompts import ANSWER_MARK, EXAMPLE_TERMS, QUESTION_MARK
 
 
@@ -79,7 +79,7 @@ def _body(text: str) -> str:
 
 
 def _last_sentence_end(text: str) -> int:
-    return max(text.rfind(ch) for ch in "。！？!?") + 1
+    return max(text.rfind(ch) for ch in ja.SENTENCE_ENDS) + 1
 
 
 def parse_prompted(text: str, n: int, truncated: bool = False) -> Parsed:
@@ -119,11 +119,6 @@ def parse_prompted(text: str, n: int, truncated: bool = False) -> Parsed:
 
 
 # ---------------------------------------------------------------- pair filters
-
-def japanese_ratio(text: str) -> float:
-    letters = sum(ch.isalpha() for ch in text)
-    return len(ja.LETTER_RE.findall(text)) / letters if letters else 0.0
-
 
 def norm(text: str) -> str:
     """Comparison key: NFKC, case-folded, without spaces or punctuation."""

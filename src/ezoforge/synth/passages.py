@@ -7,11 +7,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ezoforge import ja
 from ezoforge.errors import RecordError
 from ezoforge.records import read_rows, require
 
-# A sentence ends at 。！？!? (with any closing brackets after it) or at a line break.
-_SENTENCE = re.compile(r"[^。！？!?\n]*(?:[。！？!?]+[」』）)】]*|\n+|$)")
+# A sentence ends at a sentence-ending mark (with any closing brackets after it) or at a line break.
+_ENDS = re.escape(ja.SENTENCE_ENDS)
+_SENTENCE = re.compile(rf"[^{_ENDS}\n]*(?:[{_ENDS}]+[{re.escape(ja.CLOSING_BRACKETS)}]*|\n+|$)")
 
 
 @dataclass

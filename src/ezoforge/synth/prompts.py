@@ -8,7 +8,8 @@ the text changes: it is part of every cache key and of every pair's `generator` 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+
+from ezoforge.infer.backends import Request
 
 PROMPT_VERSION = "ja-pairs-v1"
 SYNTHESIZER_VERSION = "ipt-synthesizer-v1"
@@ -40,21 +41,6 @@ SEED_INSTRUCTIONS = (
 )
 
 QUESTION_MARK, ANSWER_MARK = "質問", "回答"
-
-
-@dataclass(frozen=True)
-class Request:
-    """One model call for one passage. Chat backends send `messages` (+ `prefill` where they can prefill the
-    assistant turn); completion backends send `prompt`."""
-
-    doc_id: str
-    passage: str
-    messages: tuple[tuple[str, str], ...] | None = None
-    prefill: str = ""
-    prompt: str | None = None
-
-    def chat(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages or ()]
 
 
 def format_pairs(pairs: tuple[tuple[str, str], ...]) -> str:

@@ -22,10 +22,11 @@ from ezoforge.infer.generate import Sampling
 from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.synth import prompts
-from ezoforge.synth.backends import Output
+from ezoforge.infer.backends import Output
 from ezoforge.synth.mix import draw
-from ezoforge.synth.parse import PairFilter, Parsed, japanese_ratio, parse_prompted, parse_synthesizer
+from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import read_docs, split
+from ezoforge.text import japanese_ratio
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool):
     cfg, m = recipe.synth, recipe.model
     if cfg.backend == "openai":
         from ezoforge.models import load_tokenizer
-        from ezoforge.synth.backends import OpenAIBackend
+        from ezoforge.infer.backends import OpenAIBackend
 
         try:
             tokenizer = load_tokenizer(cfg.tokenizer or model)
@@ -58,7 +59,7 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool):
         return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
                              tokenizer, cfg.context_tokens or 4096)
     from ezoforge.models import load, load_tokenizer, require_chat_template, spec_context_length
-    from ezoforge.synth.backends import TransformersBackend, VLLMBackend
+    from ezoforge.infer.backends import TransformersBackend, VLLMBackend
 
     chat = cfg.mode == "prompted"
     tokenizer = load_tokenizer(model, m.chat_template)

@@ -4,7 +4,6 @@ staging debris, never a checkpoint that looks complete."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from transformers import TrainerCallback
 
 from ezoforge.config import diff_keys, fingerprint
 from ezoforge.errors import ConfigError
-from ezoforge.records import write_json
+from ezoforge.records import replace_folder, write_json
 
 STAGING = ".staging"
 COMPLETE = "COMPLETE"
@@ -74,10 +73,7 @@ class AtomicCheckpoints(TrainerCallback):
             "data_position": {"rows_seen": rows_seen * args.world_size, "rows_per_epoch": self.rows},
             "fingerprint": fingerprint(self.settings), "settings": self.settings})
         (staged / COMPLETE).write_text(f"{state.global_step}\n", encoding="utf-8")
-        target = self.folder / f"step-{state.global_step:06d}"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+        replace_folder(staged, self.folder / f"step-{state.global_step:06d}")
         for old in complete(self.folder)[:-self.keep]:
             (old / COMPLETE).unlink()  # first, so a kill mid-delete leaves no "complete" half checkpoint
             shutil.rmtree(old)

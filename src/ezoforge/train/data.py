@@ -1,9 +1,4 @@
-"""Training data: rows → chat messages → token ids with assistant-only labels → packed rows.
-
-Labels come from turn boundaries: each assistant turn is located by rendering the conversation prefix by prefix
-with the model's own chat template, so no `{% generation %}` markers are needed, and the end-of-turn token is
-labelled even when pad == eos (SmolLM2) — masking pad ids would drop it and the model would never learn to stop.
-"""
+"""Training data: rows → chat messages → token ids with assistant-only labels (turns.py) → packed rows."""
 from __future__ import annotations
 
 import random
@@ -16,8 +11,8 @@ import torch
 from ezoforge.errors import RecordError
 from ezoforge.records import read_rows, require
 from ezoforge.stage import input_files
+from ezoforge.turns import IGNORE, encode, special_ids
 
-IGNORE = -100
 # A pair with a source passage: the user turn carries the passage, then the instruction.
 USER_WITH_CONTEXT = "{context}\n\n{instruction}"
 ROLES = ("system", "user", "assistant")
@@ -66,74 +61,6 @@ def pairs_by_source(inputs: list[Path]) -> dict[str, int]:
             if row.get("source") is not None:
                 counts[str(row["source"])] = counts.get(str(row["source"]), 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # a template sees role and content only
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    return tokenizer(_text(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    return ids
-
-
-def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None = None,
-           context_loss: bool = False) -> dict[str, list[int]]:
-    """Token ids of the whole conversation, and labels that keep only the assistant turns' tokens, each through
-    its end-of-turn token (the last special token of the turn; what follows it, like a newline, is never generated).
-    With `context_loss`, a user turn's source passage is learned too (Instruction Pre-Training's raw text)."""
-    specials = special_ids(tokenizer) if specials is None else specials
-    ids = _render(tokenizer, messages, False)
-    labels = [IGNORE] * len(ids)
-    if context_loss and any(m.get("context") for m in messages):
-        _label_contexts(tokenizer, messages, ids, labels)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        # Shared prefixes, not lengths: a prefix rendering may tokenize its last characters differently.
-        start = _shared_prefix(_render(tokenizer, messages[:i], True), ids)
-        end = _shared_prefix(_render(tokenizer, messages[: i + 1], False), ids)
-        last_special = max((j for j in range(start, end) if ids[j] in specials), default=end - 1)
-        labels[start:last_special + 1] = ids[start:last_special + 1]
-    labels[0] = IGNORE  # a packed neighbour's last token must never predict this one
-    return {"input_ids": ids, "labels": labels}
-
-
-def _label_contexts(tokenizer, messages: list[dict[str, str]], ids: list[int], labels: list[int]) -> None:
-    """Label the tokens that lie wholly inside each passage, found by character offsets in the rendered text."""
-    text = _text(tokenizer, messages, False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the same tokens as `ids`
-    at = 0
-    for m in messages:
-        if not m.get("context"):
-            continue
-        start = text.index(m["context"], at)
-        at = end = start + len(m["context"])
-        for j, (a, b) in enumerate(enc["offset_mapping"]):
-            if start <= a < b <= end:
-                labels[j] = ids[j]
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token that closes an assistant turn in this chat template (`<|eot_id|>`, `<|im_end|>`, …)."""
-    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    enc = encode(tokenizer, convo)
-    trained = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
-    return trained[-1] if trained and trained[-1] in special_ids(tokenizer) else None
 
 
 @dataclass

@@ -5,7 +5,7 @@ The base loads once. The SFT adapter is loaded trainable as PEFT's "default" ada
 are the same base with "ref" active, so no second copy of the base is held. DIR/adapter is the SFT adapter
 updated, so merging it into the base gives SFT+DPO, not DPO alone.
 
-Checkpoints, kill/resume and the adapter swap are `ezo train`'s (train/checkpoints.py, train/run.py).
+Checkpoints, kill/resume and the adapter swap are `ezo train`'s (train/checkpoints.py, train/trainer.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ezoforge.stage import Stage
 from ezoforge.train import checkpoints
 from ezoforge.train.model import attn_implementation, float32_adapters, load_base
 from ezoforge.train.progress import TrainLog, plot_loss
-from ezoforge.train.run import hardware, save_adapter, summarize, trainer_args
+from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,6 @@ import torch
 from ezoforge.config import Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.models import check_model, load_tokenizer, pick_device, require_chat_template
-from ezoforge.records import fsync_dir
 from ezoforge.stage import Stage, input_files, input_fingerprints
 from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
@@ -28,6 +24,7 @@ from ezoforge.train.model import (attn_implementation, float32_adapters, load_ba
                                   use_qlora)
 from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
+from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +32,6 @@ log = logging.getLogger(__name__)
 def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
     return {"model": output_settings(recipe.model), "train": output_settings(recipe.train),
             "input_fingerprints": input_fingerprints(inputs)}
-
-
-def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None) -> dict:
-    """The arguments SFT and DPO share (batch, schedule, saving, precision, Liger), from a section that has the
-    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows."""
-    cuda = device.type == "cuda"
-    if precision is None:
-        precision = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
-    return dict(
-        output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
-        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
-        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
-        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
-        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
-        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
-        use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True, log_level="warning", dataloader_num_workers=0)
 
 
 def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
@@ -105,13 +83,6 @@ def tensorboard_callback(cfg: TrainConfig, out: Path) -> list:
     return [callback]
 
 
-def hardware(device: torch.device) -> str:
-    """What trained the model, for the model card."""
-    if device.type == "cuda":
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
-    return f"CPU ({os.cpu_count()} cores)"
-
-
 def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eval_rows: list[dict],
                  staging: Path, device: torch.device, callbacks: list | None = None, eval_first: bool = False):
     """The SFTTrainer for a loaded base model: LoRA on top, our packed rows and collator; `eval_first` measures
@@ -136,26 +107,6 @@ def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eva
     # fused, chunked LM head (Triton tiles on CUDA); Liger adds its layer kernels only (TRL refuses Liger's fused
     # linear cross-entropy). tests/test_train_memory.py holds it to the plain loss and checks the allocations.
     return trainer
-
-
-def save_adapter(trainer, out: Path, main: bool) -> None:
-    """Write the adapter beside the old one and swap by renames: there is always a whole adapter on disk."""
-    tmp, final, old = out / ".adapter.tmp", out / "adapter", out / ".adapter.old"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if trainer.is_fsdp_enabled:  # one adapter file, gathered from the shards
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
-    if main:
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(out)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> dict:
@@ -222,15 +173,3 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
                          "offload_activations": offload,
                          "device": str(device), "hardware": hardware(device), "resumed_from_step": resume_step,
                          "seconds": round(time.perf_counter() - start, 1), **data.stats})
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    steps = [r for r in rows if "loss" in r]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    steady = steps[1:] or steps  # the first step carries warm-up
-    return {"train_loss_first": steps[0]["loss"] if steps else None,
-            "train_loss_last": steps[-1]["loss"] if steps else None,
-            "eval_loss_start": rows[0]["eval_loss"] if rows and rows[0]["step"] == 0 else None,
-            "eval_loss": evals[-1] if evals else None,
-            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady), 1) if steps else None,
-            "step_s": round(statistics.median(r["step_s"] for r in steady), 3) if steps else None}

@@ -1,7 +1,7 @@
 """Where completions come from: a local transformers model, vLLM (optional `gpu` extra), or any OpenAI-compatible
 server. Every backend takes a list of Requests and reports each result (or the exception that ended it) through
 `done(index, Output | Exception)` as soon as it exists, so the caller can store it durably before the next one.
-The same backends answer eval's conversations (`complete`, the shape of `Generator.complete`).
+synth sends its Requests; eval's conversations go through `complete` (the shape of `Generator.complete`).
 """
 from __future__ import annotations
 
@@ -14,14 +14,27 @@ from dataclasses import dataclass
 
 from ezoforge.config import VLLMConfig
 from ezoforge.errors import ConfigError, EzoError
-from ezoforge.infer.generate import Completion, Generator, Sampling
+from ezoforge.infer.generate import Completion, Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
-from ezoforge.synth.prompts import Request
-
 
 log = logging.getLogger(__name__)
 
 Done = Callable[[int, "Output | Exception"], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One model call: chat backends send `messages` (+ `prefill` where they can prefill the assistant turn),
+    completion backends send `prompt`. `doc_id` and `passage` name what it was made from (synth's passage)."""
+
+    doc_id: str
+    passage: str
+    messages: tuple[tuple[str, str], ...] | None = None
+    prefill: str = ""
+    prompt: str | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
 
 
 @dataclass
@@ -187,7 +200,7 @@ class VLLMBackend(LocalBackend):
                 text = gen.text.strip()
                 done(start + offset, Output(req.prefill + text if req.prompt is None else text,
                                             len(res.prompt_token_ids), len(gen.token_ids),
-                                            "length" if gen.finish_reason == "length" else "stop"))
+                                            as_finish_reason(gen.finish_reason)))
 
 
 class OpenAIBackend(Backend):
@@ -240,8 +253,7 @@ class OpenAIBackend(Backend):
             reply, text = self._continued(req, sampling)
         else:
             reply, text = self._instructed(req, sampling)
-        return Output(text, reply.prompt_tokens, reply.completion_tokens,
-                      "length" if reply.finish_reason == "length" else "stop")
+        return Output(text, reply.prompt_tokens, reply.completion_tokens, as_finish_reason(reply.finish_reason))
 
     def _continued(self, req: Request, sampling: Sampling):
         from ezoforge.remote import RemoteError, chat

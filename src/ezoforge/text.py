@@ -1,4 +1,5 @@
-"""Character-level views of Japanese text that the filters and MinHash share: classes and n-gram hashes.
+"""Character-level views of Japanese text that curation, MinHash and the pair filters share: character classes,
+how Japanese a text is, and n-gram hashes.
 
 Everything is vectorised over the text's code points (numpy), because per-character Python loops would
 cap the whole chain well under 1 MB/s.
@@ -68,6 +69,31 @@ def class_counts(text: str) -> np.ndarray:
     """How many characters of `text` fall in each class (index by the class constants)."""
     return np.bincount(char_classes(codepoints(text)), minlength=MOJIBAKE + 1)
 
+
+# ---------------------------------------------------------------- how Japanese a text is
+# Two measures on purpose: a document is judged on all its characters (Swallow's rule: digits, Latin and symbols
+# count against it, so tables and code dumps drop), a short synthesized answer on its letters only ("1945年" or
+# "DNAとは何ですか" is Japanese prose, however many digits or acronyms it holds).
+
+def japanese_chars(counts: np.ndarray) -> int:
+    """Of `class_counts`: the kana, kanji and Japanese punctuation."""
+    return int(counts[HIRAGANA] + counts[KATAKANA] + counts[KANJI] + counts[JA_PUNCT])
+
+
+def japanese_share(text: str) -> float:
+    """A document's Japanese characters (kana, kanji, Japanese punctuation) per character, whitespace aside."""
+    counts = class_counts(text)
+    chars = counts.sum() - counts[SPACE]
+    return float(japanese_chars(counts) / chars) if chars else 0.0
+
+
+def japanese_ratio(text: str) -> float:
+    """A pair's kana and kanji per letter (str.isalpha): digits, punctuation and whitespace do not count."""
+    letters = sum(ch.isalpha() for ch in text)
+    return len(ja.LETTER_RE.findall(text)) / letters if letters else 0.0
+
+
+# ---------------------------------------------------------------- n-grams
 
 def ngram_hashes(codes: np.ndarray, sizes: list[int]) -> dict[int, np.ndarray]:
     """A 64-bit polynomial hash for every character n-gram of each size n (entry i covers codes[i:i+n]),

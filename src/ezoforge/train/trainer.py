@@ -1,0 +1,64 @@
+"""What SFT (run.py) and DPO (dpo.py) share: the trainer's arguments, the adapter's atomic save, the run's summary
+and what it ran on."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ezoforge.records import replace_folder
+
+
+def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None) -> dict:
+    """The arguments SFT and DPO share (batch, schedule, saving, precision, Liger), from a section that has the
+    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows."""
+    cuda = device.type == "cuda"
+    if precision is None:
+        precision = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    liger = cfg.liger if cfg.liger is not None else cuda and importlib.util.find_spec("liger_kernel") is not None
+    return dict(
+        output_dir=str(staging), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=0.0,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
+        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
+        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
+        use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True, log_level="warning", dataloader_num_workers=0)
+
+
+def save_adapter(trainer, out: Path, main: bool) -> None:
+    """Write the adapter beside the old one and swap it in by renames: there is always a whole adapter on disk."""
+    tmp = out / ".adapter.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_fsdp_enabled:  # one adapter file, gathered from the shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
+    if main:
+        replace_folder(tmp, out / "adapter")
+
+
+def hardware(device: torch.device) -> str:
+    """What trained the model, for the model card."""
+    if device.type == "cuda":
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [r for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    steady = steps[1:] or steps  # the first step carries warm-up
+    return {"train_loss_first": steps[0]["loss"] if steps else None,
+            "train_loss_last": steps[-1]["loss"] if steps else None,
+            "eval_loss_start": rows[0]["eval_loss"] if rows and rows[0]["step"] == 0 else None,
+            "eval_loss": evals[-1] if evals else None,
+            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady), 1) if steps else None,
+            "step_s": round(statistics.median(r["step_s"] for r in steady), 3) if steps else None}
