@@ -41,17 +41,25 @@ def drain(events) -> tuple[list[str], Completion]:
     return pieces, event
 
 
+GREEDY_24 = Sampling(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def alone(batcher, gen):
+    """Each prompt's greedy reply through the batching loop, one request at a time."""
+    replies = [drain(submit(batcher, gen, p, GREEDY_24)[1])[1] for p in PROMPTS]
+    reference = gen.complete([build_messages(p, SYSTEM) for p in PROMPTS[:1]], GREEDY_24)[0]
+    assert replies[0].text == reference.text  # the loop decodes what generate() decodes
+    return replies
+
+
 @pytest.mark.parametrize("prefill_tokens", [4096, 1])
-def test_greedy_output_is_the_same_alone_or_in_a_batch(gen, prefill_tokens):
+def test_greedy_output_is_the_same_alone_or_in_a_batch(gen, alone, prefill_tokens):
     """Up to padding effects: float sums over padded rows may flip a near-tie late in a reply, never early.
     With a prefill budget of 1 token the joining requests are prefilled one by one and then stacked."""
     batcher = Batcher(gen, ServeConfig(max_batch=16, max_prefill_tokens=prefill_tokens))
-    sampling = Sampling(max_new_tokens=24)
-    alone = [drain(submit(batcher, gen, p, sampling)[1])[1] for p in PROMPTS]
-    together = [drain(events)[1] for _, events in [submit(batcher, gen, p, sampling) for p in PROMPTS]]
+    together = [drain(events)[1] for _, events in [submit(batcher, gen, p, GREEDY_24) for p in PROMPTS]]
     batcher.close()
-    reference = gen.complete([build_messages(p, SYSTEM) for p in PROMPTS[:1]], sampling)[0]
-    assert alone[0].text == reference.text  # the loop decodes what generate() decodes
     same = sum(a.text == t.text for a, t in zip(alone, together))
     assert same >= len(PROMPTS) - 1, [(a.text, t.text) for a, t in zip(alone, together)]
     for a, t in zip(alone, together):

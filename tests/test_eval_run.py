@@ -145,12 +145,12 @@ def test_no_judge_reports_not_judged(judged, cache, tmp_path):
 
 def test_jcqa_accuracy_matches_predictions(cache, shared_data, bundled, tmp_path):
     spec = f"jcqa:{shared_data / JCQA}"
-    report = run(make_recipe(cache, tasks=[spec], limit=10), tmp_path)
+    report = run(make_recipe(cache, tasks=[spec], limit=6), tmp_path)
     preds = rows(tmp_path / "predictions.jsonl")
-    items = load_suite(spec, 10).items
+    items = load_suite(spec, 6).items
     assert [p["id"] for p in preds] == [it.id for it in items] and [p["label"] for p in preds] == [it.label for it in items]
-    assert report["accuracy"] == round(sum(p["pred"] == p["label"] for p in preds) / 10, 4)
-    assert report["accuracy_normalization"] == "sum" and report["n_choice_items"] == 10
+    assert report["accuracy"] == round(sum(p["pred"] == p["label"] for p in preds) / 6, 4)
+    assert report["accuracy_normalization"] == "sum" and report["n_choice_items"] == 6
     for p in preds:
         assert p["pred"] == max(range(5), key=lambda k: p["logprobs"][k])
     # The batched, padded scores equal a lone forward pass of one prompt + choice.
