@@ -49,11 +49,12 @@ def ezo_in_process(*args) -> subprocess.CompletedProcess:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
-    # `make test` runs two xdist workers (--dist loadgroup): the tests that read the session's demo run go to one
-    # worker, so the run is built once while the other worker takes the rest.
+    # `make test` runs two xdist workers (--dist loadgroup). A module's tests stay on one worker, so its module
+    # fixtures (a trained adapter, a loaded server) are built once; the tests that read the session's demo run, from
+    # several modules, form one group, so the run is built once.
     for item in items:
-        if "demo_run" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("demo"))
+        group = "demo" if "demo_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True, scope="session")

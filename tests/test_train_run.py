@@ -171,6 +171,7 @@ def test_fsdp_recipe_configures_accelerate_for_qlora():
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
 
 
+@pytest.mark.slow  # a real `accelerate launch` process (~16 s here); `make test-all`
 def test_accelerate_launch_runs_ezo_train(tiny_model, elyza_rows, tmp_path):  # noqa: F811
     """The multi-GPU entry point as far as a CPU goes: `accelerate launch -m ezoforge train` with the shipped config."""
     out = tmp_path / "launched"
