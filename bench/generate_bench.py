@@ -5,8 +5,15 @@ A Llama-3.1-8B-shaped model with random weights (bf16, CUDA), the real Llama 3 t
 a compiled, CUDA-graphed decode step) is warmed up once per batch shape first; the warm-up (compile) time is
 printed apart. Then our path is swept over batch sizes. The ratio at the headline batch is printed last.
 
+`--cpu-backends`: the two CPU backends synth and eval answer through, on the same Japanese chat prompts (the
+package's demo tasks under the EZO system prompt), greedy: transformers (float32) and llamacpp (the f16 GGUF our
+exporter writes of the same model, made once into the cache), each one request at a time and batched. The ratio
+llamacpp / transformers, batched, is printed last.
+
     python bench/generate_bench.py              # on the GPU
     python bench/generate_bench.py --tiny       # a 2-layer shape on CPU: checks the script, measures nothing
+    python bench/generate_bench.py --cpu-backends [--model MERGED_DIR] [--threads N]   # the bundled model by default
+    python bench/generate_bench.py --cpu-backends --prompts 1 --new-tokens 4 --batch 2   # checks the script
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAGRAPHS = ROOT.parent / "shared" / "data" / "jglue" / "jsquad" / "wikipedia_paragraphs.jsonl"
+TASKS = ROOT / "src" / "ezoforge" / "data" / "tasks" / "demo-tasks.jsonl"
 
 
 def llama3_tokenizer():
@@ -83,9 +91,14 @@ def plain_generate(model, tokenizer, texts, batch: int, new_tokens: int, device)
 
 def ours(backend, texts, new_tokens: int, device) -> tuple[int, float]:
     from ezoforge.infer.backends import Request
+
+    return answered(backend, [Request(str(i), t, prompt=t) for i, t in enumerate(texts)], new_tokens, device)
+
+
+def answered(backend, reqs, new_tokens: int, device=torch.device("cpu")) -> tuple[int, float]:
+    """(tokens generated, seconds) for a backend's greedy answers to the requests."""
     from ezoforge.infer.generate import Sampling
 
-    reqs = [Request(str(i), t, prompt=t) for i, t in enumerate(texts)]
     outs = {}
     start = time.perf_counter()
     backend.run(reqs, Sampling(max_new_tokens=new_tokens), lambda i, o: outs.__setitem__(i, o))
@@ -93,18 +106,61 @@ def ours(backend, texts, new_tokens: int, device) -> tuple[int, float]:
     return sum(o.tokens_out for o in outs.values()), time.perf_counter() - start
 
 
+def cpu_backends(args) -> None:
+    from ezoforge.config import DEFAULT_SYSTEM_PROMPT, EvalConfig
+    from ezoforge.infer.backends import Request, Target
+    from ezoforge.infer.generate import build_messages
+    from ezoforge.infer.registry import BACKENDS
+    from ezoforge.models import load, resolve
+
+    spec = args.model or resolve("bundled:smollm2-135m-instruct")  # a safetensors folder: llamacpp runs our export
+    tasks = [json.loads(line)["input"] for line in TASKS.read_text(encoding="utf-8").splitlines()]
+    reqs = [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in
+                                               build_messages(tasks[i % len(tasks)], DEFAULT_SYSTEM_PROMPT)))
+            for i in range(args.prompts)]
+    loaded = load(spec, device="cpu")
+    print(f"{spec} · {args.prompts} prompts · {args.new_tokens} new tokens · torch threads {torch.get_num_threads()} "
+          f"· llamacpp threads {args.threads}")
+    results: dict = {"model": str(spec), "prompts": args.prompts, "new_tokens": args.new_tokens}
+    for name in ("transformers", "llamacpp"):
+        for batch in (1, args.batch):
+            section = EvalConfig.model_validate({"backend": name, "generation": {"batch_size": batch}, **(
+                {"llamacpp": {"threads": args.threads}} if name == "llamacpp" else {})})
+            backend = BACKENDS[name].build(section, Target(spec, load=lambda: loaded))
+            answered(backend, reqs[:1], 2)  # loads the engine (and writes the GGUF the first time)
+            n, s = answered(backend, reqs, args.new_tokens)
+            backend.close()
+            results[f"{name} batch {batch}"] = {"tokens": n, "seconds": round(s, 2), "tok_s": round(n / s, 1)}
+            print(f"{name:<12} batch {batch:>3}: {n / s:9.1f} tok/s  ({n} tokens, {s:.1f} s)")
+    for batch in (1, args.batch):
+        results[f"ratio batch {batch}"] = round(results[f"llamacpp batch {batch}"]["tok_s"] /
+                                               results[f"transformers batch {batch}"]["tok_s"], 2)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"ratio one at a time (llamacpp / transformers): {results['ratio batch 1']:.2f}x")
+    print(f"ratio at batch {args.batch} (llamacpp / transformers): {results[f'ratio batch {args.batch}']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU, few tokens: checks the script only")
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, help="default 64 (--cpu-backends 16)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=64, help="headline batch size (both paths)")
+    ap.add_argument("--new-tokens", type=int, help="default 256 (--cpu-backends 64)")
+    ap.add_argument("--batch", type=int, help="headline batch size (both paths; default 64, --cpu-backends 8)")
     ap.add_argument("--sweep", default="16,32,64,128,256", help="batch sizes for our path ('' to skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--assets", type=Path, help="tokenizer and prompts from bench/gpu_assets.py pack (no llama-models "
                     "or ../shared there)")
+    ap.add_argument("--cpu-backends", action="store_true", help="transformers against llamacpp on the CPU (below)")
+    ap.add_argument("--model", help="--cpu-backends: a merged model folder (default: the bundled model)")
+    ap.add_argument("--threads", default="auto", help="--cpu-backends: llamacpp.threads (auto: os.cpu_count())")
     args = ap.parse_args()
+    if args.cpu_backends:
+        args.batch, args.prompts, args.new_tokens = args.batch or 8, args.prompts or 16, args.new_tokens or 64
+        args.threads = args.threads if args.threads == "auto" else int(args.threads)
+        return cpu_backends(args)
+    args.batch, args.prompts, args.new_tokens = args.batch or 64, args.prompts or 64, args.new_tokens or 256
     if args.tiny:
         args.prompts, args.prompt_tokens, args.new_tokens, args.batch, args.sweep = 4, 32, 8, 4, "2"
 

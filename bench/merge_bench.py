@@ -99,7 +99,7 @@ def build_train_folder(shape: str, base: Path, out: Path, r: int) -> int:
     from ezoforge.models import load_tokenizer
     from ezoforge.stage import Stage
 
-    stage = Stage("train", out, {"model": {"name": str(base)}, "adapter": {"random_lora_r": r}})
+    stage = Stage("train", out, {"adapter": {"random_lora_r": r}}, model={"name": str(base)})
     stage.start()
     shapes = dict(llama_tensors(shape))
     weights = {}

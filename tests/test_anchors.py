@@ -133,6 +133,7 @@ def test_the_run_report_and_card_place_the_runs_beside_matching_figures(demo_cop
     from ezoforge.export.card import render
     from ezoforge.export.provenance import gather
     from ezoforge.recipe_report import write_run_report
+    from ezoforge.stages import eval_folders
 
     workdir = demo_copy.workdir
     for side in ("base", "tuned"):
@@ -152,7 +153,7 @@ def test_the_run_report_and_card_place_the_runs_beside_matching_figures(demo_cop
     assert all(n in section for n in names) and "gpt-4o-mini" not in section
     assert section.index("sarashina2.2-3b") < section.index("tuned: ") < section.index("Qwen2.5-7B")
     assert section.index("Qwen2.5-3B") < section.index("base: ")  # 2.99 above 2.50
-    card = render(gather(workdir / "merged"), "t", "ref", None, {}, None, False)
+    card = render(gather(workdir / "merged", eval_folders(workdir)), "t", "ref", None, {}, None, False)
     rows = [line for line in card.splitlines() if line.startswith("| ") and " | 1-5 | " in line]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows][:3] == [
         "sbintuitions/sarashina2.2-3b-instruct-v0.1", "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3", "**tuned**"]

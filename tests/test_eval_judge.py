@@ -1,7 +1,7 @@
 import pytest
 
 from ezoforge.eval.judge_prompt import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
-from ezoforge.eval.tasks import OpenTask
+from ezoforge.eval.items import OpenTask
 
 FENCE = "```"
 

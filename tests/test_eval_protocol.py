@@ -15,7 +15,8 @@ from conftest import BUNDLED
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError, RecordError
-from ezoforge.eval.eval_report import DIFFERENT_JUDGES, grade_summary
+from ezoforge.eval.eval_report import DIFFERENT_JUDGES
+from ezoforge.eval.task_types.judged import grade_summary
 from ezoforge.eval.mt_bench import PROMPTS, parse_rating
 from ezoforge.eval.compare import compare
 from ezoforge.eval.run import run

@@ -5,7 +5,7 @@ import pytest
 
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.eval import metrics
-from ezoforge.eval.eval_report import grade_summary
+from ezoforge.eval.task_types.judged import grade_summary
 from ezoforge.models import model_identity
 from ezoforge.eval.tasks import load_suite, load_suites, parse_spec
 

@@ -12,12 +12,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from ezoforge import gguf_file
 from ezoforge.cli import app
 from ezoforge.config import DEFAULT_SYSTEM_PROMPT, ExportConfig
 from ezoforge.errors import ConfigError, EzoError, ModelError
-from ezoforge.export import gguf as gguf_file
 from ezoforge.export.push import push
 from ezoforge.export.run import run as export
+from ezoforge.stages import eval_folders
 
 JA_PROMPT = "日本で一番高い山は何ですか？"
 runner = CliRunner()
@@ -108,7 +109,8 @@ def test_usage_snippet_runs_as_written(demo):
 def test_a_model_without_records_gets_a_card_that_invents_nothing(bundled, tmp_path):
     from ezoforge.models import resolve
 
-    stats = export(resolve("bundled:smollm2-135m-instruct"), tmp_path / "out", ExportConfig(), DEFAULT_SYSTEM_PROMPT)
+    stats = export(resolve("bundled:smollm2-135m-instruct"), tmp_path / "out", ExportConfig(), DEFAULT_SYSTEM_PROMPT,
+                   evals={})
     meta, body = card_parts(tmp_path / "out")
     assert "base_model" not in meta and "license" not in meta and stats["evals"] == []
     for absent in ("## Data", "## Training", "## Evaluation", "eval.png"):
@@ -129,10 +131,11 @@ def test_rerun_is_a_no_op_and_other_settings_need_force(demo_run):
     out = demo / "export"
     before = (out / "DONE").stat().st_mtime_ns
     recipe = demo_run.recipe()
-    export(demo / "merged", out, recipe.export, recipe.model.system_prompt)
+    export(demo / "merged", out, recipe.export, recipe.model.system_prompt, evals=eval_folders(demo))
     assert (out / "DONE").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="export.repo: null → \"me/x\""):
-        export(demo / "merged", out, ExportConfig(gguf=["f16"], repo="me/x"), recipe.model.system_prompt)
+        export(demo / "merged", out, ExportConfig(gguf=["f16"], repo="me/x"), recipe.model.system_prompt,
+               evals=eval_folders(demo))
     assert (out / "DONE").stat().st_mtime_ns == before and not list(demo.glob(".export.tmp"))
 
 
@@ -195,7 +198,7 @@ def test_unsupported_architecture_fails_naming_it(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ModelError, match="GPT2LMHeadModel"):
-        export(tmp_path / "gpt2", tmp_path / "out", ExportConfig(gguf=["f16"]))
+        export(tmp_path / "gpt2", tmp_path / "out", ExportConfig(gguf=["f16"]), evals={})
     assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["export", str(tmp_path / "gpt2"), "--gguf", "f16"])
     assert result.exit_code != 0 and "GPT2LMHeadModel" in str(result.exception)
@@ -244,6 +247,6 @@ def test_hub_datasets_are_named_from_their_cache_paths(tmp_path):
     from ezoforge.export.provenance import RunRecords
 
     hub = "/data/hf/hub/datasets--HuggingFaceFW--fineweb-2/snapshots/0a1b/data/jpn_Jpan/train/000_00000.parquet"
-    rec = RunRecords(tmp_path, curate=[{"stats": {"inputs": [hub, "/data/jawiki.xml.bz2"]}, "settings": {}}])
+    rec = RunRecords(tmp_path, curate=[{"stats": {"inputs": [hub, "/data/jawiki.xml.bz2"]}, "output": {}}])
     assert metadata(rec, [])["datasets"] == ["HuggingFaceFW/fineweb-2"]
     assert "datasets" not in metadata(RunRecords(tmp_path), [])

@@ -39,7 +39,7 @@ def make_train_folder(base: str, out: Path, seed: int = 0, **lora) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage = Stage("train", out, {"model": {"name": base}, "adapter": {"seed": seed, **lora}})
+    stage = Stage("train", out, {"adapter": {"seed": seed, **lora}}, model={"name": base})
     stage.start()
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve(base), dtype=torch.float32),

@@ -11,15 +11,16 @@ from typer.testing import CliRunner
 from conftest import DEMO
 from ezoforge.cli import app
 from ezoforge.errors import ConfigError
-from ezoforge.pipeline import FOLDERS, run_recipe, steps
+from ezoforge.pipeline import run_recipe, steps
+from ezoforge.stages import STEPS
 from scripted_judge import expected_grade
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def done_times(workdir: Path) -> dict[str, int]:
-    return {step: (workdir / folder / "DONE").stat().st_mtime_ns for step, folder in FOLDERS.items()
-            if (workdir / folder).exists()}
+    return {step: (workdir / s.folder / "DONE").stat().st_mtime_ns for step, s in STEPS.items()
+            if (workdir / s.folder).exists()}
 
 
 def rows(path: Path) -> list[dict]:
@@ -28,8 +29,8 @@ def rows(path: Path) -> list[dict]:
 
 def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
     workdir, report = demo_run.workdir, demo_run.report
-    assert steps(demo_run.recipe()) == [s for s in FOLDERS if s not in ("prefer", "eval-sft")]  # prefer: opt-in
-    for folder in (FOLDERS[s] for s in steps(demo_run.recipe())):
+    assert steps(demo_run.recipe()) == [s for s in STEPS if s not in ("prefer", "eval-sft")]  # prefer: opt-in
+    for folder in (STEPS[s].folder for s in steps(demo_run.recipe())):
         assert (workdir / folder / "DONE").exists(), folder
     on_disk = json.loads((workdir / "report.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(report))

@@ -65,6 +65,23 @@ def test_a_done_folder_is_redone_only_under_force(tmp_path):
     assert Stage("curate", out, {"k": 1}).start(force=True) is None and not (out / "DONE").exists()
 
 
+def test_a_folder_an_older_ezoforge_made_is_refused_plainly_and_force_redoes_it(tmp_path):
+    out = tmp_path / "stage"
+    out.mkdir()
+    # What an earlier version recorded: its own keys, not output/model/inputs.
+    (out / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 1}, "input_fingerprints": ["abc"]}))
+    (out / "adapter").mkdir()
+    (out / "adapter" / "weights").write_text("w")
+    before = snapshot(out)
+    with pytest.raises(ConfigError) as e:
+        Stage("train", out, {"train": {"lr": 1}}).start()
+    assert f"train: {out} was partly made with other settings — by an older ezoforge" in str(e.value)
+    assert "Nothing was changed" in str(e.value) and "--force" in str(e.value)
+    assert snapshot(out) == before
+    Stage("train", out, {"train": {"lr": 1}}).start(force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
 def test_a_folder_that_is_not_ours_is_never_cleared(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

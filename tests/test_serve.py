@@ -94,6 +94,7 @@ BAD_REQUESTS = [
     ("prompt alone over the context", {"messages": [{"role": "user", "content": "猫 " * 9000}]}, "messages"),
     ("wrong type", {"messages": MESSAGES, "max_tokens": "lots"}, "max_tokens"),
     ("n > 1", {"messages": MESSAGES, "n": 2}, "n"),
+    ("token ids streamed", {"messages": MESSAGES, "stream": True, "return_token_ids": True}, "return_token_ids"),
     ("unknown response_format", {"messages": MESSAGES, "response_format": {"type": "yaml"}}, "response_format.type"),
     ("json_schema without a schema", {"messages": MESSAGES, "response_format": {"type": "json_schema"}},
      "response_format.json_schema"),
@@ -115,6 +116,22 @@ def test_bad_requests_get_400_with_openai_error_body(live_server, name, body, pa
     assert "Traceback" not in resp.text and 'File "' not in resp.text
     if name.startswith(("over", "prompt alone")):
         assert err["code"] == "context_length_exceeded"
+
+
+def test_token_ids_are_returned_when_asked(live_server, bundled):
+    """vLLM's `return_token_ids`: the prompt as this server rendered it, and the reply's tokens."""
+    body = {"model": BUNDLED, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    plain = httpx.post(f"{live_server}/v1/chat/completions", json=body, timeout=60).json()
+    resp = httpx.post(f"{live_server}/v1/chat/completions", json={**body, "return_token_ids": True}, timeout=60).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    tok = bundled.tokenizer
+    rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert resp["prompt_token_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert len(resp["prompt_token_ids"]) == resp["usage"]["prompt_tokens"]
+    reply = resp["choices"][0]
+    assert len(reply["token_ids"]) == resp["usage"]["completion_tokens"]
+    assert reply["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert reply["message"]["content"] in tok.decode(reply["token_ids"], skip_special_tokens=True)
 
 
 def test_unknown_model_and_route(live_server):

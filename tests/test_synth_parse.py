@@ -91,14 +91,15 @@ def test_prompted_parser(name):
 
 
 def test_prompted_request_prefills_the_first_pair():
-    req = prompts.prompted("d1", "梅雨は雨季の一種である。", 3)
+    req = prompts.prompted("d1", "梅雨は雨季の一種である。", 3, system="システム")
     roles = [r for r, _ in req.messages]
-    assert roles == ["user", "assistant", "user"]  # one worked example, then the passage
+    assert roles == ["system", "user", "assistant", "user"]  # its system message, one worked example, the passage
+    assert req.messages[0] == ("system", "システム")
     assert "梅雨は雨季の一種である。" in req.messages[-1][1]
     assert req.prefill.startswith("質問1: ") and req.prefill.endswith("回答1:")
     assert req.prefill.split("\n")[0][len("質問1: "):] in prompts.SEED_INSTRUCTIONS
     # the example itself parses into the pairs we wrote
-    assert parse_prompted(req.messages[1][1], 3).pairs == list(prompts.EXAMPLE_PAIRS[:3])
+    assert parse_prompted(req.messages[2][1], 3).pairs == list(prompts.EXAMPLE_PAIRS[:3])
 
 
 # ---------------------------------------------------------------- filters

@@ -11,7 +11,6 @@ import yaml
 
 from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
-from ezoforge.stage import Stage
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
 from trainkit import elyza_rows, overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
@@ -49,7 +48,7 @@ def test_outputs_metrics_and_checkpoints(trained):
                  "rng_state.pth", "trainer_state.json"):
         assert (ckpt / name).exists(), name
     info = json.loads((ckpt / "ezo-checkpoint.json").read_text())
-    assert info["step"] == 6 and info["data_position"]["rows_seen"] == 6 and info["settings"]["train"]["seed"] == 0
+    assert info["step"] == 6 and info["data_position"]["rows_seen"] == 6 and info["settings"]["output"]["train"]["seed"] == 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "DONE").read_text())["stats"]["steps"] == 6
 
@@ -85,7 +84,7 @@ def test_a_checkpoint_from_other_settings_is_refused(trained, tiny_model, elyza_
     shutil.copytree(out / "checkpoints", target / "checkpoints")
     recipe = load_recipe(None, overrides(tiny_model, **SETTINGS, lora_r=8))
     # A folder whose saved settings (edited by hand) no longer say what made its checkpoints.
-    (target / "config.yaml").write_text(yaml.safe_dump(Stage("train", target, train_run.settings(recipe, [elyza_rows])).settings))
+    (target / "config.yaml").write_text(yaml.safe_dump(train_run.train_stage(recipe, [elyza_rows], target).settings))
     with pytest.raises(ConfigError, match=r"step-000006 was written with other settings \(differ: train.lora_r\)"):
         train_run.run(recipe, [elyza_rows], target)
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from ezoforge.config import Recipe, dump_yaml, load_recipe
 from ezoforge.errors import ConfigError, EzoError
+from ezoforge.eval.tasks import SPEC_HELP
 from ezoforge.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -248,7 +249,7 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 @recipe_options(*MODEL_FLAGS,
                 Flag("eval.tasks", ("--tasks", "-t"), str,
-                     "SPEC[,SPEC…]: elyza100[:PATH], jcqa[:PATH], mt-bench-ja:PATH, ppl:PATH.",
+                     f"SPEC[,SPEC…]: {SPEC_HELP}.",
                      parse=lambda tasks: tasks.split(",")),
                 JUDGE_URL, JUDGE_MODEL,
                 Flag("eval.judge_api_key_env", ("--judge-api-key-env",), str, "Env var holding the judge's API key."),
@@ -470,10 +471,11 @@ def export(
 ) -> None:
     """A folder ready to publish: weights, tokenizer, model card (README.md) from the run's records, optional GGUF."""
     from ezoforge.export.run import run as run_export
-    from ezoforge.stage import FOLDERS
+    from ezoforge.stages import STEPS, eval_folders
 
-    out = out or merged.parent / FOLDERS["export"]
-    stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, force=force)
+    out = out or merged.parent / STEPS["export"].folder
+    stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, evals=eval_folders(merged.parent),
+                       force=force)
     files = "".join(f", gguf/{g['file']}" for g in stats["gguf"])
     console.print(f"exported {merged} → {out} (README.md{', eval.png' if stats['chart'] else ''}"
                   f"{files + ', gguf/Modelfile' if files else ''})", highlight=False)

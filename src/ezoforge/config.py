@@ -219,7 +219,26 @@ class PairFilters(Section):
     max_repeated_fraction: float = Field(0.3, gt=0.0, le=1.0)
 
 
-class VLLMConfig(Section):
+# What synth and eval answer through: the names of infer.registry.BACKENDS (a backend's own settings go in both
+# sections, each with its own subsection like `vllm`).
+BackendName = Literal["transformers", "vllm", "openai", "llamacpp"]
+
+
+class BackendSettings(Section):
+    """A backend's own subsection (`vllm`, `llamacpp`): its settings apply under that backend only."""
+
+    backend: ClassVar[str]
+
+    def refuse_unless(self, backend: str) -> None:
+        """A stated setting under another backend would be ignored: refuse it."""
+        default = type(self)()
+        changed = [k for k in type(self).model_fields if getattr(self, k) != getattr(default, k)]
+        if backend != self.backend and changed:
+            raise ValueError(f"{self.backend}.{changed[0]} is a {self.backend}-backend setting; backend '{backend}' "
+                             "would ignore it")
+
+
+class VLLMConfig(BackendSettings):
     """A vLLM engine (`synth.backend` or `eval.backend: vllm`). It claims `gpu_memory_utilization` of each card for
     the weights, its activations and the KV cache; what the weights leave must hold at least one context of KV cache
     (the section's `context_tokens`, vLLM's max_model_len)."""
@@ -232,19 +251,28 @@ class VLLMConfig(Section):
     max_num_seqs: int = Field(256, ge=1)  # sequences decoded together (when the KV cache holds them)
     enforce_eager: bool = False  # no CUDA graphs: less memory, slower decoding
 
+    backend = "vllm"
     # Quantization changes the answers; the rest changes only where and how fast they are computed.
     operational = frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager"})
 
-    def refuse_unless(self, backend: str) -> None:
-        """A stated vllm setting under another backend would be ignored: refuse it."""
-        changed = [k for k in VLLMConfig.model_fields if getattr(self, k) != getattr(VLLMConfig(), k)]
-        if backend != "vllm" and changed:
-            raise ValueError(f"vllm.{changed[0]} is a vllm-backend setting; backend '{backend}' would ignore it")
+
+class LlamaCppConfig(BackendSettings):
+    """llama.cpp on the CPU (`synth.backend` or `eval.backend: llamacpp`, llama-cpp-python): one context decodes
+    generation.batch_size sequences together, sharing `kv_tokens` of KV cache."""
+
+    backend = "llamacpp"
+    # llama.cpp's threads spin while they wait: more threads than free cores is much slower, not a little.
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # auto: os.cpu_count() (logged)
+    kv_tokens: int = Field(8192, ge=256)  # KV cache shared by the sequences in flight (n_ctx): each holds its prompt
+    batch_tokens: int = Field(512, ge=32)  # tokens per decode call (n_batch): prompt chunks and one per sequence
+
+    # How fast answers are computed: like generation.batch_size, they change a reply only through float rounding.
+    operational = frozenset({"threads", "kv_tokens", "batch_tokens"})
 
 
 class SynthConfig(Section):
     model: str | None = None  # None: the recipe's base model
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    backend: BackendName = "transformers"
     base_url: str | None = None
     api_key_env: str | None = None
     mode: Literal["prompted", "synthesizer"] = "prompted"
@@ -262,6 +290,7 @@ class SynthConfig(Section):
     # transformers backend: static KV cache + compiled decode step (CUDA graphs). auto: on CUDA only (logged).
     static_cache: Literal["auto"] | bool = "auto"
     vllm: VLLMConfig = VLLMConfig()  # backend vllm only; its max_model_len is context_tokens
+    llamacpp: LlamaCppConfig = LlamaCppConfig()  # backend llamacpp only
     filters: PairFilters = PairFilters()
     # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
     # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
@@ -280,7 +309,7 @@ class SynthConfig(Section):
             raise ValueError(f"shares sum to {sum(mix.values()):g}, not 1")
         return mix
 
-    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache"})
+    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache", "llamacpp"})
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "SynthConfig":
@@ -290,6 +319,7 @@ class SynthConfig(Section):
             raise ValueError(f"static_cache is a transformers-backend setting; backend '{self.backend}' decides its "
                              "own decoding (leave static_cache at auto)")
         self.vllm.refuse_unless(self.backend)
+        self.llamacpp.refuse_unless(self.backend)
         return self
 
 
@@ -438,20 +468,21 @@ class EvalConfig(Section):
     contamination_n: int = Field(13, ge=4)  # characters per n-gram
     contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)  # share of a text's n-grams found in training text
     # Where open tasks' answers come from, through synth's backends: the model loaded here (transformers), a vLLM
-    # engine here (vllm: `vllm` settings, a merged model), or an OpenAI-compatible server holding model.name
-    # (openai: base_url). Choice and perplexity tasks score with the model's own forward pass, loaded here once a
-    # vLLM engine has been shut down.
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    # engine here (vllm: `vllm` settings, a merged model), llama.cpp on the CPU (llamacpp: `llamacpp` settings, a
+    # merged model or a GGUF), or an OpenAI-compatible server holding model.name (openai: base_url). Choice and
+    # perplexity tasks score with the model's own forward pass, loaded here once a vLLM engine has been shut down.
+    backend: BackendName = "transformers"
     base_url: str | None = None
     api_key_env: str | None = None
     timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
     max_retries: int = Field(4, ge=0)
     vllm: VLLMConfig = VLLMConfig()
+    llamacpp: LlamaCppConfig = LlamaCppConfig()
     context_tokens: int | None = Field(None, ge=128)  # vllm's max_model_len; None: the model's own, at most 8192
 
     # judge_url is not here: another server may hold another model under the same name.
     operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
-                             "api_key_env", "timeout", "max_retries"})
+                             "api_key_env", "timeout", "max_retries", "llamacpp"})
 
     @model_validator(mode="after")
     def _judge_pair(self) -> "EvalConfig":
@@ -460,6 +491,7 @@ class EvalConfig(Section):
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url")
         self.vllm.refuse_unless(self.backend)
+        self.llamacpp.refuse_unless(self.backend)
         # Repeats that cannot differ would only shrink the spread and the interval: refuse them.
         if self.samples > 1 and self.generation.temperature == 0:
             raise ValueError(f"samples={self.samples} with generation.temperature=0: greedy decoding gives the same "

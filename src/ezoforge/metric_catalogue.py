@@ -1,5 +1,6 @@
-"""The figures an eval reports, each with one label, one direction and one format: the eval report, `ezo eval
-compare`, the run report, the model card and their charts all read them here."""
+"""How an eval's figure reads: one label, one direction and one format (a Metric), declared by the task type that
+reports it (eval/task_types/, gathered in eval.tasks.METRICS); the eval report, `ezo eval compare`, the run report,
+the model card and their charts all read them from there."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 class Metric:
     label: str  # a report's row
     short: str  # a chart's title, the model card's row
+    brief: str  # its name in a one-line summary (the run report's stage line)
     higher_is_better: bool
     digits: int  # shown after the point
     percent: bool = False  # a 0–1 share shown as a percentage; a difference of two in points
@@ -21,15 +23,6 @@ class Metric:
         if self.percent:
             return f"{100 * x:{sign}.{self.digits}f}" + (" pt" if signed else "%")
         return f"{x:{sign},.{self.digits}f}"
-
-
-METRICS = {
-    "mean_grade": Metric("Mean grade (LLM judge)", "mean grade (LLM judge)", True, 2),
-    "chrf": Metric("chrF vs the references (0–100)", "chrF", True, 1),
-    "accuracy": Metric("JCommonsenseQA accuracy", "JCommonsenseQA accuracy", True, 1, percent=True),
-    "perplexity": Metric("Perplexity on held-out text (lower is better)", "held-out perplexity (lower is better)",
-                         False, 2),
-}
 
 
 def grade_words(report: dict) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,21 +52,26 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder (atomic: temp folder, then rename). Processes that
-    ask at the same time (test workers, a pipeline beside `ezo serve`) wait for the one that converts."""
+def made_once(target: Path, ready: Path, make: Callable[[], None]) -> Path:
+    """`target` in the cache, made by `make` (atomically) unless `ready` already exists. Processes that ask at the
+    same time (test workers, a pipeline beside `ezo serve`) wait for the one that makes it."""
     from filelock import FileLock
 
-    target = _gguf_cache_dir(gguf)
-    if (target / "config.json").exists():
+    if ready.exists():
         return target
-    locks = cache_root() / "locks"  # beside the cache, so the gguf folder holds only finished models
+    locks = cache_root() / "locks"  # beside the cache, so its folders hold only finished models
     locks.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(locks / f"{target.name}.lock"):
-        if not (target / "config.json").exists():
-            _convert(gguf, target)
+        if not ready.exists():
+            make()
     return target
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (atomic: temp folder, then rename)."""
+    target = _gguf_cache_dir(gguf)
+    return made_once(target, target / "config.json", lambda: _convert(gguf, target))
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -145,6 +151,35 @@ def resolve(spec: str) -> str:
     if path.suffix == ".gguf":
         return str(convert_gguf(path))
     return str(path) if path.is_dir() else spec  # else a hub id; loading fails clearly when the hub is unreachable
+
+
+def gguf_of(spec: str) -> Path:
+    """The GGUF file llama.cpp runs for a model spec: a GGUF (bundled or a .gguf file) as it is; a safetensors model
+    (a merged model folder, a hub id) written once as f16 by our exporter into the cache, named by its weights
+    (`weights_identity`), so llama.cpp reads the tokenizer and weights that transformers reads."""
+    from ezoforge.cache import request_key
+
+    check_spec(spec)
+    if spec.startswith("bundled:"):
+        return bundled_gguf(spec.split(":", 1)[1])
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return path
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    target = cache_root() / "gguf-export" / f"{path.name}-{request_key(weights=weights_identity(spec))[:16]}.f16.gguf"
+    return made_once(target, target, lambda: _export_gguf(path, target))
+
+
+def _export_gguf(folder: Path, target: Path) -> None:
+    from ezoforge import gguf_file
+
+    log.info("writing %s as an f16 GGUF for llama.cpp at %s (once)", folder, target)
+    start = time.perf_counter()
+    gguf_file.write(folder, target, "f16")  # atomic: a temp file renamed into place
+    log.info("written in %.1f s", time.perf_counter() - start)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -344,29 +379,32 @@ def hub_revision(repo: str) -> str | None:
         return None
 
 
+def weights_identity(spec: str) -> dict:
+    """What names a model's weights: a finished ezoforge stage folder by its DONE fingerprint, other local files by
+    content, a hub id by its resolved revision."""
+    from ezoforge.stage import done_fingerprint
+
+    path = Path(spec).expanduser()
+    if spec.startswith("bundled:"):
+        return {"spec": spec, "gguf": file_digest(bundled_gguf(spec.split(":", 1)[1]))}
+    if path.is_file():
+        return {"spec": spec, "file": file_digest(path)}
+    if path.is_dir():
+        return {"stage": fp} if (fp := done_fingerprint(path)) else {"files": folder_digest(path)}
+    return {"spec": spec, "revision": hub_revision(spec)}
+
+
 def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "auto", device: str = "auto",
                    chat_template: str | Path | None = None, quantize: str = "auto") -> str:
-    """A short hash of everything that determines a model's outputs, for cache keys: the weights (a finished
-    ezoforge stage folder by its DONE fingerprint, other local files by content, a hub id by its resolved
-    revision), the adapter's files, the chat template, dtype, device and the quantization a load uses."""
+    """A short hash of everything that determines a model's outputs, for cache keys: the weights
+    (`weights_identity`), the adapter's files, the chat template, dtype, device and the quantization a load uses."""
     from ezoforge.cache import request_key
-    from ezoforge.stage import done_fingerprint
 
     check_spec(spec)
     dev = pick_device(device)
-    weights: dict = {"spec": spec}
-    path = Path(spec).expanduser()
-    if spec.startswith("bundled:"):
-        weights["gguf"] = file_digest(bundled_gguf(spec.split(":", 1)[1]))
-    elif path.is_file():
-        weights["file"] = file_digest(path)
-    elif path.is_dir():
-        weights = {"stage": fp} if (fp := done_fingerprint(path)) else {"files": folder_digest(path)}
-    else:
-        weights["revision"] = hub_revision(spec)
     # Unquantized loads keep the identity they had before quantization existed (their cached answers stay valid).
     q = pick_quantize(spec, quantize, device, dtype)
-    return request_key(weights=weights, adapter=adapter and folder_digest(Path(adapter)),
+    return request_key(weights=weights_identity(spec), adapter=adapter and folder_digest(Path(adapter)),
                        chat_template=chat_template and file_digest(Path(chat_template)),
                        dtype=str(pick_dtype(dtype, dev)), device=dev.type,
                        **({"quantize": q} if q != "none" else {}))[:16]

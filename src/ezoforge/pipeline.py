@@ -1,4 +1,4 @@
-"""`ezo run`: the recipe's stages in order, each in its own folder under the workdir.
+"""`ezo run`: the recipe's stages in order, each in its own folder under the workdir (stages.STEPS).
 
 A stage whose DONE marker matches its settings is skipped (each stage checks that itself), so a killed
 run continues where it stopped. A stage whose output-shaping settings were edited is refused, naming the keys,
@@ -30,64 +30,17 @@ from ezoforge.config import Recipe
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.logs import setup_logging
 from ezoforge.records import write_json
-from ezoforge.stage import FOLDERS, done_info
+from ezoforge.stage import done_info
+from ezoforge.stages import STEPS, readers, steps
 
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 
-def steps(recipe: Recipe) -> list[str]:
-    """The recipe's stages as pipeline steps; eval runs twice (base, then tuned when there is a tuned model), three
-    times with a prefer stage (base, SFT alone, then the tuned model: SFT+DPO)."""
-    out = []
-    for stage in recipe.stages:
-        if stage == "eval":
-            out.append("eval-base")
-            if "prefer" in recipe.stages:
-                out.append("eval-sft")
-            if "train" in recipe.stages or "merge" in recipe.stages:
-                out.append("eval-tuned")
-        else:
-            out.append(stage)
-    # In FOLDERS' order: prefer between train and merge (merge folds its adapter), export last (its card reads the evals).
-    return sorted(out, key=list(FOLDERS).index)
-
-
 def run_step(step: str, recipe: Recipe, workdir: Path, force: bool = False) -> dict:
-    out, folder = workdir / FOLDERS[step], {s: workdir / f for s, f in FOLDERS.items()}
-    if step == "curate":
-        from ezoforge.curate.run import run
-        return run(recipe, recipe.curate.inputs, out, force=force)
-    if step == "synth":
-        from ezoforge.synth.run import run
-        return run(recipe, folder["curate"], out, force=force)
-    if step == "train":
-        from ezoforge.train.run import run
-        return run(recipe, [folder["synth"]], out, force=force)
-    if step == "prefer":
-        from ezoforge.prefer.run import run
-        return run(recipe, folder["train"], out, force=force)
-    if step == "merge":
-        from ezoforge.train.merge import run
-        return run(workdir / tuned_folder(recipe), out, recipe.merge.dtype, force=force)
-    if step == "export":
-        from ezoforge.export.run import run
-        return run(folder["merge"], out, recipe.export, recipe.model.system_prompt, force=force)
-    from ezoforge.eval.run import run
-    if step == "eval-base":
-        return run(recipe, out, force=force)
-    if step == "eval-sft":
-        return run(recipe, out, adapter=folder["train"] / "adapter", force=force)
-    tuned = recipe.model_copy(deep=True)
-    if "merge" in recipe.stages:
-        tuned.model.name = str(folder["merge"])
-        return run(tuned, out, force=force)
-    return run(recipe, out, adapter=workdir / tuned_folder(recipe) / "adapter", force=force)
-
-
-def tuned_folder(recipe: Recipe) -> str:
-    """The folder whose adapter is the run's tuned model: DPO's (the SFT adapter continued) when there is one."""
-    return FOLDERS["prefer"] if "prefer" in recipe.stages else FOLDERS["train"]
+    """One step, handed its own folder and those of the steps it reads."""
+    s = STEPS[step]
+    return s.run(recipe, workdir / s.folder, {r: workdir / STEPS[r].folder for r in s.reads}, force)
 
 
 class ChildTraceback(Exception):
@@ -213,7 +166,7 @@ def _next_step(recipe: Recipe, workdir: Path, conn: Connection) -> bool:
         step, force = conn.recv()
     except EOFError:
         return False
-    marker = workdir / FOLDERS[step] / "DONE" if step in FOLDERS else None
+    marker = workdir / STEPS[step].folder / "DONE" if step in STEPS else None  # an unknown step fails in run_step
     before = marker.stat().st_mtime_ns if marker and marker.exists() else None
     try:
         result = run_step(step, recipe, workdir, force=force)
@@ -254,21 +207,20 @@ def _stop_when_orphaned(alive: Connection) -> None:
 
 
 ALL = "all"
-# Which steps read each step's folder: redoing a step redoes these after it (eval-base reads only the base model).
-READERS = {"curate": ["synth"], "synth": ["train"], "train": ["prefer", "merge", "eval-sft", "eval-tuned"],
-           "prefer": ["merge", "eval-tuned"], "merge": ["eval-tuned", "export"], "eval-base": ["export"],
-           "eval-sft": ["export"], "eval-tuned": ["export"], "export": []}
 
 
 def forced_steps(plan: list[str], force: list[str]) -> set[str]:
-    """`--force` (all) or `--force STAGE…`: those stages and every stage after them that reads their output
-    (`eval` names both evals)."""
+    """`--force` (all) or `--force STAGE…`: those steps and every step after them that reads their output
+    (stages.STEPS' `reads`; a stage names all its steps: `eval` the evals)."""
     if not force:
         return set()
     if ALL in force:
         return set(plan)
-    names = {step: [step] for step in plan} | {"eval": [s for s in plan if s.startswith("eval-")]}
-    unknown = [f for f in force if f not in names or not names[f]]
+    by_stage: dict[str, list[str]] = {}
+    for step in plan:
+        by_stage.setdefault(STEPS[step].stage, []).append(step)
+    names = by_stage | {step: [step] for step in plan}  # a step by its name, a stage (`eval`) by all its steps
+    unknown = [f for f in force if f not in names]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: not a stage of this recipe (stages: {', '.join(plan)})")
     todo, redo = [s for f in force for s in names[f]], set()
@@ -276,7 +228,7 @@ def forced_steps(plan: list[str], force: list[str]) -> set[str]:
         step = todo.pop()
         if step in plan and step not in redo:
             redo.add(step)
-            todo += READERS[step]
+            todo += readers(step)
     return redo
 
 
@@ -293,7 +245,7 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str]
     results, child = {}, None
     try:
         for i, step in enumerate(plan, 1):
-            folder = workdir / FOLDERS[step]
+            folder = workdir / STEPS[step].folder
             was_done = done_info(folder) is not None and step not in redo
             console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
             start = time.perf_counter()

@@ -17,6 +17,7 @@ from ezoforge.config import Recipe, VLLMConfig, deep_merge, parse_overrides, to_
 from ezoforge.errors import RecordError
 from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
+from ezoforge.stages import STEPS, steps
 
 GIB = 2**30
 
@@ -297,8 +298,6 @@ class Planner:
         """A hub model is written to the hub cache by the first stage that loads it (a cached one writes nothing)."""
         if Path(spec).expanduser().exists() or spec.startswith("bundled:"):
             return 0.0
-        from ezoforge.pipeline import steps
-
         r = self.recipe
         loads = {"synth": {r.synth.model or r.model.name} if r.synth.backend != "openai" else set(),
                  "train": {r.model.name}, "merge": {r.model.name},
@@ -522,7 +521,8 @@ class Planner:
                 "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
 
     def stage(self, name: str) -> dict:
-        est = self.eval(name) if name.startswith("eval") else getattr(self, name)()
+        stage = STEPS[name].stage
+        est = self.eval(name) if stage == "eval" else getattr(self, stage)()
         est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and est["ram_gib"] <= self.ram)
         return est
 
@@ -579,8 +579,6 @@ def to_fit(recipe: Recipe, stage: str, card_name: str, docs_kept: float, ram_gib
 
 
 def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gib: float = HOST_RAM_GIB) -> dict:
-    from ezoforge.pipeline import steps
-
     p = Planner(recipe, card_name, docs_kept, ram_gib)
     stages: dict[str, dict] = {}
     for name in steps(recipe):

@@ -15,10 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezoforge.eval.compare import paired_diff
-from ezoforge.metric_catalogue import METRICS, grade_words
+from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
+from ezoforge.metric_catalogue import grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
 from ezoforge.report_kit import Cell, fmt, render
-from ezoforge.stage import FOLDERS
+from ezoforge.stages import STEPS
 
 N_EXAMPLES = 3  # synthesized pairs shown with their provenance
 N_ANSWERS = 20  # eval tasks shown side by side (largest grade changes first); each eval's own report has them all
@@ -96,15 +97,11 @@ def counts(by_name: dict[str, int] | None) -> str:
 
 
 def _eval_words(e: dict) -> str:
-    parts = []
-    if e.get("perplexity") is not None:
-        parts.append(f"perplexity {METRICS['perplexity'].shown(e['perplexity'])}")
-    if e.get("chrf") is not None:
-        parts.append(f"chrF {METRICS['chrf'].shown(e['chrf'])}")
-    if e.get("accuracy") is not None:
-        parts.append(f"JCQA accuracy {METRICS['accuracy'].shown(e['accuracy'])}")
+    parts = [f"{metric.brief} {metric.shown(e[key])}" for key, metric in METRICS.items()
+             if key != "mean_grade" and e.get(key) is not None]
     if e.get("mean_grade") is not None:
-        parts.append(f"mean grade {METRICS['mean_grade'].shown(e['mean_grade'])} of {(e.get('scale') or [1, 5])[1]}")
+        grade = METRICS["mean_grade"]
+        parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {(e.get('scale') or [1, 5])[1]}")
     elif e.get("n_tasks"):
         parts.append(grade_words(e))
     return " · ".join(parts) or "no figures"
@@ -133,21 +130,23 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
     if step == "export":
         ggufs = [g["file"] for g in stats["export"].get("gguf", [])]
         return "model card" + (f" and {', '.join(ggufs)}" if ggufs else "")
-    return _eval_words(evals[step.removeprefix("eval-")])
+    if STEPS[step].stage == "eval":
+        return _eval_words(evals[step.removeprefix("eval-")])
+    return "done"  # a stage with no summary of its own here
 
 
 # ---------------------------------------------------------------- collecting
 
 def _eval_summary(rep: dict) -> dict:
-    keys = ("status", "n_tasks", "n_scored", "n_failed", "mean_grade", "ci95", "chrf", "accuracy", "n_choice_items",
-            "perplexity", "ppl_tokens", "model", "judge", "partial", "anchors", "contamination", "scale")
+    keys = ("status", "n_tasks", "n_scored", "n_failed", *SUMMARY_KEYS, "model", "judge", "partial", "anchors",
+            "contamination", "scale")
     return {k: rep.get(k) for k in keys if k in rep}
 
 
-def _grade_diff(workdir: Path, before: str = FOLDERS["eval-base"]) -> tuple[dict | None, list[str]]:
+def _grade_diff(workdir: Path, before: str = STEPS["eval-base"].folder) -> tuple[dict | None, list[str]]:
     """Tuned minus `before` (base, or the SFT model) mean grade over the tasks graded in both, with its paired
     bootstrap interval, and compare's notes."""
-    tuned = FOLDERS["eval-tuned"]
+    tuned = STEPS["eval-tuned"].folder
     if not all((workdir / f / "report.json").exists() for f in (before, tuned)):
         return None, []
     return paired_diff(workdir / before, workdir / tuned)
@@ -215,7 +214,7 @@ def _side_by_side(workdir: Path) -> list[dict]:
     """Each eval task with both answers and verdicts, the largest grade change (then chrF change) first."""
     sides = {}
     for side in ("base", "tuned"):
-        folder = workdir / FOLDERS[f"eval-{side}"]
+        folder = workdir / STEPS[f"eval-{side}"].folder
         sides[side] = ({r["task_id"]: r for r in _jsonl(folder / "answers.jsonl")},
                        {j["task_id"]: j for j in _jsonl(folder / "judgements.jsonl")})
     (base_rows, base_j), (tuned_rows, tuned_j) = sides["base"], sides["tuned"]
@@ -234,17 +233,17 @@ def _side_by_side(workdir: Path) -> list[dict]:
 
 
 def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
-    stats = {step: _read(workdir / folder / "stats.json") for step, folder in
-             FOLDERS.items() if not step.startswith("eval-")}
+    folder = {step: workdir / s.folder for step, s in STEPS.items()}
+    stats = {step: _read(folder[step] / "stats.json") for step, s in STEPS.items() if s.stage != "eval"}
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
-    evals = {"base": _eval_summary(_read(workdir / FOLDERS["eval-base"] / "report.json")),
-             "tuned": _eval_summary(_read(workdir / FOLDERS["eval-tuned"] / "report.json"))}
-    if (workdir / FOLDERS["eval-sft"]).is_dir():  # with a prefer stage: SFT alone, before DPO
-        evals["sft"] = _eval_summary(_read(workdir / FOLDERS["eval-sft"] / "report.json"))
-    dpo_diff = _grade_diff(workdir, FOLDERS["eval-sft"])[0] if "sft" in evals else None
+    evals = {"base": _eval_summary(_read(folder["eval-base"] / "report.json")),
+             "tuned": _eval_summary(_read(folder["eval-tuned"] / "report.json"))}
+    if folder["eval-sft"].is_dir():  # with a prefer stage: SFT alone, before DPO
+        evals["sft"] = _eval_summary(_read(folder["eval-sft"] / "report.json"))
+    dpo_diff = _grade_diff(workdir, STEPS["eval-sft"].folder)[0] if "sft" in evals else None
     grade_diff, notes = _grade_diff(workdir)
-    pairs = _pairs(workdir / FOLDERS["synth"])
-    docs = _documents(workdir / FOLDERS["curate"], {p["doc_id"] for p in pairs})
+    pairs = _pairs(folder["synth"])
+    docs = _documents(folder["curate"], {p["doc_id"] for p in pairs})
     for p in pairs:  # synth records each pair's source; older folders get it from the curated document
         p["source"] = p.get("source") or docs.get(p["doc_id"], {}).get("source")
     versus = _versus(evals["base"], evals["tuned"], grade_diff)
@@ -264,7 +263,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
         if stats["prefer"] else None,
         "eval": {**evals, "versus": versus, "notes": notes,
                  "dpo_versus": _versus(evals["sft"], evals["tuned"], dpo_diff) if "sft" in evals else None},
-        "data_mix": _data_mix(_curated(workdir / FOLDERS["curate"]), pairs, synth, train),
+        "data_mix": _data_mix(_curated(folder["curate"]), pairs, synth, train),
         "examples": _examples(pairs, docs),
         "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
                           "summary": _stage_words(step, stats, evals)} for step in plan},

@@ -13,13 +13,14 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from ezoforge.errors import RecordError
+
+if TYPE_CHECKING:  # pyarrow loads where Parquet is read or written: importing records (`ezo --help`) stays light
+    import pyarrow as pa
 
 DONE = "DONE"
 
@@ -138,6 +139,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def write_parquet(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -189,6 +193,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line or row number, row) from JSONL, JSONL.gz or Parquet; the number is 1-based."""
     path = Path(path)
     if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a bad file

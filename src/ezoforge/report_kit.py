@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from ezoforge.metric_catalogue import METRICS
+from ezoforge.metric_catalogue import Metric
 
 GRADE_COLORS = {1: "#d73027", 2: "#fc8d59", 3: "#fee08b", 4: "#91cf60", 5: "#1a9850"}
 DPI = 90
@@ -71,12 +71,13 @@ def png_base64(fig) -> str:
     return base64.b64encode(png_bytes(fig)).decode()
 
 
-def metric_bars(runs: list[tuple[str, dict]]):
-    """One bar per run for each figure any run has, the mean grade with its 95% CI: the chart of `ezo eval compare`
-    and of the model card. `runs`: (name, eval figures) with the first the baseline. None when there is no figure."""
+def metric_bars(runs: list[tuple[str, dict]], metrics: dict[str, Metric]):
+    """One bar per run for each of the `metrics` any run has, the mean grade with its 95% CI: the chart of `ezo eval
+    compare` and of the model card. `runs`: (name, eval figures) with the first the baseline. None when there is no
+    figure."""
     from matplotlib.figure import Figure
 
-    keys = [k for k in METRICS if any(r.get(k) is not None for _, r in runs)]
+    keys = [k for k in metrics if any(r.get(k) is not None for _, r in runs)]
     if not keys:
         return None
     names = [name for name, _ in runs]
@@ -94,7 +95,7 @@ def metric_bars(runs: list[tuple[str, dict]]):
         bars = ax.bar(range(len(runs)), values, yerr=err, capsize=4,
                       color=["#8c8c8c"] + ["#4f81bd"] * (len(runs) - 1))  # the baseline grey
         ax.bar_label(bars, fmt="%.4g", label_type="center", color="white")
-        ax.set_title(METRICS[key].short + (" (95% CI)" if err else ""), fontsize=9)
+        ax.set_title(metrics[key].short + (" (95% CI)" if err else ""), fontsize=9)
         ax.set_xticks(range(len(runs)))
         if long_names:
             ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)

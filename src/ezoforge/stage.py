@@ -1,9 +1,11 @@
 """The life cycle every stage output folder shares, and the one place that reads DONE markers and finds inputs.
 
 A folder is complete (DONE written last, holding the fingerprint of the settings that shaped it) or being
-resumed under the same settings. Settings are the output-shaping keys only (config.output_settings): changing an
-operational key (logging, saving, workers, retries…) never invalidates a folder. A folder made with other
-settings is refused, naming each differing key, and left untouched; only `--force` deletes it to start over.
+resumed under the same settings. Every stage's settings have one layout (SETTINGS): its output settings, the
+model it uses, and its inputs' fingerprints. Output settings are the output-shaping keys only
+(config.output_settings): changing an operational key (logging, saving, workers, retries…) never invalidates a
+folder. A folder made with other settings is refused, naming each differing key, and left untouched; only
+`--force` deletes it to start over.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from ezoforge.errors import ConfigError, RecordError
 from ezoforge.records import DATA_SUFFIXES, DONE, files_under, replace_folder, write_json, write_text
 
 CONFIG = "config.yaml"
-# Each `ezo run` step's folder under the workdir, in run order.
-FOLDERS = {"curate": "curate", "synth": "synth", "train": "train", "prefer": "prefer", "merge": "merged",
-           "eval-base": "eval-base", "eval-sft": "eval-sft", "eval-tuned": "eval-tuned", "export": "export"}
+# The settings a stage folder records (config.yaml, DONE) and is fingerprinted by. `output` holds the recipe
+# sections that shape the output under their own names (and any version the stage adds), so `output.train.lr`
+# is the recipe's `train.lr`.
+SETTINGS = ("output", "model", "inputs")
 
 
 def done_info(folder: str | Path) -> dict[str, Any] | None:
@@ -89,7 +92,34 @@ def input_fingerprints(paths: list[str | Path]) -> list[str]:
     return out
 
 
-def _describe(old: Any, new: Any, keys: list[str]) -> str:
+def _label(key: str) -> str:
+    """A settings key as the recipe names it: `output.train.lr` is `train.lr`."""
+    return key.removeprefix("output.")
+
+
+def same_layout(settings: Any) -> bool:
+    """Whether recorded settings are in this ezoforge's layout (an older one recorded them otherwise)."""
+    return isinstance(settings, dict) and set(settings) == set(SETTINGS)
+
+
+def changed_keys(old: Any, new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two recorded settings, as the recipe names them."""
+    if not same_layout(old):
+        return ["(all: recorded in an older ezoforge's layout)"]
+    return [_label(k) for k in diff_keys(old, new)] or ["(unknown)"]
+
+
+def recorded_settings(info: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """A DONE marker's settings, for a stage that reads another's; refuses those an older ezoforge recorded in
+    another layout."""
+    settings = info.get("settings")
+    if not same_layout(settings):
+        raise ConfigError(f"{folder}: made by an older ezoforge, which recorded its settings in another layout; "
+                          "redo that stage (--force) to use it here")
+    return settings
+
+
+def _describe(old: dict[str, Any], new: dict[str, Any]) -> str:
     def at(tree: Any, key: str) -> Any:
         for part in key.split("."):
             tree = tree.get(part, "(unset)") if isinstance(tree, dict) else "(unset)"
@@ -99,22 +129,27 @@ def _describe(old: Any, new: Any, keys: list[str]) -> str:
         text = json.dumps(v, ensure_ascii=False, default=str)
         return text if len(text) <= 60 else text[:57] + "…"
 
-    return "; ".join(f"{k}: {short(at(old, k))} → {short(at(new, k))}" for k in keys)
+    keys = diff_keys(old, new) or ["(unknown)"]
+    return "; ".join(f"{_label(k)}: {short(at(old, k))} → {short(at(new, k))}" for k in keys)
 
 
 class Stage:
     """One stage's output folder.
 
-    `settings` is everything that shapes the output (the stage's output settings, the model, the inputs and their
-    own fingerprints); its hash is the fingerprint a DONE marker records. With `atomic=True` the stage writes into a
-    hidden sibling folder that is renamed into place by `finish`, so `out` is complete or absent (a merged model).
+    Its settings are everything that shapes the output, in one layout: `output`, the stage's output settings (the
+    recipe sections it reads, by name, through config.output_settings, and any version of its own); `model`, the
+    identity of the model it uses (None without one); `inputs`, the fingerprints of `inputs` (input_fingerprints).
+    Their hash is the fingerprint a DONE marker records. `inputs` are also recorded as paths, the provenance
+    reports and cards follow. With `atomic=True` the stage writes into a hidden sibling folder that is renamed
+    into place by `finish`, so `out` is complete or absent (a merged model).
     """
 
-    def __init__(self, name: str, out: str | Path, settings: dict[str, Any], atomic: bool = False,
-                 inputs: list[str | Path] = ()):
+    def __init__(self, name: str, out: str | Path, output: dict[str, Any], *, model: Any = None,
+                 inputs: list[str | Path] = (), atomic: bool = False):
         self.name = name
-        self.inputs = [str(Path(p).resolve()) for p in inputs]  # provenance for reports and cards; not fingerprinted
+        self.inputs = [str(Path(p).resolve()) for p in inputs]
         self.out = Path(out)
+        settings = {"output": output, "model": model, "inputs": input_fingerprints(inputs)}
         self.settings = json.loads(json.dumps(redact(settings), default=str))
         self.fingerprint = fingerprint(self.settings)
         self.atomic = atomic
@@ -153,10 +188,14 @@ class Stage:
             raise ConfigError(f"{self.out}: holds files that are not an ezoforge {self.name} folder; "
                               "give another --out (nothing was changed)")
         if previous != self.settings and not force:
-            keys = diff_keys(previous, self.settings) or ["(unknown)"]
             what = "made" if old is not None else "partly made"
+            if not same_layout(previous):
+                raise ConfigError(
+                    f"{self.name}: {self.out} was {what} with other settings — by an older ezoforge, which recorded "
+                    "them in another layout, so they cannot be compared key by key. Nothing was changed. Give "
+                    "another folder, or use --force to redo this stage (deletes that folder).")
             raise ConfigError(
-                f"{self.name}: {self.out} was {what} with other settings — {_describe(previous, self.settings, keys)}. "
+                f"{self.name}: {self.out} was {what} with other settings — {_describe(previous, self.settings)}. "
                 f"Nothing was changed. Put the old value back to {'keep it' if old else 'resume'}, give another "
                 "folder, or use --force to redo this stage (deletes that folder).")
         return None

@@ -1,5 +1,6 @@
 """A conversation as the model's chat template renders it: its token ids, which of them are the assistant's turns
-(what training learns) and the token that closes a turn (where a reply stops).
+(what training learns), the token that closes a turn (where a reply stops), and the system message a template
+adds by itself.
 
 Turn boundaries are found by rendering the conversation prefix by prefix with the model's own chat template, so no
 `{% generation %}` markers are needed, and the end-of-turn token is labelled even when pad == eos (SmolLM2) —
@@ -76,3 +77,19 @@ def end_of_turn_id(tokenizer) -> int | None:
     enc = encode(tokenizer, convo)
     trained = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
     return trained[-1] if trained and trained[-1] in special_ids(tokenizer) else None
+
+
+def default_system(tokenizer) -> str:
+    """The system message this chat template puts in a conversation that has none: sent explicitly, it renders the
+    same prompt, and no server adds a system prompt of its own. "" where the template adds none (or there is no
+    template): an explicit empty message, which such a template renders as an empty system turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    marker, user = "<ezo-system>", [{"role": "user", "content": "?"}]
+    head, _, tail = _text(tokenizer, [{"role": "system", "content": marker}, *user], False).partition(marker)
+    plain = _text(tokenizer, user, False)
+    if len(plain) >= len(head) + len(tail) and plain.startswith(head) and plain.endswith(tail):
+        found = plain[len(head): len(plain) - len(tail)]
+        if _text(tokenizer, [{"role": "system", "content": found}, *user], False) == plain:
+            return found
+    return ""

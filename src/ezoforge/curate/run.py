@@ -45,7 +45,7 @@ from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shar
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import ConfigError, EzoError, RecordError
 from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
-from ezoforge.stage import Stage, input_files, input_fingerprints, is_stage_folder
+from ezoforge.stage import Stage, input_files, is_stage_folder
 
 console = Console(stderr=True)
 
@@ -76,9 +76,9 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow
     patterns = list(inputs) or cfg.inputs
     files = expand_inputs(patterns)
     shards = plan_shards(files, cfg.split_mb)
-    settings = {"curate": output_settings(cfg), "inputs": input_fingerprints(files)}
+    # The folders too: an output folder inside one is refused (their data files are among `files`).
     folders = [Path(bundled_data(p)) for p in patterns if Path(bundled_data(p)).is_dir()]
-    stage = Stage("curate", out, settings, inputs=[*folders, *files])
+    stage = Stage("curate", out, {"curate": output_settings(cfg)}, inputs=[*folders, *files])
     done = stage.start(force)
     if done is not None:
         console.print(f"{out} is already curated with these settings: nothing to do")

@@ -14,14 +14,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ezoforge.errors import RecordError
-from ezoforge.eval import judge_prompt, mt_bench
+from ezoforge.eval.task_types.judged import JudgedTask
+from ezoforge.eval.tasks import TASK_TYPES
 from ezoforge.report_kit import Cell, render
 
 ANCHORS = Path(__file__).resolve().parent.parent / "data" / "anchors.csv"
 FIELDS = ("model", "benchmark", "score", "scale", "judge", "protocol", "source", "date", "note")
+_JUDGED = [t for t in TASK_TYPES.values() if isinstance(t, JudgedTask)]
 # The scale our judge prompts grade each open benchmark on (ELYZA's rubric 1–5, MT-Bench's single-answer 1–10).
-RUN_SCALES = {kind: f"{lo}-{hi}" for kind, (lo, hi) in (("elyza100", judge_prompt.SCALE),
-                                                         ("mt-bench-ja", mt_bench.SCALE))}
+RUN_SCALES = {t.kind: f"{t.scale[0]}-{t.scale[1]}" for t in _JUDGED}
 NONE_UNDER_JUDGE = "no published figure under this judge"
 
 
@@ -151,7 +152,7 @@ def for_report(report: dict, judge: dict | None, anchors: list[Anchor] | None = 
 
 # ---------------------------------------------------------------- rendering
 
-BENCHMARK_NAMES = {"elyza100": "ELYZA-tasks-100", "mt-bench-ja": "Japanese MT-Bench"}
+BENCHMARK_NAMES = {t.kind: t.benchmark for t in _JUDGED}
 
 
 Run = tuple[str, float | None, str]  # (label, score on the benchmark's scale, protocol)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import eval_report, metrics
+from ezoforge.eval.tasks import METRICS
 from ezoforge.records import read_jsonl, write_json, write_text
 
 
@@ -50,7 +51,7 @@ def compare(dirs: list[Path], out: Path | None = None, allow_different_judges: b
         row = {"label": label, "dir": str(folder), "model": report["model"]["name"], "judge": judge,
                "protocol": _protocol_words(report),
                **{k: report.get(k) for k in ("status", "n_tasks", "n_scored", "n_failed", "mean_grade", "ci95",
-                                             "chrf", "accuracy", "perplexity")}, "diff": None}
+                                             *(key for key in METRICS if key != "mean_grade"))}, "diff": None}
         if runs:
             shared = sorted(set(base_grades) & set(grades))
             if judge != runs[0]["judge"]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ezoforge.errors import EzoError
-from ezoforge.eval.tasks import OpenTask
+from ezoforge.eval.items import OpenTask
 from ezoforge.records import read_rows
 from ezoforge.report_kit import render
 from ezoforge.stage import done_info, input_files

@@ -1,45 +1,12 @@
-"""report.json figures, and the eval report and compare page (report_kit's templates, with embedded PNG charts).
+"""The eval report and compare page (report_kit's templates, with embedded PNG charts), their figures in words from
+each task type's Scoring.
 
 Nothing here depends on time or on the output folder, so the same inputs give byte-identical reports.
 """
 from __future__ import annotations
 
-from collections import Counter
-
-from ezoforge.eval.metrics import mean_over_tasks, rounded, task_grades, task_spread
-from ezoforge.metric_catalogue import METRICS, grade_words
+from ezoforge.eval.tasks import METRICS, scorings
 from ezoforge.report_kit import fmt, grade_color, metric_bars, png_base64, render
-
-
-def grade_summary(judgements: list[dict], n_tasks: int, judged: bool, allow_partial: bool, samples: int,
-                  seed: int, scale: tuple[int, int] | None = (1, 5)) -> dict:
-    """Counts, status and — only when no judgement failed, or failures are allowed — the mean over tasks of each
-    task's mean grade, with a bootstrap-over-tasks interval. `scale` None: grades on different scales, no mean."""
-    grades = [j["grade"] for j in judgements if j["grade"] is not None]
-    per_task = {t: g for t, g in task_grades(judgements).items() if g}
-    n_failed = sum(j["error"] is not None for j in judgements)
-    if not n_tasks:
-        status = "complete"  # nothing to judge in this run (e.g. only jcqa or ppl)
-    elif not judged:
-        status = "not_judged"
-    elif n_failed and (not allow_partial or not grades):
-        status = "failed"
-    else:
-        status = "partial" if n_failed else "complete"
-    usable = status in ("complete", "partial") and bool(per_task) and scale is not None
-    mean, ci = mean_over_tasks(per_task, samples, seed) if usable else (None, None)
-    spreads = [task_spread(g) for g in per_task.values()]
-    stds = [s["std"] for s in spreads if s["std"] is not None]
-    return {
-        "status": status, "partial": status == "partial",
-        "n_scored": len(grades), "n_failed": n_failed, "n_tasks_scored": len(per_task),
-        "mean_grade": rounded(mean), "ci95": [rounded(x) for x in ci] if ci else None,
-        "scale": list(scale) if scale else None,
-        "grade_counts": {str(g): n for g, n in sorted(Counter(grades).items())},
-        # How much a task's grades vary over its samples x judgments (x turns): the mean and largest spread.
-        "task_spread": {"mean_std": rounded(sum(stds) / len(stds)),
-                        "max_range": rounded(max(s["max"] - s["min"] for s in spreads))} if stds else None,
-    }
 
 
 # ---------------------------------------------------------------- charts
@@ -94,48 +61,9 @@ def task_chart(report: dict, rows: list[dict]) -> str | None:
 
 # ---------------------------------------------------------------- pages
 
-def protocol_words(report: dict) -> str | None:
-    """"3 samples × 3 judgments per task (temperature 0.7, judge 0.7)" for a judged report."""
-    p = report.get("protocol")
-    if not p or not report.get("judge"):
-        return None
-    return (f"{p['samples']} sample(s) × {p['judgments']} judgment(s) per task (generation temperature "
-            f"{p['temperature']:g}, judge temperature {p['judge_temperature']:g}); a task's grade is their mean, the "
-            "interval a bootstrap over tasks")
-
-
 def figures(report: dict) -> list[tuple[str, str]]:
     """An eval report's headline figures in words, those the run has only."""
-    out = []
-    if report.get("n_tasks"):
-        scale = report.get("scale")
-        label = METRICS["mean_grade"].label
-        out += [("Open tasks", f"{report['n_tasks']}"),
-                (f"{label}, {scale[0]}–{scale[1]}" if scale else label, grade_words(report))]
-        if protocol_words(report):
-            out.append(("Protocol", protocol_words(report)))
-        if report.get("task_spread"):
-            spread = report["task_spread"]
-            out.append(("Spread within a task", f"mean std {spread['mean_std']:.2f}, widest min–max range "
-                                                 f"{spread['max_range']:.2f}"))
-        for kind, sub in (report.get("by_suite") or {}).items():
-            if sub.get("n_tasks"):
-                out.append((f"{kind} (judge, {sub['scale'][0]}–{sub['scale'][1]})", grade_words(sub)))
-        mt = report.get("mt_bench")
-        for name, fig in ((mt or {}).get("by_turn") or {}).items():
-            out.append((f"MT-Bench turn {name} (1–10)", fmt(fig["mean_grade"])))
-        for name, fig in ((mt or {}).get("by_category") or {}).items():
-            out.append((f"MT-Bench {name} (1–10)", fmt(fig["mean_grade"])))
-        if report.get("chrf") is not None:
-            out.append((METRICS["chrf"].label, METRICS["chrf"].shown(report["chrf"])))
-    if report.get("accuracy") is not None:
-        out.append((METRICS["accuracy"].label, f"{METRICS['accuracy'].shown(report['accuracy'])} of "
-                                               f"{report['n_choice_items']} items "
-                                               f"({report['accuracy_normalization']} scoring)"))
-    if report.get("perplexity") is not None:
-        out.append((METRICS["perplexity"].label,
-                    f"{METRICS['perplexity'].shown(report['perplexity'])} over {report['ppl_tokens']:,} tokens"))
-    return out
+    return [line for scoring in scorings() for line in scoring.words(report)]
 
 
 def judge_words(judge: dict | None) -> str:
@@ -175,8 +103,9 @@ def run_html(report: dict, rows: list[dict], judgements: list[dict]) -> str:
                   tasks=_tasks(rows, judgements))
 
 
+# The mean grade with its interval and the paired difference, then every other figure.
 COMPARE_COLUMNS = ("label", "model", "judge", "protocol", "status", "n_scored", "n_failed", "mean_grade", "ci95",
-                   "diff", "chrf", "accuracy", "perplexity")
+                   "diff", *(key for key in METRICS if key != "mean_grade"))
 DIFFERENT_JUDGES = "JUDGES DIFFER: grades under different judges or judge prompts are not comparable and are not paired"
 
 
@@ -191,7 +120,7 @@ def compare_rows(result: dict) -> list[list[object]]:
 
 
 def compare_html(result: dict) -> str:
-    chart = metric_bars([(r["label"], r) for r in result["runs"]])
+    chart = metric_bars([(r["label"], r) for r in result["runs"]], METRICS)
     return render("eval_compare.html", different_judges=DIFFERENT_JUDGES if result.get("different_judges") else None,
                   baseline=result["baseline"], columns=COMPARE_COLUMNS, rows=compare_rows(result),
                   chart=png_base64(chart) if chart else None, notes=result["notes"])

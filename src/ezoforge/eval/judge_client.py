@@ -8,41 +8,37 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import EvalConfig
-from ezoforge.eval import judge_prompt, mt_bench
-from ezoforge.eval.judge_prompt import Verdict, converse, judge_answer, verdict_schema
-from ezoforge.eval.tasks import OpenTask
+from ezoforge.eval.items import OpenTask
+from ezoforge.eval.judge_prompt import Verdict
 from ezoforge.infer.generate import Generator
 from ezoforge.infer.serve import BackgroundServer, create_app
 from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
 from ezoforge.remote import RemoteError, chat, make_client
 
+if TYPE_CHECKING:
+    from ezoforge.eval.task_types.judged import JudgedTask
+
 # Statuses that mean the judge itself is unusable (unreachable, bad key, unknown model), not this one request.
 _FATAL = (None, 401, 403, 404)
-
-# Each open task kind's judging protocol: its prompt version and grade scale.
-PROTOCOLS = {"elyza100": (judge_prompt.PROMPT_VERSION, judge_prompt.SCALE),
-             "mt-bench-ja": (mt_bench.PROMPT_VERSION, mt_bench.SCALE),
-             "prefer": (judge_prompt.PROMPT_VERSION, judge_prompt.SCALE)}  # `ezo prefer`'s candidates: ELYZA's rubric
-
-
-def kind_of(task_id: str) -> str:
-    return task_id.split("/", 1)[0]
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One verdict to get: judgment `judgment` of the model's answer to `turn` in sample `sample` of `task`."""
+    """One verdict to get: judgment `judgment` of the model's answer to `turn` in sample `sample` of `task`, judged
+    as the open task type `judged_as` judges (its prompt, version and verdict parsing)."""
     task: OpenTask
     sample: int
     turn: int
     judgment: int
     answers: tuple[str, ...]  # the sample's answers to turns 1..turn
+    judged_as: JudgedTask
 
 
 class Judge:
@@ -103,25 +99,20 @@ class Judge:
 
     def _verdict(self, unit: Unit, said: list[dict]) -> Verdict:
         """The unit's verdict; each reply the judge gave for it is appended to `said`."""
-        kind, reasks = kind_of(unit.task.id), self.cfg.judge_reasks
-        mt = kind == "mt-bench-ja"
-        # MT-Bench's verdicts are FastChat's free text; ours may be held to the verdict's schema.
-        fmt = verdict_schema(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured and not mt else None
+        judged_as = unit.judged_as
+        # A type's verdicts may be held to its schema (ours); others are free text (MT-Bench's, FastChat's).
+        fmt = judged_as.response_format(self.cfg.judge_reason_max_chars) if self.cfg.judge_structured else None
 
         def ask(messages):
-            said.append(self.ask(messages, unit.judgment, PROTOCOLS[kind][0], fmt))
+            said.append(self.ask(messages, unit.judgment, judged_as.prompt_version, fmt))
             return said[-1]["text"]
 
-        if mt:
-            _, messages = mt_bench.judge_messages(unit.task, list(unit.answers), unit.turn)
-            return converse(ask, messages, reasks, mt_bench.parse_rating, mt_bench.REASK)
-        return judge_answer(ask, unit.task, unit.answers[-1], reasks)
+        return judged_as.verdict(ask, unit, self.cfg.judge_reasks)
 
     def judge_all(self, units: list[Unit], model_name: str) -> list[dict]:
         """One Judgement per unit, in order; a request that fails is recorded as an error, never a grade."""
         def one(unit: Unit) -> dict:
             said: list[dict] = []
-            kind = kind_of(unit.task.id)
             try:
                 verdict = self._verdict(unit, said)
             except RemoteError as e:
@@ -129,8 +120,8 @@ class Judge:
             last = said[-1] if said else {}
             return Judgement(task_id=unit.task.id, model=model_name, answer=unit.answers[-1],
                              judge=self.cfg.judge_model, grade=verdict.grade, error=verdict.error,
-                             reason=verdict.reason, prompt_version=PROTOCOLS[kind][0],
-                             prompt=mt_bench.prompt_for(unit.task, unit.turn).name if kind == "mt-bench-ja" else None,
+                             reason=verdict.reason, prompt_version=unit.judged_as.prompt_version,
+                             prompt=unit.judged_as.prompt_name(unit),
                              sample=unit.sample, turn=unit.turn, judgment=unit.judgment,
                              judge_served=last.get("model"), system_fingerprint=last.get("system_fingerprint"),
                              ).model_dump()

@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ezoforge.eval.tasks import OpenTask
+from ezoforge.eval.items import OpenTask
 
 PROMPT_VERSION = "ezo-judge-ja-v1"
 SCALE = (1, 5)

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-from ezoforge.eval.tasks import ChoiceItem
+from ezoforge.eval.items import ChoiceItem
 from ezoforge.infer.generate import Generator, build_messages
 from ezoforge.models import Loaded
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 # chrF as sacrebleu defines it: character 6-grams, no word n-grams (not chrF++), beta 2, whitespace ignored.
 # Character n-grams need no Japanese word segmentation, so the score is tokenizer-free and deterministic.
 CHRF_SETTINGS = {"char_order": 6, "word_order": 0, "beta": 2}
@@ -31,6 +29,8 @@ def chrf_signature() -> str:
 
 def bootstrap_ci(values: list[float], samples: int, seed: int) -> list[float]:
     """Percentile 95% interval of the mean over `samples` seeded resamples of the values."""
+    import numpy as np  # on first use: the task registry imports this module for `ezo --help`
+
     v = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
@@ -49,6 +49,8 @@ def task_grades(judgements: list[dict]) -> dict[str, list[float]]:
 
 def task_spread(grades: list[float]) -> dict:
     """How a task's grades vary: count, mean, sample standard deviation (None for one grade), min and max."""
+    import numpy as np
+
     v = np.asarray(grades, dtype=float)
     return {"n": len(v), "mean": rounded(v.mean()), "std": rounded(v.std(ddof=1)) if len(v) > 1 else None,
             "min": rounded(v.min()), "max": rounded(v.max())}
@@ -56,6 +58,8 @@ def task_spread(grades: list[float]) -> dict:
 
 def mean_over_tasks(per_task: dict[str, list[float]], samples: int, seed: int) -> tuple[float, list[float]]:
     """(the mean of the per-task means, its percentile 95% interval from a seeded bootstrap over tasks)."""
+    import numpy as np
+
     means = [float(np.mean(g)) for g in per_task.values() if g]
     return float(np.mean(means)), bootstrap_ci(means, samples, seed)
 
@@ -63,6 +67,8 @@ def mean_over_tasks(per_task: dict[str, list[float]], samples: int, seed: int) -
 def paired_bootstrap(base: list[float], other: list[float], samples: int, seed: int) -> dict:
     """Mean of other - base over the same tasks, its 95% interval, and the share of resamples where other
     is not better (a one-sided bootstrap p-value for "other beats base")."""
+    import numpy as np
+
     d = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(axis=1)

@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from ezoforge.eval.judge_prompt import Verdict
-from ezoforge.eval.tasks import OpenTask
+from ezoforge.eval.items import OpenTask
 
 PROMPT_VERSION = "fastchat-mt-bench-single-v1"
 SCALE = (1, 10)

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
+from ezoforge.eval.tasks import METRICS
 from ezoforge.export.provenance import RunRecords
-from ezoforge.metric_catalogue import METRICS
 from ezoforge.models import is_hub_id
 from ezoforge.report_kit import metric_bars, png_bytes
 
@@ -99,7 +99,7 @@ def metadata(rec: RunRecords, gguf: list[str]) -> dict[str, Any]:
 def _data_section(rec: RunRecords) -> list[str]:
     out: list[str] = []
     for c in rec.curate:
-        s, cfg = c["stats"], c["settings"].get("curate", {})
+        s, cfg = c["stats"], c["output"].get("curate", {})
         out.append(f"Curated documents: {_fmt(s.get('docs_out'))} kept of {_fmt(s.get('docs_in'))} read "
                    f"from {', '.join(Path(i).name for i in s.get('inputs', [])) or 'the inputs'}.")
         removed = s.get("removed_by_filter") or {}
@@ -113,9 +113,9 @@ def _data_section(rec: RunRecords) -> list[str]:
             out.append(f"Near-duplicates removed with MinHash LSH on character {dedup['n_grams']}-grams "
                        f"({dedup['num_buckets']} bands × {dedup['hashes_per_bucket']} rows).")
     for s_ in rec.synth:
-        s, cfg = s_["stats"], s_["settings"]
+        s, cfg = s_["stats"], s_["output"].get("synth", {})
         out.append(f"Instruction pairs: {_fmt(s.get('pairs'))} synthesized from {_fmt(s.get('documents'))} documents "
-                   f"by `{s.get('generator') or cfg.get('model')}` ({cfg.get('synth', {}).get('mode')} mode; "
+                   f"by `{s.get('generator') or s_['model'].get('name')}` ({cfg.get('mode')} mode; "
                    f"{_fmt(s.get('rejected'))} rejected by the pair filters).")
         by_source = s.get("by_source") or {}
         if by_source:
@@ -131,7 +131,7 @@ def _data_section(rec: RunRecords) -> list[str]:
 def _method_section(rec: RunRecords) -> str:
     if not rec.train:
         return ""
-    s, cfg = rec.train["stats"], rec.train["settings"].get("train", {})
+    s, cfg = rec.train["stats"], rec.train["output"].get("train", {})
     targets = cfg.get("target_modules")
     seconds = s.get("seconds")
     facts = [
@@ -152,7 +152,7 @@ def _method_section(rec: RunRecords) -> str:
          if s.get("eval_loss_start") is not None and s.get("eval_loss") is not None else None),
         ("hardware", s.get("hardware") or s.get("device")),
         ("training time", f"{seconds / 3600:.2f} h ({seconds:,.0f} s)" if seconds else None),
-        ("merged weights dtype", (rec.merged or {}).get("settings", {}).get("dtype")),
+        ("merged weights dtype", (rec.merged or {}).get("output", {}).get("merge", {}).get("dtype")),
     ]
     return _facts(facts)
 
@@ -161,8 +161,8 @@ def _preference_section(rec: RunRecords) -> str:
     """DPO after the SFT: the preference data's provenance and figures."""
     if not rec.prefer:
         return ""
-    s, cfg = rec.prefer["stats"], rec.prefer["settings"].get("prefer", {})
-    judge = rec.prefer["settings"].get("judge", {})
+    s, cfg = rec.prefer["stats"], rec.prefer["output"].get("prefer", {})
+    judge = rec.prefer["output"].get("eval", {})
     before, after = s.get("held_out_before") or {}, s.get("held_out_after") or {}
     return _facts([
         ("method", f"DPO ({cfg.get('loss_type')}, beta {cfg.get('beta')}) continuing the SFT LoRA adapter, with the "
@@ -287,5 +287,5 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
 def eval_chart(rec: RunRecords) -> bytes | None:
     """Base vs tuned bars for each eval figure the runs have (mean grade with its 95% CI): report_kit's chart."""
     runs = [(name, rec.evals[name]) for name in ("base", "tuned") if rec.evals.get(name)]
-    fig = metric_bars(runs)
+    fig = metric_bars(runs, METRICS)
     return png_bytes(fig) if fig else None

@@ -1,7 +1,8 @@
 """What a run recorded about the model it made, found by following each folder's own pointers.
 
 Every finished stage folder's DONE marker lists the inputs it read (`inputs`): merged → train → synth → curate;
-eval-base/eval-tuned sit beside merged in the workdir. Anything missing stays missing: the card leaves it out.
+the evals are the folders the caller names (in a workdir, the eval steps' folders beside merged). Anything missing
+stays missing: the card leaves it out.
 """
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ezoforge.stage import FOLDERS, done_info
+from ezoforge.stage import done_info, same_layout
 
 
 def _stage(folder: Path) -> dict[str, Any] | None:
-    """A finished stage folder's settings, stats and inputs (None when it is not one)."""
+    """A finished stage folder's output settings, model, stats and inputs (None when it is not one; settings an
+    older ezoforge recorded in another layout are left out)."""
     done = done_info(folder)
     if done is None:
         return None
+    settings = done["settings"] if same_layout(done.get("settings")) else {}
     return {"dir": Path(folder), "stage": done.get("stage"), "fingerprint": done.get("fingerprint"),
-            "settings": done.get("settings") or {}, "stats": done.get("stats") or {},
-            "inputs": [Path(p) for p in done.get("inputs", [])]}
+            "output": settings.get("output") or {}, "model": settings.get("model") or {},
+            "stats": done.get("stats") or {}, "inputs": [Path(p) for p in done.get("inputs", [])]}
 
 
 @dataclass
@@ -32,25 +35,28 @@ class RunRecords:
     synth: list[dict[str, Any]] = field(default_factory=list)
     curate: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"sft"/"tuned" -> report.json
+    eval_dirs: dict[str, Path] = field(default_factory=dict)  # the folders of those reports
 
     @property
     def base_model(self) -> str | None:
-        if self.merged and self.merged["settings"].get("base"):
-            return self.merged["settings"]["base"]
-        return (self.train or {}).get("settings", {}).get("model", {}).get("name")
+        if self.merged and self.merged["model"].get("name"):
+            return self.merged["model"]["name"]
+        return (self.train or {}).get("model", {}).get("name")
 
     @property
     def system_prompt(self) -> str | None:
-        model = (self.train or {}).get("settings", {}).get("model", {})
+        model = (self.train or {}).get("model", {})
         return model.get("system_prompt") if "system_prompt" in model else None
 
     def folders(self) -> list[Path]:
         """Every record folder the card reads, for the export's fingerprint."""
         stages = [self.merged, self.prefer, self.train, *self.synth, *self.curate]
-        return [s["dir"] for s in stages if s] + [self.merged_dir.parent / FOLDERS[f"eval-{k}"] for k in self.evals]
+        return [s["dir"] for s in stages if s] + [self.eval_dirs[k] for k in self.evals]
 
 
-def gather(merged: Path) -> RunRecords:
+def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
+    """The records behind `merged`, and the reports among `evals` ("base"/"sft"/"tuned" -> an eval folder) that
+    evaluated it or its base."""
     merged = Path(merged)
     rec = RunRecords(merged, _stage(merged))
     read = [s for p in (rec.merged or {}).get("inputs", []) if (s := _stage(p))]
@@ -65,14 +71,14 @@ def gather(merged: Path) -> RunRecords:
             curate = _stage(p)
             if curate and curate["stage"] == "curate" and all(c["dir"] != curate["dir"] for c in rec.curate):
                 rec.curate.append(curate)
-    # An eval beside the merged folder counts only when it evaluated this model (tuned) or its base (base).
+    # An eval counts only when it evaluated this model (tuned) or its base (base).
     # With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO).
     for kind, model in (("base", rec.base_model), ("sft", rec.base_model if rec.prefer else None),
                         ("tuned", str(merged))):
-        report = merged.parent / FOLDERS[f"eval-{kind}"] / "report.json"
-        if model and report.is_file() and done_info(report.parent) is not None:
+        report = Path(evals[kind]) / "report.json" if kind in evals else None
+        if model and report and report.is_file() and done_info(report.parent) is not None:
             data = json.loads(report.read_text(encoding="utf-8"))
             spec = data.get("model", {}).get("spec", "")
             if spec == model or (Path(spec).exists() and Path(spec).resolve() == Path(model).resolve()):
-                rec.evals[kind] = data
+                rec.evals[kind], rec.eval_dirs[kind] = data, report.parent
     return rec

@@ -14,15 +14,15 @@ import shutil
 import time
 from pathlib import Path
 
+from ezoforge import gguf_file
 from ezoforge.config import ExportConfig, to_plain
 from ezoforge.errors import ModelError
 from ezoforge.eval.compare import paired_diff
 from ezoforge.export import card
-from ezoforge.export import gguf as gguf_file
 from ezoforge.export.ollama import modelfile
 from ezoforge.export.provenance import RunRecords, gather
 from ezoforge.records import DONE, write_text
-from ezoforge.stage import FOLDERS, Stage, input_fingerprints
+from ezoforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def _copy_model(merged: Path, dst: Path) -> list[str]:
 def _paired_diff(rec: RunRecords) -> dict | None:
     if not {"base", "tuned"} <= set(rec.evals):
         return None
-    workdir = rec.merged_dir.parent
-    return paired_diff(workdir / FOLDERS["eval-base"], workdir / FOLDERS["eval-tuned"])[0]
+    return paired_diff(rec.eval_dirs["base"], rec.eval_dirs["tuned"])[0]
 
 
 def _stops(model_dir: Path, tokenizer) -> list[str]:
@@ -63,20 +62,20 @@ def _stops(model_dir: Path, tokenizer) -> list[str]:
     return [tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]
 
 
-def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: str | None = None,
-        force: bool = False) -> dict:
-    """Export `merged` into `out`. `system_prompt` is used only when the run's train records name none."""
+def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: str | None = None, *,
+        evals: dict[str, Path], force: bool = False) -> dict:
+    """Export `merged` into `out`. `system_prompt` is used only when the run's train records name none; `evals`
+    ("base"/"sft"/"tuned" -> an eval folder) are the reports the card may show (those of this model or its base)."""
     merged, out = Path(merged), Path(out)
     if not (merged / "config.json").is_file():
         raise ModelError(f"{merged}: not a model folder (no config.json); export takes an `ezo merge` output")
     if cfg.gguf:
         gguf_file.check(merged)  # an unsupported model fails before anything is written
-    rec = gather(merged)
+    rec = gather(merged, evals)
     system = rec.system_prompt if rec.train else system_prompt
+    # Every record the card reads is an input: a redone stage or eval redoes the export.
     folders = [merged] + [f for f in rec.folders() if f != merged]
-    settings = {"export": to_plain(cfg), "system_prompt": system,
-                "records": dict(zip(map(str, folders), input_fingerprints(folders)))}
-    stage = Stage("export", out, settings, atomic=True, inputs=[merged])
+    stage = Stage("export", out, {"export": to_plain(cfg), "system_prompt": system}, inputs=folders, atomic=True)
     finished = stage.start(force)
     if finished is not None:
         return finished

@@ -2,17 +2,23 @@
 server. Every backend takes a list of Requests and reports each result (or the exception that ended it) through
 `done(index, Output | Exception)` as soon as it exists, so the caller can store it durably before the next one.
 synth sends its Requests; eval's conversations go through `complete` (the shape of `Generator.complete`).
+
+synth and eval pick a backend by name from `infer.registry.BACKENDS` and make it with `build(section, target)`: the
+stage's section (`synth` or `eval`, which share the backend keys) and the model it answers with.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-from ezoforge.config import VLLMConfig
+from ezoforge.config import EvalConfig, SynthConfig, VLLMConfig, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Completion, Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
@@ -37,6 +43,12 @@ class Request:
         return [{"role": r, "content": c} for r, c in self.messages or ()]
 
 
+def as_requests(conversations: list[list[dict[str, str]]]) -> list[Request]:
+    """eval's conversations as Requests: each one whole, nothing prefilled."""
+    return [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in msgs))
+            for i, msgs in enumerate(conversations)]
+
+
 @dataclass
 class Output:
     text: str  # the prefill (when the backend could prefill) followed by the completion: what the parser reads
@@ -45,13 +57,48 @@ class Output:
     finish_reason: str
 
 
+Section = SynthConfig | EvalConfig  # the backend keys: backend, base_url, context_tokens, vllm, generation, ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a stage answers with: its spec (for a served backend, the name the server knows), and what the
+    stage decides about it."""
+
+    spec: str
+    chat_template: Path | None = None
+    dtype: str = "auto"
+    chat: bool = True  # requests are chat turns: a local tokenizer needs a chat template
+    load: Callable[[], Loaded] | None = None  # the stage's own load of the weights (an in-process backend's model)
+    tokenizer: str | None = None  # counts a served model's tokens (None: the model's own, where it loads here)
+    max_context: int | None = None  # a local engine's context where the section states none (None: the model's)
+    static_cache: bool = False  # transformers: the compiled static-cache decode (synth.static_cache, resolved)
+
+
 class Backend:
-    """What every backend offers besides its own `run(reqs, sampling, done)`."""
+    """A way to answer. A new one is a subclass with `build` and `run` (and `answer_settings` where settings beyond
+    the model change its answers), plus its line in `infer.registry.BACKENDS`."""
+
+    name: ClassVar[str]
+    # Answers from a server: the model is a served name, known by it and the server's URL; nothing loads here.
+    served: ClassVar[bool] = False
+    # Answers with the stage's own load of the model (`Target.load`): an adapter applies, and eval scores
+    # likelihoods with the same weights.
+    in_process: ClassVar[bool] = False
+
+    @classmethod
+    def build(cls, section: Section, target: Target) -> "Backend":
+        raise NotImplementedError
+
+    @classmethod
+    def answer_settings(cls, section: Section) -> dict:
+        """The section's settings, beyond the model and a server's URL, that change this backend's answers: cache
+        keys name them."""
+        return {}
 
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
         """Whole conversations answered, in order; the first failed request raises."""
-        reqs = [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in msgs))
-                for i, msgs in enumerate(batch)]
+        reqs = as_requests(batch)
         outs: list[Output | Exception | None] = [None] * len(reqs)
         self.run(reqs, sampling, outs.__setitem__)
         if failed := next((o for o in outs if isinstance(o, Exception)), None):
@@ -70,16 +117,33 @@ class LocalBackend(Backend):
         self.tokenizer = tokenizer
         self.context_length = context_length
 
+    @staticmethod
+    def local_model(section: Section, target: Target) -> tuple:
+        """The tokenizer and the context a local engine gets: the section's context_tokens, at most the model's."""
+        from ezoforge.models import load_tokenizer, require_chat_template, spec_context_length
+
+        tokenizer = load_tokenizer(target.spec, target.chat_template)
+        if target.chat:
+            require_chat_template(tokenizer, target.spec)
+        context = min(spec_context_length(target.spec), section.context_tokens or target.max_context or 1 << 30)
+        return tokenizer, context
+
     def render(self, req: Request) -> str:
+        """The one rendering of a request for a local model (transformers and vLLM): what a server continuing the
+        same messages renders too."""
         if req.prompt is not None:
             return req.prompt
         return self.tokenizer.apply_chat_template(req.chat(), tokenize=False, add_generation_prompt=True) + req.prefill
+
+    def prompt_ids(self, req: Request) -> list[int]:
+        # The rendered text already holds the special tokens (BOS included where the model wants one).
+        return self.tokenizer(self.render(req), add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def request_tokens(self, req: Request) -> int:
-        return self.count_tokens(self.render(req))
+        return len(self.prompt_ids(req))
 
 
 class TransformersBackend(LocalBackend):
@@ -88,6 +152,11 @@ class TransformersBackend(LocalBackend):
     that dominates batched decoding of 8B-class models."""
 
     name = "transformers"
+    in_process = True
+
+    @classmethod
+    def build(cls, section: Section, target: Target) -> "TransformersBackend":
+        return cls(*cls.local_model(section, target), target.load, section.generation.batch_size, target.static_cache)
 
     def __init__(self, tokenizer, context_length: int, load: Callable[[], Loaded], batch_size: int,
                  static_cache: bool = False):
@@ -103,7 +172,8 @@ class TransformersBackend(LocalBackend):
         return self.gen
 
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
-        return self.generator().complete(batch, sampling)  # batched as the caller chunks them, in order
+        # Batched as the caller chunks them, in order.
+        return self.generator().complete_text([self.render(r) for r in as_requests(batch)], sampling)
 
     def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
         self.generator()
@@ -140,6 +210,15 @@ def vllm_engine_kwargs(model: str, dtype: str, seed: int, max_model_len: int, cf
 
 class VLLMBackend(LocalBackend):
     name = "vllm"
+
+    @classmethod
+    def build(cls, section: Section, target: Target) -> "VLLMBackend":
+        return cls(*cls.local_model(section, target), target.spec, target.dtype, section.generation.seed,
+                   section.vllm)
+
+    @classmethod
+    def answer_settings(cls, section: Section) -> dict:
+        return output_settings(section.vllm)  # on-load quantization
 
     def __init__(self, tokenizer, context_length: int, spec: str, dtype: str, seed: int, cfg: VLLMConfig):
         if importlib.util.find_spec("vllm") is None:
@@ -193,14 +272,17 @@ class VLLMBackend(LocalBackend):
         for start in range(0, len(reqs), step):
             chunk = reqs[start: start + step]
             # Our own token ids: the synthesizer format must not get a second BOS.
-            prompts = [{"prompt_token_ids": self.tokenizer(self.render(r), add_special_tokens=False)["input_ids"]}
-                       for r in chunk]
+            prompts = [{"prompt_token_ids": self.prompt_ids(r)} for r in chunk]
             for offset, res in enumerate(llm.generate(prompts, params, use_tqdm=False)):
                 req, gen = chunk[offset], res.outputs[0]
                 text = gen.text.strip()
                 done(start + offset, Output(req.prefill + text if req.prompt is None else text,
                                             len(res.prompt_token_ids), len(gen.token_ids),
                                             as_finish_reason(gen.finish_reason)))
+
+
+# The request extension (vLLM's, `ezo serve`'s) that continues a final assistant message instead of opening a turn.
+CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 class OpenAIBackend(Backend):
@@ -210,18 +292,39 @@ class OpenAIBackend(Backend):
     request; from then on the prefill is given in the user message as the text to continue from."""
 
     name = "openai"
+    served = True
+
+    @classmethod
+    def build(cls, section: Section, target: Target) -> "OpenAIBackend":
+        return cls(section.base_url, target.spec, section.api_key_env, section.timeout, section.max_retries,
+                   section.concurrency, target.tokenizer, section.context_tokens or 4096)
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout: float, max_retries: int,
-                 concurrency: int, tokenizer, context_length: int):
+                 concurrency: int, tokenizer: str | None, context_length: int):
         from ezoforge.remote import make_client
 
         self.client = make_client(base_url, api_key_env, timeout, max_retries)
         self.model = model
         self.concurrency = concurrency
-        self.tokenizer = tokenizer
+        self.tokenizer_spec = tokenizer
         self.context_length = context_length
         self.continues: bool | None = None  # does the server continue a final assistant message? None: not known
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The served model's tokenizer, loaded on first use (eval never counts): the stated one, else the model's
+        own where it loads here; None without one."""
+        from ezoforge.models import load_tokenizer
+
+        try:
+            return load_tokenizer(self.tokenizer_spec or self.model)
+        except (EzoError, OSError, ValueError) as e:
+            if self.tokenizer_spec:
+                raise
+            log.warning("no tokenizer for %s (%s): counting one token per character, and synth's requests carry an "
+                        "empty system message; set synth.tokenizer", self.model, e)
+            return None
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is None:
@@ -232,6 +335,11 @@ class OpenAIBackend(Backend):
         # The instructed form, the longer of the two: passages fit whichever the server takes.
         return self.count_tokens(req.prompt if req.prompt is not None else
                                  "\n".join(m["content"] for m in self.instructed(req)))
+
+    @staticmethod
+    def continued(req: Request) -> list[dict[str, str]]:
+        """The prefill as a final assistant message, for a server that continues it (CONTINUE)."""
+        return req.chat() + [{"role": "assistant", "content": req.prefill}]
 
     @staticmethod
     def instructed(req: Request) -> list[dict[str, str]]:
@@ -258,11 +366,9 @@ class OpenAIBackend(Backend):
     def _continued(self, req: Request, sampling: Sampling):
         from ezoforge.remote import RemoteError, chat
 
-        messages = req.chat() + [{"role": "assistant", "content": req.prefill}]
         try:
-            reply = chat(self.client, self.model, messages, sampling.max_new_tokens, sampling.temperature,
-                         sampling.top_p, sampling.seed, sampling.stop,
-                         extra_body={"continue_final_message": True, "add_generation_prompt": False})
+            reply = chat(self.client, self.model, self.continued(req), sampling.max_new_tokens, sampling.temperature,
+                         sampling.top_p, sampling.seed, sampling.stop, extra_body=CONTINUE)
         except RemoteError as e:
             if e.status != 400 or self.continues:
                 raise

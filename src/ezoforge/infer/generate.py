@@ -63,6 +63,19 @@ def whole_chars(text: str) -> str:
     return text.rstrip("\ufffd")
 
 
+def completion(ids: list[int], prompt_tokens: int, eos_ids, decode, sampling: Sampling) -> Completion:
+    """A local engine's generated ids as the reply: up to and including the first end-of-reply id, the text cut at
+    the first stop string and ending in whole characters."""
+    n, ended = len(ids), False
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            n, ended = i + 1, True
+            break
+    text, stopped = _cut_at_stop(decode(ids[:n]), sampling.stop)
+    return Completion(whole_chars(text).strip(), prompt_tokens, n,
+                      finish_reason(ended or stopped, n, sampling.max_new_tokens))
+
+
 class TextSoFar:
     """Generated token ids in, text out as it becomes final: never part of a character or of a stop string."""
 
@@ -163,19 +176,8 @@ class Generator:
             out = self.model.generate(**enc, **self._generate_kwargs(sampling), **generate_kwargs)
         width = enc["input_ids"].shape[1]
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
-        results = []
-        for row, plen in zip(out[:, width:].tolist(), prompt_lens):
-            n = len(row)
-            ended = False
-            for i, tok in enumerate(row):
-                if tok in self.eos_ids:
-                    n, ended = i + 1, True
-                    break
-            text, stopped = _cut_at_stop(self.decode(row[:n]), sampling.stop)
-            text = whole_chars(text)
-            results.append(Completion(text.strip(), int(plen), n,
-                                      finish_reason(ended or stopped, n, sampling.max_new_tokens)))
-        return results
+        return [completion(row, int(plen), self.eos_ids, self.decode, sampling)
+                for row, plen in zip(out[:, width:].tolist(), prompt_lens)]
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
         return self.stream_text(self.prompt_text(messages), sampling)

@@ -90,9 +90,11 @@ class ChatRequest(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
-    # vLLM's chat extensions: continue the final assistant message instead of opening a new turn.
+    # vLLM's chat extensions: continue the final assistant message instead of opening a new turn; report the
+    # prompt's token ids as rendered here and the reply's (`prompt_token_ids`, `choices[0].token_ids`).
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    return_token_ids: bool = False
 
 
 class APIError(Exception):
@@ -231,6 +233,8 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         if req.continue_final_message and messages[-1]["role"] != "assistant":
             raise APIError(400, "continue_final_message needs the last message to be an assistant message",
                            "messages")
+        if req.return_token_ids and req.stream:
+            raise APIError(400, "return_token_ids is answered without stream only", "return_token_ids")
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system_prompt})
         prompt = gen.encode(gen.prompt_text(messages, req.add_generation_prompt, req.continue_final_message))
@@ -290,10 +294,14 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
                         return JSONResponse({}, status_code=499)  # nobody reads it; the job is cancelled below
         finally:
             job.cancel()  # no-op once finished; otherwise a client gone stops its generation at the next step
+        choice = {"index": 0, "message": {"role": "assistant", "content": event.text},
+                  "finish_reason": event.finish_reason, "logprobs": None}
+        ids = {}
+        if req.return_token_ids:  # where vLLM puts them
+            choice["token_ids"], ids["prompt_token_ids"] = job.out, prompt
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
-                         "finish_reason": event.finish_reason, "logprobs": None}],
+            "choices": [choice], **ids,
             "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
                       "total_tokens": event.prompt_tokens + event.completion_tokens},
         }

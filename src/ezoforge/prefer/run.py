@@ -31,7 +31,7 @@ from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.eval import judge_prompt
 from ezoforge.prefer.pairs import Instruction, build_pairs, draw, histogram, read_instructions
 from ezoforge.records import write_jsonl
-from ezoforge.stage import Stage, done_info
+from ezoforge.stage import Stage, done_info, recorded_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,23 @@ def sft(train_dir: Path, recipe: Recipe) -> tuple[dict, ModelConfig, TrainConfig
         raise ModelError(f"{train_dir}: not a finished `ezo train` folder (needs adapter/ and DONE)")
     if not info.get("inputs"):
         raise ModelError(f"{train_dir}/DONE names no inputs: cannot tell which pairs the SFT was trained on")
-    made = info["settings"]["model"]
+    recorded = recorded_settings(info, train_dir)
+    made = recorded["model"]
     stated = {k: v for k, v in output_settings(recipe.model).items() if k in recipe.model.model_fields_set}
     if differ := [k for k, v in stated.items() if made.get(k) != v]:
         raise ConfigError(f"model.{differ[0]}: the recipe says {stated[differ[0]]!r} but {train_dir} was trained with "
                           f"{made.get(differ[0])!r}; DPO continues that SFT (leave model.{differ[0]} unset)")
     model = ModelConfig.model_validate({**made, **{k: getattr(recipe.model, k) for k in ModelConfig.operational}})
-    train = TrainConfig.model_validate({**info["settings"]["train"],
+    train = TrainConfig.model_validate({**recorded["output"]["train"],
                                         **{k: getattr(recipe.train, k) for k in TrainConfig.operational}})
     return info, model, train
 
 
-def settings(recipe: Recipe, info: dict, model: ModelConfig) -> dict[str, Any]:
+def prefer_output(recipe: Recipe) -> dict[str, Any]:
+    """The prefer section, the judge's keys of the eval section, and the judge prompt's version (the SFT it
+    continues is its input, and its model)."""
     ev = output_settings(recipe.eval)
-    return {"model": output_settings(model), "sft_fingerprint": info["fingerprint"],
-            "prefer": output_settings(recipe.prefer), "judge": {k: ev[k] for k in JUDGE_KEYS},
+    return {"prefer": output_settings(recipe.prefer), "eval": {k: ev[k] for k in JUDGE_KEYS},
             "prompt_version": judge_prompt.PROMPT_VERSION}
 
 
@@ -85,7 +87,7 @@ def run(recipe: Recipe, train_dir: Path, out: Path, force: bool = False) -> dict
     qlora = use_qlora(train, device)  # the SFT's quantization; stated-but-impossible 4-bit fails here
     found, skipped = read_instructions(info["inputs"])
     instructions = draw(found, cfg.limit, cfg.seed)
-    stage = Stage("prefer", out, settings(recipe, info, model), inputs=[train_dir])
+    stage = Stage("prefer", out, prefer_output(recipe), model=output_settings(model), inputs=[train_dir])
     # Answers and verdicts are keyed by all that determines them: a forced redo reuses them.
     if (finished := stage.start(force, keep=(CACHE,))) is not None:
         log.info("%s is already done with these settings", out)
@@ -176,12 +178,14 @@ def _judge(instructions: list[Instruction], answers: dict[str, list[dict]], reci
            cache: RequestCache, stack: ExitStack, counts: Counter) -> tuple[dict[str, list[dict]], list[dict], list]:
     """Every candidate graded by the recipe's judge (eval's client): the mean of its `eval.judgments` verdicts, or
     None when one was unusable. Candidates, the verdicts (each naming its candidate) and the judge as served."""
+    from ezoforge.eval.items import OpenTask
     from ezoforge.eval.judge_client import Judge, Unit
-    from ezoforge.eval.tasks import OpenTask
+    from ezoforge.eval.tasks import TASK_TYPES
     from ezoforge.models import load
 
     ev, cfg = recipe.eval, recipe.prefer
     judge = Judge(ev, cache, stack, lambda: load(ev.judge_model, None, model.device, model.dtype))
+    rubric = TASK_TYPES["elyza100"]  # candidates are judged as ELYZA-tasks-100 answers, on its 1–5 rubric
     candidates: dict[str, list[dict]] = {}
     units = []
     for ins in instructions:
@@ -193,7 +197,8 @@ def _judge(instructions: list[Instruction], answers: dict[str, list[dict]], reci
                                "text": text, "finish_reason": extra.get("finish_reason"),
                                "completion_tokens": extra.get("completion_tokens")}
                               for k, (text, source, extra) in enumerate(texts)]
-        units += [Unit(task, k, 1, j, (text,)) for k, (text, _, _) in enumerate(texts) for j in range(ev.judgments)]
+        units += [Unit(task, k, 1, j, (text,), rubric) for k, (text, _, _) in enumerate(texts)
+                  for j in range(ev.judgments)]
     started = time.perf_counter()
     judged = judge.judge_all(units, f"{model.name}+sft") if units else []
     counts.update(judge_sent=judge.sent, judge_cached=judge.cached,

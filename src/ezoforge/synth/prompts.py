@@ -51,10 +51,11 @@ def _ask(passage: str, n: int) -> str:
     return f"文章:\n{passage}\n\n{INSTRUCTION.format(n=n)}"
 
 
-def prompted(doc_id: str, passage: str, n: int) -> Request:
+def prompted(doc_id: str, passage: str, n: int, system: str) -> Request:
+    """`system` always goes as its own message, so no server's or template's default takes its place."""
     shown = EXAMPLE_PAIRS[: min(n, len(EXAMPLE_PAIRS))]
     seed = SEED_INSTRUCTIONS[int(hashlib.sha256(passage.encode()).hexdigest(), 16) % len(SEED_INSTRUCTIONS)]
-    messages = (("user", _ask(EXAMPLE_PASSAGE, len(shown))), ("assistant", format_pairs(shown)),
+    messages = (("system", system), ("user", _ask(EXAMPLE_PASSAGE, len(shown))), ("assistant", format_pairs(shown)),
                 ("user", _ask(passage, n)))
     return Request(doc_id, passage, messages=messages, prefill=f"{QUESTION_MARK}1: {seed}\n{ANSWER_MARK}1:")
 

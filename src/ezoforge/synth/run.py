@@ -6,6 +6,7 @@ store at the end, in document order, then stats.json and DONE.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -20,13 +21,15 @@ from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Sampling
 from ezoforge.records import Pair, write_parquet
-from ezoforge.stage import Stage, input_files, input_fingerprints
+from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
-from ezoforge.infer.backends import Output
+from ezoforge.infer.backends import Backend, Output, Target
+from ezoforge.infer.registry import BACKENDS
 from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import read_docs, split
 from ezoforge.text import japanese_ratio
+from ezoforge.turns import default_system
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +45,19 @@ def _version(mode: str) -> str:
     return prompts.PROMPT_VERSION if mode == "prompted" else prompts.SYNTHESIZER_VERSION
 
 
-def make_backend(recipe: Recipe, model: str, static_cache: bool):
+def make_backend(recipe: Recipe, model: str, static_cache: bool) -> Backend:
     """The backend with its tokenizer ready (requests are sized with it); a local model loads only if needed."""
     cfg, m = recipe.synth, recipe.model
-    if cfg.backend == "openai":
-        from ezoforge.models import load_tokenizer
-        from ezoforge.infer.backends import OpenAIBackend
-
-        try:
-            tokenizer = load_tokenizer(cfg.tokenizer or model)
-        except (EzoError, OSError, ValueError) as e:
-            if cfg.tokenizer:
-                raise
-            log.warning("no tokenizer for %s (%s): counting one token per character; set synth.tokenizer", model, e)
-            tokenizer = None
-        return OpenAIBackend(cfg.base_url, model, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.concurrency,
-                             tokenizer, cfg.context_tokens or 4096)
-    from ezoforge.models import load, load_tokenizer, require_chat_template, spec_context_length
-    from ezoforge.infer.backends import TransformersBackend, VLLMBackend
-
     chat = cfg.mode == "prompted"
-    tokenizer = load_tokenizer(model, m.chat_template)
-    if chat:
-        require_chat_template(tokenizer, model)
-    context = min(spec_context_length(model), cfg.context_tokens or 1 << 30)
-    if cfg.backend == "vllm":
-        return VLLMBackend(tokenizer, context, model, m.dtype, cfg.generation.seed, cfg.vllm)
-    return TransformersBackend(
-        tokenizer, context,
-        lambda: load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat,
-                     quantize=base_quantize(recipe)),
-        cfg.generation.batch_size, static_cache)
+
+    def load():
+        from ezoforge.models import load
+
+        return load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat,
+                    quantize=base_quantize(recipe))
+
+    return BACKENDS[cfg.backend].build(cfg, Target(model, m.chat_template, m.dtype, chat, load, cfg.tokenizer,
+                                                   static_cache=static_cache))
 
 
 def base_quantize(recipe: Recipe) -> str:
@@ -93,8 +78,14 @@ def use_static_cache(setting: str | bool, device) -> bool:
 
 def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
     cfg = recipe.synth
-    make = ((lambda d, p: prompts.prompted(d, p, cfg.pairs_per_doc)) if cfg.mode == "prompted"
-            else prompts.synthesizer)
+    if cfg.mode == "prompted":
+        # The system message the synthesizer's chat template adds by itself (the worked example was tuned under
+        # it), sent explicitly: every backend renders the prompt in-process synth renders, and no server puts its
+        # own system prompt in front of it.
+        system = default_system(backend.tokenizer) if backend.tokenizer is not None else ""
+        make = functools.partial(prompts.prompted, n=cfg.pairs_per_doc, system=system)
+    else:
+        make = prompts.synthesizer
     overhead = backend.request_tokens(make("", ""))
     budget = min(cfg.max_passage_tokens, backend.context_length - overhead - cfg.generation.max_new_tokens - MARGIN)
     if budget < 32:
@@ -109,7 +100,7 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     model = cfg.model or recipe.model.name
     files = input_files([input])
     m = recipe.model
-    if cfg.backend == "openai":  # a served name: the server at base_url (in the output settings) says which model
+    if BACKENDS[cfg.backend].served:  # a served name: base_url (in the output settings) says which model
         identity, static_cache = model, False
     else:  # a local model must exist before work starts, and is known by its weights
         from ezoforge.models import check_model, model_identity, pick_device
@@ -117,14 +108,13 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         check_model(model, None, m.device, m.chat_template, base_quantize(recipe))
         identity = model_identity(model, None, m.dtype, m.device, m.chat_template, base_quantize(recipe))
         static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
-    settings = {"synth": output_settings(cfg), "model": model, "model_identity": identity,
-                "dtype": recipe.model.dtype, "chat_template": recipe.model.chat_template,
-                "version": _version(cfg.mode), "inputs": input_fingerprints([input])}
     # The draw comes first: a mix naming an absent source fails before the output folder is claimed.
     docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
     if not docs:
         raise EzoError(f"{input}: no documents with text")
-    stage = Stage("synth", out, settings, inputs=[input])
+    stage = Stage("synth", out, {"synth": output_settings(cfg), "version": _version(cfg.mode)},
+                  model={"name": model, "identity": identity, "dtype": m.dtype, "chat_template": m.chat_template},
+                  inputs=[input])
     # Answers are keyed by all that determines them: a forced redo (say, with a larger limit) reuses them.
     if (finished := stage.start(force, keep=("requests.sqlite",))) is not None:
         if not finished.get("errors"):
@@ -136,20 +126,25 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         backend = make_backend(recipe, model, static_cache)
         reqs = build_requests(docs, backend, recipe)
         sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
-        # vLLM's on-load quantization changes the answers (keys without it stay those of the unquantized model).
-        quantized = ({"quantization": cfg.vllm.quantization}
-                     if cfg.backend == "vllm" and cfg.vllm.quantization != "none" else {})
+        settings = _answer_settings(cfg)
         keys = [request_key(model=identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,
                             version=_version(cfg.mode), messages=r.messages, prefill=r.prefill, prompt=r.prompt,
-                            sampling=asdict(sampling), **quantized) for r in reqs]
+                            sampling=asdict(sampling), **settings) for r in reqs]
         cache = RequestCache(Path(out) / "requests.sqlite")
         try:
             sent = _generate(backend, reqs, keys, cache, sampling)
             return _write(stage, recipe, model, docs, reqs, keys, cache, sent, allow_empty)
         finally:
             cache.close()
-            if cfg.backend == "vllm":
-                backend.close()  # the engine holds most of the card until shut down
+            backend.close()  # a vLLM engine holds most of the card until shut down
+
+
+def _answer_settings(cfg) -> dict:
+    """The backend's answer-changing settings where they differ from the defaults: the keys made before a setting
+    existed stay valid (an unquantized vLLM engine's keys are those of the model)."""
+    kind = BACKENDS[cfg.backend]
+    default = kind.answer_settings(type(cfg)())
+    return {k: v for k, v in kind.answer_settings(cfg).items() if default.get(k) != v}
 
 
 def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> dict:

@@ -1,6 +1,6 @@
-"""Atomic checkpoints: the Trainer writes each one into a staging folder; we stamp it with the run's settings and a
-COMPLETE marker, then rename it into DIR/checkpoints/step-NNNNNN and keep the last K. A killed save leaves only
-staging debris, never a checkpoint that looks complete."""
+"""Atomic checkpoints: the Trainer writes each one into a staging folder; we stamp it with the stage's settings and
+fingerprint (stage.Stage) and a COMPLETE marker, then rename it into DIR/checkpoints/step-NNNNNN and keep the last
+K. A killed save leaves only staging debris, never a checkpoint that looks complete."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ from typing import Any
 from accelerate import PartialState
 from transformers import TrainerCallback
 
-from ezoforge.config import diff_keys, fingerprint
 from ezoforge.errors import ConfigError
 from ezoforge.records import replace_folder, write_json
+from ezoforge.stage import Stage, changed_keys
 
 STAGING = ".staging"
 COMPLETE = "COMPLETE"
@@ -43,11 +43,12 @@ def info(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / INFO).read_text(encoding="utf-8"))
 
 
-def check(checkpoint: Path, settings: dict[str, Any]) -> int:
-    """The checkpoint's step; refuses one written under other settings, naming the keys that differ."""
+def check(checkpoint: Path, stage: Stage) -> int:
+    """The checkpoint's step; refuses one written under other settings than the stage's, naming the keys that
+    differ."""
     saved = info(checkpoint)
-    if saved["fingerprint"] != fingerprint(settings):
-        keys = diff_keys(saved["settings"], settings) or ["(unknown)"]
+    if saved["fingerprint"] != stage.fingerprint:
+        keys = changed_keys(saved.get("settings"), stage.settings)
         raise ConfigError(f"{checkpoint} was written with other settings (differ: {', '.join(keys)}); "
                           "rerun with the same settings to resume, or use --force to start over")
     return int(saved["step"])
@@ -56,8 +57,8 @@ def check(checkpoint: Path, settings: dict[str, Any]) -> int:
 class AtomicCheckpoints(TrainerCallback):
     """Finalizes each checkpoint the Trainer has just written into `folder/.staging/checkpoint-N`."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any], keep: int, rows: int):
-        self.folder, self.settings, self.keep, self.rows = folder, settings, keep, rows
+    def __init__(self, folder: Path, stage: Stage, keep: int, rows: int):
+        self.folder, self.stage, self.keep, self.rows = folder, stage, keep, rows
 
     def on_save(self, args, state, control, **kwargs):
         dist = PartialState()
@@ -71,7 +72,7 @@ class AtomicCheckpoints(TrainerCallback):
         write_json(staged / INFO, {
             "step": state.global_step, "epoch": state.epoch,
             "data_position": {"rows_seen": rows_seen * args.world_size, "rows_per_epoch": self.rows},
-            "fingerprint": fingerprint(self.settings), "settings": self.settings})
+            "fingerprint": self.stage.fingerprint, "settings": self.stage.settings})
         (staged / COMPLETE).write_text(f"{state.global_step}\n", encoding="utf-8")
         replace_folder(staged, self.folder / f"step-{state.global_step:06d}")
         for old in complete(self.folder)[:-self.keep]:

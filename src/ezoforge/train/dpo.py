@@ -89,11 +89,11 @@ def train_dpo(spec: str, dtype: str, sft_adapter: Path, tokenizer, cfg: PreferCo
     """Train DIR/adapter from `sft_adapter` on `pairs`, resuming from DIR/checkpoints; the DPO figures."""
     folder = out / "checkpoints"
     resume = checkpoints.latest(folder)
-    resume_step = checkpoints.check(resume, stage.settings) if resume else 0
+    resume_step = checkpoints.check(resume, stage) if resume else 0
     checkpoints.clean(folder)
     model = load_policy(spec, sft_adapter, train, device, qlora, dtype)
     train_log = TrainLog(out / "metrics.jsonl", resume_step)
-    saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(pairs))
+    saver = checkpoints.AtomicCheckpoints(folder, stage, cfg.keep_checkpoints, len(pairs))
     trainer = make_trainer(model, tokenizer, cfg, train, pairs, held, folder / checkpoints.STAGING, device, [saver])
     log.info("DPO (%s, beta %g) on %d pairs (+%d held out), %s r=%d continuing %s on %s (%s attention)%s",
              cfg.loss_type, cfg.beta, len(pairs), len(held), "QLoRA" if qlora else "LoRA",

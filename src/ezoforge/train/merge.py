@@ -24,7 +24,7 @@ import torch
 
 from ezoforge.errors import ModelError
 from ezoforge.models import pick_dtype, resolve, stop_token_ids
-from ezoforge.stage import Stage, done_info
+from ezoforge.stage import Stage, done_info, recorded_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def trained(train_dir: Path) -> dict:
-    """A finished train folder's DONE marker (its settings name the base model)."""
+    """A finished train (or prefer) folder's DONE marker (its settings' model names the base)."""
     info = done_info(train_dir)
     if info is None or not (train_dir / "adapter" / "adapter_config.json").exists():
         raise ModelError(f"{train_dir}: not a finished `ezo train` folder (needs adapter/ and DONE)")
@@ -53,12 +53,11 @@ def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False
     """`dtype`: the stored dtype of the merged model's floating tensors; `auto` keeps the base's."""
     train_dir, out = Path(train_dir), Path(out)
     info = trained(train_dir)
-    spec = info["settings"]["model"]["name"]
+    spec = recorded_settings(info, train_dir)["model"]["name"]
     # `auto` is fingerprinted as such: the base (fingerprinted by its spec) determines what it becomes.
     stored = "auto" if dtype == "auto" else str(pick_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     # The folder appears by rename once complete: a killed merge never leaves a loadable half model.
-    stage = Stage("merge", out, {"train_fingerprint": info["fingerprint"], "base": spec, "dtype": stored},
-                  atomic=True, inputs=[train_dir])
+    stage = Stage("merge", out, {"merge": {"dtype": stored}}, model={"name": spec}, inputs=[train_dir], atomic=True)
     finished = stage.start(force)
     if finished is not None:
         return finished

@@ -10,14 +10,13 @@ import importlib.util
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ezoforge.config import Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.models import check_model, load_tokenizer, pick_device, require_chat_template
-from ezoforge.stage import Stage, input_files, input_fingerprints
+from ezoforge.stage import Stage, input_files
 from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
 from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, require_stated_kernels,
@@ -29,9 +28,10 @@ from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_ar
 log = logging.getLogger(__name__)
 
 
-def settings(recipe: Recipe, inputs: list[Path]) -> dict[str, Any]:
-    return {"model": output_settings(recipe.model), "train": output_settings(recipe.train),
-            "input_fingerprints": input_fingerprints(inputs)}
+def train_stage(recipe: Recipe, inputs: list[Path], out: Path) -> Stage:
+    """The train folder: shaped by the train section, on the recipe's model, from these inputs."""
+    return Stage("train", out, {"train": output_settings(recipe.train)}, model=output_settings(recipe.model),
+                 inputs=inputs)
 
 
 def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
@@ -120,7 +120,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     check_model(recipe.model.name, None, recipe.model.device, recipe.model.chat_template)
     require_stated_kernels(recipe.train, device)
     qlora = use_qlora(recipe.train, device)  # stated-but-impossible 4-bit fails here, before any load
-    stage = Stage("train", out, settings(recipe, inputs), inputs=inputs)
+    stage = train_stage(recipe, inputs, out)
     finished = stage.start(force) if dist.is_main_process else None
     dist.wait_for_everyone()
     if not dist.is_main_process and (stage.done() or {}).get("fingerprint") == stage.fingerprint:
@@ -139,7 +139,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     cfg, name = recipe.train, recipe.model.name
     folder = out / "checkpoints"
     resume = checkpoints.latest(folder)
-    resume_step = checkpoints.check(resume, stage.settings) if resume else 0
+    resume_step = checkpoints.check(resume, stage) if resume else 0
     if dist.is_main_process:
         checkpoints.clean(folder)
 
@@ -153,7 +153,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
              f", {s['truncated']} truncated" if s["truncated"] else "")
     model = load_base(name, cfg, device, qlora, recipe.model.dtype)
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
-    saver = checkpoints.AtomicCheckpoints(folder, stage.settings, cfg.keep_checkpoints, len(data.train))
+    saver = checkpoints.AtomicCheckpoints(folder, stage, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
                            [train_log, saver, *tensorboard_callback(cfg, out)], eval_first=not resume)
     offload = any(isinstance(c, OffloadCheckpoints) for c in trainer.callback_handler.callbacks)

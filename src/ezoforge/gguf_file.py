@@ -1,4 +1,5 @@
-"""A merged Llama-architecture model folder -> one GGUF file for llama.cpp, Ollama and LM Studio.
+"""A merged Llama-architecture model folder -> one GGUF file for llama.cpp, Ollama and LM Studio (`ezo export`
+writes them; the llamacpp backend runs one, made once by `models.gguf_of`).
 
 Written with gguf-py (GGUFWriter, its tensor name map and quantizers) the way llama.cpp's convert_hf_to_gguf.py
 does it for Llama: q/k rows permuted to llama.cpp's rotary layout, norms in F32, a tied output projection left

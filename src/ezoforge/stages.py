@@ -1,0 +1,112 @@
+"""The stage registry: every `ezo run` step, its folder under the workdir, the steps whose folders it reads, and
+how it runs from the recipe. The pipeline (order, `--force STAGE`), the run report and the CLI read it from here.
+
+A step belongs to one of the recipe's stages (`recipe.stages`); eval is three steps, the base model, the SFT model
+alone (with a prefer stage) and the tuned one. Each `run` is handed the folders of the steps it reads, and only
+those, so what it reads and what a `--force` redoes after it cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ezoforge.config import Recipe
+
+# run(recipe, out, read, force) -> the stage's stats; `read` maps each step in `reads` to its folder.
+Runner = Callable[[Recipe, Path, dict[str, Path], bool], dict]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # the step, as `--force` and the run report name it
+    stage: str  # the recipe stage it belongs to
+    folder: str  # its folder under the workdir
+    reads: tuple[str, ...]  # the steps whose folders it reads: redoing one of them redoes this one
+    run: Runner
+    when: Callable[[Recipe], bool] = lambda recipe: True  # whether the recipe runs it, when its stage is there
+
+
+def _curate(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.curate.run import run
+    return run(recipe, recipe.curate.inputs, out, force=force)
+
+
+def _synth(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.synth.run import run
+    return run(recipe, read["curate"], out, force=force)
+
+
+def _train(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.train.run import run
+    return run(recipe, [read["synth"]], out, force=force)
+
+
+def _prefer(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.prefer.run import run
+    return run(recipe, read["train"], out, force=force)
+
+
+def _tuned(recipe: Recipe, read: dict[str, Path]) -> Path:
+    """The folder whose adapter is the run's tuned model: DPO's (the SFT adapter continued) when there is one."""
+    return read["prefer"] if "prefer" in recipe.stages else read["train"]
+
+
+def _merge(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.train.merge import run
+    return run(_tuned(recipe, read), out, recipe.merge.dtype, force=force)
+
+
+def _eval_base(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.eval.run import run
+    return run(recipe, out, force=force)
+
+
+def _eval_sft(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.eval.run import run
+    return run(recipe, out, adapter=read["train"] / "adapter", force=force)
+
+
+def _eval_tuned(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.eval.run import run
+    if "merge" in recipe.stages:
+        tuned = recipe.model_copy(deep=True)
+        tuned.model.name = str(read["merge"])
+        return run(tuned, out, force=force)
+    return run(recipe, out, adapter=_tuned(recipe, read) / "adapter", force=force)
+
+
+def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.export.run import run
+    evals = {step.removeprefix("eval-"): folder for step, folder in read.items() if STEPS[step].stage == "eval"}
+    return run(read["merge"], out, recipe.export, recipe.model.system_prompt, evals=evals, force=force)
+
+
+# In run order: prefer between train and merge (merge folds its adapter), export last (its card reads the evals).
+STEPS = {s.name: s for s in (
+    Step("curate", "curate", "curate", (), _curate),
+    Step("synth", "synth", "synth", ("curate",), _synth),
+    Step("train", "train", "train", ("synth",), _train),
+    Step("prefer", "prefer", "prefer", ("train",), _prefer),
+    Step("merge", "merge", "merged", ("train", "prefer"), _merge),
+    Step("eval-base", "eval", "eval-base", (), _eval_base),
+    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=lambda r: "prefer" in r.stages),
+    Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "merge"), _eval_tuned,
+         when=lambda r: "train" in r.stages or "merge" in r.stages),
+    Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned"), _export),
+)}
+
+
+def steps(recipe: Recipe) -> list[str]:
+    """The recipe's stages as steps, in run order."""
+    return [s.name for s in STEPS.values() if s.stage in recipe.stages and s.when(recipe)]
+
+
+def readers(step: str) -> list[str]:
+    """The steps that read `step`'s folder."""
+    return [s.name for s in STEPS.values() if step in s.reads]
+
+
+def eval_folders(workdir: Path) -> dict[str, Path]:
+    """The eval steps' folders in a workdir, by the model each evaluated: base, sft, tuned."""
+    return {s.name.removeprefix("eval-"): workdir / s.folder for s in STEPS.values() if s.stage == "eval"}

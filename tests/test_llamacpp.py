@@ -1,0 +1,141 @@
+"""The llamacpp backend: llama.cpp running the f16 GGUF our exporter writes from the bundled model (once, into the
+cache) answers like the transformers backend, decodes several sequences together as it decodes them one at a time
+(both up to near-ties), samples reproducibly, and is refused where it cannot answer as stated. One llama.cpp
+thread: its threads spin while they wait, and the tests share the cores."""
+import importlib.util
+import json
+from importlib.resources import files
+import pytest
+import torch
+
+from conftest import BUNDLED
+from ezoforge.cache import request_key
+from ezoforge.config import EvalConfig, ModelConfig, Recipe, SynthConfig
+from ezoforge.errors import ConfigError
+from ezoforge.eval.run import _Models, run
+from ezoforge.infer.backends import Request, Target, TransformersBackend
+from ezoforge.infer.generate import Sampling, build_messages
+from ezoforge.infer.llamacpp import LlamaCppBackend
+from ezoforge.models import resolve
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (the `cpu` extra; "
+                                     "`make install` builds it where a compiler is present)")
+GREEDY = Sampling(max_new_tokens=32)
+NEAR_TIE = 0.1  # logits apart by less than this may swap order under float16 weights
+TASKS = f"elyza100:{files('ezoforge') / 'data' / 'tasks' / 'demo-tasks.jsonl'}"
+
+
+def settings() -> EvalConfig:
+    return EvalConfig.model_validate({"backend": "llamacpp", "llamacpp": {"threads": 1}})
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[Request]:
+    """The eight shortest Japanese tasks of the package's demo set, as chat requests."""
+    lines = (files("ezoforge") / "data" / "tasks" / "demo-tasks.jsonl").read_text(encoding="utf-8").splitlines()
+    tasks = sorted((json.loads(line)["input"] for line in lines), key=len)[:8]
+    return [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in build_messages(task, None)))
+            for i, task in enumerate(tasks)]
+
+
+@pytest.fixture(scope="module")
+def llama(requests):
+    """The backend on the bundled model's safetensors folder, so the GGUF llama.cpp reads is our exporter's f16 file;
+    with the greedy answers to all eight requests decoded together."""
+    backend = LlamaCppBackend.build(settings(), Target(resolve(BUNDLED)))
+    together = {}
+    backend.run(requests, GREEDY, together.__setitem__)
+    yield backend, [together[i] for i in range(len(requests))]
+    backend.close()
+
+
+def ran(backend, reqs, sampling) -> list:
+    outs = {}
+    backend.run(reqs, sampling, outs.__setitem__)
+    return [outs[i] for i in range(len(reqs))]
+
+
+def parting(a: list[int], b: list[int]) -> int | None:
+    """Where two token lists first differ (None: they do not)."""
+    return None if a == b else next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)
+
+
+def hesitation(bundled, prompt: list[int], prefix: list[int]) -> float:
+    """How far apart the transformers model's two best next tokens are after prompt + prefix (float32 logits)."""
+    with torch.no_grad():
+        best = bundled.model(torch.tensor([prompt + prefix])).logits[0, -1].topk(2).values
+    return float(best[0] - best[1])
+
+
+@needs_llama_cpp
+def test_greedy_answers_agree_with_the_transformers_backend(llama, requests, bundled):
+    backend, answers = llama
+    assert backend.engine.sequences == 8  # generation.batch_size: all eight decoded together
+    reference = ran(TransformersBackend.build(EvalConfig(), Target(BUNDLED, load=lambda: bundled)), requests, GREEDY)
+    agree = total = 0
+    for req, ours, theirs in zip(requests, answers, reference):
+        assert ours.tokens_in == theirs.tokens_in  # the same prompt ids
+        a, b = (backend.tokenizer(o.text, add_special_tokens=False)["input_ids"] for o in (ours, theirs))
+        agree += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+        if (at := parting(a, b)) is not None:  # float16 weights flip a near-tie, nothing else
+            assert hesitation(bundled, backend.prompt_ids(req), b[:at]) < NEAR_TIE, (ours.text, theirs.text)
+    print(f"token agreement llamacpp f16 GGUF vs transformers float32: {agree}/{total} = {agree / total:.1%}")
+    assert agree / total >= 0.9
+
+
+@needs_llama_cpp
+def test_decoding_together_equals_one_at_a_time(llama, requests, bundled):
+    """Up to float rounding: llama.cpp multiplies a one-token batch with other kernels than a larger one (logits
+    move by ~0.02), which may flip a near-tie in one reply, never anything else."""
+    backend, together = llama
+    alone = [ran(backend, [req], GREEDY)[0] for req in requests[:4]]
+    assert all(o.tokens_out == 32 and o.finish_reason == "length" for o in alone)  # nothing ended early
+    parted = 0
+    for req, a, t in zip(requests, alone, together):
+        a_ids, t_ids = (backend.tokenizer(o.text, add_special_tokens=False)["input_ids"] for o in (a, t))
+        if (at := parting(a_ids, t_ids)) is not None:
+            parted += 1
+            assert hesitation(bundled, backend.prompt_ids(req), a_ids[:at]) < NEAR_TIE, (a.text, t.text)
+    assert parted <= 1, [(a.text, t.text) for a, t in zip(alone, together)]
+
+
+@needs_llama_cpp
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llama, requests):
+    backend, _ = llama
+    sampled = Sampling(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+    together = ran(backend, requests[:2], sampled)
+    assert ran(backend, requests[1:2], sampled)[0].text == together[1].text  # its own seeded draw, run again alone
+    reseeded = Sampling(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=8)
+    assert ran(backend, requests[1:2], reseeded)[0].text != together[1].text
+
+
+@needs_llama_cpp
+def test_answers_are_cached_apart_from_the_transformers_ones():
+    # transformers' answers are keyed by the model's fingerprint alone; llama.cpp's name the backend too
+    assert _Models(ModelConfig(name=BUNDLED), None, settings()).answer_identity("fp") == \
+        request_key(model="fp", backend="llamacpp")[:16]
+
+
+def test_llamacpp_with_an_adapter_is_refused_before_loading(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    recipe = Recipe.model_validate({"model": {"name": BUNDLED}, "eval": {
+        "tasks": [TASKS], "limit": 1, "cache": str(tmp_path / "c.sqlite"), "backend": "llamacpp"}})
+    with pytest.raises(ConfigError, match=r"eval.backend llamacpp answers with a whole model.*merge it first"):
+        run(recipe, tmp_path / "out", adapter=adapter)
+    assert not (tmp_path / "out").exists()
+
+
+def test_llamacpp_settings_under_another_backend_are_refused():
+    with pytest.raises(ValueError, match=r"llamacpp.threads is a llamacpp-backend setting; backend 'transformers'"):
+        EvalConfig.model_validate({"llamacpp": {"threads": 1}})
+
+
+@pytest.mark.skipif(HAS_LLAMA_CPP, reason="llama-cpp-python is installed here")
+def test_llamacpp_without_llama_cpp_names_the_install():
+    with pytest.raises(ConfigError, match=r"synth.backend is llamacpp but llama-cpp-python is not installed: .*pip "
+                                          r"install 'ezoforge\[cpu\]'"):
+        LlamaCppBackend.build(SynthConfig(backend="llamacpp"), Target(BUNDLED))
