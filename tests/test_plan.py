@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ezoforge.cli import app
 from ezoforge.config import load_recipe
-from ezoforge.plan import MEASURED, plan, summary_lines
+from ezoforge.plan import MEASURED, RUN_RAM_GIB, plan, summary_lines
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
@@ -68,7 +68,8 @@ def test_a_stage_that_does_not_fit_names_the_setting_that_makes_it_fit():
     assert not engine["fits"] and engine["to_fit"] == "eval.vllm.quantization: fp8, eval.context_tokens: 4096"
     # A host too small for even the streaming merge: no recipe setting helps, and it says what RAM it needs.
     merge = plan(load_recipe(EZO_70B), "h100", ram_gib=8)["stages"]["merge"]
-    assert not merge["fits"] and merge["to_fit"].startswith(f"no recipe setting: needs {merge['ram_gib']} GiB")
+    needs = merge["ram_gib"] + RUN_RAM_GIB  # the stage's own and `ezo run`'s beside it
+    assert not merge["fits"] and merge["to_fit"].startswith(f"no recipe setting: needs {needs:.1f} GiB")
 
 
 def test_training_batch_advice_keeps_the_global_batch():
@@ -131,7 +132,9 @@ def test_plan_uses_measured_figures_at_their_shape_and_names_every_source():
     # Another card, or another shape on the same card: the calibrated model, and the plan says so.
     for other in (plan(recipe, "l40s"), plan(load_recipe(EZO_70B, ["train.max_length=2048"]), "h100")):
         assert other["train_memory_gib"] != measured.peak_gib
-        assert all(src.startswith("model:") for src in other["sources"].values())
+        # (the RAM `ezo run` keeps beside each stage is measured on the host, whatever the card)
+        assert all(src.startswith("model:") for k, src in other["sources"].items() if k != "run_ram_gib")
+        assert other["sources"]["run_ram_gib"].startswith("measured:")
 
 
 def test_plan_shows_the_synth_mix(bundled):
@@ -142,3 +145,19 @@ def test_plan_shows_the_synth_mix(bundled):
     assert estimated["basis"] == "input sizes (estimate)" and set(estimated["sources"]) == {"wikipedia", "fineweb"}
     assert sum(v["share"] for v in estimated["sources"].values()) == pytest.approx(1, abs=0.002)
     assert all(v["documents"] >= 1 for v in estimated["sources"].values())
+
+
+def test_the_llamacpp_backend_plans_cpu_ram_and_the_run_beside_each_stage(bundled):
+    """llama.cpp holds the model and its KV cache in RAM, no GPU; `ezo run` and its fork server count beside every
+    stage, so a stage that fits RAM alone but not with them does not fit."""
+    cpu = load_recipe(DEMO, ["synth.backend=llamacpp", "synth.llamacpp.kv_tokens=4096", "eval.backend=llamacpp"])
+    more_kv = load_recipe(DEMO, ["synth.backend=llamacpp", "synth.llamacpp.kv_tokens=65536"])
+    out, bigger = plan(cpu, "h100"), plan(more_kv, "h100")
+    synth = out["stages"]["synth"]
+    assert synth["gpu_gib"] == 0.0 and "llama.cpp on the CPU" in out["sources"]["synth"]
+    assert bigger["stages"]["synth"]["ram_gib"] > synth["ram_gib"]  # the KV cache is counted
+    assert "llama.cpp" in out["sources"]["eval"]
+    ram = synth["ram_gib"]
+    assert plan(cpu, "h100", ram_gib=ram + RUN_RAM_GIB + 0.2)["stages"]["synth"]["fits"]
+    tight = plan(cpu, "h100", ram_gib=ram + RUN_RAM_GIB / 2)["stages"]["synth"]
+    assert not tight["fits"] and "GiB of RAM" in tight["to_fit"]

@@ -119,6 +119,9 @@ CUDA_OVERHEAD_GIB = 2.0  # CUDA context, allocator slack and a forward pass's ac
 VLLM_OVERHEAD_GIB = 2.0  # vLLM: CUDA context and its profiling pass's activations
 VLLM_GRAPHS_GIB = 1.0  # vLLM's captured CUDA graphs (none with enforce_eager)
 PROCESS_RAM_GIB = 2.0  # a Python process with torch and transformers imported
+# Beside every stage of `ezo run`: the run itself and the fork server its stages start from (torch and transformers
+# imported, no model). Measured 0.43 GiB RSS together (82 + 359 MiB) during recipes/demo-prefer.yaml on this CPU.
+RUN_RAM_GIB = 0.5
 VLLM_RAM_GIB = 4.0  # vLLM's processes on the host
 CURATE_WORKER_GIB = 1.0  # one curate worker process: Python, datatrove, a batch of documents
 # bench/curate_bench.py, whole chain (filters, MinHash, dedup) on FineWeb JSONL, 1 worker, idle 2-core CPU
@@ -352,6 +355,17 @@ class Planner:
         return {"gpu_gib": pool if fits else need, "fits_gpu": fits, "source": source, "cards": tp,
                 "tokens_per_s": decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), max(seqs, 1), tp)}
 
+    def llamacpp_engine(self, spec: str, shape: Shape, kv_tokens: int) -> dict:
+        """llama.cpp on the CPU: the model as a GGUF in RAM (a bundled or .gguf model as it is, any other written once
+        as f16 into the cache) beside `kv_tokens` of f16 KV cache shared by the sequences in flight; no GPU."""
+        native = spec.startswith("bundled:") or spec.endswith(".gguf")
+        weights = weight_bytes(shape, "float16")
+        kv = kv_tokens * shape.kv_bytes_per_token
+        source = (f"llama.cpp on the CPU: {weights / GIB:.1f} GiB of f16 weights (at most) + {kv / GIB:.2f} GiB of KV "
+                  f"cache ({kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
+        return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + (weights + kv) / GIB, "source": source,
+                "disk": 0.0 if native else weights}
+
     def synth(self) -> dict:
         r, s = self.recipe, self.recipe.synth
         disk_out = self.vol.synth_out * CHARS_PER_TOKEN_JA * 3 * (1 + 1 / COMPRESSION)  # stored answers + pairs
@@ -360,6 +374,11 @@ class Planner:
             return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": disk_out / GIB, "hours": None}
         spec = s.model or r.model.name
         shape = model_shape(spec)
+        if s.backend == "llamacpp":
+            engine = self.llamacpp_engine(spec, shape, s.llamacpp.kv_tokens)
+            self.sources["synth"] = "model: " + engine["source"]
+            return {"gpu_gib": 0.0, "ram_gib": engine["ram_gib"], "hours": None,
+                    "disk_gib": (disk_out + engine["disk"] + self.download("synth", spec, shape)) / GIB}
         seq_tokens = self.vol.passage_tokens + PROMPT_TOKENS[s.mode] + s.generation.max_new_tokens
         shard, _ = largest_shard(spec, shape)
         if s.backend == "vllm":
@@ -471,7 +490,7 @@ class Planner:
         r, e = self.recipe, self.recipe.eval
         batch, answer_tokens = e.generation.batch_size, EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
         local_judge = e.judge_url == "local"
-        figures, sources, rate = [], [], None
+        figures, sources, rate, cpu_ram = [], [], None, 0.0
         if e.backend == "vllm":
             context = e.context_tokens or min(self.shape.context, 8192)
             engine = self.vllm_engine(self.shape, e.vllm, context, answer_tokens)
@@ -480,6 +499,10 @@ class Planner:
             rate = engine["tokens_per_s"]
         elif e.backend == "openai":
             sources.append(f"answers from {e.base_url} (its speed is the server's, not planned)")
+        elif e.backend == "llamacpp":
+            engine = self.llamacpp_engine(r.model.name, self.shape, e.llamacpp.kv_tokens)
+            sources.append("answers: " + engine["source"])
+            cpu_ram = engine["ram_gib"]
         kinds = {t.partition(":")[0] for t in e.tasks}
         if e.backend == "transformers" or kinds & {"jcqa", "ppl"} or local_judge:
             quantize = self.eval_quantize()
@@ -507,7 +530,7 @@ class Planner:
         shard, _ = largest_shard(r.model.name, self.shape)
         return {"gpu_gib": peak["gpu_gib"], "fits_gpu": all(f.get("fits_gpu", f["gpu_gib"] <= self.card.memory_gib)
                                                             for f in figures),
-                "ram_gib": (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB,
+                "ram_gib": max(cpu_ram, (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB),
                 "disk_gib": self.download(name, r.model.name, self.shape) / GIB,
                 "hours": None if rate is None else self.vol.eval_out / rate / 3600}
 
@@ -523,7 +546,8 @@ class Planner:
     def stage(self, name: str) -> dict:
         stage = STEPS[name].stage
         est = self.eval(name) if stage == "eval" else getattr(self, stage)()
-        est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and est["ram_gib"] <= self.ram)
+        est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and
+                           est["ram_gib"] + RUN_RAM_GIB <= self.ram)
         return est
 
 
@@ -585,7 +609,8 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
         est = p.stage(name)
         if not est["fits"]:
             est["to_fit"] = to_fit(recipe, name, card_name, docs_kept, ram_gib) or (
-                f"no recipe setting: needs {est['ram_gib']:.1f} GiB of RAM (--ram)" if est["ram_gib"] > ram_gib
+                f"no recipe setting: needs {est['ram_gib'] + RUN_RAM_GIB:.1f} GiB of RAM (--ram)"
+                if est["ram_gib"] + RUN_RAM_GIB > ram_gib
                 else f"no single recipe setting: needs {est['gpu_gib']:.1f} GiB of GPU memory")
         stages[name] = {k: (round(v, 2 if k == "hours" else 1) if isinstance(v, float) else v)
                         for k, v in est.items()}
@@ -594,7 +619,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
     hours = {name: stages[name]["hours"] for name in ("synth", "train") if name in stages}
     evals = [stages[n]["hours"] for n in stages if n.startswith("eval")]
     if evals:
-        hours["eval"] = round(sum(evals), 3)
+        hours["eval"] = None if None in evals else round(sum(evals), 3)  # a served or CPU engine: not planned
     return {
         "model": recipe.model.name, "card": card_name, "card_gib": p.card.memory_gib, "ram_gib": ram_gib,
         "params_b": round(shape.params / 1e9, 2),
@@ -606,7 +631,9 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
         "fits": all(s["fits"] for s in stages.values()),
         "train_memory_gib": train["gpu_gib"],
         "hours": hours,
-        "sources": {**p.sources, "decode_tokens_per_s": f"model: {DECODE_EFFICIENCY:.0%} of the memory-bandwidth "
+        "run_ram_gib": RUN_RAM_GIB,
+        "sources": {**p.sources, "run_ram_gib": f"measured: {RUN_RAM_GIB} GiB for `ezo run` and its stages' fork "
+                    "server, beside each stage's own RAM (fits counts both)", "decode_tokens_per_s": f"model: {DECODE_EFFICIENCY:.0%} of the memory-bandwidth "
                     f"bound at the batch decoded together, capped at {PREFILL_MFU:.0%} of bf16 peak; not measured"},
         "notes": p.notes,
         "assumptions": {"docs_kept_fraction": docs_kept, "chars_per_token": CHARS_PER_TOKEN_JA,
