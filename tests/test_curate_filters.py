@@ -215,3 +215,17 @@ def test_web_labels_measure_the_filters_precision_and_recall(tmp_path):
     # Floors the shipped filters meet: no good page lost, every junk page and every copy caught.
     assert per_label["good"] == Counter(kept=36)
     assert (filter_p, filter_r) == (1.0, 1.0) and (dedup_p, dedup_r) == (1.0, 1.0)
+
+
+def test_the_chain_runs_filters_in_the_order_the_recipe_section_declares():
+    """The run order is FiltersConfig's field order, declared once; the filters that judge the text as found come
+    before line cleaning, and a disabled filter is left out."""
+    from ezoforge.curate.ja_filters import CleanLines, Normalize
+
+    chain = build_chain(FiltersConfig.model_validate({"ellipsis": {"enabled": False}}), NormalizeConfig())
+    names = [type(b).__name__ for b in chain]
+    assert names == ["Normalize", "MojibakeFilter", "JapaneseFilter", "KanaFilter", "CleanLines", "LengthFilter",
+                     "SentenceFilter", "DuplicatesFilter", "TopNgramFilter", "DupNgramFilter", "LinesFilter",
+                     "StopwordFilter", "NgWordFilter"]
+    assert isinstance(chain[0], Normalize) and isinstance(chain[4], CleanLines)
+    assert list(FILTERS) == list(FiltersConfig.model_fields)  # every recipe rule has its block

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from datatrove.data import Document
@@ -19,7 +19,9 @@ from datatrove.pipeline.formatters.base import BaseFormatter
 
 from ezoforge import ja
 from ezoforge import text as tx
-from ezoforge.config import FiltersConfig, NormalizeConfig, Rule
+from ezoforge.config import (DuplicatesRule, DupNgramRule, EllipsisRule, FiltersConfig, JapaneseRule, KanaRule, LengthRule,
+                             LinesRule, MojibakeRule, NgWordRule, NormalizeConfig, Rule, SentenceRule, StopwordRule,
+                             TopNgramRule)
 
 _URL = re.compile(r"(?:https?|ftp)://[!-~]+|www\.[!-~]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0B-\x1F\x7F]")
@@ -86,7 +88,12 @@ class CleanLines(BaseFormatter):
 # ---------------------------------------------------------------- filters
 
 class JaFilter(BaseFilter):
-    """measure(text) -> scores; fail(scores) -> (reason, detail) or None."""
+    """measure(text) -> scores; fail(scores) -> (reason, detail) or None. `rule_type` is the recipe rule it reads
+    (its field in config.FiltersConfig sets the run order); `before_cleaning` filters judge the text as found, the
+    rest the text after line cleaning."""
+
+    rule_type: ClassVar[type[Rule]]
+    before_cleaning: ClassVar[bool] = False
 
     def __init__(self, rule: Rule, exclusion_writer=None):
         super().__init__(exclusion_writer)
@@ -124,6 +131,8 @@ class MojibakeFilter(JaFilter):
     and 縺/繧/繝 (UTF-8 kana read as cp932). Threshold ours: 0.05 (see config.py)."""
 
     name = "🔣 mojibake"
+    rule_type = MojibakeRule
+    before_cleaning = True
 
     def measure(self, text):
         c = tx.class_counts(text)
@@ -138,6 +147,8 @@ class JapaneseFilter(JaFilter):
     Drops English pages, HTML/code dumps and numeric tables."""
 
     name = "🗾 Japanese characters"
+    rule_type = JapaneseRule
+    before_cleaning = True
 
     def measure(self, text):
         return {"ja_ratio": tx.japanese_share(text)}
@@ -150,6 +161,7 @@ class LengthFilter(JaFilter):
     """≥ 400 characters and ≥ 400 Japanese characters (Swallow); whitespace does not count."""
 
     name = "📏 length"
+    rule_type = LengthRule
 
     def measure(self, text):
         c = tx.class_counts(text)
@@ -164,6 +176,8 @@ class KanaFilter(JaFilter):
     """Hiragana ≥ 0.2 (drops Chinese, keyword lists) and katakana ≤ 0.5 (drops product-name spam) (Swallow)."""
 
     name = "🈁 kana ratios"
+    rule_type = KanaRule
+    before_cleaning = True
 
     def measure(self, text):
         c = tx.class_counts(text)
@@ -180,6 +194,7 @@ class SentenceFilter(JaFilter):
     clean Wikipedia, see config.py). Sentences end at 。！？!?, a "." not followed by a digit, or a line break."""
 
     name = "✂ sentence length"
+    rule_type = SentenceRule
 
     def measure(self, text):
         lengths = [len(s) for s in (s.strip() for s in _SENTENCE_END.split(text)) if s]
@@ -202,6 +217,7 @@ class EllipsisFilter(JaFilter):
     """Lines ending in an ellipsis (… ‥ ... ・・・) ≤ 0.2 (Swallow, after Gopher): truncated teasers."""
 
     name = "… ellipsis"
+    rule_type = EllipsisRule
 
     def measure(self, text):
         lines = _lines(text)
@@ -228,6 +244,7 @@ class DuplicatesFilter(JaFilter):
     """Duplicate lines and paragraphs ≤ 0.30 of their count and ≤ 0.20 of the characters (Swallow)."""
 
     name = "♻ duplicate lines"
+    rule_type = DuplicatesRule
 
     def measure(self, text):
         lines = _lines(text)
@@ -255,6 +272,7 @@ class TopNgramFilter(JaFilter):
     4/6/8 characters (see config.py): keyword stuffing."""
 
     name = "🔝 top n-gram"
+    rule_type = TopNgramRule
 
     def measure(self, text):
         codes = _dense(text)
@@ -273,6 +291,7 @@ class DupNgramFilter(JaFilter):
     characters (see config.py): repeated sentences and boilerplate."""
 
     name = "🔁 duplicate n-grams"
+    rule_type = DupNgramRule
 
     def measure(self, text):
         codes = _dense(text)
@@ -291,6 +310,7 @@ class LinesFilter(JaFilter):
     newlines per character ≤ 0.1 (FineWeb's 0.3 per word, with Japanese words of about 3 characters)."""
 
     name = "📃 line structure"
+    rule_type = LinesRule
 
     def measure(self, text):
         lines = _lines(text)
@@ -308,6 +328,7 @@ class StopwordFilter(JaFilter):
     word boundaries without a tokenizer: this only catches text with almost no Japanese grammar."""
 
     name = "🛑 stopwords"
+    rule_type = StopwordRule
 
     def measure(self, text):
         return {"stopwords": float(sum(text.count(w) for w in self.rule.words))}
@@ -321,6 +342,7 @@ class NgWordFilter(JaFilter):
     ratio ours: adult, gambling and get-rich-quick spam)."""
 
     name = "🚫 NG words"
+    rule_type = NgWordRule
 
     def __init__(self, rule: Rule, exclusion_writer=None):
         super().__init__(rule, exclusion_writer)
@@ -335,25 +357,16 @@ class NgWordFilter(JaFilter):
         return _above("ng_words", "ng_ratio", m, self.rule.max_ratio)
 
 
-# The order filters run in; each reads its section of FiltersConfig (a field of the same name).
-FILTERS: dict[str, type[JaFilter]] = {
-    "mojibake": MojibakeFilter, "japanese": JapaneseFilter, "kana": KanaFilter, "length": LengthFilter,
-    "sentences": SentenceFilter, "ellipsis": EllipsisFilter, "duplicates": DuplicatesFilter,
-    "top_ngram": TopNgramFilter, "dup_ngram": DupNgramFilter, "lines": LinesFilter,
-    "stopwords": StopwordFilter, "ng_words": NgWordFilter,
-}
-# Filters that judge the text as found; line cleaning runs after them, the rest judge the cleaned text.
-BEFORE_CLEANING = ("mojibake", "japanese", "kana")
+_BY_RULE = {f.rule_type: f for f in JaFilter.__subclasses__()}
+# Each recipe filter's block, in the order FiltersConfig declares them (the run order, declared there only).
+FILTERS: dict[str, type[JaFilter]] = {name: _BY_RULE[field.annotation]
+                                      for name, field in FiltersConfig.model_fields.items()}
 
 
 def build_chain(filters: FiltersConfig, normalize_cfg: NormalizeConfig, exclusion_writer=None) -> list[Any]:
     """Normalize → filters on the text as found → line cleaning → the remaining filters. Dropped documents
     go to `exclusion_writer` (a datatrove writer, shared by all filters) when one is given."""
-    chain: list[Any] = [Normalize(normalize_cfg)]
-    for name, cls in FILTERS.items():
-        rule = getattr(filters, name)
-        if rule.enabled:
-            chain.append(cls(rule, exclusion_writer))
-        if name == BEFORE_CLEANING[-1]:
-            chain.append(CleanLines(normalize_cfg))
-    return chain
+    rules = [(block, getattr(filters, name)) for name, block in FILTERS.items()]
+    made = [(block, block(rule, exclusion_writer)) for block, rule in rules if rule.enabled]
+    return [Normalize(normalize_cfg), *(f for block, f in made if block.before_cleaning), CleanLines(normalize_cfg),
+            *(f for block, f in made if not block.before_cleaning)]
