@@ -110,3 +110,12 @@ def test_cache_keys_stay_those_stored_before(tmp_path):
     assert _Models(served.model, None, served.eval).answer_identity("fp") == \
         request_key(model="fp", backend="openai", base_url="http://127.0.0.1:9/v1")[:16]
     assert BACKENDS["vllm"].answer_settings(load_recipe(None, ["eval.backend=vllm"]).eval) == {"quantization": "none"}
+
+
+def test_eval_without_a_system_prompt_sends_the_one_the_template_would_add(tmp_path):
+    """model.system_prompt: null still sends an explicit system message: the chat template's own in this process
+    (the prompt it renders is unchanged), an empty one to a server, so a server's default never stands in."""
+    recipe = load_recipe(None, ["model.system_prompt=null", f"eval.cache={tmp_path / 'c.sqlite'}"])
+    assert _Models(recipe.model, None, recipe.eval).default_system() == SMOLLM_SYSTEM
+    served = load_recipe(None, ["model.system_prompt=null", "eval.backend=openai", "eval.base_url=http://127.0.0.1:9/v1"])
+    assert _Models(served.model, None, served.eval).default_system() == ""

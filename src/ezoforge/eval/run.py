@@ -57,6 +57,16 @@ class _Models:
         where = {"base_url": self.cfg.base_url} if self.kind.served else {}
         return request_key(model=fp, backend=self.cfg.backend, **where, **self.kind.answer_settings(self.cfg))[:16]
 
+    def default_system(self) -> str:
+        """The system message the answering model's chat template puts in by itself; "" for a served model (its
+        template is the server's), which then reads an explicit empty one."""
+        if self.kind.served:
+            return ""
+        from ezoforge.models import load_tokenizer
+        from ezoforge.turns import default_system
+
+        return default_system(load_tokenizer(self.m.name, self.m.chat_template))
+
     @functools.cached_property
     def loaded(self):
         from ezoforge.models import load

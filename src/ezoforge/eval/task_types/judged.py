@@ -67,12 +67,15 @@ def _answers(tasks: list[OpenTask], ctx: Context) -> list[dict]:
     """One row per task, sample and turn, in that order. A later turn is asked in the conversation that holds
     the sample's own earlier answers, as MT-Bench asks its second turn."""
     from ezoforge.cache import cached, request_key
-    from ezoforge.infer.generate import Sampling, build_messages
+    from ezoforge.infer.generate import Sampling
 
     recipe, models = ctx.recipe, ctx.models
     fp = models.answer_identity(ctx.fp)
     g, system, n_samples = recipe.eval.generation, recipe.model.system_prompt, recipe.eval.samples
-    convs = {(i, s): build_messages(t.prompt, system) for i, t in enumerate(tasks) for s in range(n_samples)}
+    if system is None:  # sent all the same, so that no server or chat-template default stands in for it
+        system = models.default_system()
+    convs = {(i, s): [{"role": "system", "content": system}, {"role": "user", "content": t.prompt}]
+             for i, t in enumerate(tasks) for s in range(n_samples)}
     said: dict[tuple[int, int, int], dict] = {}
     for turn in range(1, max((len(t.turns) for t in tasks), default=0) + 1):
         idx = [i for i, t in enumerate(tasks) if len(t.turns) >= turn]
