@@ -362,7 +362,8 @@ def synth(
                      "4-bit NF4 base, or an error if it cannot train here (auto = 4-bit on CUDA, LoRA on a CPU)."),
                 Flag("train.max_steps", ("--max-steps",), int, "Optimizer steps."),
                 Flag("train.epochs", ("--epochs",), float, "Passes over the data (instead of --max-steps)."),
-                Flag("train.save_every", ("--save-every",), int, "Checkpoint (and eval) every N steps."),
+                Flag("train.save_every", ("--save-every",), int,
+                     "Checkpoint every N steps (train.eval_every sets the eval cadence)."),
                 Flag("train.seed", ("--seed",), int))
 def train(
     recipe: Recipe,
