@@ -490,7 +490,7 @@ class Planner:
         r, e = self.recipe, self.recipe.eval
         batch, answer_tokens = e.generation.batch_size, EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
         local_judge = e.judge_url == "local"
-        figures, sources, rate, cpu_ram = [], [], None, 0.0
+        figures, sources, rate, cpu_ram, gguf = [], [], None, 0.0, 0.0
         if e.backend == "vllm":
             context = e.context_tokens or min(self.shape.context, 8192)
             engine = self.vllm_engine(self.shape, e.vllm, context, answer_tokens)
@@ -500,9 +500,11 @@ class Planner:
         elif e.backend == "openai":
             sources.append(f"answers from {e.base_url} (its speed is the server's, not planned)")
         elif e.backend == "llamacpp":
-            engine = self.llamacpp_engine(r.model.name, self.shape, e.llamacpp.kv_tokens)
+            # The tuned model is the merged folder (safetensors), written once as a GGUF; the base as it is.
+            model = r.model.name if name == "eval-base" else STEPS["merge"].folder
+            engine = self.llamacpp_engine(model, self.shape, e.llamacpp.kv_tokens)
             sources.append("answers: " + engine["source"])
-            cpu_ram = engine["ram_gib"]
+            cpu_ram, gguf = engine["ram_gib"], engine["disk"]  # the model written once as a GGUF into the cache
         kinds = {t.partition(":")[0] for t in e.tasks}
         if e.backend == "transformers" or kinds & {"jcqa", "ppl"} or local_judge:
             quantize = self.eval_quantize()
@@ -531,7 +533,7 @@ class Planner:
         return {"gpu_gib": peak["gpu_gib"], "fits_gpu": all(f.get("fits_gpu", f["gpu_gib"] <= self.card.memory_gib)
                                                             for f in figures),
                 "ram_gib": max(cpu_ram, (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB),
-                "disk_gib": self.download(name, r.model.name, self.shape) / GIB,
+                "disk_gib": (self.download(name, r.model.name, self.shape) + gguf) / GIB,
                 "hours": None if rate is None else self.vol.eval_out / rate / 3600}
 
     def export(self) -> dict:
