@@ -71,7 +71,7 @@ def hesitation(bundled, prompt: list[int], prefix: list[int]) -> float:
 @needs_llama_cpp
 def test_greedy_answers_agree_with_the_transformers_backend(llama, requests, bundled):
     backend, answers = llama
-    assert backend.engine.sequences == 8  # generation.batch_size: all eight decoded together
+    assert backend.gen.engine.sequences == 8  # generation.batch_size: all eight decoded together
     reference = ran(TransformersBackend.build(EvalConfig(), Target(BUNDLED, load=lambda: bundled)), requests, GREEDY)
     agree = total = 0
     for req, ours, theirs in zip(requests, answers, reference):

@@ -31,6 +31,35 @@ class Section(BaseModel):
     operational: ClassVar[frozenset[str]] = frozenset()
 
 
+class BackendSettings(Section):
+    """A backend's own subsection (`vllm`, `llamacpp`): its settings apply under that backend only."""
+
+    backend: ClassVar[str]
+
+    def refuse_unless(self, backend: str) -> None:
+        """A stated setting under another backend would be ignored: refuse it."""
+        default = type(self)()
+        changed = [k for k in type(self).model_fields if getattr(self, k) != getattr(default, k)]
+        if backend not in (self.backend, "auto") and changed:
+            raise ValueError(f"{self.backend}.{changed[0]} is a {self.backend}-backend setting; backend '{backend}' "
+                             "would ignore it")
+
+
+class LlamaCppConfig(BackendSettings):
+    """llama.cpp on the CPU (a `backend: llamacpp`, llama-cpp-python): one context decodes several sequences together
+    (synth and eval: generation.batch_size; `ezo serve`: serve.max_batch), each with `kv_tokens` of KV cache."""
+
+    backend = "llamacpp"
+    # llama.cpp's threads spin while they wait: more threads than free cores is much slower, not a little.
+    # auto: OMP_NUM_THREADS where set, else os.cpu_count() (logged)
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    kv_tokens: int = Field(4096, ge=256)  # KV cache of each sequence: its prompt and new tokens at most
+    batch_tokens: int = Field(512, ge=32)  # tokens per decode call (n_batch): prompt chunks and one per sequence
+
+    # How fast answers are computed: like generation.batch_size, they change a reply only through float rounding.
+    operational = frozenset({"threads", "kv_tokens", "batch_tokens"})
+
+
 class ModelConfig(Section):
     """The base model every stage starts from."""
 
@@ -43,10 +72,20 @@ class ModelConfig(Section):
     # auto: nf4 only where the weights at the load dtype do not fit the device (logged). Training has its own
     # setting (train.qlora).
     quantize: Literal["auto", "none", "nf4", "int8"] = "auto"
+    # What generate, chat and serve answer with: transformers, or llama.cpp (`llamacpp` settings: a whole model on the
+    # CPU, its own GGUF or an f16 GGUF our exporter writes once). auto: llamacpp on a CPU where llama-cpp-python is
+    # installed and the model needs no adapter or bitsandbytes, else transformers (logged).
+    backend: Literal["auto", "transformers", "llamacpp"] = "auto"
+    llamacpp: LlamaCppConfig = LlamaCppConfig()
 
-    # quantize changes answers, but every cached answer is keyed by models.model_identity, which holds the
-    # quantization actually used; a stage that never loads the model this way (train) is not invalidated by it.
-    operational = frozenset({"quantize"})
+    # quantize and backend change answers, but every cached answer is keyed by the model's identity and the engine
+    # actually used; a stage that never loads the model this way (train) is not invalidated by them.
+    operational = frozenset({"quantize", "backend", "llamacpp"})
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "ModelConfig":
+        self.llamacpp.refuse_unless(self.backend)
+        return self
 
 
 class GenerationConfig(Section):
@@ -224,20 +263,6 @@ class PairFilters(Section):
 BackendName = Literal["transformers", "vllm", "openai", "llamacpp"]
 
 
-class BackendSettings(Section):
-    """A backend's own subsection (`vllm`, `llamacpp`): its settings apply under that backend only."""
-
-    backend: ClassVar[str]
-
-    def refuse_unless(self, backend: str) -> None:
-        """A stated setting under another backend would be ignored: refuse it."""
-        default = type(self)()
-        changed = [k for k in type(self).model_fields if getattr(self, k) != getattr(default, k)]
-        if backend != self.backend and changed:
-            raise ValueError(f"{self.backend}.{changed[0]} is a {self.backend}-backend setting; backend '{backend}' "
-                             "would ignore it")
-
-
 class VLLMConfig(BackendSettings):
     """A vLLM engine (`synth.backend` or `eval.backend: vllm`). It claims `gpu_memory_utilization` of each card for
     the weights, its activations and the KV cache; what the weights leave must hold at least one context of KV cache
@@ -254,20 +279,6 @@ class VLLMConfig(BackendSettings):
     backend = "vllm"
     # Quantization changes the answers; the rest changes only where and how fast they are computed.
     operational = frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager"})
-
-
-class LlamaCppConfig(BackendSettings):
-    """llama.cpp on the CPU (`synth.backend` or `eval.backend: llamacpp`, llama-cpp-python): one context decodes
-    generation.batch_size sequences together, sharing `kv_tokens` of KV cache."""
-
-    backend = "llamacpp"
-    # llama.cpp's threads spin while they wait: more threads than free cores is much slower, not a little.
-    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # auto: os.cpu_count() (logged)
-    kv_tokens: int = Field(8192, ge=256)  # KV cache shared by the sequences in flight (n_ctx): each holds its prompt
-    batch_tokens: int = Field(512, ge=32)  # tokens per decode call (n_batch): prompt chunks and one per sequence
-
-    # How fast answers are computed: like generation.batch_size, they change a reply only through float rounding.
-    operational = frozenset({"threads", "kv_tokens", "batch_tokens"})
 
 
 class SynthConfig(Section):

@@ -154,15 +154,14 @@ def resolve(spec: str) -> str:
 
 
 def gguf_of(spec: str) -> Path:
-    """The GGUF file llama.cpp runs for a model spec: a GGUF (bundled or a .gguf file) as it is; a safetensors model
-    (a merged model folder, a hub id) written once as f16 by our exporter into the cache, named by its weights
-    (`weights_identity`), so llama.cpp reads the tokenizer and weights that transformers reads."""
+    """The GGUF file llama.cpp runs for a model spec: a .gguf file as it is; any other model written once as f16 by our
+    exporter into the cache, named by its weights (`weights_identity`), so llama.cpp reads the tokenizer and weights
+    that transformers reads. A bundled model too: its Q4_1 file prefilled at 60% of the f16 speed on a CPU here (210
+    vs 348 tokens/s) and rounds activations to 8 bits, where f16 stays near transformers' float32."""
     from ezoforge.cache import request_key
 
     check_spec(spec)
-    if spec.startswith("bundled:"):
-        return bundled_gguf(spec.split(":", 1)[1])
-    path = Path(spec).expanduser()
+    path = Path(resolve(spec) if spec.startswith("bundled:") else spec).expanduser()
     if path.suffix == ".gguf":
         return path
     if not path.is_dir():

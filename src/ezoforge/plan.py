@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.config import Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
+from ezoforge.config import LlamaCppConfig, Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
 from ezoforge.errors import RecordError
 from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
@@ -355,16 +355,15 @@ class Planner:
         return {"gpu_gib": pool if fits else need, "fits_gpu": fits, "source": source, "cards": tp,
                 "tokens_per_s": decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), max(seqs, 1), tp)}
 
-    def llamacpp_engine(self, spec: str, shape: Shape, kv_tokens: int) -> dict:
-        """llama.cpp on the CPU: the model as a GGUF in RAM (a bundled or .gguf model as it is, any other written once
-        as f16 into the cache) beside `kv_tokens` of f16 KV cache shared by the sequences in flight; no GPU."""
-        native = spec.startswith("bundled:") or spec.endswith(".gguf")
+    def llamacpp_engine(self, spec: str, shape: Shape, cfg: LlamaCppConfig, sequences: int) -> dict:
+        """llama.cpp on the CPU: the model as a GGUF in RAM (a .gguf file as it is, any other written once as f16 into
+        the cache) beside `kv_tokens` of f16 KV cache for each sequence decoded together; no GPU."""
         weights = weight_bytes(shape, "float16")
-        kv = kv_tokens * shape.kv_bytes_per_token
+        kv = cfg.kv_tokens * sequences * shape.kv_bytes_per_token
         source = (f"llama.cpp on the CPU: {weights / GIB:.1f} GiB of f16 weights (at most) + {kv / GIB:.2f} GiB of KV "
-                  f"cache ({kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
+                  f"cache ({sequences} x {cfg.kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
         return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + (weights + kv) / GIB, "source": source,
-                "disk": 0.0 if native else weights}
+                "disk": 0.0 if spec.endswith(".gguf") else weights}
 
     def synth(self) -> dict:
         r, s = self.recipe, self.recipe.synth
@@ -375,7 +374,7 @@ class Planner:
         spec = s.model or r.model.name
         shape = model_shape(spec)
         if s.backend == "llamacpp":
-            engine = self.llamacpp_engine(spec, shape, s.llamacpp.kv_tokens)
+            engine = self.llamacpp_engine(spec, shape, s.llamacpp, s.generation.batch_size)
             self.sources["synth"] = "model: " + engine["source"]
             return {"gpu_gib": 0.0, "ram_gib": engine["ram_gib"], "hours": None,
                     "disk_gib": (disk_out + engine["disk"] + self.download("synth", spec, shape)) / GIB}
@@ -502,7 +501,7 @@ class Planner:
         elif e.backend == "llamacpp":
             # The tuned model is the merged folder (safetensors), written once as a GGUF; the base as it is.
             model = r.model.name if name == "eval-base" else STEPS["merge"].folder
-            engine = self.llamacpp_engine(model, self.shape, e.llamacpp.kv_tokens)
+            engine = self.llamacpp_engine(model, self.shape, e.llamacpp, e.generation.batch_size)
             sources.append("answers: " + engine["source"])
             cpu_ram, gguf = engine["ram_gib"], engine["disk"]  # the model written once as a GGUF into the cache
         kinds = {t.partition(":")[0] for t in e.tasks}

@@ -1,13 +1,15 @@
-"""Continuous batching for `ezo serve`: one decoding loop over a shared KV cache that requests join and leave
-at step boundaries.
+"""Continuous batching: one decoding loop that requests join and leave at step boundaries, behind `ezo serve` (both
+engines) and every llama.cpp generation.
 
 Why our own loop: transformers' ContinuousBatchingManager fixes greedy-or-sampled and the logits processors
 for the whole manager (no per-request temperature, seed or JSON-schema constraint) and ran the bundled model at
 about 2x a single request on this CPU; serving needs all three per request.
 
-The cache is a plain DynamicCache, left-padded: row r's keys sit at the right end, `mask` marks the real
+The loop owns the queue, limits, cancellation, sampling and text; a decoder owns the KV cache. `PaddedCache`
+(transformers) keeps a plain DynamicCache, left-padded: row r's keys sit at the right end, `mask` marks the real
 columns. A request joins by prefilling its prompt alone and padding the two caches to one width; it leaves by
-dropping its row (and any columns no remaining row uses).
+dropping its row (and any columns no remaining row uses). llama.cpp's decoder (`infer.llamacpp.Slots`) gives each
+request a sequence of one shared context instead.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ezoforge.config import ServeConfig
-from ezoforge.infer.generate import Completion, Generator, Sampling, TextSoFar, finish_reason
+from ezoforge.infer.generate import ChatEngine, Completion, Generator, Sampling, TextSoFar, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class Job:
     sampling: Sampling
     deliver: Callable[[object], None]
     deadline: float | None = None
+    top_k: int = 0  # sample from the k likeliest tokens only (0: all), as transformers' generate does with top_k
     allowed: Callable | None = None  # JSON-schema constraint: (batch_id, ids tensor) -> allowed token ids
     rng: torch.Generator | None = None  # a seeded request samples the same tokens whatever else is in the batch
     text: TextSoFar | None = None
@@ -58,13 +62,29 @@ class Job:
         self.cancelled.set()
 
 
+class Decoder(Protocol):
+    """The KV cache side of the loop: which rows it can hold, and one step over them."""
+
+    max_rows: int
+
+    def admit(self, job: Job, rows: list[Job]) -> bool:
+        """Whether `job` can join `rows` now (False: it waits); raises when it never can."""
+
+    def step(self, rows: list[Job], joining: list[Job]) -> torch.Tensor:
+        """Next-token logits, one row each: `rows` after their last token, then `joining` after their prompts."""
+
+    def drop(self, rows: list[Job], gone: list[int]) -> None:
+        """Forget rows[i] for i in gone."""
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step, or when the loop stops)."""
+
+
 class Batcher:
-    def __init__(self, gen: Generator, limits: ServeConfig):
-        self.gen, self.max_batch, self.max_queue = gen, limits.max_batch, limits.max_queue
-        self.prefill_tokens = limits.max_prefill_tokens
-        if self.max_batch > 1 and not _plain_dynamic_cache(gen.model):
-            log.warning("this model's KV cache cannot be padded to join requests: serving one request at a time")
-            self.max_batch = 1
+    def __init__(self, gen: ChatEngine, limits: ServeConfig):
+        self.gen, self.max_queue = gen, limits.max_queue
+        self.decoder: Decoder = gen.decoder(limits)
+        self.max_batch = min(limits.max_batch, self.decoder.max_rows)
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         self.closed = False
@@ -73,8 +93,8 @@ class Batcher:
         self.thread.start()
 
     def submit(self, prompt: list[int], sampling: Sampling, deliver: Callable[[object], None],
-               timeout: float | None = None) -> Job:
-        job = Job(prompt, sampling, deliver, time.monotonic() + timeout if timeout else None)
+               timeout: float | None = None, top_k: int = 0) -> Job:
+        job = Job(prompt, sampling, deliver, time.monotonic() + timeout if timeout else None, top_k)
         if sampling.json_schema is not None:
             job.allowed = self.gen.structured.allowed_tokens_fn(sampling.json_schema)
         if sampling.seed is not None:
@@ -103,7 +123,6 @@ class Batcher:
 
     def _loop(self) -> None:
         rows: list[Job] = []
-        cache = mask = None
         while True:
             with self.wake:
                 if not self.waiting and not rows and not self.closed:
@@ -113,58 +132,66 @@ class Batcher:
                 if self.closed:
                     break
                 self.waiting = collections.deque(j for j in self.waiting if not self._ended_early(j))
-                joining = []
-                while self.waiting and len(rows) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
+                joining = self._joining(rows)
             gone = [i for i, job in enumerate(rows) if self._ended_early(job)]
             if gone:
-                rows, cache, mask = self._drop(rows, cache, mask, gone)
+                self.decoder.drop(rows, gone)
+                rows = [job for i, job in enumerate(rows) if i not in gone]
             self.running = len(rows)
             if not rows and not joining:
+                if self.waiting:  # room is held by another loop on the same engine: wait for it to free some
+                    time.sleep(0.01)
                 continue
+            joining.sort(key=lambda j: len(j.prompt))  # neighbours in length pad each other little
             try:
                 with self.gen.lock, torch.inference_mode():
-                    logits = []
-                    if rows:
-                        step = torch.tensor([[job.out[-1]] for job in rows], device=mask.device)
-                        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                        logits, cache = self._forward(step, mask, cache)
-                        logits = [logits]
-                    if joining:
-                        joining.sort(key=lambda j: len(j.prompt))  # neighbours in length pad each other little
-                        parts = [(cache, mask)] if rows else []
-                        for group in _prefill_groups(joining, self.prefill_tokens):
-                            new_logits, new_cache, new_mask = self._prefill(group)
-                            logits.append(new_logits)
-                            parts.append((new_cache, new_mask))
-                        cache, mask = _merge(parts)
-                        rows = rows + joining
-                    next_ids = self._sample(rows, torch.cat(logits))
+                    logits = self.decoder.step(rows, joining)
+                rows = rows + joining
+                next_ids = self._sample(rows, logits)
             except Exception as e:  # a failed step fails its batch, never the server
                 log.exception("decoding step failed")
                 for job in {*rows, *joining}:
                     job.deliver(e)
-                rows, cache, mask = [], None, None
+                self.decoder.reset()
+                rows = []
                 continue
-            finished = []
-            for i, (job, tok) in enumerate(zip(rows, next_ids)):
-                job.out.append(tok)
-                so_far = job.text = job.text or TextSoFar(self.gen.decode, job.sampling.stop)
-                ended = tok in self.gen.eos_ids
-                if not ended and (piece := so_far.add(tok)):
-                    job.deliver(piece)
-                if ended or so_far.stopped or len(job.out) >= job.sampling.max_new_tokens:
-                    if piece := so_far.finish():
-                        job.deliver(piece)
-                    reason = finish_reason(ended or so_far.stopped, len(job.out), job.sampling.max_new_tokens)
-                    job.deliver(Completion(so_far.text.strip(), len(job.prompt), len(job.out), reason))
-                    finished.append(i)
+            finished = [i for i, (job, tok) in enumerate(zip(rows, next_ids)) if self._take(job, tok)]
             if finished:
-                rows, cache, mask = self._drop(rows, cache, mask, finished)
+                self.decoder.drop(rows, finished)
+                rows = [job for i, job in enumerate(rows) if i not in finished]
             self.running = len(rows)
         for job in rows + list(self.waiting):
             job.deliver(Shutdown("the server is shutting down"))
+        self.decoder.reset()
         self.waiting.clear()
+
+    def _joining(self, rows: list[Job]) -> list[Job]:
+        """Waiting requests that join now, in arrival order, while the batch and the decoder have room."""
+        joining: list[Job] = []
+        while self.waiting and len(rows) + len(joining) < self.max_batch:
+            try:
+                if not self.decoder.admit(self.waiting[0], rows + joining):
+                    break
+            except Exception as e:  # it can never join: fail it alone
+                self.waiting.popleft().deliver(e)
+                continue
+            joining.append(self.waiting.popleft())
+        return joining
+
+    def _take(self, job: Job, tok: int) -> bool:
+        """Add the sampled token to its request, deliver what became text; whether the request is finished."""
+        job.out.append(tok)
+        so_far = job.text = job.text or TextSoFar(self.gen.decode, job.sampling.stop)
+        ended = tok in self.gen.eos_ids
+        if not ended and (piece := so_far.add(tok)):
+            job.deliver(piece)
+        if ended or so_far.stopped or len(job.out) >= job.sampling.max_new_tokens:
+            if piece := so_far.finish():
+                job.deliver(piece)
+            reason = finish_reason(ended or so_far.stopped, len(job.out), job.sampling.max_new_tokens)
+            job.deliver(Completion(so_far.text.strip(), len(job.prompt), len(job.out), reason))
+            return True
+        return False
 
     @staticmethod
     def _ended_early(job: Job) -> bool:
@@ -174,6 +201,62 @@ class Batcher:
             job.deliver(Timeout(f"the request did not finish in time ({len(job.out)} tokens generated)"))
             return True
         return False
+
+    @staticmethod
+    def _sample(rows: list[Job], logits: torch.Tensor) -> list[int]:
+        picked = logits.argmax(-1).tolist()  # greedy rows, in one go
+        for i, (job, row) in enumerate(zip(rows, logits)):
+            s = job.sampling
+            if job.allowed is None and s.temperature == 0:
+                continue
+            if job.allowed is not None:
+                allowed = job.allowed(0, torch.tensor(job.prompt + job.out))
+                keep = torch.full_like(row, float("-inf"))
+                keep[allowed] = 0
+                row = row + keep
+            if s.temperature == 0:
+                picked[i] = int(row.argmax())
+                continue
+            if 0 < job.top_k < row.numel():
+                row = row.masked_fill(row < row.topk(job.top_k).values[-1], float("-inf"))
+            probs = torch.softmax(row / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+                probs[order[outside]] = 0
+            picked[i] = int(torch.multinomial(probs.cpu(), 1, generator=job.rng))
+        return picked
+
+
+class PaddedCache:
+    """transformers' decoder: one left-padded DynamicCache for all rows."""
+
+    def __init__(self, gen: Generator, limits: ServeConfig):
+        self.gen, self.prefill_tokens = gen, limits.max_prefill_tokens
+        self.max_rows = limits.max_batch
+        if self.max_rows > 1 and not _plain_dynamic_cache(gen.model):
+            log.warning("this model's KV cache cannot be padded to join requests: serving one request at a time")
+            self.max_rows = 1
+        self.cache = self.mask = None
+
+    def admit(self, job: Job, rows: list[Job]) -> bool:
+        return True
+
+    def step(self, rows: list[Job], joining: list[Job]) -> torch.Tensor:
+        logits = []
+        if rows:
+            step = torch.tensor([[job.out[-1]] for job in rows], device=self.mask.device)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+            step_logits, self.cache = self._forward(step, self.mask, self.cache)
+            logits.append(step_logits)
+        if joining:
+            parts = [(self.cache, self.mask)] if rows else []
+            for group in _prefill_groups(joining, self.prefill_tokens):
+                new_logits, new_cache, new_mask = self._prefill(group)
+                logits.append(new_logits)
+                parts.append((new_cache, new_mask))
+            self.cache, self.mask = _merge(parts)
+        return torch.cat(logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
@@ -190,41 +273,21 @@ class Batcher:
         logits, cache = self._forward(ids, mask, None)
         return logits, cache, mask
 
-    def _sample(self, rows: list[Job], logits: torch.Tensor) -> list[int]:
-        picked = logits.argmax(-1).tolist()  # greedy rows, in one go
-        for i, (job, row) in enumerate(zip(rows, logits)):
-            s = job.sampling
-            if job.allowed is None and s.temperature == 0:
-                continue
-            if job.allowed is not None:
-                allowed = job.allowed(0, torch.tensor(job.prompt + job.out))
-                keep = torch.full_like(row, float("-inf"))
-                keep[allowed] = 0
-                row = row + keep
-            if s.temperature == 0:
-                picked[i] = int(row.argmax())
-                continue
-            probs = torch.softmax(row / s.temperature, dim=-1)
-            if s.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set reaching top_p
-                probs[order[outside]] = 0
-            picked[i] = int(torch.multinomial(probs.cpu(), 1, generator=job.rng))
-        return picked
-
-    @staticmethod
-    def _drop(rows: list[Job], cache, mask, gone: list[int]):
+    def drop(self, rows: list[Job], gone: list[int]) -> None:
         keep = [i for i in range(len(rows)) if i not in set(gone)]
         if not keep:
-            return [], None, None
-        index = torch.tensor(keep, device=mask.device)
-        mask = mask[index]
+            self.reset()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask[index]
         first = int(mask.any(0).nonzero()[0])  # columns left of this are padding in every remaining row
-        mask = mask[:, first:]
-        for layer in cache.layers:
+        self.mask = mask[:, first:]
+        for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
-        return [rows[i] for i in keep], cache, mask
+
+    def reset(self) -> None:
+        self.cache = self.mask = None
 
 
 def _prefill_groups(jobs: list[Job], budget: int) -> list[list[Job]]:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from ezoforge.infer.generate import Completion, Generator, Sampling
+from ezoforge.infer.generate import ChatEngine, Completion, Sampling
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), /exit"
 
 
-def repl(gen: Generator, system: str | None, sampling: Sampling, read=input, write=sys.stdout.write) -> None:
+def repl(gen: ChatEngine, system: str | None, sampling: Sampling, read=input, write=sys.stdout.write) -> None:
     history: list[dict[str, str]] = []
-    write(f"ezo chat — {gen.loaded.name}. {HELP}\n")
+    write(f"ezo chat — {gen.name}. {HELP}\n")
     while True:
         try:
             line = read(">>> ")

@@ -104,17 +104,17 @@ class TextSoFar:
         return piece
 
 
-class Generator:
-    """Owns a loaded model; one request at a time (a lock), so concurrent callers queue safely."""
+class ChatEngine:
+    """What every engine that answers chats shares: the tokenizer side (chat template, ids, text, JSON-schema
+    constraints) and the answering surface `ezo generate`, `chat` and `serve` use. Each engine adds `complete_text`,
+    `stream_text`, the continuous-batching `decoder` behind `ezo serve`, and a `lock` its steps hold."""
 
-    def __init__(self, loaded: Loaded):
-        self.loaded = loaded
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.lock = threading.Lock()
+    lock: threading.Lock
+
+    def __init__(self, tokenizer, eos_ids: list[int], name: str, context_length: int):
+        self.tokenizer, self.eos_ids, self.name, self.context_length = tokenizer, eos_ids, name, context_length
         # A fast tokenizer is not safe to share across threads (padding/truncation settings are mutable state).
         self.tokenizer_lock = threading.RLock()
-        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
 
     def prompt_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> str:
@@ -135,6 +135,47 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    @functools.cached_property
+    def structured(self):
+        from ezoforge.infer.structured import TokenizerData
+
+        return TokenizerData(self.tokenizer, self.eos_ids)
+
+    def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
+        return self.complete_text([self.prompt_text(m) for m in batch], sampling)
+
+    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
+        return self.stream_text(self.prompt_text(messages), sampling)
+
+    def complete_text(self, texts: list[str], sampling: Sampling) -> list[Completion]:
+        raise NotImplementedError
+
+    def stream_text(self, text: str, sampling: Sampling) -> Iterator[str | Completion]:
+        """Yield text pieces as they are generated, then one final Completion with the totals."""
+        raise NotImplementedError
+
+    def decoder(self, limits):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give back what the engine holds beyond what garbage collection frees."""
+
+
+class Generator(ChatEngine):
+    """A transformers model; one request at a time (a lock), so concurrent callers queue safely."""
+
+    def __init__(self, loaded: Loaded):
+        super().__init__(loaded.tokenizer, stop_token_ids(loaded.model, loaded.tokenizer), loaded.name,
+                         loaded.context_length)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.lock = threading.Lock()
+
+    def decoder(self, limits):
+        from ezoforge.infer.batching import PaddedCache
+
+        return PaddedCache(self, limits)
+
     def _generate_kwargs(self, sampling: Sampling) -> dict:
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.tokenizer.pad_token_id)
@@ -148,12 +189,6 @@ class Generator:
             kwargs["prefix_allowed_tokens_fn"] = self.structured.allowed_tokens_fn(sampling.json_schema)
         return kwargs
 
-    @functools.cached_property
-    def structured(self):
-        from ezoforge.infer.structured import TokenizerData
-
-        return TokenizerData(self.tokenizer, self.eos_ids)
-
     def _encode(self, texts: list[str], pad_to_multiple_of: int | None = None):
         with self.tokenizer_lock:
             self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left: every row ends at its prompt
@@ -161,9 +196,6 @@ class Generator:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
                                  pad_to_multiple_of=pad_to_multiple_of)
         return {k: v.to(self.loaded.device) for k, v in enc.items()}
-
-    def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
-        return self.complete_text([self.prompt_text(m) for m in batch], sampling)
 
     def complete_text(self, texts: list[str], sampling: Sampling, pad_to_multiple_of: int | None = None,
                       **generate_kwargs) -> list[Completion]:
@@ -179,11 +211,7 @@ class Generator:
         return [completion(row, int(plen), self.eos_ids, self.decode, sampling)
                 for row, plen in zip(out[:, width:].tolist(), prompt_lens)]
 
-    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
-        return self.stream_text(self.prompt_text(messages), sampling)
-
     def stream_text(self, text: str, sampling: Sampling) -> Iterator[str | Completion]:
-        """Yield text pieces as they are generated, then one final Completion with the totals."""
         import queue
 
         from transformers.generation.streamers import BaseStreamer
@@ -237,7 +265,7 @@ class Generator:
                          finish_reason(ended or so_far.stopped, n, sampling.max_new_tokens))
 
 
-def generate_file(gen: Generator, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
+def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
                   batch_size: int = 8, identity: str = "") -> int:
     """`{"id", "prompt"}` lines in, `{"id", "prompt", "answer"}` lines out, in input order.
 

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat server (FastAPI + uvicorn) over a Generator.
+"""An OpenAI-compatible chat server (FastAPI + uvicorn) over a ChatEngine (transformers or llama.cpp).
 
 Every error leaves as the OpenAI error body with a 4xx/5xx status; no stack trace reaches a client.
 """
@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ezoforge.config import ServeConfig, secret
 from ezoforge.infer.batching import Batcher, Job, QueueFull, Shutdown, Timeout
-from ezoforge.infer.generate import Completion, Generator, Sampling
+from ezoforge.infer.generate import ChatEngine, Completion, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
-def create_app(gen: Generator, served_model_name: str, api_key: str | None = None, system_prompt: str | None = None,
+def create_app(gen: ChatEngine, served_model_name: str, api_key: str | None = None, system_prompt: str | None = None,
                max_tokens: int = 256, limits: ServeConfig | None = None) -> FastAPI:
     """`system_prompt` goes in front of a conversation that has none; `max_tokens` is the default reply length."""
     limits = limits or ServeConfig()
@@ -238,7 +238,7 @@ def create_app(gen: Generator, served_model_name: str, api_key: str | None = Non
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system_prompt})
         prompt = gen.encode(gen.prompt_text(messages, req.add_generation_prompt, req.continue_final_message))
-        context = gen.loaded.context_length
+        context = gen.context_length
         requested = req.max_completion_tokens or req.max_tokens
         if len(prompt) >= context:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context}",
@@ -349,7 +349,7 @@ def api_key_from_env(var: str | None) -> str | None:
     return None if var is None else secret(var, f"--api-key-env {var}")
 
 
-def serve(gen: Generator, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
+def serve(gen: ChatEngine, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key_env: str | None = None, system_prompt: str | None = None, max_tokens: int = 256,
           limits: ServeConfig | None = None) -> None:
     app = create_app(gen, served_model_name, api_key_from_env(api_key_env), system_prompt, max_tokens, limits)

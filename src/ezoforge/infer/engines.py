@@ -1,0 +1,70 @@
+"""Which engine answers chats for `ezo generate`, `chat`, `serve` and a local judge: transformers or llama.cpp, by a
+backend setting (`model.backend`, `eval.judge_backend`). `auto` takes llama.cpp where it can run the model as stated
+and says why when it cannot; a stated `llamacpp` that cannot fails before anything loads."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ezoforge.config import LlamaCppConfig
+from ezoforge.errors import ConfigError, EzoError
+from ezoforge.infer.generate import ChatEngine, Generator
+from ezoforge.infer.llamacpp import LlamaCppGenerator, check_convertible, require_installed
+from ezoforge.models import Loaded, load_tokenizer, pick_device, require_chat_template, spec_context_length
+
+log = logging.getLogger(__name__)
+
+
+def why_not_llamacpp(spec: str, adapter: str | Path | None, device: str, quantize: str) -> str | None:
+    """Why llama.cpp cannot answer for this model as stated (None: it can)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if adapter is not None:
+        return "an adapter is given (llama.cpp runs a whole model: merge it first)"
+    if (dev := pick_device(device)).type != "cpu":
+        return f"the model runs on {dev}"
+    if quantize in ("nf4", "int8"):
+        return f"model.quantize is {quantize} (bitsandbytes)"
+    try:
+        check_convertible(spec)
+    except EzoError as e:
+        return str(e)
+    return None
+
+
+def choose(backend: str, setting: str, spec: str, adapter: str | Path | None = None, device: str = "auto",
+           quantize: str = "auto", llamacpp: LlamaCppConfig | None = None) -> str:
+    """The engine's name for a stated or `auto` backend setting."""
+    if backend == "transformers":
+        return backend
+    if backend == "llamacpp":
+        require_installed(setting)
+    reason = why_not_llamacpp(spec, adapter, device, quantize)
+    if backend == "llamacpp":
+        if reason:
+            raise ConfigError(f"{setting} is llamacpp but {reason}")
+        return backend
+    if reason and llamacpp is not None and llamacpp.model_fields_set:
+        stated = sorted(llamacpp.model_fields_set)[0]
+        raise ConfigError(f"llamacpp.{stated} is stated but {setting}=auto cannot use llama.cpp: {reason}")
+    picked = "transformers" if reason else "llamacpp"
+    log.info("%s=auto: %s (%s)", setting, picked, reason or "llama.cpp runs the model on this CPU")
+    return picked
+
+
+def identity(engine: str, model_identity: str) -> str:
+    """Cache keys of answers: llama.cpp's differ from transformers' by float rounding, so they are kept apart."""
+    return model_identity if engine == "transformers" else f"{model_identity}:{engine}"
+
+
+def open_engine(engine: str, spec: str, chat_template: str | Path | None, llamacpp: LlamaCppConfig, sequences: int,
+                load: Callable[[], Loaded]) -> ChatEngine:
+    """The chosen engine on the model: `load()` gives transformers' loaded model; llama.cpp reads the GGUF and needs
+    only the tokenizer here."""
+    if engine == "transformers":
+        return Generator(load())
+    tokenizer = load_tokenizer(spec, chat_template)
+    require_chat_template(tokenizer, spec)
+    return LlamaCppGenerator(spec, tokenizer, spec_context_length(spec), llamacpp, sequences)
