@@ -4,16 +4,21 @@ cache) answers like the transformers backend, decodes several sequences together
 thread: its threads spin while they wait, and the tests share the cores."""
 import importlib.util
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
+
+import httpx
 import pytest
 import torch
 
 from conftest import BUNDLED
 from ezoforge.cache import request_key
-from ezoforge.config import EvalConfig, ModelConfig, Recipe, SynthConfig
+from ezoforge.config import EvalConfig, ModelConfig, Recipe, ServeConfig, SynthConfig
 from ezoforge.errors import ConfigError
 from ezoforge.eval.run import _Models, run
 from ezoforge.infer.backends import Request, Target, TransformersBackend
+from ezoforge.infer.engines import choose, pick_backend
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.infer.llamacpp import LlamaCppBackend
 from ezoforge.models import resolve
@@ -131,7 +136,27 @@ def test_llamacpp_with_an_adapter_is_refused_before_loading(tmp_path):
 
 def test_llamacpp_settings_under_another_backend_are_refused():
     with pytest.raises(ValueError, match=r"llamacpp.threads is a llamacpp-backend setting; backend 'transformers'"):
-        EvalConfig.model_validate({"llamacpp": {"threads": 1}})
+        EvalConfig.model_validate({"backend": "transformers", "llamacpp": {"threads": 1}})
+
+
+@needs_llama_cpp
+def test_auto_picks_llamacpp_on_this_cpu_and_says_why_not_where_it_cannot(tmp_path, caplog):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    caplog.set_level("INFO")
+    assert pick_backend(EvalConfig(), "eval.backend", BUNDLED).backend == "llamacpp"
+    assert "eval.backend=auto: llamacpp" in caplog.text
+    assert pick_backend(EvalConfig(), "eval.backend", BUNDLED, adapter).backend == "transformers"
+    assert "eval.backend=auto: transformers (an adapter is given" in caplog.text
+    assert pick_backend(EvalConfig(backend="vllm"), "eval.backend", BUNDLED).backend == "vllm"  # stated: as it is
+    # llama.cpp settings stated under auto stand only where auto picks llama.cpp
+    stated = EvalConfig.model_validate({"llamacpp": {"threads": 1}})
+    assert pick_backend(stated, "eval.backend", BUNDLED).llamacpp.threads == 1
+    with pytest.raises(ConfigError, match=r"llamacpp.threads is stated but eval.backend=auto cannot use llama.cpp: "
+                                          r"an adapter is given"):
+        pick_backend(stated, "eval.backend", BUNDLED, adapter)
+    with pytest.raises(ConfigError, match=r"model.backend is llamacpp but model.quantize is nf4"):
+        choose("llamacpp", "model.backend", BUNDLED, quantize="nf4")
 
 
 @pytest.mark.skipif(HAS_LLAMA_CPP, reason="llama-cpp-python is installed here")
@@ -139,3 +164,62 @@ def test_llamacpp_without_llama_cpp_names_the_install():
     with pytest.raises(ConfigError, match=r"synth.backend is llamacpp but llama-cpp-python is not installed: .*pip "
                                           r"install 'ezoforge\[cpu\]'"):
         LlamaCppBackend.build(SynthConfig(backend="llamacpp"), Target(BUNDLED))
+
+
+@pytest.fixture(scope="module")
+def llama_server(llama):
+    """`ezo serve`'s app on llama.cpp: the same engine the backend answered with, four sequences at once."""
+    from ezoforge.infer.serve import BackgroundServer, create_app
+
+    gen = llama[0].generator()
+    with BackgroundServer(create_app(gen, BUNDLED, system_prompt=None, limits=ServeConfig(max_batch=4))) as url:
+        yield gen, url
+
+
+@needs_llama_cpp
+def test_ezo_serve_on_llamacpp_batches_cancels_and_constrains(llama_server, llama, requests, bundled):
+    """Concurrent requests decode together and answer as the backend does; a stream whose client leaves gives its
+    sequence back; a JSON schema holds on llama.cpp too; every sequence is free at the end."""
+    from ezoforge.eval.judge_prompt import verdict_schema
+
+    gen, url = llama_server
+    _, together = llama
+
+    def ask(req: Request) -> dict:
+        body = {"messages": [{"role": r, "content": c} for r, c in req.messages], "max_tokens": 32,
+                "temperature": 0, "return_token_ids": True}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+
+    def dropped_stream() -> int:
+        body = {"messages": [{"role": "user", "content": "日本の歴史を長く説明してください。"}], "max_tokens": 4000,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as resp:
+            chunks = 0
+            for line in resp.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 5:
+                    return chunks  # the client leaves mid-reply
+
+    with ThreadPoolExecutor(6) as pool:
+        stream = pool.submit(dropped_stream)
+        replies = list(pool.map(ask, requests[:5]))
+        assert stream.result() == 5
+    parted = 0
+    for req, reply, theirs in zip(requests, replies, together):
+        assert reply["prompt_token_ids"] == llama[0].prompt_ids(req)  # rendered as every local backend renders
+        ours, theirs_ids = reply["choices"][0]["token_ids"], gen.encode(theirs.text)
+        if (at := parting(ours, theirs_ids)) is not None:  # greedy: as the backend answered, up to a near-tie
+            parted += 1
+            assert hesitation(bundled, reply["prompt_token_ids"], ours[:at]) < NEAR_TIE, (ours, theirs.text)
+    assert parted <= 1
+    fmt = verdict_schema(30)
+    verdict = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+        "messages": [{"role": "user", "content": "「東京です」という回答を採点してください。"}], "max_tokens": 96,
+        "temperature": 0, "response_format": fmt}).json()
+    parsed = json.loads(verdict["choices"][0]["message"]["content"])
+    assert set(parsed) == {"reason", "grade"} and parsed["grade"] in range(1, 6)
+    deadline = time.monotonic() + 30
+    while gen.engine.taken and time.monotonic() < deadline:  # the dropped stream leaves at its next step
+        time.sleep(0.1)
+    assert not gen.engine.taken
+    assert httpx.get(f"{url}/health").json()["running"] == 0

@@ -200,7 +200,8 @@ def test_stated_static_cache_on_a_cpu_loses_nothing_even_forced(tmp_path):
     out.mkdir()
     (out / "pairs-00000.parquet").write_bytes(b"earlier work")
     (out / "DONE").write_text('{"fingerprint": "older settings", "stage": "synth"}')
-    failed(ezo("synth", docs, "--out", out, "--set", "synth.static_cache=true", "--force"),
+    failed(ezo("synth", docs, "--out", out, "--set", "synth.backend=transformers", "--set", "synth.static_cache=true",
+               "--force"),
            "synth.static_cache is true", "needs CUDA", code=2)
     assert (out / "pairs-00000.parquet").read_bytes() == b"earlier work"
 

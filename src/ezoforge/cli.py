@@ -92,6 +92,8 @@ MODEL_FLAGS = (  # every command that loads recipe.model
     Flag("model.dtype", ("--dtype",), str, "auto (CUDA bf16, CPU float32), float32, bfloat16, float16."),
     Flag("model.quantize", ("--quantize",), str,
          "auto (nf4 only where the weights do not fit the device), none, nf4, int8: bitsandbytes."))
+ENGINE = Flag("model.backend", ("--backend",), str,
+              "transformers, llamacpp (llama.cpp on the CPU), or auto: llamacpp where it can run the model.")
 MAX_NEW_TOKENS = Flag("generation.max_new_tokens", ("--max-new-tokens",), int, "Reply length.")
 TEMPERATURE = Flag("generation.temperature", ("--temperature",), float, "0 = greedy.")
 JUDGE_URL = Flag("eval.judge_url", ("--judge-url",), str,
@@ -119,8 +121,20 @@ def _load(recipe: Recipe, adapter: Path | None):
     return loaded
 
 
+def _engine(recipe: Recipe, adapter: Path | None, sequences: int):
+    """The chat engine model.backend names (auto: llama.cpp where it can run the model), and its name."""
+    from ezoforge.infer.engines import choose, open_engine
+
+    m = recipe.model
+    engine = choose(m.backend, "model.backend", m.name, adapter, m.device, m.quantize, m.llamacpp)
+    gen = open_engine(engine, m.name, m.chat_template, m.llamacpp, sequences, lambda: _load(recipe, adapter))
+    if engine == "llamacpp":
+        console.print(f"[dim]llama.cpp runs {m.name} ({gen.engine.sequences} sequences at once)[/dim]")
+    return gen, engine
+
+
 @app.command()
-@recipe_options(*MODEL_FLAGS, MAX_NEW_TOKENS, TEMPERATURE, Flag("generation.top_p", ("--top-p",), float),
+@recipe_options(*MODEL_FLAGS, ENGINE, MAX_NEW_TOKENS, TEMPERATURE, Flag("generation.top_p", ("--top-p",), float),
                 Flag("generation.seed", ("--seed",), int), Flag("generation.batch_size", ("--batch-size",), int))
 def generate(
     recipe: Recipe,
@@ -132,7 +146,7 @@ def generate(
     no_system: NoSystemOpt = False,
 ) -> None:
     """Print the assistant's reply to --prompt, or answer every line of --input into --out."""
-    from ezoforge.infer.generate import Generator, Sampling, build_messages, generate_file
+    from ezoforge.infer.generate import Sampling, build_messages, generate_file
 
     if (prompt is None) == (input is None):
         raise EzoError("give exactly one of --prompt or --input")
@@ -141,31 +155,32 @@ def generate(
     g = recipe.generation
     sampling = Sampling.from_config(g)
     sys_prompt = _system(system, no_system, recipe)
-    gen = Generator(_load(recipe, adapter))
+    gen, engine = _engine(recipe, adapter, g.batch_size)
     if prompt is not None:
         print(gen.complete([build_messages(prompt, sys_prompt)], sampling)[0].text)
         return
+    from ezoforge.infer.engines import identity
     from ezoforge.models import model_identity
 
     m = recipe.model
-    identity = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize)
-    n = generate_file(gen, input, out, sys_prompt, sampling, g.batch_size, identity)
+    model = identity(engine, model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize))
+    n = generate_file(gen, input, out, sys_prompt, sampling, g.batch_size, model)
     console.print(f"wrote {n} answers to {out}")
 
 
 @app.command()
-@recipe_options(*MODEL_FLAGS, MAX_NEW_TOKENS, TEMPERATURE)
+@recipe_options(*MODEL_FLAGS, ENGINE, MAX_NEW_TOKENS, TEMPERATURE)
 def chat(recipe: Recipe, adapter: AdapterOpt = None, system: SystemOpt = None, no_system: NoSystemOpt = False) -> None:
     """Interactive multi-turn chat, streamed. Commands: /reset, /system TEXT, /exit."""
     from ezoforge.infer.chat import repl
-    from ezoforge.infer.generate import Generator, Sampling
+    from ezoforge.infer.generate import Sampling
 
     sys_prompt = _system(system, no_system, recipe)
-    repl(Generator(_load(recipe, adapter)), sys_prompt, Sampling.from_config(recipe.generation))
+    repl(_engine(recipe, adapter, 1)[0], sys_prompt, Sampling.from_config(recipe.generation))
 
 
 @app.command()
-@recipe_options(*MODEL_FLAGS, Flag("generation.max_new_tokens", ("--max-tokens",), int, "Default reply length."),
+@recipe_options(*MODEL_FLAGS, ENGINE, Flag("generation.max_new_tokens", ("--max-tokens",), int, "Default reply length."),
                 Flag("serve.max_batch", ("--max-batch",), int, "Requests decoded together."),
                 Flag("serve.max_queue", ("--max-queue",), int, "Requests waiting beyond the batch; more get 429."),
                 Flag("serve.max_body_bytes", ("--max-body-bytes",), int, "Larger request bodies get 413."),
@@ -182,7 +197,6 @@ def serve(
     no_system: NoSystemOpt = False,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions (plain and SSE), GET /v1/models, GET /health."""
-    from ezoforge.infer.generate import Generator
     from ezoforge.infer.serve import api_key_from_env
     from ezoforge.infer.serve import serve as run_server
     from ezoforge.models import check_model
@@ -191,7 +205,7 @@ def serve(
     sys_prompt = _system(system, no_system, recipe)
     check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template, recipe.model.quantize)
     _port_is_free(host, port)
-    gen = Generator(_load(recipe, adapter))
+    gen, _ = _engine(recipe, adapter, recipe.serve.max_batch)
     run_server(gen, served_model_name or recipe.model.name, host, port, api_key_env,
                sys_prompt, recipe.generation.max_new_tokens, recipe.serve)
 
@@ -328,7 +342,7 @@ def curate(
 @app.command()
 @recipe_options(Flag("synth.model", ("--model", "-m"), str,
                      "Model spec, or the served model name with --backend openai (default: the recipe's)."),
-                Flag("synth.backend", ("--backend",), str, "transformers, vllm or openai."),
+                Flag("synth.backend", ("--backend",), str, "auto (llamacpp on a CPU where it runs the model), transformers, llamacpp, vllm or openai."),
                 Flag("synth.base_url", ("--base-url",), str, "OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."),
                 Flag("synth.api_key_env", ("--api-key-env",), str, "Env var holding the server's API key."),
                 Flag("synth.mode", ("--mode",), str,

@@ -35,12 +35,13 @@ class BackendSettings(Section):
     """A backend's own subsection (`vllm`, `llamacpp`): its settings apply under that backend only."""
 
     backend: ClassVar[str]
+    auto_picks: ClassVar[bool] = False  # whether a backend `auto` may pick it (its settings then stand)
 
     def refuse_unless(self, backend: str) -> None:
         """A stated setting under another backend would be ignored: refuse it."""
         default = type(self)()
         changed = [k for k in type(self).model_fields if getattr(self, k) != getattr(default, k)]
-        if backend not in (self.backend, "auto") and changed:
+        if backend != self.backend and not (backend == "auto" and self.auto_picks) and changed:
             raise ValueError(f"{self.backend}.{changed[0]} is a {self.backend}-backend setting; backend '{backend}' "
                              "would ignore it")
 
@@ -50,6 +51,7 @@ class LlamaCppConfig(BackendSettings):
     (synth and eval: generation.batch_size; `ezo serve`: serve.max_batch), each with `kv_tokens` of KV cache."""
 
     backend = "llamacpp"
+    auto_picks = True
     # llama.cpp's threads spin while they wait: more threads than free cores is much slower, not a little.
     # auto: OMP_NUM_THREADS where set, else os.cpu_count() (logged)
     threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
@@ -261,6 +263,8 @@ class PairFilters(Section):
 # What synth and eval answer through: the names of infer.registry.BACKENDS (a backend's own settings go in both
 # sections, each with its own subsection like `vllm`).
 BackendName = Literal["transformers", "vllm", "openai", "llamacpp"]
+# auto: llamacpp where llama.cpp can run the model on this CPU, else transformers (`infer.engines.pick_backend`, logged).
+BackendChoice = Literal["auto", "transformers", "vllm", "openai", "llamacpp"]
 
 
 class VLLMConfig(BackendSettings):
@@ -283,7 +287,7 @@ class VLLMConfig(BackendSettings):
 
 class SynthConfig(Section):
     model: str | None = None  # None: the recipe's base model
-    backend: BackendName = "transformers"
+    backend: BackendChoice = "auto"
     base_url: str | None = None
     api_key_env: str | None = None
     mode: Literal["prompted", "synthesizer"] = "prompted"
@@ -328,7 +332,7 @@ class SynthConfig(Section):
             raise ValueError("backend 'openai' needs base_url")
         if self.backend != "transformers" and self.static_cache is True:
             raise ValueError(f"static_cache is a transformers-backend setting; backend '{self.backend}' decides its "
-                             "own decoding (leave static_cache at auto)")
+                             "own decoding (leave static_cache at auto, or state backend transformers)")
         self.vllm.refuse_unless(self.backend)
         self.llamacpp.refuse_unless(self.backend)
         return self
@@ -447,6 +451,8 @@ class EvalConfig(Section):
     tasks: list[str] = ["elyza100"]
     judge_url: str | None = None  # any OpenAI-compatible base URL, or "local": serve judge_model in-process
     judge_model: str | None = None
+    # What a `local` judge runs on (its settings are llama.cpp's defaults); auto: as model.backend's auto (logged).
+    judge_backend: Literal["auto", "transformers", "llamacpp"] = "auto"
     judge_api_key_env: str | None = None
     judge_max_tokens: int = Field(512, ge=16)
     # Send the verdict's JSON schema as `response_format` (OpenAI structured outputs; vLLM and `ezo serve`
@@ -482,7 +488,7 @@ class EvalConfig(Section):
     # engine here (vllm: `vllm` settings, a merged model), llama.cpp on the CPU (llamacpp: `llamacpp` settings, a
     # merged model or a GGUF), or an OpenAI-compatible server holding model.name (openai: base_url). Choice and
     # perplexity tasks score with the model's own forward pass, loaded here once a vLLM engine has been shut down.
-    backend: BackendName = "transformers"
+    backend: BackendChoice = "auto"
     base_url: str | None = None
     api_key_env: str | None = None
     timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)

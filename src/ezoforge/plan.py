@@ -274,6 +274,10 @@ class Planner:
     """One recipe on one card: each stage's figures, and which stage first loads each model (it downloads it)."""
 
     def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float):
+        # A backend `auto` picks llama.cpp on a CPU only; on the planned card it is transformers.
+        recipe = recipe.model_copy(update={
+            s: getattr(recipe, s).model_copy(update={"backend": "transformers"})
+            for s in ("synth", "eval") if getattr(recipe, s).backend == "auto"})
         self.recipe, self.card_name, self.card, self.ram = recipe, card_name, CARDS[card_name], ram_gib
         self.shape = model_shape(recipe.model.name)
         self.vol = volume(recipe, docs_kept)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import EvalConfig
+from ezoforge.config import EvalConfig, LlamaCppConfig
 from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict
-from ezoforge.infer.generate import Generator
+from ezoforge.infer.engines import choose, identity, open_engine
 from ezoforge.infer.serve import BackgroundServer, create_app
 from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
@@ -50,18 +50,24 @@ class Judge:
         # A remote client is built now so a missing API key fails before any work; `local` starts on first need.
         self.client = None if cfg.judge_url == "local" else make_client(
             cfg.judge_url, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_max_retries)
+        # A local judge's engine (eval.judge_backend) is chosen now: a stated one that cannot run fails before any work.
+        self.engine = choose(cfg.judge_backend, "eval.judge_backend", cfg.judge_model) if self.client is None else None
 
     @functools.cached_property
     def judge_identity(self) -> str:
-        """A served name can hide any model; a `local` judge is our own load, known by its weights."""
+        """A served name can hide any model; a `local` judge is our own load, known by its weights and engine."""
         if self.cfg.judge_url == "local":
-            return model_identity(self.cfg.judge_model)
+            return identity(self.engine, model_identity(self.cfg.judge_model))
         return self.cfg.judge_model
 
     def _connect(self):
         with self.lock:
             if self.client is None:
-                app = create_app(Generator(self.local_model()), self.cfg.judge_model)
+                # Its server decodes as many verdicts together as eval.concurrency sends.
+                gen = open_engine(self.engine, self.cfg.judge_model, None, LlamaCppConfig(), self.cfg.concurrency,
+                                  self.local_model)
+                self.stack.callback(gen.close)
+                app = create_app(gen, self.cfg.judge_model)
                 url = self.stack.enter_context(BackgroundServer(app)) + "/v1"
                 # In-process, a slow reply means a slow CPU, not a lost request: a client timeout would only make
                 # the server generate the same verdict twice, so wait for it and never retry.

@@ -20,6 +20,7 @@ from ezoforge.eval import anchors, contamination, eval_report
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versions
 from ezoforge.eval.tasks import load_suites, scorings
+from ezoforge.infer.engines import choose, pick_backend
 from ezoforge.models import cache_root, check_model, check_spec, model_identity
 from ezoforge.records import write_json, write_jsonl, write_text
 from ezoforge.stage import Stage
@@ -132,8 +133,11 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
         suite.task_type.check(suite, cfg)
     m = recipe.model
     check_model(m.name, adapter, m.device, m.chat_template, m.quantize)  # a bad model fails before the folder is claimed
+    cfg = pick_backend(cfg, "eval.backend", m.name, adapter, m.device, m.quantize)
     if cfg.judge_url == "local":
         check_spec(cfg.judge_model)
+        cfg = cfg.model_copy(update={"judge_backend": choose(cfg.judge_backend, "eval.judge_backend", cfg.judge_model)})
+    recipe = recipe.model_copy(update={"eval": cfg})  # the engines used, as the folder records them
     fp = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize)
     inputs = [s.path for s in suites if s.path is not None] + [p for s in suites for p in s.task_type.inputs(cfg)]
     versions = prompt_versions(suites)

@@ -68,3 +68,14 @@ def open_engine(engine: str, spec: str, chat_template: str | Path | None, llamac
     tokenizer = load_tokenizer(spec, chat_template)
     require_chat_template(tokenizer, spec)
     return LlamaCppGenerator(spec, tokenizer, spec_context_length(spec), llamacpp, sequences)
+
+
+def pick_backend(section, setting: str, spec: str, adapter: str | Path | None = None, device: str = "auto",
+                 quantize: str = "auto"):
+    """`section` (synth's or eval's) with its backend as used: `auto` becomes llamacpp where llama.cpp can run the
+    model as stated, else transformers (logged). Stages record the backend used, so their fingerprints and cache keys
+    name it."""
+    if section.backend != "auto":
+        return section
+    return section.model_copy(update={"backend": choose("auto", setting, spec, adapter, device, quantize,
+                                                        section.llamacpp)})

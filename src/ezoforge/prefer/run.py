@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CACHE = "requests.sqlite"
 # The recipe's judge, as eval uses it: what shapes a verdict.
-JUDGE_KEYS = ("judge_url", "judge_model", "judge_max_tokens", "judge_structured", "judge_reason_max_chars",
+JUDGE_KEYS = ("judge_url", "judge_model", "judge_backend", "judge_max_tokens", "judge_structured", "judge_reason_max_chars",
               "judge_reasks", "judgments", "judge_temperature")
 
 

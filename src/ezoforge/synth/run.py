@@ -24,6 +24,7 @@ from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
 from ezoforge.infer.backends import Backend, Output, Target
+from ezoforge.infer.engines import pick_backend
 from ezoforge.infer.registry import BACKENDS
 from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
@@ -96,10 +97,11 @@ def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
 
 
 def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty: bool = False) -> dict:
-    cfg = recipe.synth
-    model = cfg.model or recipe.model.name
-    files = input_files([input])
+    model = recipe.synth.model or recipe.model.name
     m = recipe.model
+    cfg = pick_backend(recipe.synth, "synth.backend", model, None, m.device, base_quantize(recipe))
+    recipe = recipe.model_copy(update={"synth": cfg})
+    files = input_files([input])
     if BACKENDS[cfg.backend].served:  # a served name: base_url (in the output settings) says which model
         identity, static_cache = model, False
     else:  # a local model must exist before work starts, and is known by its weights
