@@ -5,6 +5,10 @@ concurrency 1 and 16 (and 64 with --gpu) through the OpenAI client. The baseline
 one request at a time under one lock, i.e. plain sequential `generate` (Generator.complete) for the same requests,
 each client's latency being its wait plus its own generation. Greedy, `max_tokens` new tokens per request.
 
+With the bundled model and llama-cpp-python installed, the same requests also go to `ezo serve` on the llamacpp
+engine (llama.cpp on the model's f16 GGUF, its sequences decoding together), and the last line compares the two
+engines at concurrency 16.
+
     python bench/serve_bench.py                        # bundled SmolLM2-135M on CPU: 16 requests of 32 tokens
     python bench/serve_bench.py --gpu                  # Llama-3.1-8B-shaped random weights, bf16, CUDA, up to 64
     python bench/serve_bench.py --random tiny          # a 2-layer random Llama on CPU: checks the --gpu path only
@@ -12,6 +16,7 @@ each client's latency being its wait plus its own generation. Greedy, `max_token
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -114,19 +119,38 @@ def main() -> None:
         print(f"{row['run']:<44} {row['requests']:>5} {row['tokens']:>7} {row['wall_s']:>8.1f} {row['tok_s']:>8.1f} "
               f"{row['p50_s']:>7.1f} {row['p95_s']:>7.1f}", flush=True)
 
-    app = create_app(gen, "bench", max_tokens=args.max_tokens,
-                     limits=ServeConfig(max_batch=max(levels), max_queue=max(levels + [args.requests])))
-    with BackgroundServer(app) as url:
-        served(url, requests[:2], 4, 2)  # warm-up
-        show(served(url, requests[: args.single_requests], args.max_tokens, 1))
-        for c in levels:
-            show(served(url, requests[: max(c, args.requests)], args.max_tokens, c))
-    show(one_lock(gen, requests[: args.single_requests], args.max_tokens))
-    single, batched, baseline = rows[0], rows[1], rows[-1]
+    limits = ServeConfig(max_batch=max(levels), max_queue=max(levels + [args.requests]))
+
+    def serve_all(engine, label: str) -> list[dict]:
+        with BackgroundServer(create_app(engine, "bench", max_tokens=args.max_tokens, limits=limits)) as url:
+            served(url, requests[:2], 4, 2)  # warm-up
+            out = [served(url, requests[: args.single_requests], args.max_tokens, 1)]
+            out += [served(url, requests[: max(c, args.requests)], args.max_tokens, c) for c in levels]
+        for row in out:
+            row["run"] = f"{label}{row['run']}"
+            show(row)
+        return out
+
+    single, batched, *more = serve_all(gen, "")
+    baseline = one_lock(gen, requests[: args.single_requests], args.max_tokens)
+    show(baseline)
+    llama = None
+    if random is None and importlib.util.find_spec("llama_cpp") is not None:
+        from ezoforge.config import LlamaCppConfig
+        from ezoforge.infer.llamacpp import LlamaCppGenerator
+
+        # llama.cpp's threads: as many as torch uses, so both engines get the same cores.
+        engine = LlamaCppGenerator(loaded.spec, loaded.tokenizer, loaded.context_length,
+                                   LlamaCppConfig(threads=torch.get_num_threads()), max(levels))
+        llama = serve_all(engine, "llamacpp: ")
+        engine.close()
     if args.gpu:
-        print(f"concurrency 64 vs 1: {rows[-2]['tok_s'] / single['tok_s']:.2f}x aggregate tokens/s")
+        print(f"concurrency 64 vs 1: {more[0]['tok_s'] / single['tok_s']:.2f}x aggregate tokens/s")
     print(f"concurrency 16 vs the one-lock baseline: {batched['tok_s'] / baseline['tok_s']:.2f}x tokens/s")
     print(f"concurrency 16 vs 1: {batched['tok_s'] / single['tok_s']:.2f}x aggregate tokens/s")
+    if llama:
+        print(f"llamacpp vs transformers, concurrency 1: {llama[0]['tok_s'] / single['tok_s']:.2f}x tokens/s")
+        print(f"llamacpp vs transformers, concurrency 16: {llama[1]['tok_s'] / batched['tok_s']:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

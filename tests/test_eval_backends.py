@@ -16,9 +16,11 @@ TASKS = f"elyza100:{files('ezoforge') / 'data' / 'tasks' / 'demo-tasks.jsonl'}"
 
 
 def recipe(cache: Path, **eval_settings) -> Recipe:
-    # Two prompts; each request carries its explicit system message (the EZO prompt), so a server adds none.
+    # Two prompts; each request carries its explicit system message (the EZO prompt), so a server adds none. Local
+    # answers on transformers, as `live_server` answers.
     return Recipe.model_validate({"model": {"name": BUNDLED}, "eval": {
-        "tasks": [TASKS], "limit": 2, "cache": str(cache), "generation": {"max_new_tokens": 24}, **eval_settings}})
+        "tasks": [TASKS], "limit": 2, "cache": str(cache), "generation": {"max_new_tokens": 24},
+        "backend": "transformers", **eval_settings}})
 
 
 def answers(out: Path) -> list[str]:

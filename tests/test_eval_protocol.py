@@ -57,7 +57,7 @@ def rate_by_prompt(messages: list[dict]) -> str:
 
 def make_recipe(cache: Path, tasks: list[str], judge_url: str, max_new_tokens: int = 8, **eval_):
     return load_recipe(extra={"model": {"name": BUNDLED}, "eval": {
-        "cache": str(cache), "tasks": tasks, "judge_url": judge_url, "judge_model": "gpt-judge",
+        "cache": str(cache), "tasks": tasks, "judge_url": judge_url, "judge_model": "gpt-judge", "backend": "transformers",
         "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.7}, "judge_temperature": 0.7, **eval_}})
 
 

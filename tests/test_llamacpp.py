@@ -191,7 +191,7 @@ def test_ezo_serve_on_llamacpp_batches_cancels_and_constrains(llama_server, llam
         return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
 
     def dropped_stream() -> int:
-        body = {"messages": [{"role": "user", "content": "日本の歴史を長く説明してください。"}], "max_tokens": 4000,
+        body = {"messages": [{"role": "user", "content": "日本の歴史を長く説明してください。"}], "max_tokens": 2000,
                 "stream": True}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as resp:
             chunks = 0

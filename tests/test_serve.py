@@ -194,7 +194,7 @@ def test_ezo_serve_command_end_to_end(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         # SIGTERM in the middle of a long generation: it is cancelled and the process exits within seconds.
-        stream = good.chat.completions.create(model="ezo-test", messages=MESSAGES, max_tokens=4000,
+        stream = good.chat.completions.create(model="ezo-test", messages=MESSAGES, max_tokens=2000,
                                               temperature=0, stream=True)
         next(c for c in stream if c.choices[0].delta.content)
         proc.terminate()

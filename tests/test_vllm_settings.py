@@ -25,7 +25,7 @@ def test_the_recipe_settings_reach_the_engine(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["synth.vllm.quantization=fp8"], "vllm.quantization is a vllm-backend setting; backend 'transformers'"),
+    (["synth.vllm.quantization=fp8"], "vllm.quantization is a vllm-backend setting; backend 'auto'"),
     (["synth.backend=vllm", "synth.vllm.gpu_memory_utilization=1.5"], "less than or equal to 1"),
     (["synth.backend=vllm", "synth.vllm.quantization=int3"], "synth.vllm.quantization"),
 ])
@@ -37,7 +37,7 @@ def test_engine_settings_are_checked_before_any_work(overrides, message):
 def test_a_resolved_recipe_with_default_engine_settings_loads_on_any_backend():
     # `ezo validate` prints every key; the defaults of synth.vllm do not stop it loading with another backend.
     plain = Recipe().model_dump(mode="json")
-    assert Recipe.model_validate(plain).synth.backend == "transformers"
+    assert Recipe.model_validate(plain).synth.backend == "auto"
 
 
 def test_only_quantization_shapes_the_synth_output():
