@@ -57,6 +57,28 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def _gguf_cache() -> Path:
+    from ezoforge.models import cache_root
+
+    return cache_root() / "gguf-export"
+
+
+def _gguf_files() -> set[Path]:
+    return set(_gguf_cache().glob("*.gguf")) if _gguf_cache().is_dir() else set()
+
+
+def pytest_sessionstart(session):
+    session.config.gguf_before = _gguf_files()
+
+
+def pytest_sessionfinish(session):
+    # llama.cpp runs each merged model through an f16 GGUF written into the user's cache (a new one for every demo
+    # run the suite makes, 270 MB each): the run (xdist's controller, or the one process) removes those it added.
+    if not hasattr(session.config, "workerinput"):
+        for path in _gguf_files() - session.config.gguf_before:
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _hf_home(tmp_path_factory):
     # `datasets` and the hub cache write under HF_HOME; keep tests from touching the user's cache.

@@ -4,6 +4,7 @@ in-process (the rendering vLLM is given too) and through `ezo serve` with its de
 included. And the backend registry: one name list, and the cache keys stored before it."""
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -18,7 +19,7 @@ from ezoforge.infer.backends import CONTINUE, OpenAIBackend, as_requests
 from ezoforge.infer.generate import Generator, Sampling, build_messages
 from ezoforge.infer.registry import BACKENDS
 from ezoforge.infer.serve import BackgroundServer, create_app
-from ezoforge.synth.passages import read_docs
+from ezoforge.synth.passages import read_docs, sentences
 from ezoforge.synth.run import _answer_settings, build_requests, make_backend
 from ezoforge.turns import default_system
 
@@ -56,12 +57,15 @@ def served_ids(url: str, req) -> list[int]:
 
 
 def test_synth_and_eval_requests_render_the_same_ids_in_process_and_through_ezo_serve(served):
-    recipe = load_recipe(None, [])
+    recipe = load_recipe(None, ["synth.backend=transformers"])
     local = make_backend(recipe, BUNDLED, static_cache=False)
-    docs = list(read_docs([Path(bundled_data("bundled:heldout/heldout-ja.jsonl"))]))[:3]
+    # Two paragraphs' first sentences: a passage renders as a longer one would, and two of unequal length are still
+    # batched with padding; the prompts below are read in full 3 times by a 135M model (~700 tokens each).
+    docs = [replace(d, text=sentences(d.text)[0])
+            for d in list(read_docs([Path(bundled_data("bundled:heldout/heldout-ja.jsonl"))]))[:2]]
     synth = build_requests(docs, local, recipe)
     conversations = eval_conversations(recipe.model.system_prompt)
-    assert len(synth) == 3 and all(r.prefill and r.messages[0] == ("system", SMOLLM_SYSTEM) for r in synth)
+    assert len(synth) == 2 and all(r.prefill and r.messages[0] == ("system", SMOLLM_SYSTEM) for r in synth)
     for req in synth:
         # in-process synth renders the prompt it rendered before its requests named their system message
         assert local.render(req) == local.tokenizer.apply_chat_template(
@@ -104,7 +108,7 @@ def test_cache_keys_stay_those_stored_before(tmp_path):
         {"quantization": "fp8"}
     assert _answer_settings(load_recipe(None, ["synth.backend=openai", "synth.base_url=http://x/v1"]).synth) == {}
     # eval: this process's model by its fingerprint; an engine by the fingerprint with its URL or vLLM settings
-    recipe = load_recipe(None, [f"eval.cache={tmp_path / 'c.sqlite'}"])
+    recipe = load_recipe(None, [f"eval.cache={tmp_path / 'c.sqlite'}", "eval.backend=transformers"])
     assert _Models(recipe.model, None, recipe.eval).answer_identity("fp") == "fp"
     served = load_recipe(None, ["eval.backend=openai", "eval.base_url=http://127.0.0.1:9/v1"])
     assert _Models(served.model, None, served.eval).answer_identity("fp") == \
@@ -115,7 +119,7 @@ def test_cache_keys_stay_those_stored_before(tmp_path):
 def test_eval_without_a_system_prompt_sends_the_one_the_template_would_add(tmp_path):
     """model.system_prompt: null still sends an explicit system message: the chat template's own in this process
     (the prompt it renders is unchanged), an empty one to a server, so a server's default never stands in."""
-    recipe = load_recipe(None, ["model.system_prompt=null", f"eval.cache={tmp_path / 'c.sqlite'}"])
+    recipe = load_recipe(None, ["model.system_prompt=null", f"eval.cache={tmp_path / 'c.sqlite'}", "eval.backend=transformers"])
     assert _Models(recipe.model, None, recipe.eval).default_system() == SMOLLM_SYSTEM
     served = load_recipe(None, ["model.system_prompt=null", "eval.backend=openai", "eval.base_url=http://127.0.0.1:9/v1"])
     assert _Models(served.model, None, served.eval).default_system() == ""

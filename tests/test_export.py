@@ -1,5 +1,5 @@
 """`ezo export` and `ezo push`: the model card from a real (cut-down) demo run, GGUF files that transformers'
-GGUF loader and `ezo generate` read back with the merged model's logits, the Ollama Modelfile, and push --dry-run."""
+GGUF loader and `ezo generate` read back with the exported model's logits, the Ollama Modelfile, and push --dry-run."""
 import json
 import os
 import re
@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import BUNDLED
 from ezoforge import gguf_file
 from ezoforge.cli import app
 from ezoforge.config import DEFAULT_SYSTEM_PROMPT, ExportConfig
@@ -31,11 +32,35 @@ def demo(demo_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gguf_cache(tmp_path_factory):
-    """GGUF files load through a dense safetensors cache: keep this module's out of the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EZO_CACHE_DIR", str(tmp_path_factory.mktemp("ezo-cache")))
-        yield
+def demo_f16(demo):
+    """The demo export's f16 GGUF file, read once (its reader parses the whole vocabulary)."""
+    import gguf
+
+    return gguf.GGUFReader(next((demo / "export" / "gguf").glob("*-f16.gguf")))
+
+
+@pytest.fixture(scope="module")
+def source() -> Path:
+    """The bundled model's folder (its safetensors cache, made once per machine), exported by `exported`."""
+    from ezoforge.models import resolve
+
+    return Path(resolve(BUNDLED))
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory) -> Path:
+    """`ezo export` of the bundled model with both GGUF types. The GGUF readback and usage tests read it rather than
+    the demo run's export, so they need not wait for the demo run (and run beside it under xdist)."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    export(source, out, ExportConfig(gguf=["f16", "q8_0"]), DEFAULT_SYSTEM_PROMPT, evals={})
+    return out
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    """`ezo generate` loads a GGUF file through a dense safetensors cache: keep this test's out of the user's cache
+    (only for the test, so the bundled model still resolves to the machine's own cache)."""
+    monkeypatch.setenv("EZO_CACHE_DIR", str(tmp_path / "ezo-cache"))
 
 
 def card_parts(folder: Path) -> tuple[dict, str]:
@@ -44,13 +69,13 @@ def card_parts(folder: Path) -> tuple[dict, str]:
     return yaml.safe_load(front), body
 
 
-def logits(model_dir, ids: torch.Tensor, half_weights: bool = False) -> torch.Tensor:
+def load_f32(model_dir, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if half_weights:  # the f16 file's weights: float16-rounded, computed in float32 after loading
-        for p in model.parameters():
-            p.data = p.data.half().float()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits[0]
 
@@ -96,21 +121,18 @@ def test_card_metadata_and_figures_come_from_the_run(demo):
                                                 "tokenizer.json", "README.md", "gguf", "DONE"}
 
 
-def test_usage_snippet_runs_as_written(demo):
-    _, body = card_parts(demo / "export")
+def test_usage_snippet_runs_as_written(exported):
+    _, body = card_parts(exported)
     code = re.search(r"```python\n(.*?)```", body, re.S).group(1)
-    assert DEFAULT_SYSTEM_PROMPT in code and str((demo / "export").resolve()) in code
+    assert DEFAULT_SYSTEM_PROMPT in code and str(exported.resolve()) in code
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
 
 
-def test_a_model_without_records_gets_a_card_that_invents_nothing(bundled, tmp_path):
-    from ezoforge.models import resolve
-
-    stats = export(resolve("bundled:smollm2-135m-instruct"), tmp_path / "out", ExportConfig(), DEFAULT_SYSTEM_PROMPT,
-                   evals={})
+def test_a_model_without_records_gets_a_card_that_invents_nothing(source, tmp_path):
+    stats = export(source, tmp_path / "out", ExportConfig(), DEFAULT_SYSTEM_PROMPT, evals={})
     meta, body = card_parts(tmp_path / "out")
     assert "base_model" not in meta and "license" not in meta and stats["evals"] == []
     for absent in ("## Data", "## Training", "## Evaluation", "eval.png"):
@@ -141,50 +163,63 @@ def test_rerun_is_a_no_op_and_other_settings_need_force(demo_run):
 
 # ---------------------------------------------------------------- GGUF
 
-def test_f16_gguf_reads_back_with_the_merged_models_logits(demo, gguf_cache):
+def test_f16_gguf_reads_back_with_the_source_models_logits(source, exported, gguf_cache):
     from ezoforge.models import resolve
 
-    merged, f16 = demo / "merged", next((demo / "export" / "gguf").glob("*-f16.gguf"))
+    f16 = next((exported / "gguf").glob("*-f16.gguf"))
     result = runner.invoke(app, ["generate", "--model", str(f16), "--prompt", JA_PROMPT, "--max-new-tokens", "8"])
     assert result.exit_code == 0 and result.stdout.strip(), result.output
-    dense = resolve(str(f16))  # the same transformers GGUF load `ezo generate` just did, from its cache
+    dense = resolve(str(f16))  # transformers' GGUF loader, into the dense cache (`ezo generate` may use llama.cpp)
     ids = prompt_ids(dense)
-    assert torch.equal(ids, prompt_ids(merged))  # the embedded tokenizer and chat template read back the same
-    got = logits(dense, ids)
-    rounded = (got - logits(merged, ids, half_weights=True)).abs().max().item()
-    exact = (got - logits(merged, ids)).abs().max().item()
-    print(f"f16 GGUF vs merged: max |logit diff| {exact:.4g} (vs float16-rounded weights {rounded:.3g})")
+    assert torch.equal(ids, prompt_ids(source))  # the embedded tokenizer and chat template read back the same
+    got = logits(load_f32(dense), ids)
+    model = load_f32(source)
+    exact = (got - logits(model, ids)).abs().max().item()
+    for p in model.parameters():  # the f16 file's weights: float16-rounded, computed in float32 after loading
+        p.data = p.data.half().float()
+    rounded = (got - logits(model, ids)).abs().max().item()
+    print(f"f16 GGUF vs source: max |logit diff| {exact:.4g} (vs float16-rounded weights {rounded:.3g})")
     assert rounded < 1e-3  # all of the difference is float16 rounding of the weights
     assert exact < 0.2
 
 
-def test_q8_0_greedy_continuation_matches_the_merged_model(demo, gguf_cache, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_q8_0_greedy_continuation_matches_the_source_model(source, exported):
+    import gguf
 
-    merged = demo / "merged"
-    info = gguf_file.write(merged, tmp_path / "m-q8_0.gguf", "q8_0")
-    assert info["tensor_types"]["Q8_0"] > 0
-    ids = prompt_ids(merged)
+    q8 = next((exported / "gguf").glob("*-q8_0.gguf"))
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in gguf.GGUFReader(q8).tensors)
+    ids = prompt_ids(source)
 
     def greedy(model):
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
 
-    want = greedy(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
-    got = greedy(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m-q8_0.gguf", dtype=torch.float32))
+    want = greedy(load_f32(source))
+    got = greedy(load_f32(q8.parent, gguf_file=q8.name))
     matched = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
-    print(f"q8_0 GGUF greedy: {matched} of {len(want)} tokens match the merged model")
+    print(f"q8_0 GGUF greedy: {matched} of {len(want)} tokens match the source model")
     assert len(want) == 16 and matched == 16
 
 
-def test_gguf_embeds_tokenizer_template_and_modelfile_matches(demo):
-    import gguf
+def test_demo_f16_gguf_holds_the_merged_weights(demo, demo_f16, source):
+    """The demo's export wrote the merged model's weights, float16-rounded (the readback tests above prove the
+    writer on the bundled model); a LoRA-changed tensor tells them from the base model's."""
+    from safetensors import safe_open
 
+    name = "model.layers.0.self_attn.v_proj.weight"
+    tensor = next(t for t in demo_f16.tensors if t.name == "blk.0.attn_v.weight")
+    written = torch.from_numpy(tensor.data.copy())
+    with safe_open(demo / "merged" / "model.safetensors", "pt") as merged, \
+            safe_open(source / "model.safetensors", "pt") as base:
+        want, before = merged.get_tensor(name).half(), base.get_tensor(name).half()
+    assert written.dtype == torch.float16 and torch.equal(written, want) and not torch.equal(written, before)
+
+
+def test_gguf_embeds_tokenizer_template_and_modelfile_matches(demo, demo_f16):
     out = demo / "export" / "gguf"
-    reader = gguf.GGUFReader(next(out.glob("*-f16.gguf")))
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.chat", "general.arch",
-                                                                                  "tokenizer.ggml.model"))}
+    fields = {k: f.contents() for k, f in demo_f16.fields.items()
+              if k.startswith(("tokenizer.chat", "general.arch", "tokenizer.ggml.model"))}
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.chat_template"] == (demo / "merged" / "chat_template.jinja").read_text()
     modelfile = (out / "Modelfile").read_text(encoding="utf-8")
