@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from ezoforge.config import LlamaCppConfig, ServeConfig, SynthConfig
 from ezoforge.errors import ConfigError, EzoError, ModelError
@@ -136,10 +135,10 @@ class Slots:
         self.slot[job] = slot
         return True
 
-    def step(self, rows: list[Job], joining: list[Job]) -> torch.Tensor:
+    def step(self, rows: list[Job], joining: list[Job]) -> np.ndarray:
         parts = [(self.slot[j], len(j.prompt) + len(j.out) - 1, [j.out[-1]]) for j in rows]
         parts += [(self.slot[j], 0, j.prompt) for j in joining]
-        return torch.from_numpy(self.engine.feed(parts))
+        return self.engine.feed(parts)
 
     def drop(self, rows: list[Job], gone: list[int]) -> None:
         for i in gone:

@@ -86,7 +86,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = Field(None, max_length=16)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes (negatives wrap)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
