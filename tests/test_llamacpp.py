@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,32 @@ def test_decoding_together_equals_one_at_a_time(llama, requests, bundled):
             parted += 1
             assert hesitation(bundled, backend.prompt_ids(req), a_ids[:at]) < NEAR_TIE, (a.text, t.text)
     assert parted <= 1, [(a.text, t.text) for a, t in zip(alone, together)]
+
+
+@needs_llama_cpp
+def test_a_prompt_starting_with_the_shared_prefix_reads_the_logits_a_full_prefill_gives(llama):
+    """Two prompts with 200 tokens in common make those the shared prefix; a third starting with them copies their
+    cells and prefills only the rest, with the logits of a prefill from scratch."""
+    engine = llama[0].generator().engine
+    rng = np.random.default_rng(0)
+    head = [int(t) for t in rng.integers(100, 40000, 200)]
+    a, b, c = (head + [int(t) for t in rng.integers(100, 40000, n)] for n in (50, 60, 70))
+    slots = [engine.claim(400) for _ in range(4)]
+    try:
+        with engine.lock:
+            for slot, prompt in zip(slots, (a, b)):
+                assert engine.start_from_shared(slot, prompt) == 0  # nothing shared yet
+                engine.feed([(slot, 0, prompt)])
+                engine.remember(slot, prompt)
+            assert engine.shared == head
+            start = engine.start_from_shared(slots[2], c)
+            shared = engine.feed([(slots[2], start, c[start:])])
+            scratch = engine.feed([(slots[3], 0, c)])
+        assert start == 200
+        assert np.array_equal(shared, scratch)
+    finally:
+        for slot in slots:
+            engine.release(slot)
 
 
 @needs_llama_cpp
@@ -207,7 +234,7 @@ def test_ezo_serve_on_llamacpp_batches_cancels_and_constrains(llama_server, llam
     parted = 0
     for req, reply, theirs in zip(requests, replies, together):
         assert reply["prompt_token_ids"] == llama[0].prompt_ids(req)  # rendered as every local backend renders
-        ours, theirs_ids = reply["choices"][0]["token_ids"], gen.encode(theirs.text)
+        ours, theirs_ids = (gen.encode(text) for text in (reply["choices"][0]["message"]["content"], theirs.text))
         if (at := parting(ours, theirs_ids)) is not None:  # greedy: as the backend answered, up to a near-tie
             parted += 1
             assert hesitation(bundled, reply["prompt_token_ids"], ours[:at]) < NEAR_TIE, (ours, theirs.text)
