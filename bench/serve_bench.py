@@ -131,19 +131,20 @@ def main() -> None:
             show(row)
         return out
 
-    single, batched, *more = serve_all(gen, "")
-    baseline = one_lock(gen, requests[: args.single_requests], args.max_tokens)
-    show(baseline)
     llama = None
     if random is None and importlib.util.find_spec("llama_cpp") is not None:
         from ezoforge.config import LlamaCppConfig
         from ezoforge.infer.llamacpp import LlamaCppGenerator
 
-        # llama.cpp's threads: as many as torch uses, so both engines get the same cores.
+        # First: once torch has computed in a process, its idle thread pool slows llama.cpp's threads there (as
+        # `ezo serve` on llama.cpp never runs torch). llama.cpp's threads: as many as torch's, the same cores.
         engine = LlamaCppGenerator(loaded.spec, loaded.tokenizer, loaded.context_length,
                                    LlamaCppConfig(threads=torch.get_num_threads()), max(levels))
         llama = serve_all(engine, "llamacpp: ")
         engine.close()
+    single, batched, *more = serve_all(gen, "")
+    baseline = one_lock(gen, requests[: args.single_requests], args.max_tokens)
+    show(baseline)
     if args.gpu:
         print(f"concurrency 64 vs 1: {more[0]['tok_s'] / single['tok_s']:.2f}x aggregate tokens/s")
     print(f"concurrency 16 vs the one-lock baseline: {batched['tok_s'] / baseline['tok_s']:.2f}x tokens/s")

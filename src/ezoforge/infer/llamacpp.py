@@ -166,14 +166,13 @@ class Slots:
 
     def step(self, rows: list[Job], joining: list[Job]) -> np.ndarray:
         engine = self.engine
-        logits = [engine.feed([(self.slot[j], len(j.prompt) + len(j.out) - 1, [j.out[-1]]) for j in rows])] \
-            if rows else []
-        for job in joining:  # one at a time: each may start from the prefix the one before it left
-            slot = self.slot[job]
-            start = engine.start_from_shared(slot, job.prompt)
-            logits.append(engine.feed([(slot, start, job.prompt[start:])]))
-            engine.remember(slot, job.prompt)
-        return np.concatenate(logits)
+        starts = [engine.start_from_shared(self.slot[j], j.prompt) for j in joining]
+        # One packed feed: short prompts joining together prefill in one decode call, not one call each.
+        logits = engine.feed([(self.slot[j], len(j.prompt) + len(j.out) - 1, [j.out[-1]]) for j in rows] +
+                             [(self.slot[j], start, j.prompt[start:]) for j, start in zip(joining, starts)])
+        for job in joining:
+            engine.remember(self.slot[job], job.prompt)
+        return logits
 
     def drop(self, rows: list[Job], gone: list[int]) -> None:
         for i in gone:
