@@ -122,7 +122,8 @@ def cpu_backends(args) -> None:
     print(f"{spec} · {args.prompts} prompts · {args.new_tokens} new tokens · torch threads {torch.get_num_threads()} "
           f"· llamacpp threads {args.threads}")
     results: dict = {"model": str(spec), "prompts": args.prompts, "new_tokens": args.new_tokens}
-    for name in ("transformers", "llamacpp"):
+    # llama.cpp first: once torch has computed in a process, its idle thread pool slows llama.cpp's threads there.
+    for name in ("llamacpp", "transformers"):
         for batch in (1, args.batch):
             section = EvalConfig.model_validate({"backend": name, "generation": {"batch_size": batch}, **(
                 {"llamacpp": {"threads": args.threads}} if name == "llamacpp" else {})})
