@@ -153,6 +153,11 @@ def resolve(spec: str) -> str:
     return str(path) if path.is_dir() else spec  # else a hub id; loading fails clearly when the hub is unreachable
 
 
+# Which file `gguf_of` gives llama.cpp, named in llama.cpp's cache keys: a new rule runs other weights, so it gets a
+# new name (the bundled model ran as its Q4_1 file before f16 exports).
+GGUF_OF = "f16-export"
+
+
 def gguf_of(spec: str) -> Path:
     """The GGUF file llama.cpp runs for a model spec: a .gguf file as it is; any other model written once as f16 by our
     exporter into the cache, named by its weights (`weights_identity`), so llama.cpp reads the tokenizer and weights

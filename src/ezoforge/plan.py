@@ -361,11 +361,12 @@ class Planner:
 
     def llamacpp_engine(self, spec: str, shape: Shape, cfg: LlamaCppConfig, sequences: int) -> dict:
         """llama.cpp on the CPU: the model as a GGUF in RAM (a .gguf file as it is, any other written once as f16 into
-        the cache) beside `kv_tokens` of f16 KV cache for each sequence decoded together; no GPU."""
+        the cache) beside `kv_tokens` of f16 KV cache for each sequence decoded together and one more (the shared
+        prompt prefix); no GPU."""
         weights = weight_bytes(shape, "float16")
-        kv = cfg.kv_tokens * sequences * shape.kv_bytes_per_token
+        kv = cfg.kv_tokens * (sequences + 1) * shape.kv_bytes_per_token
         source = (f"llama.cpp on the CPU: {weights / GIB:.1f} GiB of f16 weights (at most) + {kv / GIB:.2f} GiB of KV "
-                  f"cache ({sequences} x {cfg.kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
+                  f"cache ({sequences + 1} x {cfg.kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
         return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + (weights + kv) / GIB, "source": source,
                 "disk": 0.0 if spec.endswith(".gguf") else weights}
 

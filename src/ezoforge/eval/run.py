@@ -20,7 +20,7 @@ from ezoforge.eval import anchors, contamination, eval_report
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versions
 from ezoforge.eval.tasks import load_suites, scorings
-from ezoforge.infer.engines import choose, pick_backend
+from ezoforge.infer.engines import choose, identity, pick_backend
 from ezoforge.models import cache_root, check_model, check_spec, model_identity
 from ezoforge.records import write_json, write_jsonl, write_text
 from ezoforge.stage import Stage
@@ -56,7 +56,8 @@ class _Models:
         if self.kind.in_process:
             return fp
         where = {"base_url": self.cfg.base_url} if self.kind.served else {}
-        return request_key(model=fp, backend=self.cfg.backend, **where, **self.kind.answer_settings(self.cfg))[:16]
+        return request_key(model=identity(self.cfg.backend, fp), backend=self.cfg.backend, **where,
+                           **self.kind.answer_settings(self.cfg))[:16]
 
     def default_system(self) -> str:
         """The system message the answering model's chat template puts in by itself; "" for a served model (its

@@ -12,7 +12,7 @@ from ezoforge.config import LlamaCppConfig
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import ChatEngine, Generator
 from ezoforge.infer.llamacpp import LlamaCppGenerator, check_convertible, require_installed
-from ezoforge.models import Loaded, load_tokenizer, pick_device, require_chat_template, spec_context_length
+from ezoforge.models import GGUF_OF, Loaded, load_tokenizer, pick_device, require_chat_template, spec_context_length
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def choose(backend: str, setting: str, spec: str, adapter: str | Path | None = N
 
 
 def identity(engine: str, model_identity: str) -> str:
-    """Cache keys of answers: llama.cpp's differ from transformers' by float rounding, so they are kept apart."""
-    return model_identity if engine == "transformers" else f"{model_identity}:{engine}"
+    """What answer cache keys name as the model: llama.cpp's answers differ from transformers' by float rounding and
+    by the GGUF it runs (`models.gguf_of`), so they are kept apart; other engines are named by their own keys."""
+    return f"{model_identity}:llamacpp:{GGUF_OF}" if engine == "llamacpp" else model_identity
 
 
 def open_engine(engine: str, spec: str, chat_template: str | Path | None, llamacpp: LlamaCppConfig, sequences: int,

@@ -24,6 +24,7 @@ from ezoforge.records import Pair, write_parquet
 from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
 from ezoforge.infer.backends import Backend, Output, Target
+from ezoforge.infer.engines import identity as engine_identity
 from ezoforge.infer.engines import pick_backend
 from ezoforge.infer.registry import BACKENDS
 from ezoforge.synth.mix import draw
@@ -108,7 +109,8 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         from ezoforge.models import check_model, model_identity, pick_device
 
         check_model(model, None, m.device, m.chat_template, base_quantize(recipe))
-        identity = model_identity(model, None, m.dtype, m.device, m.chat_template, base_quantize(recipe))
+        identity = engine_identity(cfg.backend, model_identity(model, None, m.dtype, m.device, m.chat_template,
+                                                               base_quantize(recipe)))
         static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
     # The draw comes first: a mix naming an absent source fails before the output folder is claimed.
     docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
