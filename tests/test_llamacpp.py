@@ -4,6 +4,9 @@ cache) answers like the transformers backend, decodes several sequences together
 thread: its threads spin while they wait, and the tests share the cores."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
@@ -19,7 +22,7 @@ from ezoforge.config import EvalConfig, ModelConfig, Recipe, ServeConfig, SynthC
 from ezoforge.errors import ConfigError
 from ezoforge.eval.run import _Models, run
 from ezoforge.infer.backends import Request, Target, TransformersBackend
-from ezoforge.infer.engines import choose, pick_backend
+from ezoforge.infer.engines import choose, in_own_thread, pick_backend
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.infer.llamacpp import LlamaCppBackend
 from ezoforge.models import resolve
@@ -150,6 +153,27 @@ def test_answers_are_cached_apart_from_the_transformers_ones():
     ours = _Models(ModelConfig(name=BUNDLED), None, settings()).answer_identity("fp")
     assert ours == request_key(model="fp:llamacpp:f16-export", backend="llamacpp")[:16]
     assert ours != request_key(model="fp", backend="llamacpp")[:16]
+
+
+def test_torch_work_in_its_own_thread_takes_its_openmp_threads_with_it():
+    """Torch's OpenMP workers live as long as the thread that computed: left on the main thread they would make
+    libgomp throttle llama.cpp's own team later in the process."""
+    code = ("import os, torch\n"
+            "from ezoforge.infer.engines import in_own_thread\n"
+            "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+            "work = lambda: torch.randn(1 << 20).tanh().sum().item()\n"
+            "start = threads(); in_own_thread(work); apart = threads(); work(); here = threads()\n"
+            "print(start, apart, here)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True,
+                         capture_output=True, text=True).stdout
+    start, apart, here = map(int, out.split())
+    assert apart == start and here == start + 1, out  # one worker beside the computing thread, with 2 threads
+
+
+def test_in_own_thread_returns_the_value_and_raises_the_error():
+    assert in_own_thread(lambda: 6 * 7) == 42
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_own_thread(lambda: int("x"))
 
 
 def test_llamacpp_with_an_adapter_is_refused_before_loading(tmp_path):

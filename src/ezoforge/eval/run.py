@@ -20,7 +20,7 @@ from ezoforge.eval import anchors, contamination, eval_report
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versions
 from ezoforge.eval.tasks import load_suites, scorings
-from ezoforge.infer.engines import choose, identity, pick_backend
+from ezoforge.infer.engines import choose, identity, in_own_thread, pick_backend
 from ezoforge.models import cache_root, check_model, check_spec, model_identity
 from ezoforge.records import write_json, write_jsonl, write_text
 from ezoforge.stage import Stage
@@ -168,8 +168,8 @@ def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, sui
         stack.callback(cache.close)
         judge = Judge(cfg, cache, stack, lambda: models.judge_model(cfg.judge_model)) if cfg.judge_model else None
         ctx = Context(recipe, fp, _model_name(recipe, adapter), models, cache, counts, judge)
-        for s in scored:  # the model's work first, then the judge's
-            s.answer(ctx)
+        for s in scored:  # the model's work first, then the judge's (which may run on llama.cpp)
+            in_own_thread(functools.partial(s.answer, ctx))
         for s in scored:
             s.grade(ctx)
     report = _report(scored, ctx, adapter)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ezoforge.config import LlamaCppConfig
 from ezoforge.errors import ConfigError, EzoError
@@ -15,6 +17,30 @@ from ezoforge.infer.llamacpp import LlamaCppGenerator, check_convertible, requir
 from ezoforge.models import GGUF_OF, Loaded, load_tokenizer, pick_device, require_chat_template, spec_context_length
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def in_own_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread that ends with it, for torch's work in a process where llama.cpp computes later. libgomp
+    (torch's and llama.cpp's OpenMP, one library in one process) keeps a team of threads for each thread that has
+    computed in parallel until that thread ends; with more of them than cores, every team waits by sleeping, and
+    llama.cpp, whose kernels meet at an OpenMP barrier many times a token, decodes at half speed (60 -> 27-32 tokens/s
+    on 2 cores). Torch's work in a passing thread takes its team with it."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, work()))
+        except BaseException as e:  # raised again in the caller's thread
+            result.append((False, e))
+
+    thread = threading.Thread(target=run, name="ezo-torch-work", daemon=True)  # daemon: Ctrl-C ends the process
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def why_not_llamacpp(spec: str, adapter: str | Path | None, device: str, quantize: str) -> str | None:
