@@ -2,6 +2,7 @@
 checkpoints are saved, and a stated model.dtype is the dtype the base trains in."""
 import json
 
+import pytest
 import torch
 
 from ezoforge.config import load_recipe
@@ -50,3 +51,20 @@ def test_stated_model_dtype_is_the_training_dtype(tiny_model):
     cpu = torch.device("cpu")
     assert load_base(tiny_model, cfg, cpu, qlora=False).dtype == torch.float32  # auto on a CPU
     assert load_base(tiny_model, cfg, cpu, qlora=False, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_cpu_autocast_is_recorded_resolved_and_reaches_the_trainer(tiny_model, tmp_path):
+    from ezoforge.errors import ConfigError
+    from ezoforge.train.model import use_cpu_autocast
+    from ezoforge.train.run import sft_config, train_stage
+
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    auto, cpu, pairs = load_recipe(None, overrides(tiny_model)), torch.device("cpu"), _pairs(tmp_path)
+    recorded = train_stage(auto, [pairs], tmp_path / "train").settings["output"]["train"]["cpu_autocast"]
+    assert recorded is bool(flags & {"avx512_bf16", "amx_tile"})  # auto: where the CPU has bf16 instructions
+    for stated in (True, False):
+        cfg = auto.train.model_copy(update={"cpu_autocast": stated})
+        assert sft_config(cfg, tmp_path, cpu, False).bf16 is stated
+    with pytest.raises(ConfigError, match="train.cpu_autocast is true but this run trains on cuda"):
+        use_cpu_autocast(auto.train.model_copy(update={"cpu_autocast": True}), torch.device("cuda"))
+    assert use_cpu_autocast(auto.train, torch.device("cuda")) is False

@@ -18,7 +18,7 @@ import torch
 from ezoforge.config import PreferConfig, TrainConfig
 from ezoforge.stage import Stage
 from ezoforge.train import checkpoints
-from ezoforge.train.model import attn_implementation, float32_adapters, load_base
+from ezoforge.train.model import attn_implementation, float32_adapters, load_base, use_cpu_autocast
 from ezoforge.train.progress import TrainLog, plot_loss
 from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
 
@@ -33,7 +33,7 @@ def dpo_config(cfg: PreferConfig, train: TrainConfig, staging: Path, device: tor
     # TRL 1.16 computes DPO's log-probs through its own fused, chunked LM head (never the tokens x vocab logits) and
     # refuses Liger's fused loss; Liger adds its layer kernels only.
     return DPOConfig(
-        **trainer_args(cfg, staging, device, precision), eval_strategy="no",
+        **trainer_args(cfg, staging, device, precision, use_cpu_autocast(train, device)), eval_strategy="no",
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
         beta=cfg.beta, loss_type=[cfg.loss_type], report_to=[])

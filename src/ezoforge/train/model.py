@@ -64,6 +64,22 @@ def use_qlora(cfg: TrainConfig, device: torch.device) -> bool:
     return False
 
 
+def use_cpu_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    """`train.cpu_autocast` resolved: whether a CPU run computes in bfloat16 under autocast; a stated true on
+    another device is a ConfigError, raised before any model loads."""
+    if device.type != "cpu":
+        if cfg.cpu_autocast is True:
+            raise ConfigError(f"train.cpu_autocast is true but this run trains on {device}, not a CPU (a GPU run "
+                              "computes in the base's dtype; set it to auto or false)")
+        return False
+    if cfg.cpu_autocast != "auto":
+        return cfg.cpu_autocast
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    log.info("train.cpu_autocast=auto: %s", "matmuls in bfloat16 (this CPU has bf16 instructions; float32 weights "
+             "and adapters)" if native else "float32 throughout (this CPU has no bf16 instructions)")
+    return native
+
+
 def require_stated_kernels(cfg: TrainConfig, device: torch.device) -> None:
     """Kernels the recipe asks for by name must be usable: checked before any model loads."""
     if cfg.liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):

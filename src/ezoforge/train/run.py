@@ -20,7 +20,7 @@ from ezoforge.stage import Stage, input_files
 from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
 from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, require_stated_kernels,
-                                  use_qlora)
+                                  use_cpu_autocast, use_qlora)
 from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
 from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def train_stage(recipe: Recipe, inputs: list[Path], out: Path) -> Stage:
-    """The train folder: shaped by the train section, on the recipe's model, from these inputs."""
-    return Stage("train", out, {"train": output_settings(recipe.train)}, model=output_settings(recipe.model),
-                 inputs=inputs)
+    """The train folder: shaped by the train section, on the recipe's model, from these inputs. cpu_autocast is
+    recorded resolved: a folder trained in float32 is not resumed in bfloat16 on another CPU."""
+    autocast = use_cpu_autocast(recipe.train, pick_device(recipe.model.device))
+    return Stage("train", out, {"train": {**output_settings(recipe.train), "cpu_autocast": autocast}},
+                 model=output_settings(recipe.model), inputs=inputs)
 
 
 def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
@@ -39,7 +41,7 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
     from trl import SFTConfig
 
     return SFTConfig(
-        **trainer_args(cfg, staging, device, precision),
+        **trainer_args(cfg, staging, device, precision, use_cpu_autocast(cfg, device)),
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
         eval_on_start=evaluate and eval_first,
         activation_checkpointing=cfg.gradient_checkpointing,
@@ -120,6 +122,8 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     check_model(recipe.model.name, None, recipe.model.device, recipe.model.chat_template)
     require_stated_kernels(recipe.train, device)
     qlora = use_qlora(recipe.train, device)  # stated-but-impossible 4-bit fails here, before any load
+    train = recipe.train.model_copy(update={"cpu_autocast": use_cpu_autocast(recipe.train, device)})
+    recipe = recipe.model_copy(update={"train": train})
     stage = train_stage(recipe, inputs, out)
     finished = stage.start(force) if dist.is_main_process else None
     dist.wait_for_everyone()

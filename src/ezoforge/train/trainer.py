@@ -14,9 +14,11 @@ import torch
 from ezoforge.records import replace_folder
 
 
-def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None) -> dict:
+def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None,
+                 cpu_autocast: bool = False) -> dict:
     """The arguments SFT and DPO share (batch, schedule, saving, precision, Liger), from a section that has the
-    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows."""
+    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows;
+    `cpu_autocast`: a CPU run computes in bfloat16 (train.cpu_autocast, resolved)."""
     cuda = device.type == "cuda"
     if precision is None:
         precision = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -28,7 +30,8 @@ def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtyp
         max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs or 1.0,
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None,
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
-        bf16=cuda and precision == torch.bfloat16, fp16=cuda and precision == torch.float16,
+        bf16=(cuda and precision == torch.bfloat16) or (not cuda and cpu_autocast),
+        fp16=cuda and precision == torch.float16,
         use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
         disable_tqdm=True, log_level="warning", dataloader_num_workers=0)
 
