@@ -158,11 +158,16 @@ def test_answers_are_cached_apart_from_the_transformers_ones():
 def test_torch_work_in_its_own_thread_takes_its_openmp_threads_with_it():
     """Torch's OpenMP workers live as long as the thread that computed: left on the main thread they would make
     libgomp throttle llama.cpp's own team later in the process."""
-    code = ("import os, torch\n"
+    code = ("import os, time, torch\n"
             "from ezoforge.infer.engines import in_own_thread\n"
             "threads = lambda: len(os.listdir('/proc/self/task'))\n"
             "work = lambda: torch.randn(1 << 20).tanh().sum().item()\n"
-            "start = threads(); in_own_thread(work); apart = threads(); work(); here = threads()\n"
+            "def settled(n):  # a finished thread's OpenMP workers exit on their own, a moment later\n"
+            "    for _ in range(100):\n"
+            "        if threads() == n: break\n"
+            "        time.sleep(0.05)\n"
+            "    return threads()\n"
+            "start = threads(); in_own_thread(work); apart = settled(start); work(); here = threads()\n"
             "print(start, apart, here)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True,
                          capture_output=True, text=True).stdout
