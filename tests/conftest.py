@@ -126,7 +126,7 @@ def scripted_judge():
 DEMO = REPO / "recipes" / "demo.yaml"
 # The demo recipe cut to seconds: two documents, two training steps, three tasks answered briefly.
 DEMO_SMALL = ["synth.limit=2", "synth.pairs_per_doc=1", "synth.max_passage_tokens=400",
-              "synth.generation.max_new_tokens=64", "train.max_steps=2", "train.save_every=2", "train.max_length=256",
+              "synth.generation.max_new_tokens=64", "train.max_steps=2", "train.save_every=2", "train.max_length=128",
               "eval.limit=3", "eval.generation.max_new_tokens=24"]
 
 

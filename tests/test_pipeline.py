@@ -91,8 +91,8 @@ def test_a_forced_edit_redoes_only_the_stages_it_affects(demo_copy):
     workdir = demo_copy.workdir
     before = done_times(workdir)
     sent = len(demo_copy.judge.requests)
-    # a train setting that also halves the tokens trained on: training is most of what is redone
-    run_recipe(demo_copy.recipe(None, "train.max_length=128"), DEMO, force=["train"])
+    # a train setting: training is most of what is redone
+    run_recipe(demo_copy.recipe(None, "train.lora_r=8"), DEMO, force=["train"])
     after = done_times(workdir)
     changed = {step for step in before if after[step] != before[step]}
     assert changed == {"train", "merge", "eval-tuned", "export"}  # the card reads what changed
