@@ -1,7 +1,7 @@
 """llama.cpp decoding in a process where torch has computed: torch's work on the main thread (its OpenMP team
 stays alive, and libgomp then throttles llama.cpp's barriers) against the same work in a passing thread
 (`infer.engines.in_own_thread`, what eval does). Each case runs in a fresh process, one after the other; the
-bundled model's f16 GGUF, 2 sequences, a 300-token prompt each, then 64 decoding steps.
+bundled model's f16 GGUF, one sequence: a 300-token prompt, then 64 decoding steps.
 
     .venv/bin/python bench/llamacpp_after_torch_bench.py [--threads 2]
 
@@ -19,17 +19,17 @@ import time
 
 
 def decode_tokens_per_s(engine) -> float:
-    """Prefill two 300-token prompts, then time 64 steps of both; run in a thread of its own, as the batching loop
-    runs llama.cpp."""
+    """Prefill a 300-token prompt, then time 64 decoding steps; in a thread of its own, as the batching loop runs
+    llama.cpp."""
     result = []
 
     def run() -> None:
         engine.lib.llama_memory_clear(engine.memory, True)
-        engine.feed([(s, 0, [100 + (7 * i + s) % 30000 for i in range(300)]) for s in range(2)])
+        engine.feed([(0, 0, [100 + 7 * i for i in range(300)])])
         start = time.perf_counter()
         for i in range(64):
-            engine.feed([(s, 300 + i, [500 + i]) for s in range(2)])
-        result.append(128 / (time.perf_counter() - start))
+            engine.feed([(0, 300 + i, [500 + i])])
+        result.append(64 / (time.perf_counter() - start))
 
     thread = threading.Thread(target=run)
     thread.start()
