@@ -10,33 +10,11 @@ dropout-0.05 step to the demo's step (autocast, no dropout) last.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from qlora_cpu_bench import seconds_per_step  # bench/ is on the path of a script run from it
 
 from ezoforge.config import TrainConfig
-from ezoforge.train.model import load_base, lora_config
-
-
-def seconds_per_step(autocast: bool, dropout: float, batch: int, length: int, steps: int) -> float:
-    from peft import get_peft_model
-
-    cfg = TrainConfig(qlora=False, lora_dropout=dropout)
-    model = get_peft_model(load_base("bundled:smollm2-135m-instruct", cfg, torch.device("cpu"), False),
-                           lora_config(cfg))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(100, 40000, (batch, length), generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -50,7 +28,8 @@ def main() -> None:
           f"batch {a.batch} x {a.length} tokens")
     runs = {}
     for autocast, dropout in [(False, 0.05), (True, 0.05), (False, 0.0), (True, 0.0)]:
-        runs[autocast, dropout] = s = seconds_per_step(autocast, dropout, a.batch, a.length, a.steps)
+        cfg = TrainConfig(qlora=False, lora_dropout=dropout, gradient_checkpointing=False)
+        runs[autocast, dropout] = s = seconds_per_step(cfg, a.batch, a.length, a.steps, autocast)
         name = "bf16 autocast" if autocast else "float32      "
         print(f"{name}, lora_dropout {dropout:.2f}: {s:.2f} s/step ({a.batch * a.length / s:.0f} tokens/s)")
     print(f"float32 with dropout / autocast without (the demo's step): {runs[False, 0.05] / runs[True, 0.0]:.2f}x")

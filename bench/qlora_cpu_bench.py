@@ -17,19 +17,23 @@ from ezoforge.config import TrainConfig
 from ezoforge.train.model import lora_config, load_base
 
 
-def seconds_per_step(qlora: bool, batch: int, length: int, steps: int) -> float:
+def seconds_per_step(cfg: TrainConfig, batch: int, length: int, steps: int, autocast: bool = False) -> float:
+    """Median seconds of a LoRA step on the bundled model (after one warm-up step), `autocast`: bf16 matmuls."""
     from peft import get_peft_model
 
-    cfg = TrainConfig(qlora=qlora)
+    qlora = cfg.qlora is True
     model = get_peft_model(load_base("bundled:smollm2-135m-instruct", cfg, torch.device("cpu"), qlora), lora_config(cfg))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(100, 40000, (batch, length), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
@@ -43,9 +47,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch} x {a.length} tokens")
-    lora = seconds_per_step(False, a.batch, a.length, a.steps)
+    lora = seconds_per_step(TrainConfig(qlora=False), a.batch, a.length, a.steps)
     print(f"LoRA, float32 base: {lora:.2f} s/step")
-    qlora = seconds_per_step(True, a.batch, a.length, a.steps)
+    qlora = seconds_per_step(TrainConfig(qlora=True), a.batch, a.length, a.steps)
     print(f"QLoRA, NF4 base:    {qlora:.2f} s/step")
     print(f"QLoRA / LoRA seconds per step: {qlora / lora:.2f}x")
 
