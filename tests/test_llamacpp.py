@@ -137,6 +137,48 @@ def test_a_prompt_starting_with_the_shared_prefix_reads_the_logits_a_full_prefil
 
 
 @needs_llama_cpp
+def test_prompts_joining_together_read_their_common_start_once(llama):
+    """Prompts prefilled together make what they all start with the shared prefix before any of them is read; each
+    then copies it and reads only the rest, with the logits a prefill from scratch gives (rests of 64 tokens or more:
+    llama.cpp multiplies fewer rows with other kernels)."""
+    engine = llama[0].generator().engine
+    rng = np.random.default_rng(1)
+    head = [int(t) for t in rng.integers(100, 40000, 150)]
+    a, b = (head + [int(t) for t in rng.integers(100, 40000, n)] for n in (70, 80))
+    slots = [engine.claim(400) for _ in range(3)]
+    try:
+        with engine.lock:
+            engine.share([a, b, head + a[150:160]])
+            assert engine.shared == head
+            starts = [engine.start_from_shared(slot, p) for slot, p in zip(slots, (a, b))]
+            shared = engine.feed([(slots[0], 150, a[150:])])
+            scratch = engine.feed([(slots[2], 0, a)])
+        assert starts == [150, 150]
+        assert np.array_equal(shared, scratch)
+    finally:
+        for slot in slots:
+            engine.release(slot)
+
+
+@needs_llama_cpp
+def test_logits_come_back_in_the_order_of_the_parts_whatever_their_slots(llama):
+    """The engine feeds parts in slot order (llama.cpp steps fewer times so); each row of logits stays its part's."""
+    engine = llama[0].generator().engine
+    rng = np.random.default_rng(2)
+    p, q = ([int(t) for t in rng.integers(100, 40000, n)] for n in (20, 30))
+    slots = [engine.claim(100) for _ in range(4)]
+    try:
+        with engine.lock:
+            ordered = engine.feed([(slots[0], 0, p), (slots[1], 0, q)])
+            reversed_ = engine.feed([(slots[3], 0, q), (slots[2], 0, p)])
+        assert not np.allclose(ordered[0], ordered[1])
+        assert np.array_equal(ordered, reversed_[::-1])
+    finally:
+        for slot in slots:
+            engine.release(slot)
+
+
+@needs_llama_cpp
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llama, requests):
     backend, _ = llama
     sampled = Sampling(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
