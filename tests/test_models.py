@@ -12,8 +12,21 @@ def test_bundled_gguf_is_found_without_importing_its_package():
 
 
 def test_gguf_converts_once_into_a_safetensors_cache(tmp_path, monkeypatch):
+    """The file is parsed once for its tokenizer, config and weights (transformers would parse it three times)."""
+    import gguf
+
+    parsed = []
+    plain = gguf.GGUFReader
+
+    def counted(path, mode="r"):
+        parsed.append(path)
+        return plain(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
     monkeypatch.setenv("EZO_CACHE_DIR", str(tmp_path))
     folder = resolve("bundled:smollm2-135m-instruct")
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is counted  # put back once converted
     assert folder.startswith(str(tmp_path))
     files = {p.name for p in (tmp_path / "gguf").rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files

@@ -1,7 +1,8 @@
 """Load a model and tokenizer from a hub id, a local folder, a GGUF file or `bundled:smollm2-135m-instruct`.
 
 GGUF files are dequantized by transformers (`gguf_file=`), which parses metadata in pure Python
-(~20 s for 135M); we convert once into a safetensors cache folder so later loads take well under a second.
+(13 s for the bundled 135M model); we convert once into a safetensors cache folder so later loads take well under a
+second.
 """
 from __future__ import annotations
 
@@ -76,17 +77,25 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _one_tensor_name_map() -> Iterator[None]:
-    """transformers' GGUF loader builds gguf's tensor-name map anew for every module (397 times for the 30-layer
-    bundled model: 18 of the 29 s a load took here), though it depends only on the architecture and layer count."""
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers' GGUF loader parses the file anew for the tokenizer, the config and the weights (5 s each here for
+    the bundled model's 49k-token vocabulary, in pure Python), and builds gguf's tensor-name map anew for every module
+    (397 times for the 30-layer bundled model), though each depends only on the file. Within this, each is made once:
+    the reader only reads."""
     import gguf
 
-    plain = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(plain)
+    plain_map, plain_reader = gguf.get_tensor_name_map, gguf.GGUFReader
+
+    @functools.lru_cache(maxsize=None)
+    def reader(path: str, mode: str) -> gguf.GGUFReader:
+        return plain_reader(path, mode)
+
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(plain_map)
+    gguf.GGUFReader = lambda path, mode="r": reader(os.path.realpath(path), mode)
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = plain
+        gguf.get_tensor_name_map, gguf.GGUFReader = plain_map, plain_reader
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -94,8 +103,8 @@ def _convert(gguf: Path, target: Path) -> None:
 
     log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with _one_tensor_name_map():
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model is dense but flagged as quantized, and save_pretrained refuses until this is removed.
     if getattr(model, "hf_quantizer", None) is not None:
