@@ -1,8 +1,7 @@
 """Load a model and tokenizer from a hub id, a local folder, a GGUF file or `bundled:smollm2-135m-instruct`.
 
-GGUF files are dequantized by transformers (`gguf_file=`), which parses metadata in pure Python
-(13 s for the bundled 135M model); we convert once into a safetensors cache folder so later loads take well under a
-second.
+GGUF files are dequantized by transformers (`gguf_file=`), which parses metadata in pure Python (the bundled 135M
+model converts in 13 s); we convert once into a safetensors cache folder so later loads take well under a second.
 """
 from __future__ import annotations
 

@@ -48,8 +48,8 @@ class Engine:
     1,000 tokens (prefill 417 vs 271 tokens/s, decoding 119 vs 84).
 
     One more sequence holds a shared prefix: the longest start two recent prompts, or prompts joining together, had in
-    common (synth's instructions and worked example, a judge's rubric, a chat's history). A prompt that starts with it copies its cells instead of
-    prefilling them again; the copy gives the same logits as the prefill."""
+    common (synth's instructions and worked example, a judge's rubric, a chat's history). A prompt that starts with it
+    copies its cells instead of prefilling them again; the copy gives the same logits as the prefill."""
 
     def __init__(self, path: Path, threads: int, kv_tokens: int, batch_tokens: int, sequences: int):
         import llama_cpp
@@ -150,7 +150,7 @@ class Engine:
 
         b.n_tokens = 0
         # In slot order: with a KV stream per sequence, llama.cpp puts only consecutive sequence ids in one step of
-        # the graph, so rows in another order decode in several steps (8 rows: 123 vs 65 ms a token here).
+        # the graph, so rows in another order decode in several steps (8 rows: 117 vs 65 ms a step here).
         for part, (slot, first, tokens) in sorted(enumerate(parts), key=lambda p: p[1][0]):
             for pos, token in enumerate(tokens, first):
                 if b.n_tokens == self.batch_tokens:
