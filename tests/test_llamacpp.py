@@ -2,6 +2,7 @@
 cache) answers like the transformers backend, decodes several sequences together as it decodes them one at a time
 (both up to near-ties), samples reproducibly, and is refused where it cannot answer as stated. One llama.cpp
 thread: its threads spin while they wait, and the tests share the cores."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -70,6 +71,21 @@ def parting(a: list[int], b: list[int]) -> int | None:
     return None if a == b else next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)
 
 
+def random_tokens(rng, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(100, 40000, n)]
+
+
+@contextlib.contextmanager
+def claimed(engine, n: int, cells: int):
+    """n of the engine's sequences, released afterwards: the module's backend answers the other tests too."""
+    slots = [engine.claim(cells) for _ in range(n)]
+    try:
+        yield slots
+    finally:
+        for slot in slots:
+            engine.release(slot)
+
+
 def hesitation(bundled, prompt: list[int], prefix: list[int]) -> float:
     """How far apart the transformers model's two best next tokens are after prompt + prefix (float32 logits)."""
     with torch.no_grad():
@@ -116,24 +132,19 @@ def test_a_prompt_starting_with_the_shared_prefix_reads_the_logits_a_full_prefil
     cells and prefills only the rest, with the logits of a prefill from scratch."""
     engine = llama[0].generator().engine
     rng = np.random.default_rng(0)
-    head = [int(t) for t in rng.integers(100, 40000, 200)]
-    a, b, c = (head + [int(t) for t in rng.integers(100, 40000, n)] for n in (50, 60, 70))
-    slots = [engine.claim(400) for _ in range(4)]
-    try:
-        with engine.lock:
-            for slot, prompt in zip(slots, (a, b)):
-                assert engine.start_from_shared(slot, prompt) == 0  # nothing shared yet
-                engine.feed([(slot, 0, prompt)])
-                engine.remember(slot, prompt)
-            assert engine.shared == head
-            start = engine.start_from_shared(slots[2], c)
-            shared = engine.feed([(slots[2], start, c[start:])])
-            scratch = engine.feed([(slots[3], 0, c)])
-        assert start == 200
-        assert np.array_equal(shared, scratch)
-    finally:
-        for slot in slots:
-            engine.release(slot)
+    head = random_tokens(rng, 200)
+    a, b, c = (head + random_tokens(rng, n) for n in (50, 60, 70))
+    with claimed(engine, 4, 400) as slots, engine.lock:
+        for slot, prompt in zip(slots, (a, b)):
+            assert engine.start_from_shared(slot, prompt) == 0  # nothing shared yet
+            engine.feed([(slot, 0, prompt)])
+            engine.remember(slot, prompt)
+        assert engine.shared == head
+        start = engine.start_from_shared(slots[2], c)
+        shared = engine.feed([(slots[2], start, c[start:])])
+        scratch = engine.feed([(slots[3], 0, c)])
+    assert start == 200
+    assert np.array_equal(shared, scratch)
 
 
 @needs_llama_cpp
@@ -143,21 +154,16 @@ def test_prompts_joining_together_read_their_common_start_once(llama):
     llama.cpp multiplies fewer rows with other kernels)."""
     engine = llama[0].generator().engine
     rng = np.random.default_rng(1)
-    head = [int(t) for t in rng.integers(100, 40000, 150)]
-    a, b = (head + [int(t) for t in rng.integers(100, 40000, n)] for n in (70, 80))
-    slots = [engine.claim(400) for _ in range(3)]
-    try:
-        with engine.lock:
-            engine.share([a, b, head + a[150:160]])
-            assert engine.shared == head
-            starts = [engine.start_from_shared(slot, p) for slot, p in zip(slots, (a, b))]
-            shared = engine.feed([(slots[0], 150, a[150:])])
-            scratch = engine.feed([(slots[2], 0, a)])
-        assert starts == [150, 150]
-        assert np.array_equal(shared, scratch)
-    finally:
-        for slot in slots:
-            engine.release(slot)
+    head = random_tokens(rng, 150)
+    a, b = (head + random_tokens(rng, n) for n in (70, 80))
+    with claimed(engine, 3, 400) as slots, engine.lock:
+        engine.share([a, b, head + a[150:160]])
+        assert engine.shared == head
+        starts = [engine.start_from_shared(slot, p) for slot, p in zip(slots, (a, b))]
+        shared = engine.feed([(slots[0], 150, a[150:])])
+        scratch = engine.feed([(slots[2], 0, a)])
+    assert starts == [150, 150]
+    assert np.array_equal(shared, scratch)
 
 
 @needs_llama_cpp
@@ -165,17 +171,12 @@ def test_logits_come_back_in_the_order_of_the_parts_whatever_their_slots(llama):
     """The engine feeds parts in slot order (llama.cpp steps fewer times so); each row of logits stays its part's."""
     engine = llama[0].generator().engine
     rng = np.random.default_rng(2)
-    p, q = ([int(t) for t in rng.integers(100, 40000, n)] for n in (20, 30))
-    slots = [engine.claim(100) for _ in range(4)]
-    try:
-        with engine.lock:
-            ordered = engine.feed([(slots[0], 0, p), (slots[1], 0, q)])
-            reversed_ = engine.feed([(slots[3], 0, q), (slots[2], 0, p)])
-        assert not np.allclose(ordered[0], ordered[1])
-        assert np.array_equal(ordered, reversed_[::-1])
-    finally:
-        for slot in slots:
-            engine.release(slot)
+    p, q = (random_tokens(rng, n) for n in (20, 30))
+    with claimed(engine, 4, 100) as slots, engine.lock:
+        ordered = engine.feed([(slots[0], 0, p), (slots[1], 0, q)])
+        reversed_ = engine.feed([(slots[3], 0, q), (slots[2], 0, p)])
+    assert not np.allclose(ordered[0], ordered[1])
+    assert np.array_equal(ordered, reversed_[::-1])
 
 
 @needs_llama_cpp
