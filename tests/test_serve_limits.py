@@ -132,7 +132,7 @@ def test_fuzzed_fields_never_get_500_and_never_kill_the_server(gen):
 
 
 def test_load_with_dropped_streams(gen):
-    """64 requests at concurrency 16, a quarter of them streams dropped after their first chunk: every other
+    """32 requests at concurrency 16, a quarter of them streams dropped after their first chunk: every other
     request completes with a well-formed body, the dropped ones stop generating, an idle request afterwards takes
     at most twice its idle latency, and the process's memory returns near where it started."""
     app = create_app(gen, "m", limits=ServeConfig(max_batch=16, max_queue=64))
@@ -174,8 +174,8 @@ def test_load_with_dropped_streams(gen):
             return "plain"
 
         with ThreadPoolExecutor(16) as pool:
-            outcomes = list(pool.map(one, range(64)))
-        assert outcomes.count("dropped") == 16 and len(outcomes) == 64
+            outcomes = list(pool.map(one, range(32)))
+        assert outcomes.count("dropped") == 8 and len(outcomes) == 32
         for _ in range(300):  # the abandoned generations leave the batch at their next step
             if httpx.get(f"{url}/health").json()["running"] == 0:
                 break
