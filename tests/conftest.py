@@ -1,6 +1,7 @@
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ def _gguf_files() -> set[Path]:
 
 
 def pytest_sessionstart(session):
+    # Started in the background by a script (`make test &`), pytest inherits an ignored SIGINT, and so would every
+    # `ezo` process a test starts: Python then installs no Ctrl-C handler and the Ctrl-C test waits in vain. A handler
+    # here is reset to the default in each started process, as a terminal gives it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     session.config.gguf_before = _gguf_files()
 
 
