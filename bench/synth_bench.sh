@@ -20,7 +20,7 @@ else
     "$PY" -m ezoforge curate -c recipes/demo.yaml --out "$CURATED" >"$WORK/curate.log" 2>&1 || { cat "$WORK/curate.log"; exit 1; }
 fi
 
-synth() {  # NAME SRC: ezo synth of CURATED with SRC's package and demo recipe; prints "NAME tokens/s wall pairs"
+synth() {  # NAME SRC: ezo synth of CURATED into $WORK/out-NAME with SRC's package and demo recipe; prints a line
     local start end
     start=$(date +%s.%N)
     EZO_CACHE_DIR="$WORK/cache-$1" PYTHONPATH="$2/src" "$PY" -m ezoforge synth "$CURATED" -c "$2/recipes/demo.yaml" \
@@ -35,8 +35,7 @@ EOF
 }
 
 echo "synth of $CURATED; baseline $(git rev-parse --short "$BASELINE"), ours $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')"
-base=$(synth baseline "$WORK/baseline")
-echo "$base"
-ours=$(synth ours "$PWD")
-echo "$ours"
-echo "ratio ours / baseline: $(echo "$ours $base" | awk '{printf "%.2fx", $2 / $13}')"
+synth baseline "$WORK/baseline"
+synth ours "$PWD"
+"$PY" -c 'import json, sys; ours, base = (json.load(open(p))["tokens_per_s"] for p in sys.argv[1:])
+print(f"ratio ours / baseline: {ours / base:.2f}x")' "$WORK/out-ours/stats.json" "$WORK/out-baseline/stats.json"

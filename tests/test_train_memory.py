@@ -15,9 +15,10 @@ from trainkit import loss_log, offload_hooks, random_rows, tiny_model  # noqa: F
 
 CPU = torch.device("cpu")
 SEQ = 128
+STEPS = 5
 
 
-def train(path: str, offload, steps: int = 5):
+def train(path: str, offload, steps: int = STEPS):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.config.use_cache = False
@@ -38,11 +39,11 @@ def test_offloaded_checkpointing_gives_identical_losses(tiny_model):  # noqa: F8
     offloaded, offloaded_lora, hooks = train(tiny_model, True)
     assert none is None and hooks is not None
     # Both checkpointed layers' inputs (2 x 128 tokens x hidden 64, float32) went out and came back, every step.
-    assert hooks.moved_bytes == 5 * 2 * (2 * SEQ * 64 * 4)
-    assert len(plain) == 5 and plain[-1] < plain[0]
+    assert hooks.moved_bytes == STEPS * 2 * (2 * SEQ * 64 * 4)
+    assert len(plain) == STEPS and plain[-1] < plain[0]
     assert offloaded == plain  # exactly: the same numbers come back
     assert all(torch.equal(offloaded_lora[n], p) for n, p in plain_lora.items())
-    print(f"5 steps, offload off/on: first loss {plain[0]:.6f}/{offloaded[0]:.6f}, last {plain[-1]:.6f}/"
+    print(f"{STEPS} steps, offload off/on: first loss {plain[0]:.6f}/{offloaded[0]:.6f}, last {plain[-1]:.6f}/"
           f"{offloaded[-1]:.6f}; {hooks.moved_bytes:,} bytes went to host memory and back")
 
 
