@@ -3,7 +3,8 @@
 # as it was when CPU generation at llama.cpp speed was asked for (BASELINE, default 9934ebd: transformers in float32,
 # its only CPU backend), ours is this checkout with the demo recipe as it ships (backend auto: llama.cpp on a CPU).
 # Each gets a fresh model cache, so both convert the bundled GGUF as a new user's first run does; tokens/s counts
-# generation only, wall counts everything. The ratio ours / baseline is printed last.
+# generation only, wall counts everything. Then bench/synth_ceiling.py measures the bound this CPU sets on that work
+# (llama.cpp's own rates, and a float32 GEMM's); the ratios to the baseline are printed last.
 #   bash bench/synth_bench.sh [CURATED]     # CURATED: a curate output folder (default: the demo's, curated here first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +40,5 @@ synth baseline "$WORK/baseline"
 synth ours "$PWD"
 "$PY" -c 'import json, sys; ours, base = (json.load(open(p))["tokens_per_s"] for p in sys.argv[1:])
 print(f"ratio ours / baseline: {ours / base:.2f}x")' "$WORK/out-ours/stats.json" "$WORK/out-baseline/stats.json"
+EZO_CACHE_DIR="$WORK/cache-ours" "$PY" bench/synth_ceiling.py "$CURATED" "$WORK/out-ours/stats.json" \
+    "$WORK/out-baseline/stats.json" 2>"$WORK/ceiling.log" || { cat "$WORK/ceiling.log" >&2; exit 1; }
