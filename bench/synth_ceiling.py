@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ezoforge.config import load_recipe
 from ezoforge.infer.llamacpp import LlamaCppBackend, common_start
+from ezoforge.models import resolve
 from ezoforge.stage import input_files
 from ezoforge.synth.mix import draw
 from ezoforge.synth.passages import read_docs
@@ -103,10 +105,6 @@ def main() -> None:
     read = shared + sum(len(p) - shared for p in prompts)
     decoded = ours["tokens_out"]
 
-    from transformers import AutoConfig
-
-    from ezoforge.models import resolve
-
     config = AutoConfig.from_pretrained(resolve(model))
     layer_macs, head_macs, per_context = macs_per_token(config)
     mean_prompt = sum(map(len, prompts)) / len(prompts)
@@ -118,7 +116,8 @@ def main() -> None:
           "GMAC)")
 
     engine = backend.generator().engine
-    read_rate, decode_rate = max(engine_rates(engine, prompts[:BATCH]) for _ in range(2))  # the better of two
+    tries = [engine_rates(engine, prompts[:BATCH]) for _ in range(2)]
+    read_rate, decode_rate = (max(rates) for rates in zip(*tries))  # each the better of two
     backend.close()
     gemm = gemm_rate(config.hidden_size, config.intermediate_size)
     read_gmacs, decode_gmacs = read_rate * read_macs / read / 1e9, decode_rate * decode_macs / decoded / 1e9
