@@ -192,13 +192,18 @@ def main() -> None:
 
     results = {"device": card, "torch": torch.__version__, "transformers": transformers.__version__,
                "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+
+    def save() -> None:  # after every measurement: a run stopped at its time cap keeps what it finished
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
     head = texts[: args.prompts]
     plain_generate(model, tokenizer, head[: args.batch][:2], args.batch, 4, device)  # CUDA/kernel warm-up
     n, s = plain_generate(model, tokenizer, head, args.batch, args.new_tokens, device)
     results["plain"] = {"batch": args.batch, "tokens": n, "seconds": round(s, 2), "tok_s": round(n / s, 1)}
+    save()
     print(f"plain generate  batch {args.batch:>3}: {n / s:9.1f} tok/s  ({n} tokens, {s:.1f} s)")
 
-    sweep = {}
+    sweep = results["ours"] = {}
     for batch in sorted({args.batch, *[int(b) for b in args.sweep.split(",") if b]}):
         backend = our_backend(batch)
         batch_texts = texts[: max(args.prompts, batch)]
@@ -208,12 +213,11 @@ def main() -> None:
         n, s = ours(backend, batch_texts, args.new_tokens, device)
         sweep[batch] = {"prompts": len(batch_texts), "tokens": n, "seconds": round(s, 2), "tok_s": round(n / s, 1),
                         "warmup_s": round(warm, 1)}
+        save()
         print(f"ezo synth path  batch {batch:>3}: {n / s:9.1f} tok/s  ({n} tokens, {s:.1f} s; warm-up {warm:.0f} s)")
-    results["ours"] = sweep
     ratio = sweep[args.batch]["tok_s"] / results["plain"]["tok_s"]
     results["ratio"] = round(ratio, 2)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    save()
     print(f"ratio at batch {args.batch} (ours / plain generate): {ratio:.2f}x")
 
 

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# The prepared GPU check: on one H100/H200 with a stock CUDA PyTorch image (torch, transformers, peft, accelerate,
-# triton) and no package registry, in at most 8 minutes:
-#   the wheels of `make gpu-bundle` -> pytest -m gpu (CUDA QLoRA training, offloaded checkpointing, stage processes
-#   giving CUDA memory back) -> ezo train (QLoRA) -> ezo merge (streaming, shard by shard, its peak RSS recorded)
-#   -> ezo generate with nf4 weights, on a random-weight model with Llama-3.1-8B's widths and 2 of its layers
-#   -> bench/generate_bench.py at one batch size -> one JSON summary on stdout (and in $OUT/gpu_check.json).
+# The prepared GPU check: on one H100/H200 whose image has torch (cu130), triton, transformers, peft and accelerate
+# but no registry (`make gpu-bundle` brings the rest), in 8 minutes. Each step runs under a cap:
+#   install          the bundle's wheels: pip --no-index --no-deps --target, ours first on the path
+#   stage_imports    tests/test_stage_imports.py: every stage module and `python -m ezoforge train` import here
+#   gpu_tests        pytest -m gpu tests/test_gpu.py: TRL's Triton fused LM head against the plain loss, Liger's
+#                    kernels, packed rows through SDPA with their mask, QLoRA, offloaded checkpointing, and `ezo run`'s
+#                    stage processes giving CUDA memory back
+#   make_model       a random model with Llama-3.1-8B's widths and 2 of its 32 layers (3 GB in bf16, 1 GB shards)
+#   ezo_train        QLoRA, 4 steps of packed rows; its stats.json records what computed it (attention, the fused
+#                    LM head, Liger's modules, the 4-bit layers, the Triton kernels launched)
+#   ezo_merge        streamed shard by shard, its peak RSS recorded
+#   nf4_generate     the merged model loaded as nf4 as `ezo generate` loads it: its Linear4bit layers, one reply
+#   ezo_eval_nf4     `ezo eval --quantize nf4` on held-out perplexity: the eval stage scoring from 4-bit weights
+#   generate_bench   bench/generate_bench.py at one batch size
+# then one JSON summary on stdout and in $OUT/gpu_check.json: each step's rc, seconds and cap, and for each path
+# above the evidence that it ran (bench/gpu_assets.py summary), not only exit codes.
 #
 #   make gpu-bundle                  # here: .whl-bundle/ (wheels, the converted tokenizer, prompts), carried there
 #   bash bench/gpu_check.sh          # there, from the checkout root
-#   bash bench/gpu_check.sh --tiny   # CPU, this checkout's Python env, tiny shapes: checks the script, measures nothing
-#                                    # (caps and budget x CHECK_CPU_SCALE, default 4: a CPU is slower at everything)
+#   bash bench/gpu_check.sh --tiny   # CPU, .venv's dev install, tiny shapes: checks the script, measures nothing; the
+#                                    # CUDA tests and paths report "skipped: no CUDA" (caps and budget x
+#                                    # CHECK_CPU_SCALE, default 4: a CPU is slower at everything)
 #
-# Every step has a cap; the caps add up to at most the budget (CHECK_BUDGET_S, default 470 s, leaving ~10 s of the
-# 8 minutes for the version probe and the summary), and a step never runs past what is left of it: one cut short
-# reports rc 124 and the later steps still run. The caps of the steps that may compile Triton kernels on a cold
-# cache (the CUDA tests' Liger/bitsandbytes paths, training, the compiled static-cache decode of generate_bench)
-# hold that compile. The training benchmark (bench/train_bench.py, minutes per shape) is not part of this check.
-# Logs: $OUT/gpu_check.log.
+# The caps add up to the budget (CHECK_BUDGET_S, default 470 s; the version probe and the summary take the rest of
+# the 8 minutes) and a step never runs past what is left of it. A step that reaches its cap gets SIGINT (then SIGKILL
+# 15 s later), reports rc 124 and keeps what it finished: the tests write each result as it comes
+# ($OUT/gpu_tests.jsonl), generate_bench its JSON after each measurement. A step that fails skips only the ones that
+# need its output (make_model -> ezo_train -> ezo_merge -> the nf4 steps). The caps of the steps that compile Triton
+# kernels on a cold cache (the CUDA tests and training: TRL's fused LM head and Liger's kernels; generate_bench's
+# compiled static-cache decode) hold that compile. Logs: $OUT/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
 [[ "${1:-}" == "--tiny" ]] && TINY=1
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # there: the image's Python, which holds torch
+((TINY)) && PY=${PYTHON:-.venv/bin/python}
 BUNDLE=${BUNDLE:-.whl-bundle}
 BUDGET=${CHECK_BUDGET_S:-470}
-declare -A CAP=([install]=30 [gpu_tests]=130 [make_model]=30 [ezo_train]=80 [ezo_merge]=40 [ezo_generate_nf4]=40
-                [generate_bench]=110)
+declare -A CAP=([install]=20 [stage_imports]=25 [gpu_tests]=120 [make_model]=20 [ezo_train]=75 [ezo_merge]=30
+                [nf4_generate]=35 [ezo_eval_nf4]=35 [generate_bench]=110)
 total=0
 for name in "${!CAP[@]}"; do ((total += CAP[$name])); done
 ((total <= BUDGET)) || { echo "step caps add up to $total s, over the $BUDGET s budget"; exit 2; }
@@ -36,8 +49,8 @@ WORK=$(mktemp -d /tmp/ezo-check.XXXXXX)
 RES=${OUT:-$WORK/out}
 mkdir -p "$RES"
 LOG=$RES/gpu_check.log
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 HF_HOME=$WORK/hf TOKENIZERS_PARALLELISM=false
-STEPS=""
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 HF_HOME=$WORK/hf TOKENIZERS_PARALLELISM=false \
+  EZO_CACHE_DIR=$WORK/cache PYTEST_JSONL=$RES/gpu_tests.jsonl
 
 step() {  # step NAME CMD...: run with the smaller of its cap and the budget left; log; record rc and seconds
   local name=$1 cap=$((CAP[$1] * SCALE)); shift
@@ -47,80 +60,54 @@ step() {  # step NAME CMD...: run with the smaller of its cap and the budget lef
     rc=124; echo "=== $name: skipped, the budget is spent" | tee -a "$LOG"
   else
     echo "=== $name (cap ${cap} s): $*" | tee -a "$LOG"
-    timeout -k 10 "$cap" "$@" >>"$LOG" 2>&1; rc=$?
+    timeout -s INT -k 15 "$cap" "$@" >>"$LOG" 2>&1; rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
     ((rc != 0)) && tail -n 25 "$LOG"
   fi
-  STEPS+="${STEPS:+, }\"$name\": {\"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"cap\": ${CAP[$name]}}"
+  printf '{"step": "%s", "rc": %d, "seconds": %d, "cap": %d}\n' "$name" $rc $((SECONDS - t0)) "${CAP[$name]}" \
+    >>"$WORK/steps.jsonl"
   return $rc
 }
 
 if ((TINY)); then
-  export PYTHONPATH=$PWD/src
+  export PYTHONPATH=$PWD/src:$PWD/bench
   ASSETS=$WORK/assets
   "$PY" bench/gpu_assets.py pack "$ASSETS" >>"$LOG" 2>&1 || { echo "no assets (needs llama-models and ../shared)"; exit 1; }
-  LAYERS="--tiny --layers 2"; GEN_FLAGS="--tiny"; ROWS=1; LEN=128
+  LAYERS="--tiny --layers 2"; GEN_FLAGS="--tiny"; ROWS=1; LEN=512  # the pairs are 143-246 tokens: rows still pack
+  ENV_OF=""
 else
   ASSETS=$BUNDLE/assets
-  # --target keeps the image's packages; ours come first on the path. No registry: --no-index, and no deps resolved.
   step install "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" "$BUNDLE"/*.whl || exit 1
-  export PYTHONPATH=$WORK/site
+  export PYTHONPATH=$WORK/site:$PWD/bench
   LAYERS="--layers 2"; GEN_FLAGS="--prompts 64 --new-tokens 128 --batch 64 --sweep="; ROWS=2; LEN=1024
+  ENV_OF=$BUNDLE
 fi
 
-# Versions and the card, for the summary.
-ENV_JSON=$("$PY" - <<'EOF'
-import json, torch
-from importlib.metadata import version, PackageNotFoundError
-def v(name):
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "cuda": torch.version.cuda, **{n: v(n) for n in ("torch", "transformers", "peft", "trl", "accelerate",
-                  "bitsandbytes", "liger-kernel", "triton", "datasets", "ezoforge")}}))
-EOF
-)
-echo "env: $ENV_JSON" | tee -a "$LOG"
+# Versions, the card, and what would stop the check anyway: bitsandbytes without this torch's CUDA library.
+"$PY" bench/gpu_assets.py env $ENV_OF >"$WORK/env.json" 2>>"$LOG" || { tail -n 3 "$LOG"; exit 1; }
+echo "env: $(cat "$WORK/env.json")" | tee -a "$LOG"
 
-step gpu_tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p pytest_jsonl -rs)
+step stage_imports "${PYTEST[@]}" tests/test_stage_imports.py
+step gpu_tests "${PYTEST[@]}" -m gpu tests/test_gpu.py
 
-# ezo train -> merge -> generate on a random model with Llama-3.1-8B's widths (hidden 4,096, MLP 14,336, vocabulary
-# 128,256, GQA 32/8) and 2 of its 32 layers (3 GB in bf16, saved as 1 GB shards), so it fits the budget.
+# ezo train -> merge -> nf4 on a random model with Llama-3.1-8B's widths (hidden 4,096, MLP 14,336, vocabulary
+# 128,256, GQA 32/8) and 2 of its 32 layers, so it fits the budget.
 MODEL=$WORK/model-8b-shape
 "$PY" bench/gpu_assets.py pairs "$WORK/pairs.jsonl" >>"$LOG" 2>&1
-if step make_model "$PY" bench/gpu_assets.py model "$ASSETS" "$MODEL" $LAYERS \
+step make_model "$PY" bench/gpu_assets.py model "$ASSETS" "$MODEL" $LAYERS \
   && step ezo_train "$PY" -m ezoforge train "$WORK/pairs.jsonl" -o "$WORK/train" -m "$MODEL" --max-steps 4 \
        --save-every 4 --set train.batch_size=$ROWS --set train.max_length=$LEN --set train.eval_fraction=0.1 \
   && step ezo_merge "$PY" bench/gpu_assets.py peak "$RES/merge_peak.json" -- \
        "$PY" -m ezoforge merge "$WORK/train" -o "$WORK/merged" \
-  && step ezo_generate_nf4 "$PY" -m ezoforge generate -m "$WORK/merged" --quantize nf4 -p "日本の首都はどこですか？" \
-       --max-new-tokens 16
-then
-  cp "$WORK/train/stats.json" "$RES/train_stats.json" 2>/dev/null
-fi
-MODEL_GB=$(du -sb "$MODEL" 2>/dev/null | awk '{printf "%.2f", $1 / 1e9}')
-SHARD_GB=$(find "$MODEL" -name '*.safetensors' -printf '%s\n' 2>/dev/null | sort -n | tail -1 | awk '{printf "%.2f", $1 / 1e9}')
-rm -rf "$MODEL" "$WORK/merged"
+  && { step nf4_generate "$PY" bench/gpu_assets.py nf4 "$WORK/merged" "$RES/nf4.json"
+       step ezo_eval_nf4 "$PY" -m ezoforge eval -m "$WORK/merged" --quantize nf4 --set eval.backend=transformers \
+         --tasks "ppl:src/ezoforge/data/heldout/heldout-ja.jsonl" --limit 8 -o "$WORK/eval-nf4"; }
+cp "$WORK/train/stats.json" "$RES/train_stats.json" 2>/dev/null
+rm -rf "$WORK/merged"
 
 step generate_bench "$PY" bench/generate_bench.py --assets "$ASSETS" $GEN_FLAGS --json "$WORK/generate_bench.json"
 
-SUMMARY=$("$PY" - "$WORK" "$RES" "$ENV_JSON" "{$STEPS}" "$SECONDS" "${MODEL_GB:-0}" "${SHARD_GB:-0}" <<'EOF'
-import json, sys
-from pathlib import Path
-work, res, env, steps, seconds = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
-def load(path):
-    return json.loads(path.read_text()) if path.exists() else None
-merge = load(res / "merge_peak.json")
-print(json.dumps({"env": env, "seconds": seconds, "steps": steps, "ok": all(s["rc"] == 0 for s in steps.values()),
-                  "ezo_train": load(work / "train" / "stats.json"),
-                  "ezo_merge": merge and {"peak_rss_gib": merge["peak_rss_gib"], "model_gb": float(sys.argv[6]),
-                                          "largest_shard_gb": float(sys.argv[7])},
-                  "generate_bench": load(work / "generate_bench.json")}, ensure_ascii=False))
-EOF
-)
-echo "$SUMMARY"
-[[ -n "${OUT:-}" ]] && echo "$SUMMARY" >"$OUT/gpu_check.json"
-rm -rf "$WORK/site" "$WORK/train" "$WORK/hf"
+"$PY" bench/gpu_assets.py summary "$WORK" "$RES" "$MODEL"
+rm -rf "$MODEL" "$WORK/site" "$WORK/train" "$WORK/hf" "$WORK/cache"

@@ -3,7 +3,8 @@
 `with ScriptedJudge() as judge:` serves `POST {judge.url}/chat/completions` (the url ends in /v1) from a thread;
 each request body is appended to `judge.requests`. The reply text comes from `script(messages) -> str`; the default grades an
 answer by its length (`expected_grade`), which a test recomputes from answers.jsonl. `judge_and_synthesizer` also
-answers synth's prompted requests, so a pipeline test can synthesize pairs in milliseconds.
+answers synth's prompted requests, and `/completions` answers synthesizer-mode prompts (`synthesizer_pairs`), so a
+pipeline test can synthesize pairs in milliseconds.
 """
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ def first_sentence(messages: list[dict]) -> str:
     return " " + (sentence.group(0) if sentence else found.group(1).strip()[:60])
 
 
+_CONTEXT = re.compile(r"<CON>(.*?)</CON>", re.S)
+
+
+def synthesizer_pairs(prompt: str) -> str:
+    """An Instruction Pre-Training synthesizer reply (synth.prompts.synthesizer's completion prompt): one pair per
+    sentence of the passage, up to five, each answered with its sentence."""
+    found = _CONTEXT.search(prompt)
+    assert found, "not a synthesizer prompt"
+    sentences = re.findall(r".+?[。！？]", found.group(1).strip(), re.S)[:5] or [found.group(1).strip()[:60]]
+    return "".join(f"<QUE> この文章の{i}番目の文は何を述べていますか。 <ANS> {s.strip()} </END>"
+                   for i, s in enumerate(sentences, 1))
+
+
 def judge_and_synthesizer(messages: list[dict]) -> str:
     return first_sentence(messages) if _PASSAGE.search(messages[-2]["content"] if len(messages) > 1 else "") \
         else by_length(messages)
@@ -52,8 +66,8 @@ def judge_and_synthesizer(messages: list[dict]) -> str:
 
 class ScriptedJudge:
     def __init__(self, script: Callable[[list[dict]], str] = by_length, model: str = MODEL,
-                 fingerprint: str = FINGERPRINT):
-        self.script, self.model, self.fingerprint = script, model, fingerprint
+                 fingerprint: str = FINGERPRINT, complete: Callable[[str], str] = synthesizer_pairs):
+        self.script, self.model, self.fingerprint, self.complete = script, model, fingerprint, complete
         self.requests: list[dict] = []
         judge = self
 
@@ -61,6 +75,16 @@ class ScriptedJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.requests.append(body)
+                if self.path == "/v1/completions":  # a completion prompt (synth's synthesizer mode)
+                    try:
+                        text = judge.complete(body["prompt"])
+                    except Exception as e:
+                        return self._send(400, {"error": {"message": f"scripted judge: {e!r}"}})
+                    return self._send(200, {"id": f"cmpl-{len(judge.requests)}", "object": "text_completion",
+                                            "created": 0, "model": judge.model,
+                                            "choices": [{"index": 0, "finish_reason": "stop", "text": text}],
+                                            "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                      "total_tokens": 2}})
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 try:

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from ezoforge.cli import app
 from ezoforge.config import load_recipe
-from ezoforge.plan import MEASURED, RUN_RAM_GIB, plan, summary_lines
+from ezoforge.plan import (CARDS, GIB, MEASURED, MERGE_PARAMS_PER_S, RUN_RAM_GIB, TOKENIZED_BYTES_PER_TOKEN, plan,
+                           summary_lines)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
@@ -56,20 +57,72 @@ def test_a_stage_that_does_not_fit_names_the_setting_that_makes_it_fit():
     evals = out["stages"]["eval-base"]
     assert not evals["fits"] and evals["gpu_gib"] > 48 and evals["to_fit"] == "model.quantize: nf4"
     assert all(s["fits"] for n, s in out["stages"].items() if not n.startswith("eval"))
-    # The 70B itself as the synthesizer, bf16 with its full 128k context, on an H100: FP8 and a 4k context fit.
+    # The 70B itself as the synthesizer, bf16 with its full 128k context, on an H100: FP8 and a 4k context fit,
+    # once vLLM may take 0.95 of the card (at 0.9 the weights leave too little for one context's KV cache).
     prompted = load_recipe(EZO_70B, ["synth.model=null", "synth.mode=prompted", "synth.context_tokens=null"])
     synth = plan(prompted, "h100")["stages"]["synth"]
-    assert not synth["fits"] and synth["to_fit"] == "synth.vllm.quantization: fp8, synth.context_tokens: 4096"
-    fixed = load_recipe(EZO_70B, ["synth.model=null", "synth.mode=prompted", "synth.vllm.quantization=fp8",
-                                  "synth.context_tokens=4096"])
-    assert plan(fixed, "h100")["stages"]["synth"]["fits"]
+    fp8 = "synth.vllm.quantization: fp8, synth.context_tokens: 4096, synth.vllm.gpu_memory_utilization: 0.95"
+    assert not synth["fits"] and synth["to_fit"] == fp8
+    fixed = ["synth.model=null", "synth.mode=prompted", "synth.vllm.quantization=fp8", "synth.context_tokens=4096"]
+    assert not plan(load_recipe(EZO_70B, fixed), "h100")["stages"]["synth"]["fits"]
+    room = load_recipe(EZO_70B, [*fixed, "synth.vllm.gpu_memory_utilization=0.95"])
+    assert plan(room, "h100")["stages"]["synth"]["fits"]
     # Answers from a vLLM engine holding the 70B in bf16: the same engine settings, under eval.
     engine = plan(load_recipe(EZO_70B, ["eval.backend=vllm"]), "h100")["stages"]["eval-base"]
-    assert not engine["fits"] and engine["to_fit"] == "eval.vllm.quantization: fp8, eval.context_tokens: 4096"
+    assert not engine["fits"] and engine["to_fit"] == fp8.replace("synth.", "eval.")
     # A host too small for even the streaming merge: no recipe setting helps, and it says what RAM it needs.
     merge = plan(load_recipe(EZO_70B), "h100", ram_gib=8)["stages"]["merge"]
     needs = merge["ram_gib"] + RUN_RAM_GIB  # the stage's own and `ezo run`'s beside it
     assert not merge["fits"] and merge["to_fit"].startswith(f"no recipe setting: needs {needs:.1f} GiB")
+
+
+def test_cards_hold_what_nvidia_smi_reports_not_their_nominal_gb():
+    assert plan(load_recipe(EZO_70B), "h100")["card_gib"] == 79.6  # an "80GB" H100: 81,559 MiB
+    assert round(CARDS["l40s"].memory_gib, 1) == 45.0 and round(CARDS["a100-80gb"].memory_gib, 1) == 80.0
+    # vLLM takes its share of what the card holds: 0.9 of 79.6 GiB, not of 80
+    assert plan(load_recipe(EZO_70B), "h100")["stages"]["synth"]["gpu_gib"] == 71.7
+
+
+def test_train_hours_count_the_trainers_held_out_evaluations():
+    often, rarely = (plan(load_recipe(EZO_70B, [f"train.eval_every={n}"])) for n in (10, 1000))
+    assert often["tokens"]["train"] == rarely["tokens"]["train"]
+    assert often["stages"]["train"]["hours"] > rarely["stages"]["train"]["hours"]
+    # 232 steps: evaluated before step 1, every 50 steps and after the last (6 times); every 1000: before and after
+    default = plan(load_recipe(EZO_70B))
+    assert default["tokens"]["train_held_out"] == pytest.approx(3 * rarely["tokens"]["train_held_out"], rel=1e-6)
+    assert "6 held-out evaluations" in default["sources"]["train_hours"]
+    none = plan(load_recipe(EZO_70B, ["train.eval_fraction=0"]))
+    assert none["tokens"]["train_held_out"] == 0 and "0 held-out evaluations" in none["sources"]["train_hours"]
+
+
+def test_grouping_pairs_by_passage_trains_fewer_tokens_than_one_pair_each():
+    grouped, alone = (plan(load_recipe(EZO_70B, [f"train.group_pairs={g}"])) for g in ("passage", "none"))
+    assert grouped["tokens"]["train"] < alone["tokens"]["train"] / 3  # the passage once instead of five times
+    assert grouped["train_by_group_pairs"] == alone["train_by_group_pairs"]  # each plan shows both settings
+    assert grouped["train_by_group_pairs"]["none"]["hours"] == alone["stages"]["train"]["hours"]
+    assert "train.group_pairs none: " in grouped["notes"]["train_group_pairs"]
+    # The seed's 70B at the measured 850 tokens/s on one H100: within 10 hours only grouped.
+    assert grouped["stages"]["train"]["hours"] <= 10 < alone["stages"]["train"]["hours"]
+    # A group longer than max_length splits into conversations that each carry the passage again.
+    split = plan(load_recipe(EZO_70B, ["train.max_length=1800"]))
+    split_alone = plan(load_recipe(EZO_70B, ["train.max_length=1800", "train.group_pairs=none"]))
+    assert grouped["tokens"]["train"] < split["tokens"]["train"] < split_alone["tokens"]["train"]
+
+
+def test_merge_hours_follow_the_measured_rate():
+    for path in (EZO_70B, RECIPES / "llama31-8b.yaml"):
+        out = plan(load_recipe(path))
+        assert out["stages"]["merge"]["hours"] == round(out["params_b"] * 1e9 / MERGE_PARAMS_PER_S / 3600, 2)
+        assert "bench/merge_bench.py" in out["sources"]["merge_hours"]
+    assert plan(load_recipe(EZO_70B))["stages"]["merge"]["hours"] > 0.5  # 70.6 B params at 32 M/s
+
+
+def test_train_ram_counts_the_tokenized_rows():
+    small, large = (plan(load_recipe(EZO_70B, [f"synth.limit={n}"])) for n in (8000, 16000))
+    grown = large["tokens"]["train_data"] - small["tokens"]["train_data"]
+    assert grown > 0
+    assert large["stages"]["train"]["ram_gib"] - small["stages"]["train"]["ram_gib"] == pytest.approx(
+        grown * TOKENIZED_BYTES_PER_TOKEN / GIB, abs=0.11)  # figures rounded to 0.1 GiB
 
 
 def test_training_batch_advice_keeps_the_global_batch():
@@ -79,24 +132,27 @@ def test_training_batch_advice_keeps_the_global_batch():
 
 
 PLAN_HEAD = re.compile(r"^# (ezo plan --gpu (\S+):)$")
+SETS = re.compile(r"^#\s+(--set \S+\s*)+$")  # `#   --set KEY=VALUE …` lines: the settings of the next block
 FIGURE = re.compile(r"(?<![\w-])\d[\d,.]*\s*(GiB|GB|TB|MB|hours?|h)\b")  # not a card name (A100-80GB)
 
 
-def stated(path: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """The `# ezo plan --gpu CARD:` blocks of a recipe's comments (heading + indented lines), and any comment
-    line outside them that states a memory or time figure."""
-    blocks: dict[str, list[str]] = {}
+def stated(path: Path) -> tuple[dict[tuple[str, tuple[str, ...]], list[str]], list[str]]:
+    """The `# ezo plan --gpu CARD:` blocks of a recipe's comments (heading + indented lines), by card and the
+    overrides of the `#   --set KEY=VALUE …` lines right above the heading, and any comment line outside them
+    that states a memory or time figure."""
+    blocks: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     loose: list[str] = []
-    card = None
+    key, sets = None, []
     for line in path.read_text(encoding="utf-8").splitlines():
         comment = line.strip() if line.lstrip().startswith("#") else line.partition(" # ")[2]
         if head := PLAN_HEAD.match(comment):
-            card = head.group(2)
-            blocks[card] = [head.group(1)]
-        elif card and comment.startswith("#   "):
-            blocks[card].append(comment[2:])
+            key, sets = (head.group(2), tuple(sets)), []
+            blocks[key] = [head.group(1)]
+        elif key and comment.startswith("#   "):
+            blocks[key].append(comment[2:])
         else:
-            card = None
+            key = None
+            sets = sets + re.findall(r"--set (\S+)", comment) if SETS.match(comment) else []
             if FIGURE.search(comment):
                 loose.append(comment)
     return blocks, loose
@@ -107,9 +163,9 @@ def test_recipe_comments_state_only_figures_that_plan_prints(path):
     blocks, loose = stated(path)
     assert blocks, f"{path.name}: no `# ezo plan --gpu CARD:` block"
     assert not loose, f"{path.name}: figures outside an `ezo plan` block: {loose}"
-    recipe = load_recipe(path)
-    for card, lines in blocks.items():
-        assert lines == summary_lines(plan(recipe, card)), f"{path.name}: the {card} block differs from `ezo plan`"
+    for (card, sets), lines in blocks.items():
+        assert lines == summary_lines(plan(load_recipe(path, list(sets)), card)), \
+            f"{path.name}: the {card} block {' '.join(sets)} differs from `ezo plan`"
 
 
 def test_the_comment_parser_sees_a_wrong_figure(tmp_path):
@@ -117,7 +173,10 @@ def test_the_comment_parser_sees_a_wrong_figure(tmp_path):
     wrong = tmp_path / "r.yaml"
     wrong.write_text(text.replace(" h ·", "1 h ·", 1), encoding="utf-8")
     blocks, _ = stated(wrong)
-    assert blocks["h100"] != summary_lines(plan(load_recipe(EZO_70B), "h100"))
+    assert blocks["h100", ()] != summary_lines(plan(load_recipe(EZO_70B), "h100"))
+    # the FP8 synth alternative's block is planned with the settings listed above it
+    fp8 = next(sets for card, sets in blocks if sets)
+    assert "synth.vllm.quantization=fp8" in fp8 and len(fp8) == 6
     wrong.write_text("# QLoRA peaks near 10 GiB\n" + text, encoding="utf-8")
     assert stated(wrong)[1] == ["# QLoRA peaks near 10 GiB"]
 
@@ -132,9 +191,10 @@ def test_plan_uses_measured_figures_at_their_shape_and_names_every_source():
     # Another card, or another shape on the same card: the calibrated model, and the plan says so.
     for other in (plan(recipe, "l40s"), plan(load_recipe(EZO_70B, ["train.max_length=2048"]), "h100")):
         assert other["train_memory_gib"] != measured.peak_gib
-        # (the RAM `ezo run` keeps beside each stage is measured on the host, whatever the card)
-        assert all(src.startswith("model:") for k, src in other["sources"].items() if k != "run_ram_gib")
-        assert other["sources"]["run_ram_gib"].startswith("measured:")
+        # (the RAM `ezo run` keeps beside each stage and the merge's rate are measured on the host, whatever the card)
+        host = ("run_ram_gib", "merge_hours")
+        assert all(src.startswith("model:") for k, src in other["sources"].items() if k not in host)
+        assert all(other["sources"][k].startswith("measured:") for k in host)
 
 
 def test_plan_shows_the_synth_mix(bundled):

@@ -1,15 +1,18 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import BUNDLED
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT
 from ezoforge.errors import RecordError
 from ezoforge.models import load_tokenizer
+from ezoforge.records import read_rows
 from ezoforge.train.data import PackedCollator, pack, prepare, read_conversations, split_eval
 from ezoforge.turns import IGNORE, encode, end_of_turn_id
-from trainkit import elyza_rows, tiny_model  # noqa: F401  (fixtures)
+from trainkit import assert_packed_rows_stay_apart, elyza_rows, passage_pairs, tiny_model  # noqa: F401  (fixtures)
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
@@ -94,7 +97,8 @@ def test_rows_become_messages_with_system_prompt_and_context(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     convos = read_conversations([path], "SYS")
     assert convos[0] == [{"role": "system", "content": "SYS"},
-                         {"role": "user", "content": "長い文章。\n\n要約して", "context": "長い文章。"},
+                         {"role": "user", "content": "長い文章。\n\n要約して", "context": "長い文章。",
+                          "instruction": "要約して"},
                          {"role": "assistant", "content": "短い要約"}]
     assert convos[1][1] == {"role": "user", "content": "挨拶して"}
     assert convos[2][0] == {"role": "system", "content": "SYS"}
@@ -160,6 +164,97 @@ def test_packing_keeps_every_example_once_within_the_budget(smol, elyza_rows):
     assert len(unpacked.train) == stats["examples"] and unpacked.stats["packing_efficiency"] < 0.6
 
 
+# ---------------------------------------------------------------- a passage's pairs in one conversation
+
+def labelled_runs(row) -> list[tuple[int, ...]]:
+    """The token ids of each contiguous labelled run of a row: an answer (through its end-of-turn token), or a
+    passage under context_loss."""
+    runs, current = [], []
+    for tid, lab in zip(row["input_ids"], row["labels"]):
+        if lab != IGNORE:
+            current.append(tid)
+        elif current:
+            runs.append(tuple(current))
+            current = []
+    return runs + [tuple(current)] if current else runs
+
+
+def passages_of(folder) -> list[str]:
+    return list(dict.fromkeys(row["context"] for path in sorted((folder / "data").iterdir())
+                              for _, row in read_rows(path) if row["context"]))
+
+
+def grouped_and_single(smol, folder, max_length, eval_fraction=0.0, context_loss=False):
+    """The same pairs prepared unpacked with group_pairs passage, then none."""
+    return [prepare(smol, [folder], DEFAULT_SYSTEM_PROMPT, max_length, False, eval_fraction, 0, context_loss, mode)
+            for mode in ("passage", "none")]
+
+
+@pytest.mark.parametrize("max_length", [4096, 1024])  # every passage's pairs in one conversation; split in two or more
+def test_grouping_labels_exactly_the_answers_that_one_pair_per_conversation_does(smol, passage_pairs, max_length):
+    grouped, single = grouped_and_single(smol, passage_pairs, max_length)
+    answers = [run for row in single.train for run in labelled_runs(row)]
+    assert len(answers) == single.stats["pairs"] == single.stats["examples"] == 42
+    # The same token ids for every answer, in synth's order; none is cut or lost.
+    assert [run for row in grouped.train for run in labelled_runs(row)] == answers
+    assert grouped.stats["pairs"] == 42 and grouped.stats["truncated"] == single.stats["truncated"] == 0
+    assert grouped.stats["trained_tokens"] == single.stats["trained_tokens"]
+
+
+def test_a_passage_is_read_once_not_once_per_pair(smol, passage_pairs):
+    rows = [row for _, row in read_rows(passage_pairs / "data" / "part-00000.parquet")]
+    per_passage = Counter(row["context"] for row in rows if row["context"])
+    assert len(per_passage) == 8 and min(per_passage.values()) >= 4
+    grouped, single = (p.stats for p in grouped_and_single(smol, passage_pairs, 4096))
+    assert grouped["examples"] == 8 + 2  # one conversation per passage; the pairs without one train alone
+    assert grouped["train_tokens"] * 3 <= single["train_tokens"]
+    assert grouped["train_tokens_ungrouped"] == single["train_tokens_ungrouped"] == single["train_tokens"]
+
+
+def test_a_passage_too_long_for_one_conversation_is_split_each_part_starting_with_it(smol, passage_pairs):
+    passages = passages_of(passage_pairs)
+    grouped, single = grouped_and_single(smol, passage_pairs, 1024)
+    assert 10 < grouped.stats["examples"] < 42 and grouped.stats["truncated"] == 0
+    with_passage = 0
+    for row in grouped.train:
+        assert len(row["input_ids"]) <= 1024
+        text = smol.decode(row["input_ids"])
+        found = [p for p in passages if p in text]
+        if found:
+            with_passage += 1
+            first_user = text.split("<|im_start|>user\n", 1)[1]
+            assert len(found) == 1 and first_user.startswith(found[0] + "\n\n") and text.count(found[0]) == 1
+    assert with_passage == grouped.stats["examples"] - 2
+    # Below one pair with its passage every pair is alone and cut at max_length, exactly as without grouping.
+    tight, tight_single = grouped_and_single(smol, passage_pairs, 700)
+    assert tight.stats["truncated"] > 0 and tight.train == tight_single.train
+
+
+def test_context_loss_learns_each_passage_once_per_conversation(smol, passage_pairs):
+    passages = passages_of(passage_pairs)
+    answers, _ = grouped_and_single(smol, passage_pairs, 1024)
+    for prepared in grouped_and_single(smol, passage_pairs, 1024, context_loss=True):
+        extra = (Counter(run for row in prepared.train for run in labelled_runs(row))
+                 - Counter(run for row in answers.train for run in labelled_runs(row)))
+        assert sum(extra.values()) == prepared.stats["examples"] - 2  # each conversation with a passage learns it once
+        assert {smol.decode(run) for run in extra} == set(passages)
+
+
+def test_the_held_out_split_keeps_each_passage_on_one_side(smol, passage_pairs):
+    passages = passages_of(passage_pairs)
+
+    def passages_in(rows):  # their numbers
+        return {i for row in rows for i, p in enumerate(passages) if p in smol.decode(row["input_ids"])}
+
+    splits = grouped_and_single(smol, passage_pairs, 1024, eval_fraction=0.5)
+    for prepared in splits:
+        train, held = passages_in(prepared.train), passages_in(prepared.eval)
+        assert held and train and not train & held and train | held == set(range(len(passages)))
+    assert passages_in(splits[0].eval) == passages_in(splits[1].eval)  # both modes hold out the same passages
+    again = grouped_and_single(smol, passage_pairs, 1024, eval_fraction=0.5)
+    assert [p.eval for p in again] == [p.eval for p in splits]  # seeded
+
+
 def test_eval_split_is_seeded_and_disjoint():
     items = list(range(40))
     train, held = split_eval(items, 0.1, seed=3)
@@ -192,14 +287,4 @@ def test_packed_examples_do_not_see_each_other(tiny_model, smol, flat):  # noqa:
     assert [len(r["seq_lengths"]) for r in rows] == [2, 1]
     batch = PackedCollator(smol.pad_token_id, flat)(rows)
     layout = [[n for r in rows for n in r["seq_lengths"]]] if flat else [r["seq_lengths"] for r in rows]
-    with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        joined = model(input_ids=batch["input_ids"], use_cache=False).logits  # plain causal rows: examples leak
-        for b, lengths in enumerate(layout):
-            offset = 0
-            for n in lengths:
-                alone = model(input_ids=batch["input_ids"][b:b + 1, offset:offset + n], use_cache=False).logits[0]
-                torch.testing.assert_close(packed[b, offset:offset + n], alone, atol=1e-4, rtol=1e-4)
-                if offset:
-                    assert (joined[b, offset:offset + n] - alone).abs().max() > 1e-3
-                offset += n
+    assert_packed_rows_stay_apart(model, batch, layout, atol=1e-4)

@@ -13,7 +13,7 @@ from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
-from trainkit import elyza_rows, overrides, tiny_model, train_until_killed  # noqa: F401  (fixtures)
+from trainkit import elyza_rows, overrides, passage_pairs, tiny_model, train_until_killed  # noqa: F401  (fixtures)
 
 SETTINGS = {"max_steps": 6, "save_every": 2, "eval_every": 2, "keep_checkpoints": 2}
 FSDP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "accelerate-fsdp-qlora.yaml"
@@ -31,6 +31,9 @@ def test_outputs_metrics_and_checkpoints(trained):
                 "packing_efficiency", "qlora", "seconds"):
         assert stats[key] is not None, key
     assert stats["steps"] == 6 and stats["qlora"] is False
+    # What computed it, read off the model: TRL's fused LM head (torch tiles here: no Triton without CUDA), SDPA
+    assert stats["kernels"] == {"attention": "sdpa", "fused_lm_head": True, "liger_modules": 0,
+                                "linear4bit_modules": 0, "triton_kernels": []}
     assert stats["train_loss_last"] < stats["train_loss_first"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 0, "eval_loss": stats["eval_loss_start"]}  # the untrained model
@@ -51,6 +54,21 @@ def test_outputs_metrics_and_checkpoints(trained):
     assert info["step"] == 6 and info["data_position"]["rows_seen"] == 6 and info["settings"]["output"]["train"]["seed"] == 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "DONE").read_text())["stats"]["steps"] == 6
+
+
+def test_the_loss_falls_on_a_passage_trained_as_one_conversation(tiny_model, passage_pairs, tmp_path):  # noqa: F811
+    from ezoforge.records import read_rows, write_jsonl
+
+    rows = [row for _, row in read_rows(passage_pairs / "data" / "part-00000.parquet")]
+    shortest = min((row["context"] for row in rows if row["context"]), key=len)
+    one = tmp_path / "one-passage.jsonl"  # one conversation, so both steps learn the same row
+    write_jsonl(one, [row for row in rows if row["context"] == shortest])
+    recipe = load_recipe(None, overrides(tiny_model, max_length=2048, max_steps=2, save_every=2, eval_fraction=0.0,
+                                         warmup_ratio=0.0))
+    assert recipe.train.group_pairs == "passage"  # the default
+    stats = train_run.run(recipe, [one], tmp_path / "run")
+    assert (stats["examples"], stats["pairs"], stats["truncated"]) == (1, 5, 0)
+    assert stats["train_loss_last"] < stats["train_loss_first"]
 
 
 def test_adapter_loads_with_peft_and_changes_the_model(trained, tiny_model):  # noqa: F811
@@ -147,7 +165,7 @@ def test_qlora_trains_on_cpu_when_bitsandbytes_can(tiny_model, elyza_rows, tmp_p
     if four_bit_problem(torch.device("cpu")):
         pytest.skip(f"bitsandbytes 4-bit does not train on this CPU: {four_bit_problem(torch.device('cpu'))}")
     stats = _qlora_run(tiny_model, elyza_rows, tmp_path / "q")
-    assert stats["qlora"] is True
+    assert stats["qlora"] is True and stats["kernels"]["linear4bit_modules"] == 2 * 7  # q k v o gate up down
     assert stats["steps"] == 2 and stats["train_loss_last"] > 0 and (tmp_path / "q" / "adapter").is_dir()
 
 

@@ -1,6 +1,7 @@
 """synth.vllm: the engine settings a recipe states reach vLLM's constructor, are refused where no vLLM engine
-runs, and only the one that changes answers (quantization) is part of the synth folder's fingerprint.
-(vLLM itself is not installable here; the engine's own start and shutdown are for a GPU machine.)"""
+runs, and only the one that changes answers (quantization) is part of the synth folder's fingerprint; synth starts
+no CUDA of its own before the engine starts. (vLLM itself is not installable here; the engine's own start and
+shutdown are for a GPU machine.)"""
 import re
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from ezoforge.config import Recipe, load_recipe, output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.infer.backends import vllm_engine_kwargs
+from trainkit import tiny_model  # noqa: F401  (fixtures)
 
 
 def test_the_recipe_settings_reach_the_engine(tmp_path):
@@ -48,3 +50,57 @@ def test_only_quantization_shapes_the_synth_output():
     assert output_settings(base) == output_settings(tuned)
     fp8 = load_recipe(None, ["synth.backend=vllm", "synth.vllm.quantization=fp8"]).synth
     assert output_settings(fp8)["vllm"] == {"quantization": "fp8"} != output_settings(base)["vllm"]
+
+
+# Every torch.cuda entry point that initializes CUDA in this process: a context (_lazy_init, which tensors on the
+# card, mem_get_info, set_device... go through) or the driver (is_available's default check calls cudaGetDeviceCount,
+# which runs cuInit; a vLLM worker forked after that cannot start CUDA). device_count reads NVML and is left alone.
+CUDA_STARTERS = ("is_available", "init", "_lazy_init", "mem_get_info", "get_device_properties", "set_device",
+                 "current_device", "get_device_name", "get_device_capability", "is_bf16_supported", "synchronize",
+                 "empty_cache", "memory_allocated", "memory_reserved")
+
+
+class EngineStart(Exception):
+    """Raised by the stand-in vllm where the real engine would start."""
+
+
+def test_synth_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """vLLM gets the whole card: synth checks the model, computes its identity for the cache keys and sizes its
+    requests without starting CUDA in its own process. vllm itself is a stand-in module (the third-party import
+    boundary) whose engine constructor stops the run."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch
+
+    from ezoforge.synth.run import run
+
+    started = []
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            started.append(name)
+            raise AssertionError(f"torch.cuda.{name} before the vLLM engine started")
+        return call
+
+    for name in CUDA_STARTERS:
+        monkeypatch.setattr(torch.cuda, name, forbidden(name))
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", forbidden("_cuda_getDeviceCount"), raising=False)
+
+    def engine(**kwargs):
+        raise EngineStart(kwargs)
+
+    vllm = types.ModuleType("vllm")
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    vllm.LLM, vllm.SamplingParams = engine, lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "富士山は日本で一番高い山です。静岡県と山梨県にまたがっています。"}\n', encoding="utf-8")
+    recipe = load_recipe(None, [f"model.name={tiny_model}", "synth.backend=vllm", "synth.pairs_per_doc=1",
+                                "synth.generation.max_new_tokens=16", "synth.max_passage_tokens=64"])
+    with pytest.raises(EngineStart) as engine_start:
+        run(recipe, docs, tmp_path / "synth")
+    assert started == []
+    assert engine_start.value.args[0]["model"] == tiny_model

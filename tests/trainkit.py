@@ -8,22 +8,43 @@ from conftest import BUNDLED
 from ezoforge.config import bundled_data
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised 2-layer Llama that speaks the bundled tokenizer and its chat template."""
+def make_tiny_llama(out, context: int = 2048, dtype: torch.dtype = torch.float32, shard: str | None = None) -> str:
+    """A randomly initialised 2-layer Llama that speaks the bundled tokenizer and its chat template, saved in `dtype`
+    (in shards of at most `shard` when given)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ezoforge.models import load_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = load_tokenizer(BUNDLED)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoModelForCausalLM.from_config(cfg).to(dtype).save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def assert_packed_rows_stay_apart(model, batch: dict, layout: list[list[int]], atol: float) -> None:
+    """Each example of a packed batch (`layout`: the example lengths of each row) gets the logits it gets alone, where
+    the same rows read as plain causal rows (no positions) let later examples see earlier ones."""
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        joined = model(input_ids=batch["input_ids"], use_cache=False).logits
+        for b, lengths in enumerate(layout):
+            offset = 0
+            for n in lengths:
+                alone = model(input_ids=batch["input_ids"][b:b + 1, offset:offset + n], use_cache=False).logits[0]
+                own = (packed[b, offset:offset + n] - alone).abs().max().item()
+                assert own < atol, (b, offset, own)
+                if offset:
+                    assert (joined[b, offset:offset + n] - alone).abs().max().item() > max(100 * own, 1e-3)
+                offset += n
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +58,38 @@ def elyza_rows(tmp_path_factory):
             row = json.loads(line)
             dst.write(json.dumps({"instruction": row["input"], "response": row["output"]}, ensure_ascii=False) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def passage_pairs(tmp_path_factory):
+    """A synth folder as synth writes it, from the package's demo web text: the first documents over 900 tokens split
+    into passages of at most 600 (synth's own split, so a document gives several), five pairs per passage that ask
+    for and answer its k-th sentence (as scripted_judge's synthesizer does), in synth's order and ids; then two
+    pairs without a passage."""
+    from ezoforge.models import load_tokenizer
+    from ezoforge.records import read_rows, write_parquet
+    from ezoforge.stage import Stage
+    from ezoforge.synth.passages import sentences, split
+
+    tok = load_tokenizer(BUNDLED)
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    docs = [doc for _, doc in read_rows(bundled_data("bundled:web/fineweb-demo.parquet")) if count(doc["text"]) > 900]
+    rows = []
+    for doc in docs[:4]:
+        for p, passage in enumerate(split(doc["text"], 600, count)):
+            rows += [{"id": f"{doc['id']}/{p}/{k}", "doc_id": doc["id"],
+                      "instruction": f"この文章の{k + 1}番目の文は何を述べていますか。", "response": sentence.strip(),
+                      "context": passage, "generator": "scripted", "source": "fineweb"}
+                     for k, sentence in enumerate(sentences(passage)[:5])]
+    rows += [{"id": f"own/{k}", "doc_id": "own", "instruction": q, "response": a, "context": None,
+              "generator": "scripted"} for k, (q, a) in enumerate([("日本の首都は？", "東京です。"), ("挨拶して", "こんにちは。")])]
+    folder = tmp_path_factory.mktemp("passages") / "synth"
+    write_parquet(folder / "data" / "part-00000.parquet", rows)
+    Stage("synth", folder, {}).finish({})
+    return folder
 
 
 def overrides(model: str, **train) -> list[str]:

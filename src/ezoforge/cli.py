@@ -231,8 +231,19 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_:
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetOpt = None,
         force: Annotated[Optional[list[str]], typer.Option(
             "--force", help="Redo: `--force` the whole recipe, `--force STAGE` (repeatable) that stage and the ones "
-                            "after it. Deletes the folders it redoes.")] = None) -> None:
+                            "after it. Deletes the folders it redoes.")] = None,
+        smoke: Annotated[bool, typer.Option(
+            "--smoke", help="Every stage at a few documents, steps and tasks, on the recipe's model, card and "
+                            "engines, into WORKDIR-smoke; then each stage's peak memory and rate beside `ezo plan`'s "
+                            "(smoke.json). Run it first.")] = False,
+        ram: Annotated[float, typer.Option("--ram", min=1, help="With --smoke: the host memory in GiB the plan "
+                                                                "compares against.")] = 64) -> None:
     """Run the recipe's stages in order into its workdir, skipping stages already done with the same config."""
+    if smoke:
+        from ezoforge.smoke import run_smoke
+
+        run_smoke(load_recipe(recipe, set_), recipe, ram, force=force or [])
+        return
     from ezoforge.pipeline import run_recipe
 
     run_recipe(load_recipe(recipe, set_), recipe, force=force or [])

@@ -237,6 +237,7 @@ class CurateConfig(Section):
     workers: int = Field(1, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     split_mb: float = Field(64, gt=0)  # inputs bigger than this are read as several strided shards (tasks)
+    limit: int | None = Field(None, ge=1)  # documents read from each input, its first N (a smoke run, a sample)
     normalize: NormalizeConfig = NormalizeConfig()
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()
@@ -358,6 +359,11 @@ class TrainConfig(Section):
     # Also learn each pair's source passage, as Instruction Pre-Training trains on the raw text with its pairs.
     # Off: plain SFT, loss on assistant tokens only (EZO's "plain instruction tuning").
     context_loss: bool = False
+    # passage: the pairs synthesized from one passage train as one conversation (the passage and the first
+    # instruction, then the other instructions as later turns), so the passage is read once, not once per pair;
+    # a group longer than max_length is split into several conversations, each with the passage. none: one
+    # conversation per pair. Pairs without a context train alone either way.
+    group_pairs: Literal["passage", "none"] = "passage"
     gradient_checkpointing: bool = True
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     eval_every: int = Field(50, ge=1)  # held-out loss every N steps and after the last (what metrics.jsonl records)

@@ -9,8 +9,10 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -120,10 +122,40 @@ def _convert(gguf: Path, target: Path) -> None:
 
 
 def is_hub_id(spec: str) -> bool:
-    """A model hub repo id (`org/name`, or a one-part canonical id such as `gpt2`), not a local path: anything that
-    exists on disk, starts like a path, nests deeper than org/name, is a .gguf file or is bundled is local."""
+    """A model hub repo id (`org/name`, or a one-part canonical id such as `gpt2`), maybe pinned to a revision
+    (`org/name@COMMIT`), not a local path: anything that exists on disk, starts like a path, nests deeper than
+    org/name, is a .gguf file or is bundled is local."""
     return (not spec.startswith(("bundled:", ".", "/", "~")) and spec.count("/") <= 1
             and Path(spec).suffix != ".gguf" and not Path(spec).expanduser().exists())
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """A hub id pinned to a revision, `org/name@REVISION`, as (org/name, REVISION); any other spec as (spec, None).
+    Hub ids hold no `@`, so a local path that does is left whole."""
+    repo, at, revision = spec.rpartition("@")
+    return (repo, revision) if at and repo and revision and is_hub_id(spec) else (spec, None)
+
+
+def pin(spec: str, revision: str | None) -> str:
+    """The hub id at `revision` (None: the spec as it is)."""
+    return f"{split_revision(spec)[0]}@{revision}" if revision else spec
+
+
+# What loading a hub model at a pinned revision fetches: configs, safetensors weights, tokenizer files, the chat
+# template; not the other weight formats many repos carry beside them (Llama's original/*.pth, *.bin).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def hub_snapshot(repo: str, revision: str) -> Path:
+    """The local folder of a hub model at one revision: the hub cache's snapshot, else (online) downloaded. Only
+    that revision: one that cannot be had is an error naming it, never another revision in its place."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_MODEL_FILES))
+    except Exception as e:  # not cached while offline, a revision the hub no longer has, a gated repo
+        raise ModelError(f"{repo} at revision {revision} cannot be had ({type(e).__name__}: {e}); this run uses "
+                         "that revision only: put its snapshot back in the hub cache, or let the hub be reached")
 
 
 def check_spec(spec: str) -> None:
@@ -147,30 +179,42 @@ def check_spec(spec: str) -> None:
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
-            raise ModelError(f"{spec}: no such local folder, and it is not in the hub cache while HF_HUB_OFFLINE=1: "
-                             "give a local model folder, a .gguf file or bundled:smollm2-135m-instruct, or unset "
+        repo, revision = split_revision(spec)
+        if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+            return
+        if revision is not None:
+            raise ModelError(f"{spec}: {repo} at revision {revision} is not in the hub cache while HF_HUB_OFFLINE=1; "
+                             "this run uses that revision only: put its snapshot back in the hub cache, or unset "
                              "HF_HUB_OFFLINE where the hub is reachable")
+        raise ModelError(f"{spec}: no such local folder, and it is not in the hub cache while HF_HUB_OFFLINE=1: "
+                         "give a local model folder, a .gguf file or bundled:smollm2-135m-instruct, or unset "
+                         "HF_HUB_OFFLINE where the hub is reachable")
 
 
-def check_model(spec: str, adapter: str | Path | None = None, device: str = "auto",
+def check_model(spec: str, adapter: str | Path | None = None, device: str | None = "auto",
                 chat_template: str | Path | None = None, quantize: str = "auto") -> None:
-    """Every cheap check of a model's settings, run before anything loads or a folder is claimed."""
-    check_spec(spec)
+    """Every cheap check of a model's settings, run before anything loads or a folder is claimed. `device=None`: an
+    engine of its own (vLLM) places the weights, so no device or quantization is checked, and CUDA stays untouched."""
+    check_spec(adapter_base(spec, adapter))
     if chat_template is not None and not Path(chat_template).is_file():
         raise ModelError(f"chat template {chat_template}: no such file (--chat-template / model.chat_template)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    if device is None:
+        return
     dev = pick_device(device)
     if quantize not in ("auto", "none"):
         check_quantize(spec, quantize, dev)
 
 
 def resolve(spec: str) -> str:
-    """A model spec -> something `from_pretrained` takes (a local folder or a hub id)."""
+    """A model spec -> something `from_pretrained` takes (a local folder or a hub id; a pinned hub id's snapshot)."""
     check_spec(spec)
     if spec.startswith("bundled:"):
         return str(convert_gguf(bundled_gguf(spec.split(":", 1)[1])))
+    repo, revision = split_revision(spec)
+    if revision is not None:
+        return str(hub_snapshot(repo, revision))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         return str(convert_gguf(path))
@@ -190,7 +234,7 @@ def gguf_of(spec: str) -> Path:
     from ezoforge.cache import request_key
 
     check_spec(spec)
-    path = Path(resolve(spec) if spec.startswith("bundled:") else spec).expanduser()
+    path = Path(resolve(spec) if spec.startswith("bundled:") or split_revision(spec)[1] else spec).expanduser()
     if path.suffix == ".gguf":
         return path
     if not path.is_dir():
@@ -392,19 +436,52 @@ def folder_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def hub_revision(repo: str) -> str | None:
-    """The commit a hub id resolves to: the local cache's snapshot, else (online) the hub's answer."""
+def hub_revision(spec: str) -> str | None:
+    """The commit a hub id resolves to (a pinned one, its revision's): the local cache's snapshot, else (online) the
+    hub's answer."""
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo, "config.json")
+    repo, revision = split_revision(spec)
+    if revision is not None and re.fullmatch("[0-9a-f]{40}", revision):  # a commit names itself
+        return revision
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(cached, str):
         return Path(cached).parent.name  # …/snapshots/<commit>/config.json
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return None
     try:
-        return HfApi().model_info(repo).sha
+        return HfApi().model_info(repo, revision=revision).sha
     except Exception:  # unreachable hub, gated or unknown repo: loading will say so
         return None
+
+
+def pinned_revision(spec: str) -> str | None:
+    """The commit a run pins a hub base to (None for a local model): train records it, and merge, eval of the base
+    plus its adapter, and prefer load that commit and no other."""
+    if not is_hub_id(spec):
+        return None
+    if (revision := hub_revision(spec)) is None:
+        raise ModelError(f"{spec}: cannot tell which revision of it the hub serves (the hub is not reached and it is "
+                         "not in the hub cache), so there is nothing to record and load again")
+    return revision
+
+
+def adapter_base(spec: str, adapter: str | Path | None) -> str:
+    """The base an adapter is applied to: a hub id at the revision the adapter records (its adapter_config.json's
+    `revision`, which train writes), so base + adapter never runs on another revision of the base."""
+    repo, stated = split_revision(spec)
+    if adapter is None or not is_hub_id(spec):
+        return spec
+    try:
+        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return spec  # check_model says what is wrong with the folder
+    recorded = cfg.get("revision")
+    if not recorded or cfg.get("base_model_name_or_path") != repo:
+        return spec
+    if stated is not None and hub_revision(spec) != recorded:
+        raise ModelError(f"{adapter} was trained on {repo} at revision {recorded}, not at {stated}")
+    return pin(repo, recorded)
 
 
 def weights_identity(spec: str) -> dict:
@@ -419,23 +496,41 @@ def weights_identity(spec: str) -> dict:
         return {"spec": spec, "file": file_digest(path)}
     if path.is_dir():
         return {"stage": fp} if (fp := done_fingerprint(path)) else {"files": folder_digest(path)}
-    return {"spec": spec, "revision": hub_revision(spec)}
+    return {"spec": split_revision(spec)[0], "revision": hub_revision(spec)}
 
 
-def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "auto", device: str = "auto",
+def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "auto", device: str | None = "auto",
                    chat_template: str | Path | None = None, quantize: str = "auto") -> str:
     """A short hash of everything that determines a model's outputs, for cache keys: the weights
-    (`weights_identity`), the adapter's files, the chat template, dtype, device and the quantization a load uses."""
+    (`weights_identity`, of the revision an adapter was trained on), the adapter's files, the chat template, dtype,
+    device and the quantization a load uses. `device=None`: an engine of its own (vLLM) places and quantizes the
+    weights, so the identity names the dtype as stated and resolves neither, touching no CUDA."""
     from ezoforge.cache import request_key
 
-    check_spec(spec)
+    base = adapter_base(spec, adapter)
+    check_spec(base)
+    if device is None:
+        return request_key(weights=weights_identity(base), adapter=adapter and folder_digest(Path(adapter)),
+                           chat_template=chat_template and file_digest(Path(chat_template)), dtype=dtype)[:16]
     dev = pick_device(device)
     # Unquantized loads keep the identity they had before quantization existed (their cached answers stay valid).
     q = pick_quantize(spec, quantize, device, dtype)
-    return request_key(weights=weights_identity(spec), adapter=adapter and folder_digest(Path(adapter)),
+    return request_key(weights=weights_identity(base), adapter=adapter and folder_digest(Path(adapter)),
                        chat_template=chat_template and file_digest(Path(chat_template)),
                        dtype=str(pick_dtype(dtype, dev)), device=dev.type,
                        **({"quantize": q} if q != "none" else {}))[:16]
+
+
+@functools.cache
+def kv_cache_name() -> str:
+    """What transformers calls the KV cache, as a model's forward argument and its output's field: `cache` from 5.24
+    on, `past_key_values` before (the gpu extra's vLLM keeps transformers below 5.21; the old name warns in 5.24 and
+    goes in 5.40)."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def load_tokenizer(spec: str, chat_template: str | Path | None = None):
@@ -511,8 +606,9 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     dev = pick_device(device)
     load_dtype = pick_dtype(dtype, dev)
     q = pick_quantize(spec, quantize, device, dtype)
-    source = resolve(spec)
-    tokenizer = load_tokenizer(spec, chat_template)
+    base = adapter_base(spec, adapter)
+    source = resolve(base)
+    tokenizer = load_tokenizer(base, chat_template)
     if need_chat_template:
         require_chat_template(tokenizer, spec)
     kwargs: dict = {"dtype": load_dtype}
@@ -522,7 +618,7 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise ModelError(f"{spec}: cannot load model ({e})") from None
+        raise ModelError(f"{base}: cannot load model ({e})") from None
     if adapter is not None:
         from peft import PeftModel
 

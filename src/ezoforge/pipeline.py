@@ -127,6 +127,71 @@ def _stop(proc, first: int) -> None:
         proc.join(STOP_GRACE_S if sig == signal.SIGINT else 5)
 
 
+class PeakMemory:
+    """The peak host memory (RSS of the stage's process and everything it started) and GPU memory (used on any card,
+    beyond what was in use when it started) while a stage runs, sampled from outside it: nothing here touches CUDA,
+    so a stage's engine still gets the whole card. GPU figures come from NVML (nvidia-ml-py) or nvidia-smi; None
+    where there is neither."""
+
+    INTERVAL_S = 0.25
+
+    def __init__(self, pid: int):
+        import psutil  # an accelerate dependency
+
+        self.proc, self.ram, self.gpu = psutil.Process(pid), 0, None
+        self._gpu_used = _gpu_reader()
+        self._gpu_base = self._gpu_used() if self._gpu_used else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while True:
+            try:
+                tree = [self.proc, *self.proc.children(recursive=True)]
+                self.ram = max(self.ram, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:  # a process ended between the listing and the reading
+                pass
+            if self._gpu_used:
+                used = self._gpu_used()
+                beyond = max(u - b for u, b in zip(used, self._gpu_base)) if used else 0
+                self.gpu = max(self.gpu or 0, beyond)
+            if self._stop.wait(self.INTERVAL_S):
+                return
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        gib = 2**30
+        return {"peak_ram_gib": round(self.ram / gib, 2),
+                "peak_gpu_gib": None if self.gpu is None else round(self.gpu / gib, 2)}
+
+
+def _gpu_reader():
+    """A function giving each card's used memory in bytes (NVML, else nvidia-smi), or None without either."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        return lambda: [pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles]
+    except Exception:  # not installed, or no driver
+        pass
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+
+    def read() -> list[int]:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return [int(line) * 2**20 for line in out.split()]  # MiB
+    return read if read() else None
+
+
 def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         name = signal.Signals(-code).name
@@ -250,14 +315,18 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str]
             console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
             start = time.perf_counter()
             child = child or StageProcess(recipe, workdir)
-            results[step], worked = child.run(step, force=step in redo)
+            peak = PeakMemory(child.proc.pid)
+            try:
+                results[step], worked = child.run(step, force=step in redo)
+            finally:
+                peaks = peak.stop()
             if worked:  # that process has ended: the next stage starts with the memory it held
                 child = None
             seconds = time.perf_counter() - start
             marker = done_info(folder) or {}
-            # A skipped stage keeps the time it took when it really ran.
+            # A skipped stage keeps the time and memory it took when it really ran.
             if not (was_done and timings.get(step, {}).get("fingerprint") == marker.get("fingerprint")):
-                timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint")}
+                timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint"), **peaks}
                 write_json(timings_path, timings)
             else:
                 console.print(f"[dim]{step}: already done with these settings, skipped[/dim]")

@@ -3,7 +3,8 @@ written and hours on a card, and whether it fits; a stage that does not fit name
 
 Estimates, not promises: every assumption is printed with the figures, and `sources` says where each one comes
 from. Where a training step was measured at the recipe's shape on the chosen card (MEASURED), its tokens/s and peak
-memory are used as they are; everything else is the memory and speed model below, not a measurement.
+memory are used as they are, as are the host-side rates measured by the benches (curate, merge); everything else is
+the memory and speed model below. Card memory is what nvidia-smi reports, not the GB in the card's name.
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ class Card:
     bandwidth_tbs: float
 
 
+# Memory as nvidia-smi's memory.total reports it (MiB), not the nominal GB of the card's name: an "80GB" H100 holds
+# 79.6 GiB, a "48GB" L40S 45 GiB.
 CARDS = {
-    "h100": Card(80, 989, 3.35), "h200": Card(141, 989, 4.8), "a100-80gb": Card(80, 312, 2.0),
-    "a100-40gb": Card(40, 312, 1.55), "l40s": Card(48, 362, 0.86), "l4": Card(24, 121, 0.3),
-    "rtx4090": Card(24, 165, 1.0),
+    "h100": Card(81559 / 1024, 989, 3.35), "h200": Card(143771 / 1024, 989, 4.8),
+    "a100-80gb": Card(81920 / 1024, 312, 2.0), "a100-40gb": Card(40960 / 1024, 312, 1.55),
+    "l40s": Card(46068 / 1024, 362, 0.86), "l4": Card(23034 / 1024, 121, 0.3),
+    "rtx4090": Card(24564 / 1024, 165, 1.0),
 }
 HOST_RAM_GIB = 64  # "ordinary RAM": what `--ram` assumes unless told
 
@@ -105,6 +109,16 @@ PROMPT_TOKENS = {"prompted": 600, "synthesizer": 10}
 # Pairs one synthesizer answer holds (Instruction Pre-Training: ~200M pairs from ~40M raw texts).
 SYNTHESIZER_PAIRS = 5
 EVAL_PROMPT_TOKENS = 512  # an ELYZA-tasks-100 task with the system prompt, rounded up
+# Chat-template tokens around each message: Llama 3's <|start_header_id|>ROLE<|end_header_id|>\n\n and <|eot_id|>.
+TEMPLATE_TOKENS = 5
+# A held-out token's time beside a trained one's: a checkpointed step runs the forward, its recompute and the
+# backward; an evaluation the forward only.
+EVAL_COST = 1 / 3
+# Host memory per token of the tokenized data set (training and held-out rows): Python int lists of ids and labels
+# (before and after TRL's packing) and the Arrow table the trainer builds from them (int32 ids, int64 labels).
+# Measured: 188 bytes/token of peak RSS growth over 2.6 M tokens of 1.5–2k-token examples through train.data.pack
+# and Dataset.from_list, on the 2-core bench CPU.
+TOKENIZED_BYTES_PER_TOKEN = 190
 
 # Bytes per weight of the quantized linear layers (embeddings and the LM head stay 16-bit): bitsandbytes NF4
 # (vLLM's "bitsandbytes" too) and int8 as models.py counts them, FP8 with per-tensor scales, AWQ/GPTQ 4-bit with
@@ -128,6 +142,10 @@ CURATE_WORKER_GIB = 1.0  # one curate worker process: Python, datatrove, a batch
 # (bench/RESULTS.md); wiki markup parsing and bz2 are not in that figure.
 CURATE_MB_PER_WORKER_S = 1.57
 DISK_BYTES_S = 1e9  # reading and writing weights (an NVMe-class disk)
+# bench/merge_bench.py (bench/RESULTS.md): the streaming merge made the Llama-3.1-8B shape (8.03 B params, bf16 in
+# and out) in 250.8 s on the 2-core bench CPU under load. It is CPU-bound (each LoRA target's W + B·A in float32,
+# cast, written), so its rate is counted in parameters per second.
+MERGE_PARAMS_PER_S = 8.03e9 / 250.8
 HUB_SHARD_BYTES = 5e9  # the hub's usual safetensors shard (Llama-3.1-70B: 30 shards of ≤ 5 GB)
 COMPRESSION = 2.5  # Parquet / gzip on Japanese text
 
@@ -216,7 +234,11 @@ class Volume:
     passage_tokens: float
     synth_in: float
     synth_out: float
-    train_tokens: float
+    data_tokens: float  # the tokenized data set once: training and held-out conversations
+    train_tokens: float  # tokens trained through, every epoch
+    held_out_tokens: float  # tokens of the trainer's held-out evaluations, all of them
+    evals: int  # the trainer's held-out evaluations
+    steps: int  # optimizer steps
     eval_out: float  # one eval run's answer tokens: tasks x samples x turns
     judge_calls: float  # one eval run's verdicts: tasks x samples x judgments x turns
     missing: list[str]
@@ -237,18 +259,41 @@ def volume(recipe: Recipe, docs_kept: float) -> Volume:
     passage = DOC_TOKENS / per_doc
     requests = docs * per_doc
     pairs = s.pairs_per_doc if s.mode == "prompted" else SYNTHESIZER_PAIRS
-    # Each pair trains with its source passage as context.
-    pair_tokens = passage + s.generation.max_new_tokens / pairs
-    train_tokens = (t.max_steps * t.batch_size * t.grad_accum * t.max_length if t.max_steps
-                    else requests * pairs * pair_tokens * (t.epochs or 1))
+    conversations, per_request = passage_conversations(recipe, passage, pairs)
+    data_tokens = requests * per_request
+    held = t.eval_fraction  # of the passages, so of the conversations
+    if t.max_steps:
+        steps, train_tokens = t.max_steps, t.max_steps * t.batch_size * t.grad_accum * t.max_length
+    else:
+        train_tokens = data_tokens * (1 - held) * (t.epochs or 1)
+        # Packed rows taken as full: a lower bound on the steps, so on the evaluations.
+        rows = train_tokens / t.max_length if t.packing else requests * conversations * (1 - held) * (t.epochs or 1)
+        steps = math.ceil(rows / (t.batch_size * t.grad_accum))
+    # The trainer evaluates before step 1, every eval_every steps, and after the last step when that is off-cadence.
+    evals = 1 + math.ceil(steps / t.eval_every) if held else 0
     e = recipe.eval
     # MT-Bench asks two turns per question; every answer is judged `judgments` times.
     turns = 2 if any(t.startswith("mt-bench-ja") for t in e.tasks) else 1
     answers = (e.limit or 100) * e.samples * turns
     return Volume(chars, curated_tokens, docs, requests, passage, requests * (passage + prompt),
-                  requests * s.generation.max_new_tokens, train_tokens,
+                  requests * s.generation.max_new_tokens, data_tokens, train_tokens, evals * data_tokens * held,
+                  evals, steps,
                   answers * recipe.eval.generation.max_new_tokens,
                   answers * recipe.eval.judgments if recipe.eval.judge_model else 0, missing)
+
+
+def passage_conversations(recipe: Recipe, passage: float, pairs: int) -> tuple[int, float]:
+    """One passage's pairs as train.group_pairs makes them conversations: (conversations, tokens). Every
+    conversation holds the system prompt and the passage; every pair its instruction and response as a user and an
+    assistant turn, together the synth answer's cap shared evenly among its pairs (an upper bound; how a pair splits
+    between instruction and response is not modelled). `passage` puts as many pairs in one conversation as
+    max_length holds, `none` one; a conversation longer than max_length is cut there."""
+    t, system = recipe.train, recipe.model.system_prompt
+    head = passage + (len(system) / CHARS_PER_TOKEN_JA + TEMPLATE_TOKENS if system else 0)
+    turn = recipe.synth.generation.max_new_tokens / pairs + 2 * TEMPLATE_TOKENS
+    fit = max(1, min(pairs, int((t.max_length - head) // turn))) if t.group_pairs == "passage" else 1
+    sizes = [fit] * (pairs // fit) + ([pairs % fit] if pairs % fit else [])
+    return len(sizes), sum(min(t.max_length, head + k * turn) for k in sizes)
 
 
 def synth_context(recipe: Recipe) -> int:
@@ -409,14 +454,14 @@ class Planner:
         weights = weight_bytes(shape, scheme)  # NF4 keeps embeddings and head 16-bit
         activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 * \
             (1 if t.gradient_checkpointing else 18)
-        logits = t.batch_size * t.max_length * shape.vocab * 4 * 2  # float32 logits and their gradient
-        gpu = (weights + self.lora_params() * 16 + activations + logits) / GIB + CUDA_OVERHEAD_GIB
+        # No logits: the loss goes through TRL's fused, chunked LM head (train/run.py), never tokens x vocab.
+        gpu = (weights + self.lora_params() * 16 + activations) / GIB + CUDA_OVERHEAD_GIB
         tps = card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
         self.sources["train_tokens_per_s"] = (f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at "
                                               f"{TRAIN_MFU:.0%} of the card's bf16 peak (calibrated on the 8B H100 "
                                               "reference, 5,851 tok/s)")
         self.sources["train_memory_gib"] = (f"model: {scheme} weights (16-bit embeddings and head), LoRA + AdamW, "
-                                            "hidden states (checkpointed or not), fp32 logits")
+                                            "hidden states (checkpointed or not), no logits (fused LM head)")
         measured = MEASURED.get((known_shape(r.model.name), self.card_name))
         if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
                                                                                                     measured.length):
@@ -430,9 +475,23 @@ class Planner:
         adapter = self.lora_params() * 4
         checkpoints = t.keep_checkpoints * self.lora_params() * 12  # fp32 adapter + AdamW moments
         self.tps = tps
-        return {"gpu_gib": gpu, "ram_gib": PROCESS_RAM_GIB + (shard + host_activations) / GIB,
+        v = self.vol
+        tokenized = v.data_tokens * TOKENIZED_BYTES_PER_TOKEN
+        self.sources["train_hours"] = (
+            f"model: {v.train_tokens:,.0f} tokens trained (train.group_pairs {t.group_pairs}: "
+            f"{'one conversation per passage, split at max_length' if t.group_pairs == 'passage' else 'one per pair'}"
+            f"; each holds the passage, each pair its synth answer's token cap shared evenly and "
+            f"{2 * TEMPLATE_TOKENS} template tokens, the system prompt once) + {v.evals} held-out evaluations "
+            f"(before step 1, every {t.eval_every} of {v.steps} steps, after the last) of train.eval_fraction "
+            f"{t.eval_fraction:g} of the conversations: {v.held_out_tokens:,.0f} tokens at {EVAL_COST:.2f} of a "
+            "trained token's compute (forward only: no recompute, no backward)")
+        self.sources["train_ram_gib"] = (
+            f"model: the largest base shard, offloaded checkpoint inputs, and the tokenized rows: "
+            f"{v.data_tokens:,.0f} tokens x {TOKENIZED_BYTES_PER_TOKEN} bytes (measured: Python int lists and the "
+            "Arrow table of ids and labels)")
+        return {"gpu_gib": gpu, "ram_gib": PROCESS_RAM_GIB + (shard + host_activations + tokenized) / GIB,
                 "disk_gib": (adapter + checkpoints + self.download("train", r.model.name, shape)) / GIB,
-                "hours": self.vol.train_tokens / tps / 3600}
+                "hours": (v.train_tokens + v.held_out_tokens * EVAL_COST) / tps / 3600}
 
     def prefer(self) -> dict:
         """Answers sampled from the SFT model (base + adapter, transformers), one judge call per candidate and
@@ -483,10 +542,12 @@ class Planner:
         ram = PROCESS_RAM_GIB + (shard + self.lora_params() * 4 + tensor) / GIB
         written = self.shape.params * self.merged_bytes()
         self.sources["merge"] = (f"model: the streaming merge holds the largest base shard ({shard / 1e9:.1f} GB, "
-                                 f"{basis}), the adapter and the largest tensor it makes; GPU unused; disk at "
-                                 f"{DISK_BYTES_S / 1e9:g} GB/s (not measured)")
+                                 f"{basis}), the adapter and the largest tensor it makes; GPU unused")
+        self.sources["merge_hours"] = (f"measured: {MERGE_PARAMS_PER_S / 1e6:.0f} M params/s, bench/merge_bench.py "
+                                       "on the Llama-3.1-8B shape, 2-core CPU under load (bench/RESULTS.md); "
+                                       "CPU-bound, so a host with more free cores is likely faster")
         return {"gpu_gib": 0.0, "ram_gib": ram, "disk_gib": written / GIB,
-                "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
+                "hours": self.shape.params / MERGE_PARAMS_PER_S / 3600}
 
     def eval(self, name: str) -> dict:
         """Answers from eval.backend; choice/perplexity tasks and a local judge load the model here (after a vLLM
@@ -514,8 +575,10 @@ class Planner:
             quantize = self.eval_quantize()
             scheme = self.base_dtype() if quantize == "none" else quantize
             weights = weight_bytes(self.shape, scheme)
-            if name == "eval-sft" or (name == "eval-tuned" and "merge" not in r.stages):
-                weights += self.lora_params() * 2  # the adapter on top of the base
+            # The adapter on top of the base: eval-sft, and eval-tuned without a merge or where the base is quantized
+            # (eval.run.scores_adapter: the quantized base + the adapter is what was trained).
+            if name == "eval-sft" or (name == "eval-tuned" and ("merge" not in r.stages or quantize != "none")):
+                weights += self.lora_params() * 2
             kv = batch * answer_tokens * self.shape.kv_bytes_per_token
             judge = 0.0
             if local_judge and e.judge_model != r.model.name:
@@ -559,7 +622,9 @@ class Planner:
 
 def vllm_candidates(section: str) -> list[list[str]]:
     q, ctx = f"{section}.vllm.quantization", f"{section}.context_tokens=4096"
-    return [[f"{section}.vllm.gpu_memory_utilization=0.95"], [ctx], [f"{q}=fp8"], [f"{q}=fp8", ctx],
+    util = f"{section}.vllm.gpu_memory_utilization=0.95"
+    # A 70B in FP8 with a 4k context needs a little more than 0.9 of an 80 GB card: FP8 is faster than bitsandbytes.
+    return [[util], [ctx], [f"{q}=fp8"], [f"{q}=fp8", ctx], [f"{q}=fp8", ctx, util],
             [f"{q}=bitsandbytes"], [f"{q}=bitsandbytes", ctx],
             *[[f"{section}.vllm.tensor_parallel_size={n}"] for n in (2, 4, 8)]]
 
@@ -622,20 +687,27 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
                         for k, v in est.items()}
     vol, shape = p.vol, p.shape
     train = stages.get("train") or p.stage("train")
+    grouping = group_pairs_training(recipe, card_name, docs_kept, ram_gib)
+    chosen = recipe.train.group_pairs
+    p.notes["train_group_pairs"] = "; ".join(
+        f"train.group_pairs {k}{' (chosen)' if k == chosen else ''}: {v['train_tokens']:,} tokens, {v['hours']} h"
+        for k, v in sorted(grouping.items(), key=lambda kv: kv[0] != chosen))
     hours = {name: stages[name]["hours"] for name in ("synth", "train") if name in stages}
     evals = [stages[n]["hours"] for n in stages if n.startswith("eval")]
     if evals:
         hours["eval"] = None if None in evals else round(sum(evals), 3)  # a served or CPU engine: not planned
     return {
-        "model": recipe.model.name, "card": card_name, "card_gib": p.card.memory_gib, "ram_gib": ram_gib,
+        "model": recipe.model.name, "card": card_name, "card_gib": round(p.card.memory_gib, 1), "ram_gib": ram_gib,
         "params_b": round(shape.params / 1e9, 2),
         "tokens": {"curate_in": int(vol.chars / CHARS_PER_TOKEN_JA), "curate_kept": int(vol.curated_tokens),
                    "synth_in": int(vol.synth_in), "synth_out": int(vol.synth_out), "train": int(vol.train_tokens),
+                   "train_data": int(vol.data_tokens), "train_held_out": int(vol.held_out_tokens),
                    "eval_out": int(vol.eval_out * len(evals)), "judge_calls": int(vol.judge_calls * len(evals))},
         "synth_mix": synth_mix(recipe, vol.docs),
         "stages": stages,
         "fits": all(s["fits"] for s in stages.values()),
         "train_memory_gib": train["gpu_gib"],
+        "train_by_group_pairs": grouping,
         "hours": hours,
         "run_ram_gib": RUN_RAM_GIB,
         "sources": {**p.sources, "run_ram_gib": f"measured: {RUN_RAM_GIB} GiB for `ezo run` and its stages' fork "
@@ -649,6 +721,16 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
                         **({"inputs_missing": vol.missing, "documents_from": "synth.limit" if recipe.synth.limit
                             else "none"} if vol.missing else {})},
     }
+
+
+def group_pairs_training(recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float) -> dict:
+    """Tokens trained and train hours under each train.group_pairs setting, all else as the recipe has it."""
+    out = {}
+    for setting in ("passage", "none"):
+        changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"group_pairs": setting})})
+        planner = Planner(changed, card_name, docs_kept, ram_gib)
+        out[setting] = {"train_tokens": int(planner.vol.train_tokens), "hours": round(planner.train()["hours"], 2)}
+    return out
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -679,7 +761,8 @@ def print_plan(result: dict) -> None:
     console.print(table)
     tok = result["tokens"]
     console.print(f"tokens: curate {tok['curate_in']:,} in → ~{tok['curate_kept']:,} kept; synth {tok['synth_in']:,}"
-                  f" in / {tok['synth_out']:,} out; train {tok['train']:,}; eval {tok['eval_out']:,} out "
+                  f" in / {tok['synth_out']:,} out; train {tok['train']:,} (+{tok['train_held_out']:,} held-out, "
+                  f"evaluated); eval {tok['eval_out']:,} out "
                   f"({tok['judge_calls']:,} judge calls)")
     mix = result["synth_mix"]
     console.print("synth draws " + ", ".join(f"{s} {v['share']:.0%} (~{v['documents']:,} documents)"

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezoforge.eval.compare import paired_diff
+from ezoforge.eval.eval_report import scored_as
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
 from ezoforge.metric_catalogue import grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
@@ -104,6 +105,8 @@ def _eval_words(e: dict) -> str:
         parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {(e.get('scale') or [1, 5])[1]}")
     elif e.get("n_tasks"):
         parts.append(grade_words(e))
+    if (form := scored_as(e.get("model"))) is not None:
+        parts.append(f"scored {form}")
     return " · ".join(parts) or "no figures"
 
 

@@ -7,11 +7,13 @@ fails raises RemoteError: callers record it as an error, never as text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import openai
+from typing import TYPE_CHECKING
 
 from ezoforge.config import secret
 from ezoforge.errors import EzoError
+
+if TYPE_CHECKING:  # imported by the calls: stages import this module on machines without the client (a bare GPU image)
+    import openai
 
 
 class RemoteError(EzoError):
@@ -32,6 +34,8 @@ class ChatReply:
 
 def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 120.0,
                 max_retries: int = 4) -> openai.OpenAI:
+    import openai
+
     key = secret(api_key_env, f"api_key_env {api_key_env}") if api_key_env else "none"
     return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
@@ -61,6 +65,8 @@ def complete(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, te
 
 
 def _call(client: openai.OpenAI, create, **kwargs):
+    import openai
+
     try:
         return create(**kwargs)
     except openai.APIStatusError as e:

@@ -68,8 +68,8 @@ def _eval_sft(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> 
 
 
 def _eval_tuned(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
-    from ezoforge.eval.run import run
-    if "merge" in recipe.stages:
+    from ezoforge.eval.run import run, scores_adapter
+    if "merge" in recipe.stages and not scores_adapter(recipe):
         tuned = recipe.model_copy(deep=True)
         tuned.model.name = str(read["merge"])
         return run(tuned, out, force=force)

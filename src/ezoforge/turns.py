@@ -56,6 +56,11 @@ def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None 
     return {"input_ids": ids, "labels": labels}
 
 
+def length(tokenizer, messages: list[dict[str, str]]) -> int:
+    """The conversation's token count as `encode` renders it, without labelling it."""
+    return len(_render(tokenizer, messages, False))
+
+
 def _label_contexts(tokenizer, messages: list[dict[str, str]], ids: list[int], labels: list[int]) -> None:
     """Label the tokens that lie wholly inside each passage, found by character offsets in the rendered text."""
     text = _text(tokenizer, messages, False)

@@ -43,8 +43,9 @@ class Shard:
         return pos % self.parts == self.part
 
 
-def plan_shards(files: list[Path], split_mb: float) -> list[Shard]:
-    """One task per shard, in input order; the plan depends only on the files and split_mb."""
+def plan_shards(files: list[Path], split_mb: float, limit: int | None = None) -> list[Shard]:
+    """One task per shard, in input order; the plan depends only on the files, split_mb and limit (a file read up to
+    its first `limit` documents is one shard: its first documents are one task's)."""
     shards = []
     for i, path in enumerate(files):
         corpus_suffix(path)
@@ -53,7 +54,7 @@ def plan_shards(files: list[Path], split_mb: float) -> list[Shard]:
         size = path.stat().st_size
         if size == 0:
             raise RecordError(f"{path}: empty file")
-        parts = max(1, math.ceil(size / (split_mb * 2**20)))
+        parts = 1 if limit else max(1, math.ceil(size / (split_mb * 2**20)))
         shards.extend(Shard(str(path), i, p, parts) for p in range(parts))
     return shards
 
@@ -215,11 +216,12 @@ class ShardReader(PipelineStep):
     type = "📖 - READER"
     name = "📚 wiki / parquet / jsonl"
 
-    def __init__(self, shards: list[Shard], stats_dir: str, on_error: str = "fail"):
+    def __init__(self, shards: list[Shard], stats_dir: str, on_error: str = "fail", limit: int | None = None):
         super().__init__()
         self.shards = shards
         self.stats_dir = stats_dir
         self.on_error = on_error
+        self.limit = limit  # documents read from each shard (None: all)
 
     def documents(self, shard: Shard, skipped: Counter) -> Iterator[Document]:
         kind = corpus_suffix(shard.path)
@@ -235,6 +237,8 @@ class ShardReader(PipelineStep):
         docs = nbytes = 0
         start, cpu_start = time.perf_counter(), time.process_time()
         for doc in self.documents(shard, skipped):
+            if docs == self.limit:  # the rest of the file is never read (a compressed dump is not decompressed)
+                break
             docs += 1
             nbytes += len(doc.text.encode("utf-8"))
             self.stat_update("documents")

@@ -75,7 +75,7 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow
     cfg = recipe.curate
     patterns = list(inputs) or cfg.inputs
     files = expand_inputs(patterns)
-    shards = plan_shards(files, cfg.split_mb)
+    shards = plan_shards(files, cfg.split_mb, cfg.limit)
     # The folders too: an output folder inside one is refused (their data files are among `files`).
     folders = [Path(bundled_data(p)) for p in patterns if Path(bundled_data(p)).is_dir()]
     stage = Stage("curate", out, {"curate": output_settings(cfg)}, inputs=[*folders, *files])
@@ -107,7 +107,7 @@ def _passes(cfg: CurateConfig, shards: list[Shard], out: Path, work: Path) -> li
     """(name, pipeline, tasks) for each pass, in order."""
     dedup = cfg.dedup.enabled
     rejected = ParquetSink(str(out / "rejected"), "-filter", rejected_reason="filtered")
-    steps = [ShardReader(shards, str(work / "read"), cfg.on_error), DropMalformed(exclusion_writer=rejected),
+    steps = [ShardReader(shards, str(work / "read"), cfg.on_error, cfg.limit), DropMalformed(exclusion_writer=rejected),
              *build_chain(cfg.filters, cfg.normalize, rejected)]
     if not dedup:
         return [("filter", steps + [ParquetSink(str(out / "data"))], len(shards))]

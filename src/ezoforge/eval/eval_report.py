@@ -9,6 +9,18 @@ from ezoforge.eval.tasks import METRICS, scorings
 from ezoforge.report_kit import fmt, grade_color, metric_bars, png_base64, render
 
 
+def scored_as(model: dict | None) -> str | None:
+    """Which form of a model an eval scored, in words, from report.json's `model`: base + adapter or a whole model,
+    and how its weights were held."""
+    if not model:
+        return None
+    held = f" in {model['quantize']}" if model.get("quantize") not in (None, "none") else ""
+    if model.get("adapter"):
+        return f"the base{held} + the adapter"
+    engine = f" on {model['backend']}" if model.get("backend") and model.get("quantize") is None else ""
+    return f"the whole model{held}{engine}"
+
+
 # ---------------------------------------------------------------- charts
 
 def _ticks(ax, labels: list[str]) -> None:

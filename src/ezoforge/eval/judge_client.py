@@ -17,7 +17,6 @@ from ezoforge.config import EvalConfig, LlamaCppConfig
 from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict
 from ezoforge.infer.engines import choose, identity, open_engine
-from ezoforge.infer.serve import BackgroundServer, create_app
 from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
 from ezoforge.remote import RemoteError, chat, make_client
@@ -63,6 +62,9 @@ class Judge:
     def _connect(self):
         with self.lock:
             if self.client is None:
+                # Only a `local` judge needs the server (fastapi, uvicorn): eval runs where they are not installed.
+                from ezoforge.infer.serve import BackgroundServer, create_app
+
                 # Its server decodes as many verdicts together as eval.concurrency sends.
                 gen = open_engine(self.engine, self.cfg.judge_model, None, LlamaCppConfig(), self.cfg.concurrency,
                                   self.local_model)

@@ -11,19 +11,14 @@ the start of its window. Perplexity = exp(total NLL / total predicted tokens) ov
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from ezoforge.eval.items import ChoiceItem
 from ezoforge.infer.generate import Generator, build_messages
-from ezoforge.models import Loaded
+from ezoforge.models import Loaded, kv_cache_name
 
 JCQA_PROMPT = "質問：{question}\n選択肢：{choices}\n選択肢の中から正しいものを一つ選び、その語句だけを答えてください。"
-# transformers renamed `past_key_values` to `cache` (5.2x; the old name warns, then goes in 5.40).
-_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 # Bounds one forward pass's [rows x width x vocab] logits (a 128k vocabulary makes this ~1 GiB in float32).
 TOKEN_BUDGET = 2048
 
@@ -75,10 +70,10 @@ def _shared_context_logprobs(loaded: Loaded, context: list[int], continuations: 
         mask[b, len(context): len(context) + len(cont)] = 1
     cache = DynamicCache()
     with torch.inference_mode():
-        first = loaded.model(input_ids=torch.tensor([context], device=dev), use_cache=True, **{_CACHE_ARG: cache})
+        first = loaded.model(input_ids=torch.tensor([context], device=dev), use_cache=True, **{kv_cache_name(): cache})
         head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
         cache.batch_repeat_interleave(n)
-        logits = loaded.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{_CACHE_ARG: cache}).logits
+        logits = loaded.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **{kv_cache_name(): cache}).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return [head[cont[0]].item() + sum(logp[b, k - 1, cont[k]].item() for k in range(1, len(cont)))
             for b, cont in enumerate(continuations)]

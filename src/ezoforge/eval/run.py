@@ -21,7 +21,7 @@ from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versions
 from ezoforge.eval.tasks import load_suites, scorings
 from ezoforge.infer.engines import choose, identity, in_own_thread, pick_backend
-from ezoforge.models import cache_root, check_model, check_spec, model_identity
+from ezoforge.models import cache_root, check_model, check_spec, model_identity, pick_quantize
 from ezoforge.records import write_json, write_jsonl, write_text
 from ezoforge.stage import Stage
 
@@ -108,8 +108,12 @@ class _Models:
 def _report(scored: list[Scoring], ctx: Context, adapter: Path | None) -> dict:
     """report.json: the model, then each Scoring's header, headline figures and breakdowns in registry order."""
     cfg, m = ctx.recipe.eval, ctx.recipe.model
+    # How the scored weights were held: the bitsandbytes quantization of an in-process load, None where another
+    # engine loads its own (vLLM, llama.cpp, a server).
+    in_process = ctx.models.kind.in_process
     report = {"model": {"name": ctx.model_name, "spec": m.name, "adapter": str(adapter) if adapter else None,
-                        "fingerprint": ctx.fp}}
+                        "fingerprint": ctx.fp, "backend": cfg.backend,
+                        "quantize": pick_quantize(m.name, m.quantize, m.device, m.dtype) if in_process else None}}
     for s in scored:
         report.update(s.header(ctx))
     report.update(protocol={"samples": cfg.samples, "judgments": cfg.judgments,
@@ -122,6 +126,16 @@ def _report(scored: list[Scoring], ctx: Context, adapter: Path | None) -> dict:
     report.update(generation=to_plain(cfg.generation), system_prompt=m.system_prompt,
                   bootstrap={"samples": cfg.bootstrap_samples, "seed": cfg.bootstrap_seed})
     return report
+
+
+def scores_adapter(recipe: Recipe) -> bool:
+    """Whether the tuned model is scored as the base plus its adapter rather than the merged model: where eval loads
+    the base quantized (model.quantize, or auto's choice). Quantizing the merge again gives NF4(W + ΔW), and a LoRA
+    delta is far smaller than an NF4 step, so much of the tuning would round away; the quantized base plus the
+    adapter is what was trained, and differs from eval-base by exactly that. Engines that load a whole model of
+    their own (vLLM, llama.cpp, a server) score the merge."""
+    cfg, m = recipe.eval, recipe.model
+    return cfg.backend in ("auto", "transformers") and pick_quantize(m.name, m.quantize, m.device, m.dtype) != "none"
 
 
 def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = False) -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from ezoforge.eval.eval_report import scored_as
 from ezoforge.eval.tasks import METRICS
 from ezoforge.export.provenance import RunRecords
 from ezoforge.models import is_hub_id
@@ -202,6 +203,7 @@ def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
     out.append(_facts([("tasks", ", ".join(tasks) or None),
                        ("open-ended tasks graded (tuned)", f"{tuned['n_scored']} of {tuned['n_tasks']}"
                         if tuned.get("n_tasks") else None),
+                       ("tuned model scored as", scored_as(tuned.get("model"))),
                        ("judge model", (report.get("judge") or {}).get("model")),
                        ("judge prompt version", report.get("prompt_version")),
                        ("grade intervals", "95% bootstrap CI" if report.get("ci95") else None)]))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ezoforge.models import folder_digest
 from ezoforge.stage import done_info, same_layout
 
 
@@ -71,14 +72,32 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
             curate = _stage(p)
             if curate and curate["stage"] == "curate" and all(c["dir"] != curate["dir"] for c in rec.curate):
                 rec.curate.append(curate)
-    # An eval counts only when it evaluated this model (tuned) or its base (base).
-    # With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO).
-    for kind, model in (("base", rec.base_model), ("sft", rec.base_model if rec.prefer else None),
-                        ("tuned", str(merged))):
+    # An eval counts only when it evaluated this model (tuned) or its base (base): (spec, adapter) pairs it may have
+    # scored. With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO). The tuned model is
+    # the merge, or the base with the merged adapter where eval quantized the base (eval.run.scores_adapter).
+    base, tuned = rec.base_model, rec.prefer or rec.train
+    adapter = {name: s["dir"] / "adapter" for name, s in (("sft", rec.train), ("tuned", tuned)) if s}
+    scored = {"base": [(base, None)], "sft": [(base, adapter.get("sft"))] if rec.prefer else [],
+              "tuned": [(str(merged), None)] + ([(base, adapter["tuned"])] if "tuned" in adapter else [])}
+    for kind, forms in scored.items():
         report = Path(evals[kind]) / "report.json" if kind in evals else None
-        if model and report and report.is_file() and done_info(report.parent) is not None:
+        if report and report.is_file() and done_info(report.parent) is not None:
             data = json.loads(report.read_text(encoding="utf-8"))
-            spec = data.get("model", {}).get("spec", "")
-            if spec == model or (Path(spec).exists() and Path(spec).resolve() == Path(model).resolve()):
+            model = data.get("model", {})
+            if any(spec and _same(model.get("spec", ""), spec) and _same(model.get("adapter"), a) for spec, a in forms):
                 rec.evals[kind], rec.eval_dirs[kind] = data, report.parent
     return rec
+
+
+def _same(recorded: str | None, expected: str | Path | None) -> bool:
+    """A model or adapter as a report recorded it is the one expected: the same id or path, or, for a run folder
+    moved or copied since, an adapter folder with the same files."""
+    if recorded is None or expected is None:
+        return recorded is None and expected is None
+    if recorded == str(expected):
+        return True
+    here, there = Path(recorded), Path(expected)
+    if not (here.exists() and there.exists()):
+        return False
+    return here.resolve() == there.resolve() or (here.is_dir() and there.is_dir() and
+                                                  folder_digest(here) == folder_digest(there))

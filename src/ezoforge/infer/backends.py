@@ -85,6 +85,10 @@ class Backend:
     # Answers with the stage's own load of the model (`Target.load`): an adapter applies, and eval scores
     # likelihoods with the same weights.
     in_process: ClassVar[bool] = False
+    # Places and quantizes the weights itself (vLLM, on the GPU): a stage resolves no device or quantization for it
+    # (models.check_model / model_identity with device None), so no CUDA is touched in its process before the
+    # engine starts and the engine has the card to itself.
+    own_device: ClassVar[bool] = False
 
     @classmethod
     def build(cls, section: Section, target: Target) -> "Backend":
@@ -210,6 +214,7 @@ def vllm_engine_kwargs(model: str, dtype: str, seed: int, max_model_len: int, cf
 
 class VLLMBackend(LocalBackend):
     name = "vllm"
+    own_device = True
 
     @classmethod
     def build(cls, section: Section, target: Target) -> "VLLMBackend":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ezoforge.config import ServeConfig
 from ezoforge.infer.generate import ChatEngine, Completion, Generator, Sampling, TextSoFar, finish_reason
+from ezoforge.models import kv_cache_name
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,9 @@ class PaddedCache:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.gen.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        out = self.gen.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{kv_cache_name(): cache},
                              use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.cache
+        return out.logits[:, -1].float(), getattr(out, kv_cache_name())
 
     def _prefill(self, jobs: list[Job]):
         width = max(len(j.prompt) for j in jobs)

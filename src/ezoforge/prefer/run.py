@@ -49,13 +49,17 @@ def sft(train_dir: Path, recipe: Recipe) -> tuple[dict, ModelConfig, TrainConfig
         raise ModelError(f"{train_dir}: not a finished `ezo train` folder (needs adapter/ and DONE)")
     if not info.get("inputs"):
         raise ModelError(f"{train_dir}/DONE names no inputs: cannot tell which pairs the SFT was trained on")
+    from ezoforge.models import pin
+
     recorded = recorded_settings(info, train_dir)
-    made = recorded["model"]
+    made = dict(recorded["model"])
+    revision = made.pop("revision", None)  # a hub base's commit, which train loaded: DPO loads it again
     stated = {k: v for k, v in output_settings(recipe.model).items() if k in recipe.model.model_fields_set}
     if differ := [k for k, v in stated.items() if made.get(k) != v]:
         raise ConfigError(f"model.{differ[0]}: the recipe says {stated[differ[0]]!r} but {train_dir} was trained with "
                           f"{made.get(differ[0])!r}; DPO continues that SFT (leave model.{differ[0]} unset)")
-    model = ModelConfig.model_validate({**made, **{k: getattr(recipe.model, k) for k in ModelConfig.operational}})
+    model = ModelConfig.model_validate({**made, "name": pin(made["name"], revision),
+                                        **{k: getattr(recipe.model, k) for k in ModelConfig.operational}})
     train = TrainConfig.model_validate({**recorded["output"]["train"],
                                         **{k: getattr(recipe.train, k) for k in TrainConfig.operational}})
     return info, model, train

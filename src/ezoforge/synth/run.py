@@ -108,8 +108,9 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     else:  # a local model must exist before work starts, and is known by its weights
         from ezoforge.models import check_model, model_identity, pick_device
 
-        check_model(model, None, m.device, m.chat_template, base_quantize(recipe))
-        identity = engine_identity(cfg.backend, model_identity(model, None, m.dtype, m.device, m.chat_template,
+        device = None if BACKENDS[cfg.backend].own_device else m.device  # vLLM: CUDA is the engine's alone
+        check_model(model, None, device, m.chat_template, base_quantize(recipe))
+        identity = engine_identity(cfg.backend, model_identity(model, None, m.dtype, device, m.chat_template,
                                                                base_quantize(recipe)))
         static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
     # The draw comes first: a mix naming an absent source fails before the output folder is claimed.

@@ -1,4 +1,5 @@
-"""Training data: rows → chat messages → token ids with assistant-only labels (turns.py) → packed rows."""
+"""Training data: rows → chat messages → one conversation per source passage (or per pair) → token ids with
+assistant-only labels (turns.py) → packed rows."""
 from __future__ import annotations
 
 import random
@@ -11,11 +12,12 @@ import torch
 from ezoforge.errors import RecordError
 from ezoforge.records import read_rows, require
 from ezoforge.stage import input_files
-from ezoforge.turns import IGNORE, encode, special_ids
+from ezoforge.turns import IGNORE, encode, length, special_ids
 
 # A pair with a source passage: the user turn carries the passage, then the instruction.
 USER_WITH_CONTEXT = "{context}\n\n{instruction}"
 ROLES = ("system", "user", "assistant")
+Conversation = list[dict[str, str]]
 
 
 def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | None) -> list[dict[str, str]]:
@@ -35,8 +37,11 @@ def row_messages(path: Path, lineno: int, row: dict[str, Any], system: str | Non
         context = row.get("context")
         if context is not None and not isinstance(context, str):
             raise RecordError(f"{path}:{lineno}: field 'context' must be str, got {type(context).__name__}")
+        # The passage and the instruction ride along: context_loss labels the passage, grouping asks the
+        # instruction alone in a later turn of the passage's conversation.
         user = ({"role": "user", "content": USER_WITH_CONTEXT.format(context=context, instruction=instruction),
-                 "context": context} if context else {"role": "user", "content": instruction})
+                 "context": context, "instruction": instruction} if context
+                else {"role": "user", "content": instruction})
         messages = [user, {"role": "assistant", "content": response}]
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
@@ -94,33 +99,102 @@ def pack(examples: list[dict[str, list[int]]], max_length: int, packing: bool) -
     return packed.to_list()
 
 
-def prepare(tokenizer, inputs: list[Path], system: str | None, max_length: int, packing: bool,
-            eval_fraction: float, seed: int, context_loss: bool = False) -> Prepared:
-    conversations = read_conversations(inputs, system)
-    specials = special_ids(tokenizer)
-    encoded, truncated, no_labels = [], 0, 0
-    for convo in conversations:
-        ex = encode(tokenizer, convo, specials, context_loss)
+def by_passage(conversations: list[Conversation]) -> list[list[int]]:
+    """The conversations' indices grouped by source passage, each group in input order (synth's order), groups in
+    order of first appearance. A passage is its text: synth gives every pair of a passage that text verbatim (a
+    document split into several passages gives several groups), and the same text read twice is one passage, so
+    no passage lands on both sides of the held-out split. A conversation without a passage is a group of its own."""
+    groups: dict[str | int, list[int]] = {}
+    for i, convo in enumerate(conversations):
+        context = next((m["context"] for m in convo if m.get("context")), None)
+        groups.setdefault(context or i, []).append(i)
+    return list(groups.values())
+
+
+def joined(pairs: list[Conversation]) -> Conversation:
+    """One passage's pairs as one conversation: the first pair as it trains alone (system prompt, the passage and its
+    instruction, the response), then each other pair's instruction alone as a later user turn, and its response."""
+    out = list(pairs[0])
+    for convo in pairs[1:]:
+        user, reply = convo[-2:]
+        out += [{"role": "user", "content": user["instruction"]}, reply]
+    return out
+
+
+def pieces(tokenizer, pairs: list[Conversation], max_length: int) -> list[list[Conversation]]:
+    """One passage's pairs cut into runs that each fit in `max_length` tokens as one conversation, in order; every run
+    starts with the passage again. A pair too long even alone is a run of its own (truncated as a lone pair is)."""
+    out, i = [], 0
+    while i < len(pairs):
+        j = len(pairs)
+        if j - i > 1 and length(tokenizer, joined(pairs[i:])) > max_length:  # most groups fit whole: one render
+            j = i + 1
+            while j < len(pairs) and length(tokenizer, joined(pairs[i:j + 1])) <= max_length:
+                j += 1
+        out.append(pairs[i:j])
+        i = j
+    return out
+
+
+@dataclass
+class Encoded:
+    examples: list[dict[str, list[int]]] = field(default_factory=list)
+    pairs: int = 0  # input rows in `examples`
+    ungrouped_tokens: int = 0  # the tokens the same pairs take as one conversation each
+    truncated: int = 0
+    no_labels: int = 0
+
+
+def encode_runs(tokenizer, runs: list[list[Conversation]], max_length: int, context_loss: bool,
+                count_ungrouped: bool = False) -> Encoded:
+    """Each run of pairs as one conversation's ids and labels. Only a lone pair can exceed `max_length` (pieces()
+    keeps longer runs within it): it is cut there, as always, and dropped when no response token is left."""
+    specials, out = special_ids(tokenizer), Encoded()
+    for run in runs:
+        ex = encode(tokenizer, joined(run), specials, context_loss)
         if len(ex["input_ids"]) > max_length:
-            truncated += 1
+            out.truncated += 1
             ex = {k: v[:max_length] for k, v in ex.items()}
         if all(lab == IGNORE for lab in ex["labels"]):
-            no_labels += 1  # truncation left no response token
+            out.no_labels += 1  # truncation left no response token
             continue
-        encoded.append(ex)
-    if not encoded:
+        out.examples.append(ex)
+        out.pairs += len(run)
+        if count_ungrouped:
+            out.ungrouped_tokens += len(ex["input_ids"]) if len(run) == 1 else sum(
+                min(length(tokenizer, convo), max_length) for convo in run)
+    return out
+
+
+def prepare(tokenizer, inputs: list[Path], system: str | None, max_length: int, packing: bool,
+            eval_fraction: float, seed: int, context_loss: bool = False, group_pairs: str = "passage") -> Prepared:
+    """Training and held-out rows, split by passage (train.eval_fraction of the passages, seeded), one conversation
+    per passage (`group_pairs: passage`, split where it would pass max_length) or per pair (`none`)."""
+    conversations = read_conversations(inputs, system)
+    train_groups, held_groups = split_eval(by_passage(conversations), eval_fraction, seed)
+
+    def runs(groups: list[list[int]]) -> list[list[Conversation]]:
+        if group_pairs == "none":  # one conversation per pair, in input order
+            return [[conversations[i]] for i in sorted(i for g in groups for i in g)]
+        return [run for g in groups for run in pieces(tokenizer, [conversations[i] for i in g], max_length)]
+
+    train = encode_runs(tokenizer, runs(train_groups), max_length, context_loss, count_ungrouped=True)
+    held = encode_runs(tokenizer, runs(held_groups), max_length, context_loss)
+    if not train.examples:
         raise RecordError(f"{', '.join(map(str, inputs))}: no example keeps a response token within "
                           f"max_length={max_length}")
-    train, held = split_eval(encoded, eval_fraction, seed)
-    rows = pack(train, max_length, packing)
-    tokens = sum(len(ex["input_ids"]) for ex in train)
-    stats = {"examples": len(train), "eval_examples": len(held), "truncated": truncated,
-             "dropped_no_labels": no_labels, "train_tokens": tokens,
-             "trained_tokens": sum(lab != IGNORE for ex in train for lab in ex["labels"]),
+    rows = pack(train.examples, max_length, packing)
+    tokens = sum(len(ex["input_ids"]) for ex in train.examples)
+    # examples: training conversations; train_tokens_ungrouped: what the same pairs take with group_pairs none.
+    stats = {"examples": len(train.examples), "pairs": train.pairs, "eval_examples": len(held.examples),
+             "eval_pairs": held.pairs, "truncated": train.truncated + held.truncated,
+             "dropped_no_labels": train.no_labels + held.no_labels, "train_tokens": tokens,
+             "train_tokens_ungrouped": train.ungrouped_tokens,
+             "trained_tokens": sum(lab != IGNORE for ex in train.examples for lab in ex["labels"]),
              "rows": len(rows), "packing_efficiency": round(tokens / (len(rows) * max_length), 4)}
     if by_source := pairs_by_source(inputs):
         stats["pairs_by_source"] = by_source
-    return Prepared(rows, pack(held, max_length, packing), stats)
+    return Prepared(rows, pack(held.examples, max_length, packing), stats)
 
 
 @dataclass

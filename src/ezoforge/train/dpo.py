@@ -34,8 +34,8 @@ def dpo_config(cfg: PreferConfig, train: TrainConfig, staging: Path, device: tor
     # refuses Liger's fused loss; Liger adds its layer kernels only.
     return DPOConfig(
         **trainer_args(cfg, staging, device, precision, use_cpu_autocast(train, device)), eval_strategy="no",
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
+        gradient_checkpointing=train.gradient_checkpointing,  # the names transformers < 5.23 knows (train/run.py)
+        gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
         beta=cfg.beta, loss_type=[cfg.loss_type], report_to=[])
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ezoforge.errors import ModelError
-from ezoforge.models import pick_dtype, resolve, stop_token_ids
+from ezoforge.models import pick_dtype, pin, resolve, split_revision, stop_token_ids
 from ezoforge.stage import Stage, done_info, recorded_settings
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,15 @@ def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False
     """`dtype`: the stored dtype of the merged model's floating tensors; `auto` keeps the base's."""
     train_dir, out = Path(train_dir), Path(out)
     info = trained(train_dir)
-    spec = recorded_settings(info, train_dir)["model"]["name"]
+    made = recorded_settings(info, train_dir)["model"]
+    # The base as train loaded it: a hub id at the revision train recorded (prefer records it pinned), no other.
+    spec = pin(made["name"], made.get("revision"))
+    name, revision = split_revision(spec)
+    base = {"name": name, **({"revision": revision} if revision else {})}
     # `auto` is fingerprinted as such: the base (fingerprinted by its spec) determines what it becomes.
     stored = "auto" if dtype == "auto" else str(pick_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
     # The folder appears by rename once complete: a killed merge never leaves a loadable half model.
-    stage = Stage("merge", out, {"merge": {"dtype": stored}}, model={"name": spec}, inputs=[train_dir], atomic=True)
+    stage = Stage("merge", out, {"merge": {"dtype": stored}}, model=base, inputs=[train_dir], atomic=True)
     finished = stage.start(force)
     if finished is not None:
         return finished

@@ -8,7 +8,7 @@ import torch
 
 from ezoforge.config import TrainConfig
 from ezoforge.errors import ConfigError, ModelError
-from ezoforge.models import pick_dtype, resolve
+from ezoforge.models import pick_dtype, resolve, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,15 @@ def lora_config(cfg: TrainConfig):
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+def name_base(model, spec: str) -> None:
+    """The adapter names its base as the hub knows it, at the revision it was trained on (`models.adapter_base` loads
+    that one again): a pinned hub base loads from its snapshot folder, whose path peft would record instead."""
+    repo, revision = split_revision(spec)
+    if revision is not None:
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path, cfg.revision = repo, revision
 
 
 def float32_adapters(model: torch.nn.Module) -> None:

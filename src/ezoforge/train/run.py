@@ -15,25 +15,27 @@ import torch
 
 from ezoforge.config import Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError
-from ezoforge.models import check_model, load_tokenizer, pick_device, require_chat_template
+from ezoforge.models import check_model, load_tokenizer, pick_device, pin, pinned_revision, require_chat_template
 from ezoforge.stage import Stage, input_files
 from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
-from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, require_stated_kernels,
-                                  use_cpu_autocast, use_qlora)
+from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, name_base,
+                                  require_stated_kernels, use_cpu_autocast, use_qlora)
 from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
-from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
+from ezoforge.train.trainer import hardware, kernels, save_adapter, summarize, trainer_args
 
 log = logging.getLogger(__name__)
 
 
 def train_stage(recipe: Recipe, inputs: list[Path], out: Path) -> Stage:
     """The train folder: shaped by the train section, on the recipe's model, from these inputs. cpu_autocast is
-    recorded resolved: a folder trained in float32 is not resumed in bfloat16 on another CPU."""
+    recorded resolved: a folder trained in float32 is not resumed in bfloat16 on another CPU. So is a hub base's
+    revision (the commit it resolves to now): the run loads that one and no other."""
     autocast = use_cpu_autocast(recipe.train, pick_device(recipe.model.device))
+    revision = pinned_revision(recipe.model.name)
     return Stage("train", out, {"train": {**output_settings(recipe.train), "cpu_autocast": autocast}},
-                 model=output_settings(recipe.model), inputs=inputs)
+                 model={**output_settings(recipe.model), **({"revision": revision} if revision else {})}, inputs=inputs)
 
 
 def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: bool, eval_first: bool = False,
@@ -44,9 +46,10 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
         **trainer_args(cfg, staging, device, precision, use_cpu_autocast(cfg, device)),
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
         eval_on_start=evaluate and eval_first,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": cfg.checkpoint_every,
-                                         **({"selective": True} if cfg.selective_checkpointing else {})},
+        # The names transformers < 5.23 takes (5.23 renamed them activation_checkpointing*): see pyproject.toml.
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": cfg.checkpoint_every,
+                                       **({"selective": True} if cfg.selective_checkpointing else {})},
         torch_compile=cfg.compile,
         # Our rows are tokenized, labelled and packed already (see data.py).
         dataset_kwargs={"skip_prepare_dataset": True}, packing=False, report_to=trainer_trackers(cfg))
@@ -140,7 +143,7 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
 def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: torch.device, qlora: bool,
            dist) -> dict:
     start = time.perf_counter()
-    cfg, name = recipe.train, recipe.model.name
+    cfg, name = recipe.train, pin(recipe.model.name, stage.settings["model"].get("revision"))
     folder = out / "checkpoints"
     resume = checkpoints.latest(folder)
     resume_step = checkpoints.check(resume, stage) if resume else 0
@@ -150,16 +153,18 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     tokenizer = load_tokenizer(name, recipe.model.chat_template)
     require_chat_template(tokenizer, name)
     data = prepare(tokenizer, inputs, recipe.model.system_prompt, cfg.max_length, cfg.packing,
-                   cfg.eval_fraction, cfg.seed, cfg.context_loss)
+                   cfg.eval_fraction, cfg.seed, cfg.context_loss, cfg.group_pairs)
     s = data.stats  # also carries packing_efficiency into the run's stats
-    log.info("%d examples (+%d held out) in %d rows of up to %d tokens, packing efficiency %.1f%%%s",
-             s["examples"], s["eval_examples"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
+    log.info("%d pairs in %d examples (+%d held out) of %d tokens (%d as one example per pair) in %d rows of up to "
+             "%d tokens, packing efficiency %.1f%%%s", s["pairs"], s["examples"], s["eval_examples"], s["train_tokens"],
+             s["train_tokens_ungrouped"], s["rows"], cfg.max_length, 100 * s["packing_efficiency"],
              f", {s['truncated']} truncated" if s["truncated"] else "")
     model = load_base(name, cfg, device, qlora, recipe.model.dtype)
     train_log = TrainLog(out / "metrics.jsonl", resume_step, dist.is_main_process)
     saver = checkpoints.AtomicCheckpoints(folder, stage, cfg.keep_checkpoints, len(data.train))
     trainer = make_trainer(model, tokenizer, cfg, data.train, data.eval, folder / checkpoints.STAGING, device,
                            [train_log, saver, *tensorboard_callback(cfg, out)], eval_first=not resume)
+    name_base(trainer.model, name)
     offload = any(isinstance(c, OffloadCheckpoints) for c in trainer.callback_handler.callbacks)
     log.info("training %s r=%d on %s (%s attention%s)%s", "QLoRA (NF4 4-bit base)" if qlora else "LoRA", cfg.lora_r,
              device, attn_implementation(cfg, device), ", checkpoint inputs offloaded to host memory" if offload else "",
@@ -174,6 +179,6 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
 
     plot_loss(train_log.rows, out / "loss.png")
     return stage.finish({"steps": trainer.state.global_step, **summarize(train_log.rows), "qlora": qlora,
-                         "offload_activations": offload,
+                         "offload_activations": offload, "kernels": kernels(trainer.model),
                          "device": str(device), "hardware": hardware(device), "resumed_from_step": resume_step,
                          "seconds": round(time.perf_counter() - start, 1), **data.stats})

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,37 @@ def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
     return f"CPU ({os.cpu_count()} cores)"
+
+
+def kernels(model: torch.nn.Module) -> dict[str, Any]:
+    """What computed the run, read off the trained model and this process rather than the settings: the attention
+    implementation, whether the loss went through TRL's fused LM head, the modules Liger patched, the bitsandbytes
+    4-bit layers, and the Triton kernels (TRL's and Liger's) that were compiled and launched."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    code = getattr(base.forward, "__code__", None)
+    bnb = sys.modules.get("bitsandbytes")
+    return {"attention": base.config._attn_implementation,
+            # TRL replaces the model's forward with one that takes `fused_lm_head` (trl.trainer.utils.add_fused_lm_head)
+            "fused_lm_head": code is not None and "fused_lm_head" in code.co_varnames,
+            "liger_modules": sum((getattr(m.forward, "__module__", None) or "").startswith("liger_kernel")
+                                 for m in base.modules()),
+            "linear4bit_modules": sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()) if bnb else 0,
+            "triton_kernels": launched_triton_kernels(("trl", "liger_kernel"))}
+
+
+def launched_triton_kernels(packages: tuple[str, ...]) -> list[str]:
+    """The module-level Triton kernels of these packages that have a compiled binary in this process."""
+    def launched(obj) -> bool:
+        while type(obj).__module__.startswith("triton.runtime"):  # Autotuner and Heuristics wrap a JITFunction as .fn
+            caches = getattr(obj, "device_caches", None)  # JITFunction: device -> (compiled kernels by key, ...)
+            if caches is not None:
+                return any(isinstance(c, (tuple, list)) and bool(c[0]) for c in caches.values())
+            obj = getattr(obj, "fn", None)
+        return False
+
+    return sorted(f"{name}.{attr}" for name, module in list(sys.modules.items())
+                  if module is not None and name.partition(".")[0] in packages
+                  for attr, obj in list(vars(module).items()) if launched(obj))
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

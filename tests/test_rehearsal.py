@@ -1,0 +1,136 @@
+"""Every shipped recipe rehearsed end to end on this CPU, as `ezo run RECIPE --smoke` runs it, with only what a CPU
+without the hub cannot have replaced (each replacement is printed with its reason):
+
+- the base: a tiny random model of the same architecture, saved sharded in bfloat16 as hub checkpoints are;
+- the inputs: the package's own Wikipedia dump and FineWeb Parquet where the recipe's are not on disk;
+- synthesis: a scripted OpenAI-compatible synthesizer (a random model writes no pair the parser keeps, and vLLM
+  needs CUDA), in the recipe's own mode;
+- the judge: the scripted judge (tests/scripted_judge.py), with the recipe's judge model, key variable and protocol;
+- tasks that load from the hub: the package's ELYZA-format tasks, JCommonsenseQA from ../shared/data;
+- a few documents, steps and tasks: `--smoke`'s cuts, and at most 2 rows summed per optimizer step.
+
+Everything else runs as written: `qlora: true` through bitsandbytes on the CPU, `model.quantize: nf4`, a sharded
+bfloat16 merge, `samples` x `judgments` judging, the recipe's lengths and batch shapes. The 70B recipe's rehearsal
+runs in `make test`; the others are `slow` (`make test-all`).
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ezoforge.config import bundled_data, load_recipe
+from ezoforge.smoke import run_smoke, smoke_recipe
+from scripted_judge import ScriptedJudge, judge_and_synthesizer
+from trainkit import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")
+                 if "workdir" in (yaml.safe_load(p.read_text(encoding="utf-8")) or {}))
+# demo.yaml runs (cut to seconds) as the session's demo_run, which the pipeline tests share.
+REHEARSED = [name for name in RECIPES if name != "demo.yaml"]
+IN_MAKE_TEST = {"llama31-70b-ezo.yaml"}
+# The architecture family of a recipe's base, by what its name says; a new family needs its tiny config here.
+FAMILIES = {"llama": "llama", "smollm2": "llama"}
+JCQA = ROOT.parent / "shared" / "data" / "jglue" / "jcommonsenseqa" / "valid-v1.3.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer Llama with the bundled tokenizer, saved in bfloat16 as several shards (as hub bases are)."""
+    out = tmp_path_factory.mktemp("tiny-llama-bf16")
+    make_tiny_llama(out, context=8192, dtype=torch.bfloat16, shard="3MB")
+    assert len(list(out.glob("*.safetensors"))) > 1
+    return str(out)
+
+
+def family(name: str) -> str | None:
+    return next((f for key, f in FAMILIES.items() if key in name.lower()), None)
+
+
+def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[str], list[str]]:
+    """The --set overrides that rehearse the recipe here, and one line per replacement saying why."""
+    recipe = load_recipe(path)
+    sets, why = [f"workdir={workdir}", f"model.name={tiny}"], []
+    why.append(f"model.name: {recipe.model.name} -> a tiny random {family(recipe.model.name)} model (no weights here)")
+    if any(not Path(p).exists() and not p.startswith("bundled:") for p in recipe.curate.inputs):
+        wiki, web = (bundled_data(f"bundled:{p}") for p in ("wiki/jawiki-demo-pages-articles.xml",
+                                                              "web/fineweb-demo.parquet"))
+        sets.append(f"curate.inputs=[{wiki}, {web}]")
+        why.append("curate.inputs: the package's Wikipedia dump and FineWeb Parquet (the recipe's are not on disk)")
+    sets += ["synth.backend=openai", f"synth.base_url={server}", f"synth.model={tiny}"]
+    why.append(f"synth.backend: {recipe.synth.backend} -> the scripted synthesizer in {recipe.synth.mode} mode "
+               "(vLLM needs CUDA; a random model writes no pair the parser keeps)")
+    sets += [f"eval.judge_url={server}"] + (["eval.judge_model=scripted"] if recipe.eval.judge_url == "local" else [])
+    why.append(f"eval.judge_url: {recipe.eval.judge_url} -> the scripted judge (same protocol: "
+               f"{recipe.eval.samples} x {recipe.eval.judgments})")
+    tasks = []
+    for task in recipe.eval.tasks:
+        if task == "elyza100":
+            tasks.append("elyza100:bundled:tasks/demo-tasks.jsonl")
+        elif task == "jcqa" and JCQA.exists():
+            tasks.append(f"jcqa:{JCQA}")
+        elif ":" in task:
+            tasks.append(task)
+        else:
+            why.append(f"eval.tasks: {task} dropped (it loads from the hub)")
+            continue
+        if tasks[-1] != task:
+            why.append(f"eval.tasks: {task} -> {tasks[-1]} (the hub's copy is out of reach)")
+    sets.append(f"eval.tasks=[{', '.join(tasks)}]")
+    if recipe.train.grad_accum > 2:  # each step's rows keep their shape: only fewer of them are summed
+        sets.append("train.grad_accum=2")
+        why.append(f"train.grad_accum: {recipe.train.grad_accum} -> 2 (a few steps: each still max_length rows of "
+                   f"batch_size {recipe.train.batch_size})")
+    if recipe.eval.backend == "vllm":
+        sets.append("eval.backend=transformers")
+        why.append("eval.backend: vllm -> transformers (vLLM needs CUDA)")
+    return sets, why
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in IN_MAKE_TEST else pytest.mark.slow)
+                                  for n in REHEARSED])
+def test_shipped_recipe_rehearses_on_the_cpu(name, tiny_llama, tmp_path, monkeypatch):
+    path = ROOT / "recipes" / name
+    written = load_recipe(path)
+    if family(written.model.name) is None:
+        pytest.fail(f"{name}: cannot rehearse: no tiny model of {written.model.name}'s architecture (add its family)")
+    if written.eval.judge_api_key_env:  # the stage processes read the key from the recipe's variable
+        monkeypatch.setenv(written.eval.judge_api_key_env, "sk-rehearsal")
+    with ScriptedJudge(judge_and_synthesizer) as server:
+        sets, why = rehearsal(path, tiny_llama, server.url, tmp_path / "run")
+        print(f"{name} rehearsed with:", *why, sep="\n  ")
+        recipe = load_recipe(path, sets)
+        result = run_smoke(recipe, path, ram_gib=64)
+    work = Path(smoke_recipe(recipe).workdir)
+    assert set(result["stages"]) == set(json.loads((work / "report.json").read_text())["stages"])
+    assert all(r["peak_ram_gib"] and r["peak_ram_gib"] > 0 for r in result["stages"].values())
+
+    train = json.loads((work / "train" / "stats.json").read_text())
+    assert train["qlora"] == (written.train.qlora is True)  # bitsandbytes 4-bit on the CPU, as the recipe says
+    assert train["steps"] == smoke_recipe(recipe).train.max_steps
+    if "merge" in recipe.stages:
+        merged = json.loads((work / "merged" / "config.json").read_text())
+        assert merged["dtype" if "dtype" in merged else "torch_dtype"] == written.merge.dtype.replace("auto", "bfloat16")
+    tuned = json.loads((work / "eval-tuned" / "report.json").read_text())
+    if written.model.quantize == "nf4":  # the quantized base + the adapter, as trained (eval.run.scores_adapter)
+        assert tuned["model"]["quantize"] == "nf4" and tuned["model"]["adapter"]
+    judged = [json.loads(line) for line in (work / "eval-tuned" / "judgements.jsonl").read_text().splitlines()]
+    answered = len({j["task_id"] for j in judged})
+    assert len(judged) == answered * written.eval.samples * written.eval.judgments
+
+
+def test_smoke_names_a_stage_over_the_plan(tmp_path):
+    from ezoforge.plan import plan
+    from ezoforge.smoke import compare
+
+    recipe = load_recipe(ROOT / "recipes" / "llama31-70b-ezo.yaml")
+    planned = plan(recipe, "h100")["stages"]
+    (tmp_path / "timings.json").write_text(json.dumps({
+        "train": {"seconds": 9.0, "peak_gpu_gib": planned["train"]["gpu_gib"] + 1, "peak_ram_gib": 1.0},
+        "merge": {"seconds": 3.0, "peak_gpu_gib": 0.0, "peak_ram_gib": planned["merge"]["ram_gib"]}}))
+    result = compare(recipe, tmp_path, 64, "h100")
+    assert result["stages"]["train"]["within_plan"] is False and result["stages"]["merge"]["within_plan"] is True
+    assert result["within_plan"] is False
+    assert compare(recipe, tmp_path, 64, None)["within_plan"] is None  # no card: shown, not judged
