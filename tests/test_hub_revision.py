@@ -117,3 +117,18 @@ def test_base_plus_adapter_runs_on_the_adapters_commit(trained, hub):
     hub.drop(FIRST)
     with pytest.raises(ModelError, match=f"{REPO}@{FIRST}"):
         check_model(REPO, adapter, "cpu")
+
+
+def test_eval_base_scores_the_commit_train_loaded(trained, hub, tmp_path):
+    from ezoforge.config import bundled_data
+    from ezoforge.stages import STEPS
+
+    hub.add(SECOND, shift=1.0)
+    hub.point_main(SECOND)
+    heldout = bundled_data("bundled:heldout/heldout-ja.jsonl")
+    recipe = load_recipe(None, [f"model.name={REPO}", "model.device=cpu", f"eval.tasks=[ppl:{heldout}]",
+                                "eval.limit=1", f"eval.cache={tmp_path / 'requests.sqlite'}"])
+    report = STEPS["eval-base"].run(recipe, tmp_path / "eval-base", {"train": trained}, False)
+    assert report["model"]["spec"] == f"{REPO}@{FIRST}"
+    assert report["model"]["fingerprint"] == model_identity(f"{REPO}@{FIRST}", device="cpu") \
+        != model_identity(REPO, device="cpu")

@@ -95,10 +95,12 @@ def test_a_forced_edit_redoes_only_the_stages_it_affects(demo_copy):
     run_recipe(demo_copy.recipe(None, "train.lora_r=8"), DEMO, force=["train"])
     after = done_times(workdir)
     changed = {step for step in before if after[step] != before[step]}
-    assert changed == {"train", "merge", "eval-tuned", "export"}  # the card reads what changed
+    # eval-base follows train for the base's revision (its answers and verdicts come from the cache); the card reads
+    # what changed
+    assert changed == {"train", "merge", "eval-base", "eval-tuned", "export"}
     assert json.loads((workdir / "train" / "stats.json").read_text())["resumed_from_step"] == 0
     # the tuned model's new answers graded with the known verdicts; at most those were sent (an unchanged answer is
-    # a cache hit), none of the base model's
+    # a cache hit), none of the base model's (all stored)
     answers = rows(workdir / "eval-tuned" / "answers.jsonl")
     assert [j["grade"] for j in rows(workdir / "eval-tuned" / "judgements.jsonl")] == \
         [expected_grade(a["answer"]) for a in answers]

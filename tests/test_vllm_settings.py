@@ -64,17 +64,15 @@ class EngineStart(Exception):
     """Raised by the stand-in vllm where the real engine would start."""
 
 
-def test_synth_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_path, monkeypatch):  # noqa: F811
-    """vLLM gets the whole card: synth checks the model, computes its identity for the cache keys and sizes its
-    requests without starting CUDA in its own process. vllm itself is a stand-in module (the third-party import
-    boundary) whose engine constructor stops the run."""
+@pytest.fixture
+def cuda_guard(monkeypatch) -> list[str]:
+    """Every CUDA starter raises and is recorded (the list returned); `vllm` is a stand-in module (the third-party
+    import boundary) whose engine constructor raises EngineStart where the real engine would start."""
     import importlib.machinery
     import sys
     import types
 
     import torch
-
-    from ezoforge.synth.run import run
 
     started = []
 
@@ -95,6 +93,13 @@ def test_synth_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_pat
     vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     vllm.LLM, vllm.SamplingParams = engine, lambda **kwargs: kwargs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
+    return started
+
+
+def test_synth_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_path, cuda_guard):  # noqa: F811
+    """vLLM gets the whole card: synth checks the model, computes its identity for the cache keys and sizes its
+    requests without starting CUDA in its own process."""
+    from ezoforge.synth.run import run
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"text": "富士山は日本で一番高い山です。静岡県と山梨県にまたがっています。"}\n', encoding="utf-8")
@@ -102,5 +107,17 @@ def test_synth_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_pat
                                 "synth.generation.max_new_tokens=16", "synth.max_passage_tokens=64"])
     with pytest.raises(EngineStart) as engine_start:
         run(recipe, docs, tmp_path / "synth")
-    assert started == []
+    assert cuda_guard == []
+    assert engine_start.value.args[0]["model"] == tiny_model
+
+
+def test_eval_touches_no_cuda_before_the_vllm_engine_starts(tiny_model, tmp_path, cuda_guard):  # noqa: F811
+    """The same for eval's answers from vLLM: the model's checks and identity leave CUDA to the engine."""
+    from ezoforge.eval.run import run
+
+    recipe = load_recipe(None, [f"model.name={tiny_model}", "eval.backend=vllm", "eval.tasks=[elyza100:bundled:tasks/"
+                                "demo-tasks.jsonl]", "eval.limit=1", f"eval.cache={tmp_path / 'requests.sqlite'}"])
+    with pytest.raises(EngineStart) as engine_start:
+        run(recipe, tmp_path / "eval")
+    assert cuda_guard == []
     assert engine_start.value.args[0]["model"] == tiny_model

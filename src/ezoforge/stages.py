@@ -59,7 +59,22 @@ def _merge(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dic
 
 def _eval_base(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
     from ezoforge.eval.run import run
-    return run(recipe, out, force=force)
+    return run(_base_as_trained(recipe, read), out, force=force)
+
+
+def _base_as_trained(recipe: Recipe, read: dict[str, Path]) -> Recipe:
+    """The recipe with its hub base pinned to the commit train loaded (train's DONE records it), so eval-base scores
+    the base the tuned model grew from even where the hub has moved on since; as it is without a train stage."""
+    from ezoforge.models import pin
+    from ezoforge.stage import done_info, recorded_settings
+
+    info = done_info(read["train"]) if "train" in recipe.stages else None
+    revision = info and recorded_settings(info, read["train"])["model"].get("revision")
+    if not revision:
+        return recipe
+    pinned = recipe.model_copy(deep=True)
+    pinned.model.name = pin(recipe.model.name, revision)
+    return pinned
 
 
 def _eval_sft(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
@@ -89,7 +104,7 @@ STEPS = {s.name: s for s in (
     Step("train", "train", "train", ("synth",), _train),
     Step("prefer", "prefer", "prefer", ("train",), _prefer),
     Step("merge", "merge", "merged", ("train", "prefer"), _merge),
-    Step("eval-base", "eval", "eval-base", (), _eval_base),
+    Step("eval-base", "eval", "eval-base", ("train",), _eval_base),  # train: the base's revision it loaded
     Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=lambda r: "prefer" in r.stages),
     Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "merge"), _eval_tuned,
          when=lambda r: "train" in r.stages or "merge" in r.stages),

@@ -147,13 +147,16 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
     for suite in suites:
         suite.task_type.check(suite, cfg)
     m = recipe.model
-    check_model(m.name, adapter, m.device, m.chat_template, m.quantize)  # a bad model fails before the folder is claimed
     cfg = pick_backend(cfg, "eval.backend", m.name, adapter, m.device, m.quantize)
+    from ezoforge.infer.registry import BACKENDS
+
+    device = None if BACKENDS[cfg.backend].own_device else m.device  # vLLM: CUDA is the engine's alone
+    check_model(m.name, adapter, device, m.chat_template, m.quantize)  # a bad model fails before the folder is claimed
     if cfg.judge_url == "local":
         check_spec(cfg.judge_model)
         cfg = cfg.model_copy(update={"judge_backend": choose(cfg.judge_backend, "eval.judge_backend", cfg.judge_model)})
     recipe = recipe.model_copy(update={"eval": cfg})  # the engines used, as the folder records them
-    fp = model_identity(m.name, adapter, m.dtype, m.device, m.chat_template, m.quantize)
+    fp = model_identity(m.name, adapter, m.dtype, device, m.chat_template, m.quantize)
     inputs = [s.path for s in suites if s.path is not None] + [p for s in suites for p in s.task_type.inputs(cfg)]
     versions = prompt_versions(suites)
     # A local model and adapter are known by their content (fp), not by where they lie: a moved or copied run

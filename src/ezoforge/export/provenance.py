@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ezoforge.models import folder_digest
+from ezoforge.models import folder_digest, split_revision
 from ezoforge.stage import done_info, same_layout
 
 
@@ -84,7 +84,9 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
         if report and report.is_file() and done_info(report.parent) is not None:
             data = json.loads(report.read_text(encoding="utf-8"))
             model = data.get("model", {})
-            if any(spec and _same(model.get("spec", ""), spec) and _same(model.get("adapter"), a) for spec, a in forms):
+            # A hub base is recorded as loaded: at the revision train pinned (`org/name@COMMIT`).
+            recorded = split_revision(model.get("spec") or "")[0]
+            if any(spec and _same(recorded, spec) and _same(model.get("adapter"), a) for spec, a in forms):
                 rec.evals[kind], rec.eval_dirs[kind] = data, report.parent
     return rec
 
