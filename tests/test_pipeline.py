@@ -114,36 +114,3 @@ def test_shipped_recipes_validate():
         result = CliRunner().invoke(app, ["validate", str(path)])
         assert result.exit_code == 0, result.output
 
-
-def test_eval_tuned_on_a_quantized_base_scores_base_plus_adapter(demo_copy):
-    """With model.quantize nf4, eval-tuned scores nf4(base) + the adapter, as trained, not nf4(base + ΔW): the model it
-    names is that one, and its perplexity is that of the quantized base with the adapter, loaded here on its own."""
-    from ezoforge.config import bundled_data
-    from ezoforge.eval import metrics
-    from ezoforge.eval.likelihood import passage_nll
-    from ezoforge.eval.run import scores_adapter
-    from ezoforge.export.provenance import gather
-    from ezoforge.models import load, model_identity
-
-    workdir = demo_copy.workdir
-    heldout = bundled_data("bundled:heldout/heldout-ja.jsonl")
-    recipe = demo_copy.recipe(workdir, "model.quantize=nf4", f"eval.tasks=[ppl:{heldout}]", "eval.limit=1")
-    assert scores_adapter(recipe) and not scores_adapter(demo_copy.recipe(workdir))
-    read = {step: workdir / STEPS[step].folder for step in STEPS["eval-tuned"].reads if step != "prefer"}
-    out = workdir / "eval-tuned-nf4"
-    report = STEPS["eval-tuned"].run(recipe, out, read, False)
-    assert report["model"]["spec"] == recipe.model.name and report["model"]["quantize"] == "nf4"
-    assert Path(report["model"]["adapter"]) == workdir / "train" / "adapter"
-
-    texts = [json.loads(line)["text"] for line in Path(heldout).read_text(encoding="utf-8").splitlines()][:1]
-
-    def perplexity(loaded) -> float:
-        scored = passage_nll(loaded, texts, recipe.eval.ppl_window)
-        return metrics.rounded(metrics.perplexity(sum(nll for nll, _ in scored), sum(n for _, n in scored)))
-
-    adapter = workdir / "train" / "adapter"
-    assert report["model"]["fingerprint"] == model_identity(recipe.model.name, adapter, device="cpu", quantize="nf4")
-    assert report["model"]["fingerprint"] != model_identity(str(workdir / "merged"), device="cpu", quantize="nf4")
-    assert report["perplexity"] == perplexity(load(recipe.model.name, adapter, "cpu", quantize="nf4"))
-    # The card's provenance counts this eval as the tuned model's.
-    assert gather(workdir / "merged", {"tuned": out}).evals["tuned"]["model"]["quantize"] == "nf4"

@@ -267,7 +267,7 @@ def test_pipeline_puts_prefer_between_train_and_merge_and_evaluates_three_models
     r = load_recipe(None, ["stages=[curate, synth, train, merge, prefer, eval]", "eval.judge_url=local",
                            "eval.judge_model=bundled:smollm2-135m-instruct"])
     assert steps(r) == ["curate", "synth", "train", "prefer", "merge", "eval-base", "eval-sft", "eval-tuned"]
-    assert forced_steps(steps(r), ["train"]) == {"train", "prefer", "merge", "eval-sft", "eval-tuned"}
+    assert forced_steps(steps(r), ["train"]) == {"train", "prefer", "merge", "eval-base", "eval-sft", "eval-tuned"}
     assert forced_steps(steps(r), ["prefer"]) == {"prefer", "merge", "eval-tuned"}
 
 

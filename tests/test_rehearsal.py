@@ -7,7 +7,7 @@ without the hub cannot have replaced (each replacement is printed with its reaso
   needs CUDA), in the recipe's own mode;
 - the judge: the scripted judge (tests/scripted_judge.py), with the recipe's judge model, key variable and protocol;
 - tasks that load from the hub: the package's ELYZA-format tasks, JCommonsenseQA from ../shared/data;
-- a few documents, steps and tasks: `--smoke`'s cuts, and at most 2 rows summed per optimizer step.
+- a few documents, steps and tasks: `--smoke`'s cuts, and one batch per optimizer step.
 
 Everything else runs as written: `qlora: true` through bitsandbytes on the CPU, `model.quantize: nf4`, a sharded
 bfloat16 merge, `samples` x `judgments` judging, the recipe's lengths and batch shapes. The 70B recipe's rehearsal
@@ -21,6 +21,8 @@ import torch
 import yaml
 
 from ezoforge.config import bundled_data, load_recipe
+from ezoforge.export.provenance import gather
+from ezoforge.models import model_identity
 from ezoforge.smoke import run_smoke, smoke_recipe
 from scripted_judge import ScriptedJudge, judge_and_synthesizer
 from trainkit import make_tiny_llama
@@ -79,9 +81,9 @@ def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[s
         if tasks[-1] != task:
             why.append(f"eval.tasks: {task} -> {tasks[-1]} (the hub's copy is out of reach)")
     sets.append(f"eval.tasks=[{', '.join(tasks)}]")
-    if recipe.train.grad_accum > 2:  # each step's rows keep their shape: only fewer of them are summed
-        sets.append("train.grad_accum=2")
-        why.append(f"train.grad_accum: {recipe.train.grad_accum} -> 2 (a few steps: each still max_length rows of "
+    if recipe.train.grad_accum > 1:  # each step's rows keep their shape: only fewer of them are summed
+        sets.append("train.grad_accum=1")
+        why.append(f"train.grad_accum: {recipe.train.grad_accum} -> 1 (a few steps: each still max_length rows of "
                    f"batch_size {recipe.train.batch_size})")
     if recipe.eval.backend == "vllm":
         sets.append("eval.backend=transformers")
@@ -115,7 +117,12 @@ def test_shipped_recipe_rehearses_on_the_cpu(name, tiny_llama, tmp_path, monkeyp
         assert merged["dtype" if "dtype" in merged else "torch_dtype"] == written.merge.dtype.replace("auto", "bfloat16")
     tuned = json.loads((work / "eval-tuned" / "report.json").read_text())
     if written.model.quantize == "nf4":  # the quantized base + the adapter, as trained (eval.run.scores_adapter)
-        assert tuned["model"]["quantize"] == "nf4" and tuned["model"]["adapter"]
+        adapter = work / "train" / "adapter"
+        assert (tuned["model"]["quantize"], Path(tuned["model"]["adapter"])) == ("nf4", adapter)
+        assert tuned["model"]["fingerprint"] == model_identity(tiny_llama, adapter, device="cpu", quantize="nf4") \
+            != model_identity(str(work / "merged"), device="cpu", quantize="nf4")
+        # the card's provenance counts it as the merged model's eval
+        assert gather(work / "merged", {"tuned": work / "eval-tuned"}).evals["tuned"]["model"]["quantize"] == "nf4"
     judged = [json.loads(line) for line in (work / "eval-tuned" / "judgements.jsonl").read_text().splitlines()]
     answered = len({j["task_id"] for j in judged})
     assert len(judged) == answered * written.eval.samples * written.eval.judgments
