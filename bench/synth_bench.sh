@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Synth's output tokens/s on the demo's curated data, one after the other in one run: the baseline is this project
-# as it was when CPU generation at llama.cpp speed was asked for (BASELINE, default 9934ebd: transformers in float32,
-# its only CPU backend), ours is this checkout with the demo recipe as it ships (backend auto: llama.cpp on a CPU).
+# as it was before its llama.cpp backend (BASELINE, default 9934ebd: transformers in float32, its only CPU
+# backend), ours is this checkout with the demo recipe as it ships (backend auto: llama.cpp on a CPU).
 # Each gets a fresh model cache, so both convert the bundled GGUF as a new user's first run does; tokens/s counts
 # generation only, wall counts everything. Then bench/synth_ceiling.py measures the bound this CPU sets on that work
 # (llama.cpp's own rates, and a float32 GEMM's); the ratios to the baseline are printed last.

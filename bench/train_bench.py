@@ -399,7 +399,7 @@ def summary() -> None:
         if not base or not mine:
             continue
         base = base[0]
-        limit = 45 if shape == "70b" else 0.7 * base["peak_gib"]  # GiB: the memory targets
+        limit = 45 if shape == "70b" else 0.7 * base["peak_gib"]  # GiB: the memory targets in TARGETS
         fitting = [r for r in mine if not cuda or r["peak_gib"] <= limit]
         best = max(fitting or mine, key=lambda r: r["tokens_per_s"])
         log(bench="ratio", shape=shape, best=best["variant"], within_memory_target=bool(fitting) if cuda else None,

@@ -7,13 +7,15 @@ without the hub cannot have replaced (each replacement is printed with its reaso
   needs CUDA), in the recipe's own mode;
 - the judge: the scripted judge (tests/scripted_judge.py), with the recipe's judge model, key variable and protocol;
 - tasks that load from the hub: the package's ELYZA-format tasks, JCommonsenseQA from ../shared/data;
-- a few documents, steps and tasks: `--smoke`'s cuts, and one batch per optimizer step.
+- a few documents, steps and tasks: `--smoke`'s cuts, and one batch per optimizer step;
+- curate's workers: at most this machine's cores (an operational setting).
 
 Everything else runs as written: `qlora: true` through bitsandbytes on the CPU, `model.quantize: nf4`, a sharded
 bfloat16 merge, `samples` x `judgments` judging, the recipe's lengths and batch shapes. The 70B recipe's rehearsal
 runs in `make test`; the others are `slow` (`make test-all`).
 """
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,10 @@ def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[s
                                                               "web/fineweb-demo.parquet"))
         sets.append(f"curate.inputs=[{wiki}, {web}]")
         why.append("curate.inputs: the package's Wikipedia dump and FineWeb Parquet (the recipe's are not on disk)")
+    cores = os.cpu_count() or 1
+    if recipe.curate.workers > cores:  # operational: the same documents, fewer processes at once
+        sets.append(f"curate.workers={cores}")
+        why.append(f"curate.workers: {recipe.curate.workers} -> {cores} (this machine's cores)")
     sets += ["synth.backend=openai", f"synth.base_url={server}", f"synth.model={tiny}"]
     why.append(f"synth.backend: {recipe.synth.backend} -> the scripted synthesizer in {recipe.synth.mode} mode "
                "(vLLM needs CUDA; a random model writes no pair the parser keeps)")
