@@ -3,8 +3,9 @@ card and engines, into a workdir of its own; then each stage's measured peak mem
 says for the whole run. A first hour that shows whether the plan holds before the long stages start.
 
 The cuts change only how much work each stage does, never how it does it: the model, quantization, engines,
-lengths, LoRA, batch shapes and judging protocol stay as written, so the peaks are the real run's (training peaks
-at its longest packed row, which a few documents reach with max_length's packing).
+lengths, LoRA, batch shapes and judging protocol stay as written, so the peaks are the real run's. One caveat:
+training peaks at its longest packed row, and a few documents may not fill a row to max_length, so its figure can
+fall short of the real run's (train's stats.json gives the rows' packing).
 """
 from __future__ import annotations
 
