@@ -146,4 +146,6 @@ def test_smoke_names_a_stage_over_the_plan(tmp_path):
     result = compare(recipe, tmp_path, 64, "h100")
     assert result["stages"]["train"]["within_plan"] is False and result["stages"]["merge"]["within_plan"] is True
     assert result["within_plan"] is False
+    assert result["stages"]["train"]["plan_tokens_per_s"] == 850  # the measured 70B reference step on an H100
+    assert result["stages"]["synth"]["plan_tokens_per_s"] > 0
     assert compare(recipe, tmp_path, 64, None)["within_plan"] is None  # no card: shown, not judged

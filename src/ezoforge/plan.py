@@ -444,7 +444,8 @@ class Planner:
                                      f"of generation.batch_size {batch} + {CUDA_OVERHEAD_GIB:g} GiB")
         prefill = cards * prefill_tokens_per_s(self.card, shape)
         return {**engine, "ram_gib": ram, "disk_gib": (disk_out + self.download("synth", spec, shape)) / GIB,
-                "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600}
+                "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600,
+                "tokens_per_s": rate}  # decoding, what `ezo run --smoke` compares synth's stats with
 
     def train(self) -> dict:
         r, t = self.recipe, self.recipe.train
@@ -491,7 +492,7 @@ class Planner:
             "Arrow table of ids and labels)")
         return {"gpu_gib": gpu, "ram_gib": PROCESS_RAM_GIB + (shard + host_activations + tokenized) / GIB,
                 "disk_gib": (adapter + checkpoints + self.download("train", r.model.name, shape)) / GIB,
-                "hours": (v.train_tokens + v.held_out_tokens * EVAL_COST) / tps / 3600}
+                "hours": (v.train_tokens + v.held_out_tokens * EVAL_COST) / tps / 3600, "tokens_per_s": tps}
 
     def prefer(self) -> dict:
         """Answers sampled from the SFT model (base + adapter, transformers), one judge call per candidate and
@@ -601,7 +602,7 @@ class Planner:
                                                             for f in figures),
                 "ram_gib": max(cpu_ram, (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB),
                 "disk_gib": (self.download(name, r.model.name, self.shape) + gguf) / GIB,
-                "hours": None if rate is None else self.vol.eval_out / rate / 3600}
+                "hours": None if rate is None else self.vol.eval_out / rate / 3600, "tokens_per_s": rate}
 
     def export(self) -> dict:
         sizes = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 weights + one f16 scale

@@ -60,8 +60,7 @@ def compare(recipe: Recipe, workdir: Path, ram_gib: float, card: str | None) -> 
         measured = timings.get(step, {})
         stats_path = workdir / STEPS[step].folder / "stats.json"
         stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else {}
-        rate = stats.get("tokens_per_s")
-        plan_rate = planned["assumptions"]["train_tokens_per_s"] if step == "train" else None
+        rate, plan_rate = stats.get("tokens_per_s"), est.get("tokens_per_s")  # train's, synth's and eval's
         rows[step] = {
             "seconds": measured.get("seconds"),
             "peak_gpu_gib": measured.get("peak_gpu_gib"), "plan_gpu_gib": est["gpu_gib"],
