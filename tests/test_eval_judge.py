@@ -1,5 +1,7 @@
 import pytest
 
+from ezoforge.config import load_recipe
+from ezoforge.errors import ConfigError
 from ezoforge.eval.judge_prompt import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
 from ezoforge.eval.items import OpenTask
 
@@ -100,3 +102,33 @@ def test_a_cut_json_verdict_keeps_its_reason_not_the_raw_json():
 
     verdict = parse_verdict('{"reason": "答えが\\"短い\\"です", "grade": 2')  # no closing brace
     assert (verdict.grade, verdict.reason) == (2, '答えが"短い"です')
+
+
+@pytest.mark.parametrize("model, sent", [
+    ("gpt-4.1-2025-04-14", {"max_tokens": 64, "temperature": 0.7}),
+    ("gpt-4o-2024-08-06", {"max_tokens": 64, "temperature": 0.7}),
+    ("gpt-5.1-2025-11-13", {"max_completion_tokens": 64}),  # a reasoning model: no sampling settings
+    ("o3-2025-04-16", {"max_completion_tokens": 64}),
+    ("gpt-5-chat-latest", {"max_tokens": 64, "temperature": 0.7}),
+])
+def test_each_judge_gets_the_request_fields_it_takes(model, sent):
+    from ezoforge.remote import chat, make_client
+    from scripted_judge import ScriptedJudge
+
+    with ScriptedJudge(lambda messages: "ok") as judge:
+        reply = chat(make_client(judge.url), model, [{"role": "user", "content": "採点してください"}], 64,
+                     temperature=0.7, seed=2)
+    body = judge.requests[-1]
+    fields = {"max_tokens", "max_completion_tokens", "temperature", "top_p"}
+    assert reply.text == "ok" and body["seed"] == 2
+    assert {k: v for k, v in body.items() if k in fields - {"top_p"}} == sent
+    assert ("top_p" in body) == ("temperature" in sent)
+
+
+def test_a_judge_with_only_its_default_temperature_samples_at_1_or_is_refused():
+    base = ["eval.judge_url=https://api.openai.com/v1", "eval.judge_model=gpt-5.1-2025-11-13"]
+    cfg = load_recipe(None, [*base, "eval.judgments=3"]).eval
+    assert cfg.judge_temperature == 1.0 and cfg.judgments == 3  # its repeated verdicts differ
+    with pytest.raises(ConfigError, match=r"judge_temperature=0.7, but gpt-5.1-2025-11-13 takes only its default"):
+        load_recipe(None, [*base, "eval.judge_temperature=0.7"])
+    assert load_recipe(None, [*base[:1], "eval.judge_model=gpt-4.1-2025-04-14"]).eval.judge_temperature == 0.0

@@ -511,6 +511,20 @@ class EvalConfig(Section):
     operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
                              "api_key_env", "timeout", "max_retries", "llamacpp"})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_temperature(cls, data: Any) -> Any:
+        """A judge that takes only its default temperature samples at 1, as reports and cache keys then record (so
+        its repeated verdicts differ); a stated other temperature is refused, naming it."""
+        if not isinstance(data, dict) or not default_temperature_only(str(data.get("judge_model") or "")):
+            return data
+        stated = data.get("judge_temperature")
+        if stated is not None and float(stated) != 1.0:
+            raise ValueError(f"judge_temperature={stated}, but {data['judge_model']} takes only its default "
+                             "temperature (1; OpenAI's reasoning models refuse any other): leave "
+                             "eval.judge_temperature unset or set it to 1")
+        return {**data, "judge_temperature": 1.0}
+
     @model_validator(mode="after")
     def _judge_pair(self) -> "EvalConfig":
         if bool(self.judge_url) != bool(self.judge_model):
@@ -527,6 +541,13 @@ class EvalConfig(Section):
             raise ValueError(f"judgments={self.judgments} with judge_temperature=0 asks for one verdict "
                              f"{self.judgments} times; set eval.judge_temperature > 0 or judgments=1")
         return self
+
+
+def default_temperature_only(model: str) -> bool:
+    """OpenAI's reasoning models (the o-series, the gpt-5 family but its chat models): they take
+    `max_completion_tokens`, not `max_tokens`, and refuse a temperature (or top_p) other than the default, 1."""
+    name = model.rsplit("/", 1)[-1].lower()
+    return re.match(r"(o\d|gpt-5)", name) is not None and not name.startswith("gpt-5-chat")
 
 
 # ---------------------------------------------------------------- export

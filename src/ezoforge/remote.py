@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ezoforge.config import secret
+from ezoforge.config import default_temperature_only, secret
 from ezoforge.errors import EzoError
 
 if TYPE_CHECKING:  # imported by the calls: stages import this module on machines without the client (a bare GPU image)
@@ -44,11 +44,15 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
          stop: tuple[str, ...] = (), response_format: dict | None = None,
          extra_body: dict | None = None) -> ChatReply:
-    """`extra_body`: request fields outside OpenAI's API (vLLM's `continue_final_message`, ...)."""
+    """`extra_body`: request fields outside OpenAI's API (vLLM's `continue_final_message`, ...). A reasoning model
+    (config.default_temperature_only) gets `max_completion_tokens` and no sampling settings: it refuses them."""
     extra = {"response_format": response_format} if response_format else {}
-    resp = _call(client, client.chat.completions.create, model=model, messages=messages, max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None, extra_body=extra_body,
-                 **extra)
+    if default_temperature_only(model):
+        sampling = {"max_completion_tokens": max_tokens}
+    else:
+        sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    resp = _call(client, client.chat.completions.create, model=model, messages=messages, seed=seed,
+                 stop=list(stop) or None, extra_body=extra_body, **sampling, **extra)
     choice = resp.choices[0]
     reply = _reply(choice.message.content, resp.usage, choice.finish_reason)
     reply.model, reply.system_fingerprint = resp.model or None, getattr(resp, "system_fingerprint", None)
