@@ -132,3 +132,25 @@ def test_a_judge_with_only_its_default_temperature_samples_at_1_or_is_refused():
     with pytest.raises(ConfigError, match=r"judge_temperature=0.7, but gpt-5.1-2025-11-13 takes only its default"):
         load_recipe(None, [*base, "eval.judge_temperature=0.7"])
     assert load_recipe(None, [*base[:1], "eval.judge_model=gpt-4.1-2025-04-14"]).eval.judge_temperature == 0.0
+
+
+@pytest.mark.parametrize(("answer", "share"), [
+    ("The capital of Japan is Tokyo.", 0.0),
+    ("日本の首都は東京です。", 1.0),
+    ("日本の首都は Tokyo です。", 8 / 13),  # 8 kana and kanji of 13 letters: between
+    ("", 0.0),
+])
+def test_the_japanese_share_of_an_answer(answer, share):
+    from ezoforge.text import japanese_ratio
+
+    assert japanese_ratio(answer) == pytest.approx(share)
+
+
+def test_an_eval_reports_the_share_of_answers_mainly_in_japanese():
+    from ezoforge.eval.task_types.judged import JAPANESE_ANSWERS, MAINLY_JAPANESE, japanese_answers
+    from ezoforge.eval.tasks import METRICS
+
+    assert japanese_answers(["日本の首都は東京です。", "The capital is Tokyo.", "東京 is the capital です"]) == \
+        pytest.approx(1 / 3, abs=1e-4)  # the mixed one is 4 of 16 letters kana or kanji: below MAINLY_JAPANESE
+    assert MAINLY_JAPANESE == 0.5 and japanese_answers([]) is None
+    assert METRICS["japanese_answers"] is JAPANESE_ANSWERS  # so every report, compare and the card show it

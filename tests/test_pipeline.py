@@ -13,6 +13,7 @@ from ezoforge.cli import app
 from ezoforge.errors import ConfigError
 from ezoforge.pipeline import run_recipe, steps
 from ezoforge.stages import STEPS
+from ezoforge.text import japanese_ratio
 from scripted_judge import expected_grade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,8 @@ def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
         grades = [expected_grade(a["answer"]) for a in rows(workdir / folder / "answers.jsonl")]
         assert len(grades) == 3 and side["mean_grade"] == own["mean_grade"] == round(sum(grades) / 3, 4)
         assert [j["grade"] for j in rows(workdir / folder / "judgements.jsonl")] == grades
+        mainly = [japanese_ratio(a["answer"]) >= 0.5 for a in rows(workdir / folder / "answers.jsonl")]
+        assert side["japanese_answers"] == own["japanese_answers"] == round(sum(mainly) / len(mainly), 4)
     assert tuned["model"] != base["model"]
     change = 100 * (tuned["perplexity"] / base["perplexity"] - 1)
     assert report["eval"]["perplexity_change_pct"] == round(change, 2)

@@ -17,9 +17,21 @@ from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict
 from ezoforge.eval.task_types.base import Context, EvalTask, Scoring, Suite, prompt_versions
 from ezoforge.metric_catalogue import Metric, grade_words
+from ezoforge.text import japanese_ratio
 
 MEAN_GRADE = Metric("Mean grade (LLM judge)", "mean grade (LLM judge)", "mean grade", True, 2)
 CHRF = Metric("chrF vs the references (0–100)", "chrF", "chrF", True, 1)
+# An answer is mainly Japanese when at least this share of its letters are kana or kanji (text.japanese_ratio): an
+# assistant tuned for Japanese should not drift into English, whatever grade the judge gives.
+MAINLY_JAPANESE = 0.5
+JAPANESE_ANSWERS = Metric(f"Answers mainly in Japanese (≥ {MAINLY_JAPANESE:.0%} of letters kana or kanji)",
+                          "answers in Japanese", "Japanese answers", True, 0, percent=True)
+
+
+def japanese_answers(answers: list[str]) -> float | None:
+    """The share of answers that are mainly Japanese (None without answers)."""
+    return metrics.rounded(sum(japanese_ratio(a) >= MAINLY_JAPANESE for a in answers) / len(answers)) \
+        if answers else None
 
 
 def grade_summary(judgements: list[dict], n_tasks: int, judged: bool, allow_partial: bool, samples: int,
@@ -106,8 +118,8 @@ def _answers(tasks: list[OpenTask], ctx: Context) -> list[dict]:
 
 
 class Judged(Scoring):
-    metrics = {"mean_grade": MEAN_GRADE, "chrf": CHRF}
-    summary_keys = ("mean_grade", "ci95", "chrf")
+    metrics = {"mean_grade": MEAN_GRADE, "chrf": CHRF, "japanese_answers": JAPANESE_ANSWERS}
+    summary_keys = ("mean_grade", "ci95", "chrf", "japanese_answers")
     contaminable = True
 
     def answer(self, ctx: Context) -> None:
@@ -151,7 +163,8 @@ class Judged(Scoring):
         scales = {s.task_type.scale for s in suites}
         summary = grade_summary(graded, len(ids), self._judged(ctx), cfg.allow_partial, cfg.bootstrap_samples,
                                 cfg.bootstrap_seed, scales.pop() if len(scales) == 1 else None)
-        return {"n_tasks": len(ids), **summary, "chrf": metrics.rounded(score)}
+        return {"n_tasks": len(ids), **summary, "chrf": metrics.rounded(score),
+                "japanese_answers": japanese_answers([r["answer"] for r in self.rows if r["task_id"] in ids])}
 
     def header(self, ctx: Context) -> dict:
         judged = self._judged(ctx)
@@ -211,6 +224,8 @@ class Judged(Scoring):
                 out += t.breakdown_words(report.get(t.breakdown_key))
         if report.get("chrf") is not None:
             out.append((CHRF.label, CHRF.shown(report["chrf"])))
+        if report.get("japanese_answers") is not None:
+            out.append((JAPANESE_ANSWERS.label, JAPANESE_ANSWERS.shown(report["japanese_answers"])))
         return out
 
 
