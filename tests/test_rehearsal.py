@@ -7,7 +7,8 @@ without the hub cannot have replaced (each replacement is printed with its reaso
   needs CUDA), in the recipe's own mode;
 - the judge: the scripted judge (tests/scripted_judge.py), with the recipe's judge model, key variable and protocol;
 - tasks that load from the hub: the package's ELYZA-format tasks, JCommonsenseQA from ../shared/data;
-- a few documents, steps and tasks: `--smoke`'s cuts, and one batch per optimizer step;
+- a few documents, steps and tasks: `--smoke`'s cuts, fewer documents and tasks still, and one batch per
+  optimizer step;
 - curate's workers: at most this machine's cores (an operational setting).
 
 Everything else runs as written: `qlora: true` through bitsandbytes on the CPU, `model.quantize: nf4`, a sharded
@@ -87,6 +88,9 @@ def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[s
         if tasks[-1] != task:
             why.append(f"eval.tasks: {task} -> {tasks[-1]} (the hub's copy is out of reach)")
     sets.append(f"eval.tasks=[{', '.join(tasks)}]")
+    # Fewer than --smoke's cuts (the cuts are maxima): enough to fill a training row and judge a task 3 x 3.
+    sets += ["curate.limit=16", "synth.limit=2", "eval.limit=1"]
+    why.append("curate.limit 16, synth.limit 2, eval.limit 1: a few documents and tasks")
     if recipe.train.grad_accum > 1:  # each step's rows keep their shape: only fewer of them are summed
         sets.append("train.grad_accum=1")
         why.append(f"train.grad_accum: {recipe.train.grad_accum} -> 1 (a few steps: each still max_length rows of "
@@ -149,3 +153,11 @@ def test_smoke_names_a_stage_over_the_plan(tmp_path):
     assert result["stages"]["train"]["plan_tokens_per_s"] == 850  # the measured 70B reference step on an H100
     assert result["stages"]["synth"]["plan_tokens_per_s"] > 0
     assert compare(recipe, tmp_path, 64, None)["within_plan"] is None  # no card: shown, not judged
+
+
+def test_smoke_cuts_are_maxima_and_keep_auto_settings_unstated():
+    path = ROOT / "recipes" / "llama31-70b-ezo.yaml"
+    cut = smoke_recipe(load_recipe(path))
+    assert (cut.synth.limit, cut.train.max_steps, cut.train.epochs, cut.eval.limit) == (4, 2, None, 2)
+    assert str(cut.workdir).endswith("-smoke") and "backend" not in cut.eval.model_fields_set  # eval.backend: auto
+    assert smoke_recipe(load_recipe(path, ["synth.limit=2", "eval.limit=1"])).synth.limit == 2

@@ -20,7 +20,7 @@ from ezoforge.stages import STEPS
 
 log = logging.getLogger(__name__)
 
-# How little of each stage a smoke run does.
+# How much of each stage a smoke run does at most (a recipe that states less keeps its own).
 CUTS = {"curate.limit": 64, "synth.limit": 4, "train.max_steps": 2, "train.epochs": None, "train.eval_every": 2,
         "train.save_every": 2, "prefer.limit": 4, "prefer.max_steps": 2, "eval.limit": 2}
 # nvidia-smi's name of a card -> `ezo plan`'s card (first match wins: the 80 GB A100 before the 40 GB one).
@@ -33,7 +33,13 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     touched, and the real run never mistakes a smoke folder for its own."""
     # Only what the recipe states is carried over, so settings left to `auto` stay unstated (a stated one is required).
     stated = json.loads(recipe.model_dump_json(exclude_unset=True))
-    cut = deep_merge(stated, parse_overrides([f"{k}={'null' if v is None else v}" for k, v in CUTS.items()]))
+    cuts = []
+    for key, most in CUTS.items():
+        section, name = key.split(".")
+        value = stated.get(section, {}).get(name)
+        keep = most is not None and isinstance(value, int) and value <= most
+        cuts.append(f"{key}={value if keep else 'null' if most is None else most}")
+    cut = deep_merge(stated, parse_overrides(cuts))
     cut["workdir"] = f"{str(recipe.workdir).rstrip('/')}-smoke"
     return Recipe.model_validate(cut)
 
