@@ -89,8 +89,9 @@ def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[s
             why.append(f"eval.tasks: {task} -> {tasks[-1]} (the hub's copy is out of reach)")
     sets.append(f"eval.tasks=[{', '.join(tasks)}]")
     # Fewer than --smoke's cuts (the cuts are maxima): enough to fill a training row and judge a task 3 x 3.
-    sets += ["curate.limit=16", "synth.limit=2", "eval.limit=1"]
-    why.append("curate.limit 16, synth.limit 2, eval.limit 1: a few documents and tasks")
+    sets += ["curate.limit=16", "synth.limit=2", "eval.limit=1", "eval.generation.max_new_tokens=64"]
+    why.append("curate.limit 16, synth.limit 2, eval.limit 1, eval answers of at most 64 tokens: a few documents and "
+               "short tasks")
     if recipe.train.grad_accum > 1:  # each step's rows keep their shape: only fewer of them are summed
         sets.append("train.grad_accum=1")
         why.append(f"train.grad_accum: {recipe.train.grad_accum} -> 1 (a few steps: each still max_length rows of "
