@@ -179,17 +179,21 @@ def _gpu_reader():
         return lambda: [pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles]
     except Exception:  # not installed, or no driver
         pass
+    if not nvidia_smi("memory.used"):
+        return None
+    return lambda: [int(mib) * 2**20 for mib in nvidia_smi("memory.used")]
+
+
+def nvidia_smi(field: str) -> list[str]:
+    """One `--query-gpu` field of every card, as nvidia-smi prints it (no unit); [] without nvidia-smi."""
     import shutil
     import subprocess
 
     if shutil.which("nvidia-smi") is None:
-        return None
-
-    def read() -> list[int]:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-        return [int(line) * 2**20 for line in out.split()]  # MiB
-    return read if read() else None
+        return []
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _exit_reason(code: int | None) -> str:

@@ -46,13 +46,9 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
 
 def card_here() -> str | None:
     """`ezo plan`'s name for the first card nvidia-smi lists; None without one (or one it does not know)."""
-    import shutil
-    import subprocess
+    from ezoforge.pipeline import nvidia_smi
 
-    if shutil.which("nvidia-smi") is None:
-        return None
-    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30).stdout.splitlines()
+    names = nvidia_smi("name")
     return next((card for key, card in CARD_NAMES for name in names[:1] if key in name), None)
 
 
