@@ -299,14 +299,15 @@ def test_merge_memory_does_not_grow_with_the_model(tiny_model, tmp_path):  # noq
     proc = subprocess.run([sys.executable, "-c", MEASURE, *map(str, [folders[1], *folders])], capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    first, large, small = json.loads(proc.stdout.strip().splitlines()[-1])
+    _first, large, small = json.loads(proc.stdout.strip().splitlines()[-1])
     weights = [sum(mib(tmp_path / f"llama-{n}", "*.safetensors")) for n in (16, 2)]
     adapters = [sum(mib(f / "adapter", "*.safetensors")) for f in folders]
     shard = [max(mib(tmp_path / f"llama-{n}", "*.safetensors")) for n in (16, 2)]
     assert weights[0] - weights[1] > 55  # float32 weights that a whole-model merge would hold at least once
     # Bounds: the shard, 4 float32 copies of the largest tensor (4 MiB), the adapter, and 64 MiB for the tokenizer
-    # and configs the folder gets, whatever the model's size.
-    assert large < shard[0] + 4 * 4 + adapters[0] + 64 and first < shard[1] + 4 * 4 + adapters[1] + 64, (first, large)
+    # and configs the folder gets, whatever the model's size. The first merge also pays lazy imports, so the bound
+    # holds from the second on.
+    assert large < shard[0] + 4 * 4 + adapters[0] + 64 and small < shard[1] + 4 * 4 + adapters[1] + 64, (small, large)
     # Growth: the adapter's, plus allocator noise of a few MiB; a whole-model merge grows by the weights at least.
     assert large - small < adapters[0] - adapters[1] + 0.25 * (weights[0] - weights[1]), (large, small, weights)
 

@@ -94,14 +94,13 @@ def test_a_forced_edit_redoes_only_the_stages_it_affects(demo_copy):
     workdir = demo_copy.workdir
     before = done_times(workdir)
     sent = len(demo_copy.judge.requests)
-    # a train setting: training is most of what is redone
-    run_recipe(demo_copy.recipe(None, "train.lora_r=8"), DEMO, force=["train"])
+    # a merge setting: the merged model, what scores it and the card that reads the scores are redone; training and
+    # the base's eval are not (a forced train is test_reruns' test_force_retrains_from_step_zero)
+    run_recipe(demo_copy.recipe(None, "merge.dtype=bfloat16"), DEMO, force=["merge"])
     after = done_times(workdir)
     changed = {step for step in before if after[step] != before[step]}
-    # eval-base follows train for the base's revision (its answers and verdicts come from the cache); the card reads
-    # what changed
-    assert changed == {"train", "merge", "eval-base", "eval-tuned", "export"}
-    assert json.loads((workdir / "train" / "stats.json").read_text())["resumed_from_step"] == 0
+    assert changed == {"merge", "eval-tuned", "export"}
+    assert json.loads((workdir / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
     # the tuned model's new answers graded with the known verdicts; at most those were sent (an unchanged answer is
     # a cache hit), none of the base model's (all stored)
     answers = rows(workdir / "eval-tuned" / "answers.jsonl")

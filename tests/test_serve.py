@@ -177,8 +177,9 @@ def test_ezo_serve_command_end_to_end(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "EZO_TEST_KEY": "k-123456"}
     log = open(tmp_path / "serve.log", "w")
+    # Beyond loopback (all addresses), as a key allows.
     proc = subprocess.Popen([sys.executable, "-m", "ezoforge", "serve", "--model", BUNDLED, "--port", str(port),
-                             "--api-key-env", "EZO_TEST_KEY", "--served-model-name", "ezo-test"],
+                             "--host", "0.0.0.0", "--api-key-env", "EZO_TEST_KEY", "--served-model-name", "ezo-test"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@ stage's `run`. Heavy imports happen inside the commands so `ezo --help` stays in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -21,13 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from ezoforge.config import Recipe, dump_yaml, load_recipe
-from ezoforge.errors import ConfigError, EzoError
+from ezoforge.errors import ConfigError, EzoError, MachineFault, free_bytes, machine_fault, size
 from ezoforge.eval.tasks import SPEC_HELP
 from ezoforge.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval).")
 console = Console(stderr=True)
+log = logging.getLogger("ezoforge.cli")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML to start from.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. train.max_steps=10 (repeatable).")]
@@ -75,13 +77,31 @@ def recipe_options(*flags: Flag):
         def with_recipe(**given: Any):
             values = {f.key: f.value(given.pop(f.param)) for f in flags}
             recipe = load_recipe(given.pop("config"), given.pop("set_"), values, {f.key: f.flag for f in flags})
-            return command(recipe=recipe, **given)
+            with plan_figure_beside_faults(recipe):
+                return command(recipe=recipe, **given)
 
         with_recipe.__signature__ = inspect.Signature(
             own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
                    for name, default, annotation in added])
         return with_recipe
     return wrap
+
+
+@contextlib.contextmanager
+def plan_figure_beside_faults(recipe: Recipe):
+    """A machine fault raised in the block, with `ezo plan`'s figure for what ran out beside it."""
+    try:
+        yield
+    except Exception as e:
+        fault = machine_fault(e)
+        if fault is None:
+            raise
+        from ezoforge.plan import fault_figure
+
+        figure = fault_figure(recipe, fault.stage, fault.resource)
+        if figure is None and fault is e:
+            raise
+        raise MachineFault(f"{fault}" + (f"; {figure}" if figure else ""), fault.resource, fault.stage) from e
 
 
 # Flags more than one command takes.
@@ -195,12 +215,16 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model id clients use (default: --model).")] = None,
     system: SystemOpt = None,
     no_system: NoSystemOpt = False,
+    open_without_key: Annotated[bool, typer.Option(
+        "--open-without-key", help="Listen beyond loopback (--host) without an API key: anyone who reaches the port "
+                                   "can use the model. Refused unless given.")] = False,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions (plain and SSE), GET /v1/models, GET /health."""
-    from ezoforge.infer.serve import api_key_from_env
+    from ezoforge.infer.serve import api_key_from_env, check_exposure
     from ezoforge.infer.serve import serve as run_server
     from ezoforge.models import check_model
 
+    check_exposure(host, api_key_env, open_without_key)
     api_key_from_env(api_key_env)  # everything cheap fails before the slow model load
     sys_prompt = _system(system, no_system, recipe)
     check_model(recipe.model.name, adapter, recipe.model.device, recipe.model.chat_template, recipe.model.quantize)
@@ -237,16 +261,41 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetO
                             "engines, into WORKDIR-smoke; then each stage's peak memory and rate beside `ezo plan`'s "
                             "(smoke.json). Run it first.")] = False,
         ram: Annotated[float, typer.Option("--ram", min=1, help="With --smoke: the host memory in GiB the plan "
-                                                                "compares against.")] = 64) -> None:
+                                                                "compares against.")] = 64,
+        ignore_disk_plan: Annotated[bool, typer.Option(
+            "--ignore-disk-plan", help="Start even where `ezo plan` says the disk cannot hold what the stages still "
+                                       "to run will write.")] = False) -> None:
     """Run the recipe's stages in order into its workdir, skipping stages already done with the same config."""
-    if smoke:
-        from ezoforge.smoke import run_smoke
+    resolved = load_recipe(recipe, set_)
+    with plan_figure_beside_faults(resolved):
+        if smoke:
+            from ezoforge.smoke import run_smoke
 
-        run_smoke(load_recipe(recipe, set_), recipe, ram, force=force or [])
+            run_smoke(resolved, recipe, ram, force=force or [])
+            return
+        from ezoforge.pipeline import run_recipe
+
+        check_disk(resolved, ignore_disk_plan)
+        run_recipe(resolved, recipe, force=force or [])
+
+
+def check_disk(recipe: Recipe, ignore: bool) -> None:
+    """Refuse a run whose remaining stages `ezo plan` says the workdir's disk cannot hold, with both figures."""
+    from ezoforge.plan import GIB, disk_to_run
+
+    need, unsized = disk_to_run(recipe)
+    need, free, folder = need * GIB, free_bytes(recipe.workdir), Path(recipe.workdir).absolute()
+    unknown = f" (not counting {', '.join(unsized)}: the plan cannot size them yet)" if unsized else ""
+    if need <= free:
+        log.info("disk: the stages to run write about %s%s; %s free at %s", size(need), unknown, size(free), folder)
         return
-    from ezoforge.pipeline import run_recipe
-
-    run_recipe(load_recipe(recipe, set_), recipe, force=force or [])
+    message = (f"the disk cannot hold this run: ezo plan puts what the stages still to run write at {size(need)}"
+               f"{unknown}, and {size(free)} is free at {folder}")
+    if ignore:
+        log.warning("%s; starting anyway (--ignore-disk-plan)", message)
+        return
+    raise MachineFault(f"{message}. Free some space or give another workdir, or pass --ignore-disk-plan to start "
+                       "anyway (the plan is an estimate).", "disk")
 
 
 @app.command()
@@ -470,7 +519,10 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted: rerun the same command to resume")
         sys.exit(130)
-    except Exception:  # not a user's mistake (those are EzoErrors): show it, keep it, say so
+    except Exception as e:  # not a user's mistake (those are EzoErrors): the machine's fault, or a bug
+        if (fault := machine_fault(e)) is not None:
+            console.print("[bold red]error:[/bold red]", escape(str(fault)), highlight=False, soft_wrap=True)
+            sys.exit(fault.exit_code)
         import traceback
 
         from ezoforge.models import cache_root

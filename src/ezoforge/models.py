@@ -158,6 +158,26 @@ def hub_snapshot(repo: str, revision: str) -> Path:
                          "that revision only: put its snapshot back in the hub cache, or let the hub be reached")
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def check_model_folder(folder: str | Path, weights: bool = False) -> None:
+    """A local model folder that only looks right fails here, naming the file: config.json must describe a model
+    (a JSON object with its `model_type`), and with `weights` (before a load) weights must be there."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{folder}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
+    try:
+        info = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{config}: not readable as JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model_type"), str):
+        raise ModelError(f"{config}: not a model's config (no `model_type`); the folder must be a transformers model")
+    if weights and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)}) beside config.json")
+
+
 def check_spec(spec: str) -> None:
     """Fail fast on a local model path that is not usable, before any stage claims its output folder."""
     if spec.startswith("bundled:"):
@@ -170,8 +190,7 @@ def check_spec(spec: str) -> None:
             if f.read(4) != b"GGUF":
                 raise ModelError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
     elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(f"{spec}: a model folder needs config.json (is it a PEFT adapter? pass it as --adapter)")
+        check_model_folder(path)
     elif path.exists():
         raise ModelError(f"{spec}: a file that is not a model (give a model folder, a .gguf file or a hub id)")
     elif not is_hub_id(spec):
@@ -608,6 +627,8 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     q = pick_quantize(spec, quantize, device, dtype)
     base = adapter_base(spec, adapter)
     source = resolve(base)
+    if Path(source).is_dir():
+        check_model_folder(source, weights=True)
     tokenizer = load_tokenizer(base, chat_template)
     if need_chat_template:
         require_chat_template(tokenizer, spec)

@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ezoforge.config import Recipe
-from ezoforge.errors import ConfigError, EzoError
+from ezoforge.errors import ConfigError, EzoError, MachineFault, machine_fault
 from ezoforge.logs import setup_logging
 from ezoforge.records import write_json
-from ezoforge.stage import done_info
+from ezoforge.stage import FolderLock, done_info
 from ezoforge.stages import STEPS, readers, steps
 
 console = Console(stderr=True)
@@ -80,8 +80,11 @@ class StageProcess:
                 kind, payload, worked = self.conn.recv()
             except (EOFError, OSError):  # ended without a word: killed (as the out-of-memory killer does), or crashed
                 self.proc.join()
-                raise EzoError(f"{step}: the stage's process ended without a result "
-                               f"({_exit_reason(self.proc.exitcode)}); rerun to resume it") from None
+                message = (f"{step}: the stage's process ended without a result "
+                           f"({_exit_reason(self.proc.exitcode)}); rerun to resume it")
+                if self.proc.exitcode == -signal.SIGKILL:
+                    raise MachineFault(message, "ram", step) from None
+                raise EzoError(message) from None
         except BaseException:  # Ctrl-C here, or an error while waiting: the stage stops too
             _stop(self.proc, signal.SIGINT)
             self.close()
@@ -220,6 +223,7 @@ def _child(recipe: Recipe, workdir: Path, conn: Connection, alive: Connection, l
     os.environ.clear()
     os.environ.update(env)
     os.setpgrp()  # its own group: stopping the stage stops its workers too
+    signal.signal(signal.SIGINT, _interrupted)
     setup_logging(log_level, console)
     threading.Thread(target=_stop_when_orphaned, args=(alive,), daemon=True).start()
     try:
@@ -227,6 +231,26 @@ def _child(recipe: Recipe, workdir: Path, conn: Connection, alive: Connection, l
             pass
     except KeyboardInterrupt:
         raise SystemExit(130) from None  # stopped by the parent, which already knows, or the parent is gone
+
+
+# Seconds between the repeats of a stop request that the stage has not acted on yet.
+INTERRUPT_AGAIN_S = 2
+
+
+def _interrupted(signum, frame) -> None:
+    """Stop the stage. Python drops an interrupt raised in a finalizer (`__del__`, run wherever the collector
+    happens to run) or in a C library's callback, and the stage would work on until terminated: until the process
+    ends, the request is repeated, with time between for the cleanup it started."""
+    if not getattr(_interrupted, "repeating", False):
+        _interrupted.repeating = True
+        threading.Thread(target=_interrupt_again, daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _interrupt_again() -> None:
+    while True:
+        time.sleep(INTERRUPT_AGAIN_S)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _next_step(recipe: Recipe, workdir: Path, conn: Connection) -> bool:
@@ -242,9 +266,14 @@ def _next_step(recipe: Recipe, workdir: Path, conn: Connection) -> bool:
     except KeyboardInterrupt:
         raise
     except EzoError as e:
+        if isinstance(e, MachineFault):
+            e.stage = step  # the step, for the plan's figure beside the fault
         conn.send(("error", _portable(e, EzoError(str(e))), True))
         return False
     except BaseException as e:
+        if (fault := machine_fault(e, stage=step)) is not None:
+            conn.send(("error", fault, True))
+            return False
         conn.send(("crash", (_portable(e, RuntimeError(f"{type(e).__name__}: {e}")), traceback.format_exc()), True))
         return False
     worked = force or before is None or not marker.exists() or marker.stat().st_mtime_ns != before
@@ -308,6 +337,15 @@ def run_recipe(recipe: Recipe, recipe_path: Path | None = None, force: list[str]
     plan = steps(recipe)
     redo = forced_steps(plan, list(force))
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(workdir)  # one `ezo run` per workdir
+    lock.acquire()
+    try:
+        return _run_steps(recipe, recipe_path, workdir, plan, redo)
+    finally:
+        lock.release()
+
+
+def _run_steps(recipe: Recipe, recipe_path: Path | None, workdir: Path, plan: list[str], redo: set[str]) -> dict:
     timings_path = workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     console.rule(f"ezo run {recipe_path or ''} → {workdir}")

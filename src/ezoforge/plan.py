@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ezoforge.config import LlamaCppConfig, Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
-from ezoforge.errors import RecordError
+from ezoforge.errors import RecordError, size
 from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
+from ezoforge.stage import done_info
 from ezoforge.stages import STEPS, steps
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -775,3 +779,52 @@ def print_plan(result: dict) -> None:
     console.print(f"assumptions: {json.dumps(result['assumptions'])}", highlight=False)
     for figure, source in {**result["sources"], **result["notes"]}.items():
         console.print(f"{figure}: {source}", highlight=False)
+
+# nvidia-smi's name of a card -> `ezo plan`'s card (first match wins: the 80 GB A100 before the 40 GB one).
+CARD_NAMES = [("H200", "h200"), ("H100", "h100"), ("A100-SXM4-80GB", "a100-80gb"), ("A100 80GB", "a100-80gb"),
+              ("A100", "a100-40gb"), ("L40S", "l40s"), ("L4", "l4"), ("4090", "rtx4090")]
+
+
+def card_here() -> str | None:
+    """`ezo plan`'s name for the first card nvidia-smi lists; None without one (or one it does not know)."""
+    from ezoforge.pipeline import nvidia_smi
+
+    names = nvidia_smi("name")
+    return next((card for key, card in CARD_NAMES for name in names[:1] if key in name), None)
+
+
+def step_of(recipe: Recipe, stage: str) -> str | None:
+    """The recipe's step for a step or stage name (a stage's first step: `eval` is eval-base)."""
+    plan_steps = steps(recipe)
+    return stage if stage in plan_steps else next((s for s in plan_steps if STEPS[s].stage == stage), None)
+
+
+FAULT_FIGURES = {"disk": ("disk_gib", "disk"), "ram": ("ram_gib", "host memory"), "gpu": ("gpu_gib", "GPU memory")}
+
+
+def fault_figure(recipe: Recipe, stage: str | None, resource: str | None) -> str | None:
+    """The plan's figure for what a stage ran out of, as a clause to put beside the fault (None where it has none)."""
+    step = step_of(recipe, stage) if stage else None
+    if step is None or resource not in FAULT_FIGURES:
+        return None
+    key, what = FAULT_FIGURES[resource]
+    try:
+        figure = Planner(recipe, card_here() or "h100", 0.5, HOST_RAM_GIB).stage(step)[key]
+    except Exception as e:  # the fault is what the user must read; a plan that cannot be made must not hide it
+        log.info("no plan figure for %s: %s", step, e)
+        return None
+    return None if figure is None else f"ezo plan puts {step}'s {what} at {size(figure * GIB)}"
+
+
+def disk_to_run(recipe: Recipe) -> tuple[float, list[str]]:
+    """GiB of disk the steps not yet done will write, by the plan (those it cannot size are listed, not counted)."""
+    planner, total, unsized = Planner(recipe, card_here() or "h100", 0.5, HOST_RAM_GIB), 0.0, []
+    for step in steps(recipe):
+        if done_info(Path(recipe.workdir) / STEPS[step].folder) is None:
+            disk = planner.stage(step)["disk_gib"]
+            if disk is None:
+                unsized.append(step)
+            else:
+                total += disk
+    return total, unsized
+

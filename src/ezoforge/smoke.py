@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from ezoforge.config import Recipe, deep_merge, parse_overrides
-from ezoforge.plan import plan
+from ezoforge.plan import card_here, plan
 from ezoforge.records import write_json
 from ezoforge.stages import STEPS
 
@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 # How much of each stage a smoke run does at most (a recipe that states less keeps its own).
 CUTS = {"curate.limit": 64, "synth.limit": 4, "train.max_steps": 2, "train.epochs": None, "train.eval_every": 2,
         "train.save_every": 2, "prefer.limit": 4, "prefer.max_steps": 2, "eval.limit": 2}
-# nvidia-smi's name of a card -> `ezo plan`'s card (first match wins: the 80 GB A100 before the 40 GB one).
-CARD_NAMES = [("H200", "h200"), ("H100", "h100"), ("A100-SXM4-80GB", "a100-80gb"), ("A100 80GB", "a100-80gb"),
-              ("A100", "a100-40gb"), ("L40S", "l40s"), ("L4", "l4"), ("4090", "rtx4090")]
-
-
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The recipe cut to a few documents, steps and tasks, into `WORKDIR-smoke`: the real run's folders are never
     touched, and the real run never mistakes a smoke folder for its own."""
@@ -42,14 +37,6 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     cut = deep_merge(stated, parse_overrides(cuts))
     cut["workdir"] = f"{str(recipe.workdir).rstrip('/')}-smoke"
     return Recipe.model_validate(cut)
-
-
-def card_here() -> str | None:
-    """`ezo plan`'s name for the first card nvidia-smi lists; None without one (or one it does not know)."""
-    from ezoforge.pipeline import nvidia_smi
-
-    names = nvidia_smi("name")
-    return next((card for key, card in CARD_NAMES for name in names[:1] if key in name), None)
 
 
 def compare(recipe: Recipe, workdir: Path, ram_gib: float, card: str | None) -> dict:

@@ -5,20 +5,23 @@ resumed under the same settings. Every stage's settings have one layout (SETTING
 model it uses, and its inputs' fingerprints. Output settings are the output-shaping keys only
 (config.output_settings): changing an operational key (logging, saving, workers, retries…) never invalidates a
 folder. A folder made with other settings is refused, naming each differing key, and left untouched; only
-`--force` deletes it to start over.
+`--force` deletes it to start over. One process writes a folder at a time (FolderLock).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ezoforge.config import diff_keys, fingerprint, redact
-from ezoforge.errors import ConfigError, RecordError
+from ezoforge.errors import ConfigError, MachineFault, RecordError, faults_named
 from ezoforge.records import DATA_SUFFIXES, DONE, files_under, replace_folder, write_json, write_text
 
 CONFIG = "config.yaml"
@@ -26,6 +29,48 @@ CONFIG = "config.yaml"
 # sections that shape the output under their own names (and any version the stage adds), so `output.train.lr`
 # is the recipe's `train.lr`.
 SETTINGS = ("output", "model", "inputs")
+
+
+class FolderLock:
+    """One writer per folder: an exclusive lock on a hidden file beside it (`.NAME.lock`), which names its holder.
+    The lock is flock's: the kernel drops it when the holder dies, so a killed run never blocks the next, and NFS
+    keeps it across nodes. A second process is refused at once, naming the folder and the holder; within one process
+    the lock is shared (a stage's steps, in-process runs)."""
+
+    def __init__(self, folder: str | Path):
+        from filelock import FileLock  # where a folder is written, not where one is read
+
+        self.folder = Path(folder).absolute()
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self._lock = FileLock(self.path, is_singleton=True, thread_local=False, on_acquired=_name_holder)
+        self._held = False
+
+    def acquire(self) -> None:
+        from filelock import Timeout
+
+        if self._held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                holder = self.path.read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = ""
+            raise MachineFault(f"{self.folder}: another ezo process is writing it ({holder or 'holder unknown'}); "
+                               "wait for it to end, or stop it, then rerun") from None
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+
+def _name_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}@{socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
 
 
 def done_info(folder: str | Path) -> dict[str, Any] | None:
@@ -155,6 +200,7 @@ class Stage:
         self.atomic = atomic
         # Where outputs are written: the folder itself, or (atomic) a sibling renamed into place at the end.
         self.folder = self.out.parent / f".{self.out.name}.partial" if atomic else self.out
+        self.lock = FolderLock(self.out)
 
     def done(self) -> dict[str, Any] | None:
         return done_info(self.out)
@@ -203,7 +249,20 @@ class Stage:
     def start(self, force: bool = False, keep: tuple[str, ...] = ()) -> dict[str, Any] | None:
         """`check`, then prepare the folder: a partial run with the same settings is kept so the stage resumes;
         under `force` the folder is emptied first, but for `keep` (caches keyed by all that determines each entry);
-        atomic stages replace the folder only when the new one is finished."""
+        atomic stages replace the folder only when the new one is finished. The folder is this process's from here
+        until `claimed` ends (refused while another process holds it)."""
+        self.lock.acquire()
+        try:
+            with faults_named(self.folder, self.name):
+                finished = self._start(force, keep)
+        except BaseException:
+            self.lock.release()
+            raise
+        if finished is not None:
+            self.lock.release()
+        return finished
+
+    def _start(self, force: bool, keep: tuple[str, ...]) -> dict[str, Any] | None:
         finished = self.check(force)
         if finished is not None:
             return finished
@@ -227,13 +286,19 @@ class Stage:
     @contextlib.contextmanager
     def claimed(self):
         """The stage's work; if it fails before writing any output, the folder it claimed is removed again, so
-        the corrected command starts afresh (an atomic stage's unfinished copy always goes)."""
+        the corrected command starts afresh (an atomic stage's unfinished copy always goes). A fault of the machine
+        (a full disk, memory) is raised as the MachineFault it is."""
+        self.lock.acquire()
         try:
-            yield
-        except BaseException:
-            if self.folder.is_dir() and (self.atomic or not self._holds_work(self.folder)):
-                shutil.rmtree(self.folder)
-            raise
+            with faults_named(self.folder, self.name):
+                try:
+                    yield
+                except BaseException:
+                    if self.folder.is_dir() and (self.atomic or not self._holds_work(self.folder)):
+                        shutil.rmtree(self.folder, ignore_errors=True)
+                    raise
+        finally:
+            self.lock.release()
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         write_json(self.folder / "stats.json", stats)

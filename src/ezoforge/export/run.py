@@ -21,6 +21,7 @@ from ezoforge.eval.compare import paired_diff
 from ezoforge.export import card
 from ezoforge.export.ollama import modelfile
 from ezoforge.export.provenance import RunRecords, gather
+from ezoforge.models import check_model_folder
 from ezoforge.records import DONE, write_text
 from ezoforge.stage import Stage
 
@@ -69,6 +70,7 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
     merged, out = Path(merged), Path(out)
     if not (merged / "config.json").is_file():
         raise ModelError(f"{merged}: not a model folder (no config.json); export takes an `ezo merge` output")
+    check_model_folder(merged, weights=True)
     if cfg.gguf:
         gguf_file.check(merged)  # an unsupported model fails before anything is written
     rec = gather(merged, evals)

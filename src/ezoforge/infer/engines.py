@@ -14,7 +14,7 @@ from ezoforge.config import LlamaCppConfig
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import ChatEngine, Generator
 from ezoforge.infer.llamacpp import LlamaCppGenerator, check_convertible, require_installed
-from ezoforge.models import GGUF_OF, Loaded, load_tokenizer, pick_device, require_chat_template, spec_context_length
+from ezoforge.models import GGUF_OF, Loaded, check_spec, load_tokenizer, pick_device, require_chat_template, spec_context_length
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,7 +36,8 @@ def in_own_thread(work: Callable[[], T]) -> T:
 
     thread = threading.Thread(target=run, name="ezo-torch-work", daemon=True)  # daemon: Ctrl-C ends the process
     thread.start()
-    thread.join()
+    while thread.is_alive():  # in short waits: a Ctrl-C that another thread took runs its handler here only between them
+        thread.join(0.2)
     ok, value = result[0]
     if not ok:
         raise value
@@ -63,6 +64,7 @@ def why_not_llamacpp(spec: str, adapter: str | Path | None, device: str, quantiz
 def choose(backend: str, setting: str, spec: str, adapter: str | Path | None = None, device: str = "auto",
            quantize: str = "auto", llamacpp: LlamaCppConfig | None = None) -> str:
     """The engine's name for a stated or `auto` backend setting."""
+    check_spec(spec)  # a model that cannot load fails as such, whichever engine would run it
     if backend == "transformers":
         return backend
     if backend == "llamacpp":

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ezoforge.config import ServeConfig, secret
+from ezoforge.errors import ConfigError
 from ezoforge.infer.batching import Batcher, Job, QueueFull, Shutdown, Timeout
 from ezoforge.infer.generate import ChatEngine, Completion, Sampling
 
@@ -347,6 +348,29 @@ def _check_schema(schema: dict) -> None:
 def api_key_from_env(var: str | None) -> str | None:
     """An unset variable is an error, not an open server."""
     return None if var is None else secret(var, f"--api-key-env {var}")
+
+
+def loopback_only(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (a name that does not resolve: False)."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_exposure(host: str, api_key_env: str | None, open_without_key: bool) -> None:
+    """A server others can reach needs a key, unless the user says, by its own flag, that it is meant to be open."""
+    if loopback_only(host) or api_key_env is not None:
+        return
+    if not open_without_key:
+        raise ConfigError(f"--host {host}: listens beyond this machine without an API key, so anyone who reaches the "
+                          "port can use the model. Give --api-key-env VAR (the key in that variable), or "
+                          "--open-without-key if it is meant to be open.")
+    log.warning("--open-without-key: the server on %s takes requests from anyone who can reach it, without a key", host)
 
 
 def serve(gen: ChatEngine, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
