@@ -245,17 +245,24 @@ def test_eval_killed_mid_work_resumes_to_the_same_report(paced_synthesizer, eval
 
 def test_a_judge_that_drops_mid_eval_fails_the_eval_keeps_its_work_and_the_rerun_completes(eval_whole, tmp_path):
     out, cache = tmp_path / "eval", tmp_path / "cache.sqlite"
-    judge = ScriptedJudge(judge_and_synthesizer)
+    dropped = threading.Event()
+
+    def reply_once_gone(messages):  # the first verdict is given once the server has stopped listening
+        dropped.wait(30)
+        return judge_and_synthesizer(messages)
+
+    judge = ScriptedJudge(reply_once_gone)
     port = judge.server.server_port
     with judge:
-        def drop() -> None:  # after the first verdict, the server goes away
+        def drop() -> None:
             while not judge.requests:
                 time.sleep(0.01)
             judge.server.shutdown()
             judge.server.server_close()
+            dropped.set()
 
         threading.Thread(target=drop, daemon=True).start()
-        failed = ezo_in_process(*eval_args(out, judge.url, cache))
+        failed = ezo_in_process(*eval_args(out, judge.url, cache), "--set", "eval.concurrency=1")
     assert failed.returncode != 0 and "internal error" not in failed.stderr
     assert not (out / "DONE").exists()
     stored = rows(cache)

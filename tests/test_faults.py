@@ -200,3 +200,30 @@ def test_a_stage_killed_outright_is_named_as_the_machines_fault(tmp_path):
     assert "eval-base: the stage's process ended without a result (killed by SIGKILL" in str(info.value)
     assert info.value.resource == "ram" and info.value.stage == "eval-base"
     assert not (tmp_path / "run" / "eval-base" / "DONE").exists()
+
+
+@pytest.mark.parametrize("error, resource, words", [
+    ("cuda", "gpu", "out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ("cpu", "ram", "out of host memory ("),
+    ("python", "ram", "out of host memory ("),
+])
+def test_memory_that_ran_out_is_named_with_the_plans_figure(error, resource, words):
+    """torch's own exceptions (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError) and Python's MemoryError,
+    raised in a stage's work, end the command with exit 75 and the plan's figure for that stage beside them."""
+    import torch
+
+    from ezoforge.cli import plan_figure_beside_faults
+    from ezoforge.config import load_recipe
+    from ezoforge.errors import faults_named
+
+    raised = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"),
+              "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
+              "python": MemoryError()}[error]
+    recipe = load_recipe(REPO / "recipes" / "llama31-70b-ezo.yaml")
+    with pytest.raises(MachineFault) as info:
+        with plan_figure_beside_faults(recipe), faults_named("/tmp/run/train", "train"):
+            raise raised
+    assert info.value.exit_code == FAULT and info.value.resource == resource
+    what = "GPU memory" if resource == "gpu" else "host memory"
+    assert str(info.value).startswith(words) and f"; ezo plan puts train's {what} at " in str(info.value)
+    assert "more detail" not in str(info.value)  # one line
