@@ -2,7 +2,8 @@
 
 `with ScriptedJudge() as judge:` serves `POST {judge.url}/chat/completions` (the url ends in /v1) from a thread;
 each request body is appended to `judge.requests`. The reply text comes from `script(messages) -> str`; the default grades an
-answer by its length (`expected_grade`), which a test recomputes from answers.jsonl. `judge_and_synthesizer` also
+answer by its length (`expected_grade`), which a test recomputes from answers.jsonl, and `judge_and_synthesizer` names
+the longer of two answers in a pairwise prompt (`expected_winner`). `judge_and_synthesizer` also
 answers synth's prompted requests, and `/completions` answers synthesizer-mode prompts (`synthesizer_pairs`), so a
 pipeline test can synthesize pairs in milliseconds.
 """
@@ -59,9 +60,26 @@ def synthesizer_pairs(prompt: str) -> str:
                    for i, s in enumerate(sentences, 1))
 
 
+_PAIR = re.compile(r"# アシスタント([AB])の回答\n(.*?)(?=\n\n#)", re.S)
+
+
+def expected_winner(a: str, b: str) -> str:
+    """The default pairwise verdict: the longer answer wins, equal lengths tie."""
+    return "tie" if len(a.strip()) == len(b.strip()) else "A" if len(a.strip()) > len(b.strip()) else "B"
+
+
+def longer_wins(messages: list[dict]) -> str:
+    """A pairwise prompt (ezoforge.eval.pairwise.TEMPLATE) answered by expected_winner."""
+    answers = dict(_PAIR.findall(messages[1]["content"]))
+    assert set(answers) == {"A", "B"}, "not a pairwise prompt"
+    return json.dumps({"reason": "長さで比較", "winner": expected_winner(answers["A"], answers["B"])},
+                      ensure_ascii=False)
+
+
 def judge_and_synthesizer(messages: list[dict]) -> str:
-    return first_sentence(messages) if _PASSAGE.search(messages[-2]["content"] if len(messages) > 1 else "") \
-        else by_length(messages)
+    if _PASSAGE.search(messages[-2]["content"] if len(messages) > 1 else ""):
+        return first_sentence(messages)
+    return longer_wins(messages) if _PAIR.search(messages[1]["content"]) else by_length(messages)
 
 
 class ScriptedJudge:

@@ -31,6 +31,19 @@ def rows(path: Path) -> list[dict]:
 def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
     workdir, report = demo_run.workdir, demo_run.report
     assert steps(demo_run.recipe()) == [s for s in STEPS if s not in ("prefer", "eval-sft")]  # prefer: opt-in
+    # The pairwise step: the scripted judge names the longer answer (a tie at equal length), in both orders.
+    from scripted_judge import expected_winner
+
+    answers = {side: {r["task_id"]: r["answer"] for r in rows(workdir / f"eval-{side}" / "answers.jsonl")}
+               for side in ("base", "tuned")}
+    verdicts = rows(workdir / "pairwise" / "verdicts.jsonl")
+    assert [v["orders"] for v in verdicts] == [
+        [{"A": "loss", "B": "win", "tie": "tie"}[expected_winner(answers["base"][t], answers["tuned"][t])],
+         {"A": "win", "B": "loss", "tie": "tie"}[expected_winner(answers["tuned"][t], answers["base"][t])]]
+        for t in (v["task_id"] for v in verdicts)]
+    assert report["eval"]["pairwise"]["against"][0]["pairs"] == len(verdicts) == len(answers["tuned"])
+    assert "head to head, eval-tuned against eval-base: win rate " in (workdir / "report.html").read_text()
+    assert "Head to head, each task's two answers judged in both orders" in (workdir / "export" / "README.md").read_text()
     for folder in (STEPS[s].folder for s in steps(demo_run.recipe())):
         assert (workdir / folder / "DONE").exists(), folder
     on_disk = json.loads((workdir / "report.json").read_text(encoding="utf-8"))
@@ -94,12 +107,12 @@ def test_a_forced_edit_redoes_only_the_stages_it_affects(demo_copy):
     workdir = demo_copy.workdir
     before = done_times(workdir)
     sent = len(demo_copy.judge.requests)
-    # a merge setting: the merged model, what scores it and the card that reads the scores are redone; training and
-    # the base's eval are not (a forced train is test_reruns' test_force_retrains_from_step_zero)
+    # a merge setting: the merged model, what scores it, the head-to-head and the card that reads them are redone;
+    # training and the base's eval are not (a forced train is test_reruns' test_force_retrains_from_step_zero)
     run_recipe(demo_copy.recipe(None, "merge.dtype=bfloat16"), DEMO, force=["merge"])
     after = done_times(workdir)
     changed = {step for step in before if after[step] != before[step]}
-    assert changed == {"merge", "eval-tuned", "export"}
+    assert changed == {"merge", "eval-tuned", "pairwise", "export"}
     assert json.loads((workdir / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
     # the tuned model's new answers graded with the known verdicts; at most those were sent (an unchanged answer is
     # a cache hit), none of the base model's (all stored)

@@ -112,7 +112,7 @@ def test_stage_table_has_columns_and_times_from_the_run(workdir, page):
     timings = read(workdir / "timings.json")
     header, *rows, total = page.tables["Stages"][0]
     assert header == ["Stage", "Wall time", "Result"]
-    assert [r[0] for r in rows] == ["curate", "synth", "train", "merge", "eval-base", "eval-tuned", "export"]
+    assert [r[0] for r in rows] == ["curate", "synth", "train", "merge", "eval-base", "eval-tuned", "pairwise", "export"]
     for stage, wall, result in rows:
         assert wall == hms(timings[stage]["seconds"]) and re.fullmatch(r"\d+:\d\d:\d\d", wall)
         assert len(result) > 10 and not result.startswith("{")

@@ -354,12 +354,20 @@ def eval_(
 
 
 @eval_app.command("compare")
+@recipe_options(JUDGE_URL, JUDGE_MODEL)
 def eval_compare(
+    recipe: Recipe,
     dirs: Annotated[list[Path], typer.Argument(help="Eval output folders; the first is the baseline.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json and compare.html here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json and compare.html here "
+                                                "(with --pairwise: pairwise.json and verdicts.jsonl).")] = None,
     allow_different_judges: Annotated[bool, typer.Option(
         "--allow-different-judges", help="Show runs judged by different judges (as served) or judge prompts side by "
                                          "side, marked and unpaired, instead of refusing.")] = False,
+    pairwise: Annotated[bool, typer.Option(
+        "--pairwise", help="Ask the judge which of two answers to each task is better, in both orders (a pair whose "
+                           "orders disagree is a tie): wins, ties, losses and the win rate of each run over the "
+                           "first.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Runs side by side: mean grade with 95% CI, paired bootstrap difference vs the first, chrF, accuracy, perplexity."""
     from rich.table import Table
@@ -367,6 +375,13 @@ def eval_compare(
     from ezoforge.eval.eval_report import COMPARE_COLUMNS, DIFFERENT_JUDGES, compare_rows
     from ezoforge.eval.compare import compare
 
+    if pairwise:
+        from ezoforge.eval.pairwise import run as run_pairwise
+
+        if out is None:
+            raise ConfigError("--pairwise needs --out DIR (its verdicts are a stage folder)")
+        _print_pairwise(run_pairwise(dirs, recipe.eval, out, force=force))
+        return
     result = compare(dirs, out, allow_different_judges)
     mark = f" · {DIFFERENT_JUDGES}" if result["different_judges"] else ""
     table = Table(*COMPARE_COLUMNS, title=f"baseline: {result['baseline']}{mark}")
@@ -377,6 +392,21 @@ def eval_compare(
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if out is not None:
         console.print(f"wrote {out / 'compare.html'}")
+
+
+def _print_pairwise(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table("against the baseline", "pairs", "wins", "ties", "losses", "win rate [95% CI]", "orders disagree",
+                  title=f"pairwise: baseline {result['baseline']} · judge {' + '.join(result['judge']['served']) or result['judge']['model']}")
+    for r in result["against"]:
+        ci = "–" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+        table.add_row(r["other"], str(r["pairs"]), str(r["wins"]), str(r["ties"]), str(r["losses"]),
+                      f"{r['win_rate']} {ci}", str(r["disagreements"]))
+    Console(stderr=True).print(table)
+    for r in result["against"]:
+        console.print(f"{r['other']}: win rate {r['win_rate']} over {r['pairs']} pairs"
+                      + (f" ({r['failed']} without a verdict)" if r["failed"] else ""), highlight=False)
 
 
 @app.command()

@@ -491,6 +491,9 @@ class EvalConfig(Section):
     cache: Path | None = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge) / eval-requests.sqlite
     # Before judging, each task's input and reference are looked up in the training pairs and the curated documents
     # behind the evaluated model (eval/contamination.py): warn lists the tasks found, fail stops naming them.
+    # `ezo run`: after the evals, the tuned model against the base (and the SFT model) head to head by the judge
+    # (`ezo eval compare --pairwise`): a step of its own, so no eval's output changes with it.
+    pairwise: bool = False
     contamination: Literal["warn", "fail", "off"] = "warn"
     contamination_n: int = Field(13, ge=4)  # characters per n-gram
     contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)  # share of a text's n-grams found in training text
@@ -508,7 +511,7 @@ class EvalConfig(Section):
     context_tokens: int | None = Field(None, ge=128)  # vllm's max_model_len; None: the model's own, at most 8192
 
     # judge_url is not here: another server may hold another model under the same name.
-    operational = frozenset({"judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
+    operational = frozenset({"pairwise", "judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
                              "api_key_env", "timeout", "max_retries", "llamacpp"})
 
     @model_validator(mode="before")

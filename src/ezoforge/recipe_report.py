@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezoforge.eval.compare import paired_diff
-from ezoforge.eval.eval_report import scored_as
+from ezoforge.eval.eval_report import pairwise_words, scored_as
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
 from ezoforge.metric_catalogue import grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
@@ -133,6 +133,8 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
     if step == "export":
         ggufs = [g["file"] for g in stats["export"].get("gguf", [])]
         return "model card" + (f" and {', '.join(ggufs)}" if ggufs else "")
+    if step == "pairwise":
+        return pairwise_words(stats["pairwise"])
     if STEPS[step].stage == "eval":
         return _eval_words(evals[step.removeprefix("eval-")])
     return "done"  # a stage with no summary of its own here
@@ -238,6 +240,7 @@ def _side_by_side(workdir: Path) -> list[dict]:
 def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     folder = {step: workdir / s.folder for step, s in STEPS.items()}
     stats = {step: _read(folder[step] / "stats.json") for step, s in STEPS.items() if s.stage != "eval"}
+    stats["pairwise"] = _read(folder["pairwise"] / "pairwise.json")
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
     evals = {"base": _eval_summary(_read(folder["eval-base"] / "report.json")),
              "tuned": _eval_summary(_read(folder["eval-tuned"] / "report.json"))}
@@ -264,7 +267,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
                                                         "margin_mean", "dpo_steps", "dpo_loss_first", "dpo_loss_last",
                                                         "held_out_before", "held_out_after")}
         if stats["prefer"] else None,
-        "eval": {**evals, "versus": versus, "notes": notes,
+        "eval": {**evals, "versus": versus, "notes": notes, "pairwise": stats["pairwise"] or None,
                  "dpo_versus": _versus(evals["sft"], evals["tuned"], dpo_diff) if "sft" in evals else None},
         "data_mix": _data_mix(_curated(folder["curate"]), pairs, synth, train),
         "examples": _examples(pairs, docs),
@@ -300,6 +303,8 @@ def _headline(report: dict) -> list[str]:
         said.append(f"mean grade {g['tuned']:.2f} against {g['base']:.2f} ({g['difference']:+.2f}{ci_words})")
     if (c := rows.get("chrf")) and c["difference"] is not None:
         said.append(f"chrF {c['tuned']:.1f} against {c['base']:.1f}")
+    if report["eval"].get("pairwise"):
+        said.append(f"head to head, {pairwise_words(report['eval']['pairwise'])}")
     return said
 
 

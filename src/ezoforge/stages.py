@@ -91,6 +91,12 @@ def _eval_tuned(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -
     return run(recipe, out, adapter=_tuned(recipe, read) / "adapter", force=force)
 
 
+def _pairwise(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.eval.pairwise import run
+    evals = [read["eval-base"], *([read["eval-sft"]] if "prefer" in recipe.stages else []), read["eval-tuned"]]
+    return run(evals, recipe.eval, out, force=force)
+
+
 def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
     from ezoforge.export.run import run
     evals = {step.removeprefix("eval-"): folder for step, folder in read.items() if STEPS[step].stage == "eval"}
@@ -108,7 +114,9 @@ STEPS = {s.name: s for s in (
     Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=lambda r: "prefer" in r.stages),
     Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "merge"), _eval_tuned,
          when=lambda r: "train" in r.stages or "merge" in r.stages),
-    Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned"), _export),
+    Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise,
+         when=lambda r: r.eval.pairwise and ("train" in r.stages or "merge" in r.stages)),
+    Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned", "pairwise"), _export),
 )}
 
 
@@ -123,5 +131,5 @@ def readers(step: str) -> list[str]:
 
 
 def eval_folders(workdir: Path) -> dict[str, Path]:
-    """The eval steps' folders in a workdir, by the model each evaluated: base, sft, tuned."""
+    """The eval steps' folders in a workdir, by the model each evaluated (base, sft, tuned), and `pairwise`."""
     return {s.name.removeprefix("eval-"): workdir / s.folder for s in STEPS.values() if s.stage == "eval"}

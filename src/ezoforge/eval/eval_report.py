@@ -5,6 +5,8 @@ Nothing here depends on time or on the output folder, so the same inputs give by
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ezoforge.eval.tasks import METRICS, scorings
 from ezoforge.report_kit import fmt, grade_color, metric_bars, png_base64, render
 
@@ -136,3 +138,16 @@ def compare_html(result: dict) -> str:
     return render("eval_compare.html", different_judges=DIFFERENT_JUDGES if result.get("different_judges") else None,
                   baseline=result["baseline"], columns=COMPARE_COLUMNS, rows=compare_rows(result),
                   chart=png_base64(chart) if chart else None, notes=result["notes"])
+
+
+def pairwise_words(result: dict) -> str:
+    """One sentence per run against the baseline, as the run report and the card say it."""
+    said = []
+    for r in result.get("against", []):
+        ci = "" if r["ci95"] is None else f" [95% CI {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}]"
+        rate = "–" if r["win_rate"] is None else f"{r['win_rate']:.2f}"
+        said.append(f"{Path(r['other']).name} against {Path(result['baseline']).name}: win rate {rate}{ci} "
+                    f"over {r['pairs']} pairs ({r['wins']} won, {r['ties']} tied, {r['losses']} lost; the two orders "
+                    f"disagreed on {r['disagreements']})")
+    return "; ".join(said) or "no pairs"
+

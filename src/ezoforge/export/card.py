@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ezoforge.eval.eval_report import scored_as
+from ezoforge.eval.eval_report import pairwise_words, scored_as
 from ezoforge.eval.tasks import METRICS
 from ezoforge.export.provenance import RunRecords
 from ezoforge.models import is_hub_id
@@ -197,6 +197,9 @@ def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
         out.append(f"Paired difference in mean grade (tuned − base) over {diff['n']} tasks graded in both: "
                    f"{_fmt(diff['diff'])}, 95% CI [{_fmt(diff['ci95'][0])}, {_fmt(diff['ci95'][1])}] "
                    f"(paired bootstrap).")
+    if rec.pairwise:
+        out.append(f"Head to head, each task's two answers judged in both orders by the same judge (a pair whose "
+                   f"orders disagree is a tie): {pairwise_words(rec.pairwise)}.")
     report = tuned or base
     tasks = [t.split(":", 1)[0] + (f" ({Path(t.split(':', 1)[1]).name})" if ":" in t else "")
              for t in report.get("tasks", [])]

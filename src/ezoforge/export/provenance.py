@@ -37,6 +37,8 @@ class RunRecords:
     curate: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"sft"/"tuned" -> report.json
     eval_dirs: dict[str, Path] = field(default_factory=dict)  # the folders of those reports
+    pairwise: dict[str, Any] | None = None  # the head-to-head verdicts between those evals (pairwise.json)
+    pairwise_dir: Path | None = None
 
     @property
     def base_model(self) -> str | None:
@@ -52,7 +54,8 @@ class RunRecords:
     def folders(self) -> list[Path]:
         """Every record folder the card reads, for the export's fingerprint."""
         stages = [self.merged, self.prefer, self.train, *self.synth, *self.curate]
-        return [s["dir"] for s in stages if s] + [self.eval_dirs[k] for k in self.evals]
+        return [s["dir"] for s in stages if s] + [self.eval_dirs[k] for k in self.evals] + \
+            ([self.pairwise_dir] if self.pairwise_dir else [])
 
 
 def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
@@ -88,6 +91,12 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
             recorded = split_revision(model.get("spec") or "")[0]
             if any(spec and _same(recorded, spec) and _same(model.get("adapter"), a) for spec, a in forms):
                 rec.evals[kind], rec.eval_dirs[kind] = data, report.parent
+    # The head-to-head verdicts count when they compared exactly the evals the card shows.
+    pairwise = Path(evals["pairwise"]) if "pairwise" in evals else None
+    info = done_info(pairwise) if pairwise else None
+    if info and {Path(p).resolve() for p in info.get("inputs", [])} == {d.resolve() for d in rec.eval_dirs.values()}:
+        rec.pairwise = json.loads((pairwise / "pairwise.json").read_text(encoding="utf-8"))
+        rec.pairwise_dir = pairwise
     return rec
 
 
