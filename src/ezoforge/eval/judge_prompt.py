@@ -107,7 +107,7 @@ def _grade(value: object) -> tuple[int | None, str | None]:
     return int(value), None
 
 
-def _json_objects(text: str) -> list[dict]:
+def json_objects(text: str) -> list[dict]:
     """Every JSON object in the text, wherever it starts (prose, code fences, nested)."""
     decoder, found = json.JSONDecoder(), []
     for i, ch in enumerate(text):
@@ -151,7 +151,7 @@ def parse_verdict(raw: str) -> Verdict:
     if not text:
         return Verdict(None, "", "empty judge output")
     graded = []
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         key = next((k for k in obj if isinstance(k, str) and k.lower() in _GRADE_KEYS), None)
         if key is not None:
             graded.append((obj[key], obj.get("reason", obj.get("理由", ""))))

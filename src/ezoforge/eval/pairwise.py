@@ -22,7 +22,7 @@ from ezoforge.config import EvalConfig
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval.compare import judge_identity
 from ezoforge.eval.judge_client import Judge
-from ezoforge.eval.judge_prompt import Verdict, converse
+from ezoforge.eval.judge_prompt import Verdict, converse, json_objects
 from ezoforge.models import cache_root, load
 from ezoforge.records import read_jsonl, write_json, write_jsonl
 from ezoforge.remote import RemoteError
@@ -79,15 +79,8 @@ _BRACKETED = re.compile(r"\[\[\s*([ABC])\s*\]\]")  # MT-Bench's own verdict form
 def parse_winner(raw: str) -> Verdict:
     """The winner as a Verdict whose grade is its index in WINNERS; None where the reply names none or several."""
     text = unicodedata.normalize("NFKC", raw).strip()
-    decoder, named = json.JSONDecoder(), set()
-    for i, ch in enumerate(text):
-        if ch == "{":
-            try:
-                obj, _ = decoder.raw_decode(text, i)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("winner"), str):
-                named.add((_SAID.get(obj["winner"].strip().lower()), str(obj.get("reason", "")).strip()))
+    named = {(_SAID.get(obj["winner"].strip().lower()), str(obj.get("reason", "")).strip())
+             for obj in json_objects(text) if isinstance(obj.get("winner"), str)}
     if not named:
         named = {(_SAID[m.lower()], "") for m in _BRACKETED.findall(text)}
     winners = {w for w, _ in named}
