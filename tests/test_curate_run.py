@@ -2,6 +2,7 @@
 config changes refused, and clear errors for bad input."""
 import gzip
 import json
+import re
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from conftest import ezo_in_process
 from ezoforge.config import bundled_data, load_recipe
 from ezoforge.curate.readers import Shard, read_wiki
 from ezoforge.curate.run import _completed, run
-from ezoforge.errors import ConfigError, EzoError, RecordError
+from ezoforge.errors import ConfigError, EzoError, MachineFault, RecordError
 from ezoforge.records import Document
 from test_curate_wiki import _page, export
 
@@ -267,11 +268,15 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
     inputs, _, _ = corpus
     out = tmp_path / "out"
     slurm = recipe("curate.executor.kind=slurm", "curate.executor.partition=cpu", "curate.workers=4")
-    with pytest.raises(EzoError, match="submitted the curate passes to Slurm"):
+    with pytest.raises(EzoError, match=r"submitted the curate passes to Slurm as jobs (\d+, ){3}\d+ ") as submitted:
         run(slurm, inputs, out)
+    jobs = re.search(r"jobs ((\d+, ){3}\d+)", str(submitted.value)).group(1)
     arrays = [line for line in log.read_text().splitlines() if "RUN_OFFSET" in line]
     assert len(arrays) == 4 and "--dependency" not in arrays[0]
     assert all("--dependency=afterok:" in line for line in arrays[1:])
+    # The jobs hold the folder after the command has exited: a forced redo is refused, naming them.
+    with pytest.raises(MachineFault, match=f"Slurm jobs {jobs} still write into it; rerun without --force"):
+        run(slurm, inputs, out, force=True)
 
     handler = signal.getsignal(signal.SIGUSR1)  # datatrove's task runner installs a requeue handler
     try:
@@ -289,3 +294,4 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
     stats = run(slurm, inputs, out)
     assert len([line for line in log.read_text().splitlines() if "RUN_OFFSET" in line]) == 4  # nothing resubmitted
     assert tables(out) == tables(curated[0]) and stats["docs_out"] == curated[1]["docs_out"]
+    assert not (tmp_path / ".out.held").exists()  # collected: the folder is free again

@@ -263,6 +263,10 @@ class Stage:
         return finished
 
     def _start(self, force: bool, keep: tuple[str, ...]) -> dict[str, Any] | None:
+        if force and self._held.is_file():
+            raise MachineFault(f"{self.out}: {self._held.read_text(encoding='utf-8')} still write into it; rerun "
+                               f"without --force to collect their work, or cancel them and delete {self._held} to "
+                               "redo the stage")
         finished = self.check(force)
         if finished is not None:
             return finished
@@ -277,6 +281,15 @@ class Stage:
         if not (self.folder / CONFIG).is_file() or (self.folder / CONFIG).read_text(encoding="utf-8") != config:
             write_text(self.folder / CONFIG, config)  # a resume leaves the folder untouched
         return None
+
+    def hold(self, holder: str) -> None:
+        """Keep the folder for work this process handed on (Slurm jobs writing into it) after it exits: until the
+        rerun that collects it finishes, `--force` is refused, naming the holder."""
+        write_text(self._held, holder)
+
+    @property
+    def _held(self) -> Path:
+        return self.lock.path.with_suffix(".held")
 
     def reopen(self) -> None:
         """Make a finished folder resumable again (its outputs stay until replaced): a stage that finished with
@@ -306,6 +319,7 @@ class Stage:
                                         "settings": self.settings, "inputs": self.inputs, "stats": stats})
         if self.atomic:  # an old folder is there only under --force: it goes once the new one is in place
             replace_folder(self.folder, self.out)
+        self._held.unlink(missing_ok=True)  # collected
         return stats
 
     @staticmethod

@@ -89,7 +89,12 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow
         work = Path(out) / ".work"
         started = time.perf_counter()
         passes = _passes(cfg, shards, Path(out), work)
-        _execute(passes, cfg, work)
+        pending = _execute(passes, cfg, work)
+        if pending:
+            stage.hold(f"Slurm jobs {', '.join(pending)}")
+            raise EzoError(f"submitted the curate passes to Slurm as jobs {', '.join(pending)} (logs in "
+                           f"{work / 'slurm_logs'}); run the same command again once they have finished to write "
+                           "stats.json and DONE")
         stats = _stats(Path(out), work, files, shards, time.perf_counter() - started)
         if stats["docs_out"] == 0 and not allow_empty:  # no DONE: the finished passes are kept for a rerun
             removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "nothing read"
@@ -130,7 +135,8 @@ class _LocalExecutor(LocalPipelineExecutor):
         return super()._run_for_rank(rank, local_rank, node_rank)
 
 
-def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path) -> None:
+def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path) -> list[str]:
+    """Run the passes (local, Ray) or submit them (Slurm); the Slurm jobs still to finish ([] once all are done)."""
     ex = cfg.executor
     if ex.kind == "local":
         logger.disable("datatrove")
@@ -138,8 +144,8 @@ def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path)
             for name, pipeline, tasks in passes:
                 _LocalExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
                                logging_dir=str(work / "logs" / name)).run()
-        return
-    previous = None
+        return []
+    previous, executors = None, []
     for name, pipeline, tasks in passes:
         if ex.kind == "slurm":
             from datatrove.executor.slurm import SlurmPipelineExecutor
@@ -149,6 +155,7 @@ def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path)
                 mem_per_cpu_gb=ex.mem_per_cpu_gb, workers=cfg.workers, job_name=f"{ex.job_name}-{name}",
                 venv_path=ex.venv_path, sbatch_args=ex.sbatch_args, logging_dir=str(work / "logs" / name),
                 slurm_logs_folder=str(work / "slurm_logs" / name), depends=previous)
+            executors.append(previous)
         else:
             try:
                 from datatrove.executor.ray import RayPipelineExecutor
@@ -162,9 +169,9 @@ def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path)
         previous.run()  # runs (Ray) or submits (Slurm) the chain of dependent passes; finished tasks are skipped
     except FileNotFoundError as e:
         raise EzoError(f"curate.executor.kind={ex.kind}: {e.filename} not found (run on a Slurm login node)") from None
-    if any(_completed(work, name) < tasks for name, _, tasks in passes):
-        raise EzoError(f"submitted the curate passes to Slurm (logs in {work / 'slurm_logs'}); run the same "
-                       "command again once the jobs have finished to write stats.json and DONE")
+    if all(_completed(work, name) >= tasks for name, _, tasks in passes):
+        return []
+    return [str(e.job_id) for e in executors if e.job_id not in (None, -1)] or ["(ids unknown)"]
 
 
 def _completed(work: Path, name: str) -> int:

@@ -1,9 +1,11 @@
 """Published scores (data/anchors.csv) placed beside a run: only those graded by the same judge version.
 
 A grade means something only next to grades from the same judge: judges grade differently (shaberi's README says
-scores under different judges are not comparable), so a run is ranked only with figures whose judge is the
-version that answered this run (its `model` string as served, the dated OpenAI version; the configured name when
-no reply reported one). A figure on another scale is converted only when the two scales are affine images of each
+scores under different judges are not comparable), so a run is shown only with figures whose judge is the version
+that answered this run (its `model` string as served, the dated OpenAI version; the configured name when no reply
+reported one). The judge's prompt matters as much: a run is ranked only among figures graded with the same prompt set
+(the benchmark's judge prompt version, ours or a harness's); figures under the same judge but another prompt set are
+shown as context, labelled so, and not ranked. A figure on another scale is converted only when the two scales are affine images of each
 other (the same number of equal grade steps, e.g. 1–10 and 0.1–1.0); otherwise it is shown as published and not
 ranked. A local judge (the bundled 135M model above all) graded no published figure, and every report says so.
 """
@@ -19,10 +21,12 @@ from ezoforge.eval.tasks import TASK_TYPES
 from ezoforge.report_kit import Cell, render
 
 ANCHORS = Path(__file__).resolve().parent.parent / "data" / "anchors.csv"
-FIELDS = ("model", "benchmark", "score", "scale", "judge", "protocol", "source", "date", "note")
+FIELDS = ("model", "benchmark", "score", "scale", "judge", "prompt_set", "protocol", "source", "date", "note")
 _JUDGED = [t for t in TASK_TYPES.values() if isinstance(t, JudgedTask)]
 # The scale our judge prompts grade each open benchmark on (ELYZA's rubric 1–5, MT-Bench's single-answer 1–10).
 RUN_SCALES = {t.kind: f"{t.scale[0]}-{t.scale[1]}" for t in _JUDGED}
+# The prompt set each open benchmark's answers are graded with here (the task type's judge prompt version).
+RUN_PROMPT_SETS = {t.kind: t.prompt_version for t in _JUDGED}
 NONE_UNDER_JUDGE = "no published figure under this judge"
 
 
@@ -33,6 +37,7 @@ class Anchor:
     score: float
     scale: str
     judge: str
+    prompt_set: str  # the judge prompt the figure was graded with: a harness and version, or ours
     protocol: str
     source: str
     date: str
@@ -120,25 +125,36 @@ def place(benchmark: str, judge: dict | None, score: float | None, anchors: list
                 "statement": f"The judge answered as several versions ({', '.join(judge['served'])}): "
                              f"{NONE_UNDER_JUDGE}."}
     matching = [a for a in (load() if anchors is None else anchors) if a.benchmark == benchmark and a.judge == version]
+    prompt_set = RUN_PROMPT_SETS[benchmark]
     rows = []
     for a in matching:
-        shown = convert(a.score, a.scale, scale)
-        rows.append({**asdict(a), "shown": None if shown is None else round(shown, 2)})
-    # Figures on this run's scale are ranked with it; any other stays as published, below them.
-    rows.sort(key=lambda r: (r["shown"] is None, -(r["shown"] if r["shown"] is not None else r["score"]), r["model"]))
+        context = a.prompt_set != prompt_set
+        shown = None if context else convert(a.score, a.scale, scale)
+        rows.append({**asdict(a), "shown": None if shown is None else round(shown, 2), "context": context})
+    # Figures on this run's scale and prompt set are ranked with it; the rest stay as published, below them.
+    rows.sort(key=lambda r: (r["context"], r["shown"] is None,
+                             -(r["shown"] if r["shown"] is not None else r["score"]), r["model"]))
     which = "as served" if source == "served" else "as configured (no reply reported a version)"
+    ranked_rows = [r for r in rows if not r["context"]]
+    context_sets = sorted({r["prompt_set"] for r in rows if r["context"]})
     if not rows:
         statement = f"There is {NONE_UNDER_JUDGE} ({version}, {which})."
+    elif not ranked_rows:
+        statement = (f"Published figures graded by the same judge version, {version} ({which}), but with other judge "
+                     f"prompts ({', '.join(context_sets)}) than this run's ({prompt_set}): shown as context, not "
+                     "ranked with this run.")
     else:
-        converted = {r["scale"] for r in rows if r["shown"] is not None and r["scale"] != scale}
-        unranked = sum(r["shown"] is None for r in rows)
-        statement = (f"Published figures graded by the same judge version, {version} ({which}), on the {scale} "
-                     "scale; sources differ in prompts and protocol (see each row)."
+        converted = {r["scale"] for r in ranked_rows if r["shown"] is not None and r["scale"] != scale}
+        unranked = sum(r["shown"] is None for r in ranked_rows)
+        statement = (f"Published figures graded by the same judge version, {version} ({which}), and the same judge "
+                     f"prompts ({prompt_set}), on the {scale} scale; protocols differ (see each row)."
                      + (f" Converted from {', '.join(sorted(converted))} (an affine change of unit)." if converted
                         else "")
-                     + (f" {unranked} on another scale, shown as published and not ranked." if unranked else ""))
-    return {**base, "judge": version, "judge_from": source, "comparable": bool(rows), "statement": statement,
-            "rows": rows}
+                     + (f" {unranked} on another scale, shown as published and not ranked." if unranked else "")
+                     + (f" Figures with other judge prompts ({', '.join(context_sets)}) are shown as context, not "
+                        "ranked." if context_sets else ""))
+    return {**base, "judge": version, "judge_from": source, "prompt_set": prompt_set, "comparable": bool(ranked_rows),
+            "statement": statement, "rows": rows}
 
 
 def for_report(report: dict, judge: dict | None, anchors: list[Anchor] | None = None) -> list[dict]:
@@ -171,7 +187,7 @@ def beside(evals: list[tuple[str, list[dict]]]) -> list[tuple[dict, list[Run]]]:
 
 def ranked(placement: dict, runs: list[Run]) -> list[dict]:
     """The placement's rows with each run (label, score on the run's scale, protocol) put in rank; runs without a
-    score and figures on another scale come last, unranked."""
+    score and figures on another scale or prompt set come last, unranked."""
     table = [{"label": r["model"], "shown": r["shown"], "row": r} for r in placement["rows"]]
     table += [{"label": label, "shown": score, "row": None, "protocol": protocol} for label, score, protocol in runs]
     table.sort(key=lambda x: (x["shown"] is None, -(x["shown"] or 0.0), x["row"] is not None))
@@ -183,7 +199,9 @@ def _cells(item: dict, scale: str) -> tuple[str, str, str, str, str]:
     score = "–" if item["shown"] is None else f"{item['shown']:.2f}"
     if r is None:
         return score, scale, item["protocol"], "", ""
-    if r["shown"] is None:
+    if r.get("context"):
+        score = f"{r['score']:.2f} (context: {r['prompt_set']} prompts, not ranked)"
+    elif r["shown"] is None:
         score = f"{r['score']:.2f} (on {r['scale']}, not ranked)"
     elif r["scale"] != scale:
         score += f" (published {r['score']:g} on {r['scale']})"
