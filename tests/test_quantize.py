@@ -99,17 +99,21 @@ def _perplexity(loaded, texts: list[str]) -> float:
     return math.exp(sum(nll for nll, _ in scored) / sum(n for _, n in scored))
 
 
-@pytest.mark.parametrize("passages", [pytest.param(PASSAGES_FAST, id=f"first-{PASSAGES_FAST}"),
-                                      pytest.param(None, id="all", marks=pytest.mark.slow)])
-def test_quantized_perplexity_stays_near_float32(bundled, passages):
+# nf4 on a few passages in `make test`; int8 (bitsandbytes' slow CPU path) and all passages with `-m slow`.
+@pytest.mark.parametrize("quantize, bound, passages", [
+    pytest.param("nf4", 1.40, PASSAGES_FAST, id=f"nf4-first-{PASSAGES_FAST}"),
+    pytest.param("int8", 1.05, PASSAGES_FAST, id=f"int8-first-{PASSAGES_FAST}", marks=pytest.mark.slow),
+    pytest.param("nf4", 1.40, None, id="nf4-all", marks=pytest.mark.slow),
+    pytest.param("int8", 1.05, None, id="int8-all", marks=pytest.mark.slow)])
+def test_quantized_perplexity_stays_near_float32(bundled, quantize, bound, passages):
     import bitsandbytes as bnb
 
     texts = [json.loads(line)["text"] for line in HELDOUT.read_text(encoding="utf-8").splitlines()][:passages]
     base = _perplexity(bundled, texts)
-    for quantize, layer, bound in (("int8", bnb.nn.Linear8bitLt, 1.05), ("nf4", bnb.nn.Linear4bit, 1.40)):
-        loaded = load(BUNDLED, device="cpu", quantize=quantize)
-        assert loaded.quantize == quantize
-        assert sum(isinstance(m, layer) for m in loaded.model.modules()) == 7 * loaded.model.config.num_hidden_layers
-        ppl = _perplexity(loaded, texts)
-        print(f"perplexity over {len(texts)} passages: float32 {base:.2f}, {quantize} {ppl:.2f}")
-        assert ppl < base * bound
+    layer = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}[quantize]
+    loaded = load(BUNDLED, device="cpu", quantize=quantize)
+    assert loaded.quantize == quantize
+    assert sum(isinstance(m, layer) for m in loaded.model.modules()) == 7 * loaded.model.config.num_hidden_layers
+    ppl = _perplexity(loaded, texts)
+    print(f"perplexity over {len(texts)} passages: float32 {base:.2f}, {quantize} {ppl:.2f}")
+    assert ppl < base * bound

@@ -121,6 +121,9 @@ def test_openai_backend_against_ezo_serve(live_server, tmp_path):
     assert stats["generator"] == f"{BUNDLED}|prompted|{prompts.PROMPT_VERSION}"
 
 
+# Slow: `make test` holds its parts, the same prompt ids in process and through `ezo serve`
+# (test_backends_render.py) and the same greedy answers both ways (test_eval_backends.py).
+@pytest.mark.slow
 def test_openai_backend_against_ezo_serve_matches_transformers(bundled, live_server, tmp_path):
     """Parity at temperature 0: the server continues the prefill, so it sees the prompt the local backend renders
     and writes the same greedy text (batch 1 on both sides: no padding to tell them apart)."""
