@@ -283,7 +283,13 @@ def check_disk(recipe: Recipe, ignore: bool) -> None:
     """Refuse a run whose remaining stages `ezo plan` says the workdir's disk cannot hold, with both figures."""
     from ezoforge.plan import GIB, disk_to_run
 
-    need, unsized = disk_to_run(recipe)
+    try:
+        need, unsized = disk_to_run(recipe)
+    except EzoError:
+        raise  # the recipe's own mistake (a model that cannot be found): named now, before any stage
+    except Exception as e:  # a plan this model's shapes defeat must not stop the run: its stages check themselves
+        log.warning("disk: not checked before the run, `ezo plan` could not size it (%s: %s)", type(e).__name__, e)
+        return
     need, free, folder = need * GIB, free_bytes(recipe.workdir), Path(recipe.workdir).absolute()
     unknown = f" (not counting {', '.join(unsized)}: the plan cannot size them yet)" if unsized else ""
     if need <= free:
