@@ -108,3 +108,11 @@ def test_the_winner_is_read_strictly(reply, winner):
 
     verdict = parse_winner(reply)
     assert (None if verdict.grade is None else WINNERS[verdict.grade]) == winner
+
+
+def test_a_stated_pairwise_step_without_a_judge_fails_when_the_recipe_loads():
+    from ezoforge.config import load_recipe
+    from ezoforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pairwise: true needs a judge"):
+        load_recipe(None, ["eval.pairwise=true"])

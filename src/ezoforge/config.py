@@ -532,6 +532,8 @@ class EvalConfig(Section):
     def _judge_pair(self) -> "EvalConfig":
         if bool(self.judge_url) != bool(self.judge_model):
             raise ValueError("judge_url and judge_model go together")
+        if self.pairwise and not self.judge_model:
+            raise ValueError("pairwise: true needs a judge to ask: set judge_url and judge_model")
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url")
         self.vllm.refuse_unless(self.backend)
