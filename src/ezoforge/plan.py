@@ -617,9 +617,21 @@ class Planner:
         return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + shard / GIB, "disk_gib": written / GIB,
                 "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
 
+    def pairwise(self) -> dict:
+        """No answers: the judge reads two evals' answers, two prompts per pair. A local judge is loaded here; a served
+        one's time and memory are its server's."""
+        e = self.recipe.eval
+        self.sources["pairwise"] = "model: a local judge's weights + KV cache of eval.concurrency verdicts"
+        if e.judge_url != "local":
+            return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0, "hours": None}
+        shape = model_shape(e.judge_model)
+        judge = weight_bytes(shape, self.base_dtype()) + \
+            e.concurrency * (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * shape.kv_bytes_per_token
+        return {"gpu_gib": judge / GIB + CUDA_OVERHEAD_GIB, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0, "hours": None}
+
     def stage(self, name: str) -> dict:
         stage = STEPS[name].stage
-        est = self.eval(name) if stage == "eval" else getattr(self, stage)()
+        est = self.pairwise() if name == "pairwise" else self.eval(name) if stage == "eval" else getattr(self, stage)()
         est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and
                            est["ram_gib"] + RUN_RAM_GIB <= self.ram)
         return est
