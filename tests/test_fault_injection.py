@@ -18,6 +18,7 @@ import pytest
 
 from conftest import BUNDLED, DEMO, REPO, ezo_in_process
 from scripted_judge import ScriptedJudge, judge_and_synthesizer
+from trainkit import tensors
 
 pytestmark = pytest.mark.slow
 
@@ -182,12 +183,6 @@ def sharded_train(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base", max_shard_size="8MB")
     AutoTokenizer.from_pretrained(make_tiny_llama(root / "tokenizer")).save_pretrained(root / "base")
     return make_train_folder(str(root / "base"), root / "train", r=4, target_modules="all-linear")
-
-
-def tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("after", ["first", "half"])

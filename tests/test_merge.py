@@ -21,7 +21,7 @@ from ezoforge.models import resolve
 from ezoforge.stage import Stage
 from ezoforge.train import merge
 from ezoforge.train import run as train_run
-from trainkit import overrides, tiny_model  # noqa: F401  (fixtures)
+from trainkit import assert_merge_equals_peft, overrides, tensors, tiny_model  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 DEMO_TASKS = Path(merge.__file__).parents[1] / "data" / "tasks" / "demo-tasks.jsonl"
@@ -55,39 +55,8 @@ def make_train_folder(base: str, out: Path, seed: int = 0, **lora) -> Path:
     return out
 
 
-def peft_merged(base: str, train_dir: Path) -> dict[str, torch.Tensor]:
-    """The reference: peft's merge_and_unload on the base loaded in float32."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype=torch.float32)
-    return PeftModel.from_pretrained(model, train_dir / "adapter").merge_and_unload().state_dict()
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def weight_map(folder) -> dict[str, str]:
     return json.loads((Path(folder) / merge.INDEX).read_text())["weight_map"]
-
-
-def assert_merge_equals_peft(base: str, train_dir: Path, merged: Path, dtype: torch.dtype) -> None:
-    ours, ref, before = tensors(merged), peft_merged(base, train_dir), tensors(merge.base_folder(base))
-    assert set(ours) == set(before)  # the base's tensor names, nothing added or lost (a tied head stays tied)
-    changed = {n for n in ours if not torch.equal(before[n].to(dtype), ours[n])}
-    adapter_modules = {k.removeprefix("base_model.model.").split(".lora_")[0].removesuffix(".weight")
-                       .removesuffix(".base_layer") for k in tensors(train_dir / "adapter")}
-    assert changed and {n.removesuffix(".weight") for n in changed} <= adapter_modules
-    for name, t in ours.items():
-        assert t.dtype == dtype, name
-        # Within one rounding step of the storage dtype (the same float32 sum, rounded once).
-        torch.testing.assert_close(t, ref[name].to(dtype), rtol=torch.finfo(dtype).eps, atol=0, msg=name)
 
 
 @pytest.fixture(scope="module")

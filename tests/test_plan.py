@@ -16,7 +16,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
 EZO_70B = RECIPES / "llama31-70b-ezo.yaml"
 EZO_70B_L40S = RECIPES / "llama31-70b-ezo-l40s.yaml"
-GPU_RECIPES = sorted(RECIPES.glob("llama31-*.yaml"))
+GPU_RECIPES = sorted([*RECIPES.glob("llama31-*.yaml"), *RECIPES.glob("qwen3-*.yaml")])
 STAGE_KEYS = {"gpu_gib", "ram_gib", "disk_gib", "hours", "fits"}
 
 

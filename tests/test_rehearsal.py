@@ -28,6 +28,7 @@ from ezoforge.export.provenance import gather
 from ezoforge.models import model_identity
 from ezoforge.smoke import run_smoke, smoke_recipe
 from scripted_judge import ScriptedJudge, judge_and_synthesizer
+from families import make_tiny
 from trainkit import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,18 +37,28 @@ RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")
 # demo.yaml runs (cut to seconds) as the session's demo_run, which the pipeline tests share.
 REHEARSED = [name for name in RECIPES if name != "demo.yaml"]
 IN_MAKE_TEST = {"llama31-70b-ezo.yaml"}
-# The architecture family of a recipe's base, by what its name says; a new family needs its tiny config here.
-FAMILIES = {"llama": "llama", "smollm2": "llama"}
+# The architecture family of a recipe's base, by what its name says; a new family needs its tiny model here.
+FAMILIES = {"llama": "llama", "smollm2": "llama", "qwen3": "qwen3"}
 JCQA = ROOT.parent / "shared" / "data" / "jglue" / "jcommonsenseqa" / "valid-v1.3.json"
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    """A random 2-layer Llama with the bundled tokenizer, saved in bfloat16 as several shards (as hub bases are)."""
-    out = tmp_path_factory.mktemp("tiny-llama-bf16")
-    make_tiny_llama(out, context=8192, dtype=torch.bfloat16, shard="3MB")
-    assert len(list(out.glob("*.safetensors"))) > 1
-    return str(out)
+def tiny_base(tmp_path_factory):
+    """A random tiny model of a family (Llama: with the bundled tokenizer), saved in bfloat16 as several shards (as
+    hub bases are); one per family, made when a recipe first asks."""
+    made = {}
+
+    def of(family: str) -> str:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{family}-bf16")
+            if family == "llama":
+                make_tiny_llama(out, context=8192, dtype=torch.bfloat16, shard="3MB")
+            else:
+                make_tiny(family, out, dtype=torch.bfloat16, context=8192, shard="300KB")
+            assert len(list(out.glob("*.safetensors"))) > 1
+            made[family] = str(out)
+        return made[family]
+    return of
 
 
 def family(name: str) -> str | None:
@@ -104,15 +115,16 @@ def rehearsal(path: Path, tiny: str, server: str, workdir: Path) -> tuple[list[s
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in IN_MAKE_TEST else pytest.mark.slow)
                                   for n in REHEARSED])
-def test_shipped_recipe_rehearses_on_the_cpu(name, tiny_llama, tmp_path, monkeypatch):
+def test_shipped_recipe_rehearses_on_the_cpu(name, tiny_base, tmp_path, monkeypatch):
     path = ROOT / "recipes" / name
     written = load_recipe(path)
     if family(written.model.name) is None:
         pytest.fail(f"{name}: cannot rehearse: no tiny model of {written.model.name}'s architecture (add its family)")
+    tiny = tiny_base(family(written.model.name))
     if written.eval.judge_api_key_env:  # the stage processes read the key from the recipe's variable
         monkeypatch.setenv(written.eval.judge_api_key_env, "sk-rehearsal")
     with ScriptedJudge(judge_and_synthesizer) as server:
-        sets, why = rehearsal(path, tiny_llama, server.url, tmp_path / "run")
+        sets, why = rehearsal(path, tiny, server.url, tmp_path / "run")
         print(f"{name} rehearsed with:", *why, sep="\n  ")
         recipe = load_recipe(path, sets)
         result = run_smoke(recipe, path, ram_gib=64)
@@ -130,7 +142,7 @@ def test_shipped_recipe_rehearses_on_the_cpu(name, tiny_llama, tmp_path, monkeyp
     if written.model.quantize == "nf4":  # the quantized base + the adapter, as trained (eval.run.scores_adapter)
         adapter = work / "train" / "adapter"
         assert (tuned["model"]["quantize"], Path(tuned["model"]["adapter"])) == ("nf4", adapter)
-        assert tuned["model"]["fingerprint"] == model_identity(tiny_llama, adapter, device="cpu", quantize="nf4") \
+        assert tuned["model"]["fingerprint"] == model_identity(tiny, adapter, device="cpu", quantize="nf4") \
             != model_identity(str(work / "merged"), device="cpu", quantize="nf4")
         # the card's provenance counts it as the merged model's eval
         assert gather(work / "merged", {"tuned": work / "eval-tuned"}).evals["tuned"]["model"]["quantize"] == "nf4"

@@ -138,7 +138,8 @@ def test_4bit_lora_gradients_survive_an_eval_forward_on_cpu(tiny_model):  # noqa
     if four_bit_problem(cpu):
         pytest.skip(f"bitsandbytes 4-bit does not train on this CPU: {four_bit_problem(cpu)}")
     cfg = TrainConfig(lora_dropout=0.0)
-    model = get_peft_model(load_base(tiny_model, cfg, cpu, qlora=True), lora_config(cfg))
+    base = load_base(tiny_model, cfg, cpu, qlora=True)
+    model = get_peft_model(base, lora_config(cfg, base))
     assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
     x = torch.randint(0, 1000, (2, 24))
     batch = {"input_ids": x, "labels": x}

@@ -1,11 +1,14 @@
 """Shared pieces of the train/merge tests: a 2-layer Llama with the bundled SmolLM2 tokenizer, and the ELYZA rows."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import BUNDLED
 from ezoforge.config import bundled_data
+from ezoforge.models import resolve
+from ezoforge.train import merge
 
 
 def make_tiny_llama(out, context: int = 2048, dtype: torch.dtype = torch.float32, shard: str | None = None) -> str:
@@ -90,6 +93,42 @@ def passage_pairs(tmp_path_factory):
     write_parquet(folder / "data" / "part-00000.parquet", rows)
     Stage("synth", folder, {}).finish({})
     return folder
+
+
+def peft_merged(base: str, train_dir: Path) -> dict[str, torch.Tensor]:
+    """The reference: peft's merge_and_unload on the base loaded in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, train_dir / "adapter").merge_and_unload().state_dict()
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_merge_equals_peft(base: str, train_dir: Path, merged: Path, dtype: torch.dtype) -> None:
+    ours, ref, before = tensors(merged), peft_merged(base, train_dir), tensors(merge.base_folder(base))
+    assert set(ours) == set(before)  # the base's tensor names, nothing added or lost (a tied head stays tied)
+    changed = {n for n in ours if not torch.equal(before[n].to(dtype), ours[n])}
+    # Compared by module path: a multimodal checkpoint stores its language model under other `model.` levels than
+    # the loaded model (and so peft) names it.
+    adapter_modules = {merge.without_model_levels(k.removeprefix("base_model.model.").split(".lora_")[0]
+                                                  .removesuffix(".weight").removesuffix(".base_layer"))
+                       for k in tensors(train_dir / "adapter")}
+    assert changed and {merge.without_model_levels(n.removesuffix(".weight")) for n in changed} <= adapter_modules
+    ref = {merge.without_model_levels(k): v for k, v in ref.items()}
+    for name, t in ours.items():
+        assert t.dtype == dtype, name
+        # Within one rounding step of the storage dtype (the same float32 sum, rounded once).
+        torch.testing.assert_close(t, ref[merge.without_model_levels(name)].to(dtype), rtol=torch.finfo(dtype).eps,
+                                   atol=0, msg=name)
 
 
 def overrides(model: str, **train) -> list[str]:

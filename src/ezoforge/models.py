@@ -174,8 +174,19 @@ def check_model_folder(folder: str | Path, weights: bool = False) -> None:
         raise ModelError(f"{config}: not readable as JSON ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("model_type"), str):
         raise ModelError(f"{config}: not a model's config (no `model_type`); the folder must be a transformers model")
+    check_architecture(info, config)
     if weights and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
         raise ModelError(f"{folder}: no weights ({', '.join(WEIGHT_FILES)}) beside config.json")
+
+
+def check_architecture(config: dict, where: str | Path) -> None:
+    """Every stage takes the families whose whole path (train, merge, eval, GGUF, llama.cpp) is tested; another
+    architecture fails here, before any weights load, rather than deep inside a stage."""
+    from ezoforge.gguf_file import ARCHITECTURES, architecture
+
+    arch = architecture(config)
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"{where}: architectures: ezoforge supports {', '.join(ARCHITECTURES)}, not {arch}")
 
 
 def check_spec(spec: str) -> None:
@@ -199,7 +210,9 @@ def check_spec(spec: str) -> None:
         from huggingface_hub import try_to_load_from_cache
 
         repo, revision = split_revision(spec)
-        if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision), str):
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+        if isinstance(cached, str):
+            check_architecture(json.loads(Path(cached).read_text(encoding="utf-8")), cached)
             return
         if revision is not None:
             raise ModelError(f"{spec}: {repo} at revision {revision} is not in the hub cache while HF_HUB_OFFLINE=1; "
@@ -603,7 +616,8 @@ class Loaded:
 
 def config_context_length(config) -> int:
     """Tokens a model takes, from its config (2048 when the config does not say)."""
-    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its LM
+    return int(getattr(text, "max_position_embeddings", 0) or 2048)
 
 
 def spec_context_length(spec: str) -> int:
@@ -632,6 +646,10 @@ def load(spec: str, adapter: str | Path | None = None, device: str = "auto", dty
     tokenizer = load_tokenizer(base, chat_template)
     if need_chat_template:
         require_chat_template(tokenizer, spec)
+    if not Path(source).is_dir():  # a hub model: its config is a small download, its weights are not
+        from transformers import AutoConfig
+
+        check_architecture(AutoConfig.from_pretrained(source).to_dict(), base)
     kwargs: dict = {"dtype": load_dtype}
     if q != "none":
         # bitsandbytes quantizes each weight as it lands on the device; a quantized model is not moved afterwards.

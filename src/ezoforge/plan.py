@@ -12,7 +12,7 @@ import glob
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ezoforge.config import LlamaCppConfig, Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
@@ -56,13 +56,18 @@ class Shape:
     heads: int
     context: int  # tokens the model takes (max_position_embeddings)
     tied: bool = False
+    head_dim: int = 0  # 0: hidden / heads; Qwen3's small models and Gemma 3 set their own
+
+    @property
+    def head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
     @property
     def linear_dims(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer in one decoder block (q, k, v, o, gate, up, down)."""
-        kv = self.hidden * self.kv_heads // self.heads
+        q, kv = self.heads * self.head, self.kv_heads * self.head
         h, i = self.hidden, self.intermediate
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
     @property
     def embedding_params(self) -> int:
@@ -72,7 +77,7 @@ class Shape:
     @property
     def kv_bytes_per_token(self) -> int:
         """The KV cache of one token in 16-bit: keys and values of every layer's KV heads."""
-        return 2 * self.layers * self.kv_heads * (self.hidden // self.heads) * 2
+        return 2 * self.layers * self.kv_heads * self.head * 2
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ KNOWN_SHAPES = {  # so a plan works offline for the recipes we ship
     "llama-3.1-70b": Shape(70.6e9, 80, 8192, 28672, 128256, 8, 64, 131072),
     # Instruction Pre-Training's synthesizer: a Mistral-7B-v0.1 fine-tune
     "instruction-synthesizer": Shape(7.24e9, 32, 4096, 14336, 32000, 8, 32, 32768),
+    "qwen3-8b": Shape(8.19e9, 36, 4096, 12288, 151936, 8, 32, 40960, head_dim=128),
 }
 # Training FLOPs per token: forward + backward through the frozen weights (input grads) + the recompute that
 # gradient checkpointing adds = ~8 N. HF+peft QLoRA on one H100 reached 38% of peak at 8B (5,851 tok/s).
@@ -166,13 +172,13 @@ def model_shape(spec: str) -> Shape:
 
     from ezoforge.models import config_context_length, resolve
 
-    cfg = AutoConfig.from_pretrained(resolve(spec))
+    cfg = AutoConfig.from_pretrained(resolve(spec)).get_text_config()  # a multimodal checkpoint's language model
     h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    shape = Shape(0, n, h, i, v, kv, cfg.num_attention_heads, config_context_length(cfg), tied)
-    per_layer = sum(a * b for a, b in shape.linear_dims)
-    return Shape(per_layer * n + shape.embedding_params, n, h, i, v, kv, cfg.num_attention_heads, shape.context, tied)
+    shape = Shape(0, n, h, i, v, kv, cfg.num_attention_heads, config_context_length(cfg), tied,
+                  getattr(cfg, "head_dim", None) or 0)
+    return replace(shape, params=sum(a * b for a, b in shape.linear_dims) * n + shape.embedding_params)
 
 
 def weight_bytes(shape: Shape, scheme: str) -> float:

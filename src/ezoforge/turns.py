@@ -3,10 +3,13 @@
 adds by itself.
 
 Turn boundaries are found by rendering the conversation prefix by prefix with the model's own chat template, so no
-`{% generation %}` markers are needed, and the end-of-turn token is labelled even when pad == eos (SmolLM2) —
+`{% generation %}` markers are needed (where a template renders a turn otherwise once more follows, as Mistral's
+moves its system prompt and Qwen3's drops an earlier reply's think block, the reply is found by its characters), and the end-of-turn token is labelled even when pad == eos (SmolLM2) —
 masking pad ids would drop it and the model would never learn to stop.
 """
 from __future__ import annotations
+
+from ezoforge.errors import RecordError
 
 IGNORE = -100  # the label of a token that is not learned
 
@@ -44,16 +47,41 @@ def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None 
     labels = [IGNORE] * len(ids)
     if context_loss and any(m.get("context") for m in messages):
         _label_contexts(tokenizer, messages, ids, labels)
+    text, offsets, after = None, None, 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        # Shared prefixes, not lengths: a prefix rendering may tokenize its last characters differently.
-        start = _shared_prefix(_render(tokenizer, messages[:i], True), ids)
-        end = _shared_prefix(_render(tokenizer, messages[: i + 1], False), ids)
-        last_special = max((j for j in range(start, end) if ids[j] in specials), default=end - 1)
+        if text is None:
+            text = _text(tokenizer, messages, False)
+        through_reply = _text(tokenizer, messages[: i + 1], False)
+        if text.startswith(_text(tokenizer, messages[:i], True)) and text.startswith(through_reply):
+            # Shared prefixes, not lengths: a prefix rendering may tokenize its last characters differently.
+            start = _shared_prefix(_render(tokenizer, messages[:i], True), ids)
+            end = _shared_prefix(_render(tokenizer, messages[: i + 1], False), ids)
+            last_special = max((j for j in range(start, end) if ids[j] in specials), default=end - 1)
+            after = len(through_reply)
+        else:  # the template renders a turn otherwise once more follows (Mistral's system prompt, Qwen3's think block)
+            if offsets is None:
+                offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            start, end, after = _reply_tokens(text, offsets, m["content"], after, i)
+            last_special = next((j for j in range(end, len(ids)) if ids[j] in specials), end - 1)
         labels[start:last_special + 1] = ids[start:last_special + 1]
     labels[0] = IGNORE  # a packed neighbour's last token must never predict this one
     return {"input_ids": ids, "labels": labels}
+
+
+def _reply_tokens(text: str, offsets: list[tuple[int, int]], reply: str, after: int, turn: int) -> tuple[int, int, int]:
+    """The tokens [start, end) that hold a reply, found by its characters in the rendered text from `after` on, and
+    where the reply ends there."""
+    content = reply.strip()  # templates often trim a reply
+    at = text.find(content, after)
+    if not content or at < 0:
+        raise RecordError(f"message {turn}: the chat template does not render this reply as written, so its tokens "
+                          "cannot be found to learn from")
+    end_char = at + len(content)
+    start = next(j for j, (_, b) in enumerate(offsets) if b > at)
+    end = next((j for j, (a, _) in enumerate(offsets) if a >= end_char), len(offsets))
+    return start, end, end_char
 
 
 def length(tokenizer, messages: list[dict[str, str]]) -> int:

@@ -28,9 +28,22 @@ LLAMA31_NOTICE = (
     "copy of that licence with this notice, and a model derived from it has a name that begins with \"Llama\".")
 SMOLLM2_NOTICE = ("The base model, SmolLM2 by Hugging Face, is released under the Apache License 2.0 "
                   "(<https://www.apache.org/licenses/LICENSE-2.0>); this derivative keeps that licence.")
-# (words in the base model's name, Hugging Face licence id, notice)
+QWEN3_NOTICE = ("The base model, Qwen3 by the Qwen team (Alibaba Cloud), is released under the Apache License 2.0 "
+                "(<https://www.apache.org/licenses/LICENSE-2.0>); this derivative keeps that licence.")
+GEMMA3_NOTICE = (
+    "This model is built on Gemma 3. Gemma is provided under and subject to the Gemma Terms of Use found at "
+    "<https://ai.google.dev/gemma/terms>, including the Gemma Prohibited Use Policy "
+    "(<https://ai.google.dev/gemma/prohibited_use_policy>). Redistributing it means passing on those use restrictions "
+    "and a copy of the terms, and stating that this model is a modified version of Gemma.")
+MISTRAL_NOTICE = ("The base model, by Mistral AI, is released under the Apache License 2.0 "
+                  "(<https://www.apache.org/licenses/LICENSE-2.0>); this derivative keeps that licence.")
+# (words in the base model's name, Hugging Face licence id, notice). Mistral AI releases some models under other
+# licences (research, commercial): only the Apache-2.0 ones are named here, the others stay "unknown".
 LICENCES = [(("llama-3.1", "llama3.1", "llama-31", "llama31"), "llama3.1", LLAMA31_NOTICE),
-            (("smollm2",), "apache-2.0", SMOLLM2_NOTICE)]
+            (("smollm2",), "apache-2.0", SMOLLM2_NOTICE),
+            (("qwen3",), "apache-2.0", QWEN3_NOTICE),
+            (("gemma-3", "gemma3"), "gemma", GEMMA3_NOTICE),
+            (("mistral-7b", "mistral-nemo", "mistral-small-24b", "mistral-small-3"), "apache-2.0", MISTRAL_NOTICE)]
 
 USAGE_PROMPT = "日本の四季について、それぞれの特徴を簡単に教えてください。"
 

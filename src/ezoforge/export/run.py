@@ -24,6 +24,7 @@ from ezoforge.export.provenance import RunRecords, gather
 from ezoforge.models import check_model_folder
 from ezoforge.records import DONE, write_text
 from ezoforge.stage import Stage
+from ezoforge.turns import end_of_turn_id
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def _stops(model_dir: Path, tokenizer) -> list[str]:
         if (model_dir / "generation_config.json").exists() else {}
     ids = gen.get("eos_token_id", tokenizer.eos_token_id)
     ids = ids if isinstance(ids, list) else [ids]
+    ids = list(dict.fromkeys([*ids, end_of_turn_id(tokenizer)]))  # Gemma's turn ends with <end_of_turn>, not <eos>
     return [tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]
 
 

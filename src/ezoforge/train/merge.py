@@ -243,12 +243,21 @@ def read_adapter(adapter: Path, base_names: list[str]) -> dict[str, Update]:
     return updates
 
 
+def without_model_levels(name: str) -> str:
+    """A tensor name without its `model.` levels: a multimodal checkpoint stores `language_model.model.layers…`
+    where the loaded model (and so its adapter) says `model.language_model.layers…` (Gemma 3)."""
+    return ".".join(part for part in name.split(".") if part != "model")
+
+
 def match(name: str, names: set[str], key: str, file: Path) -> str:
     """The base tensor an adapter key means: the same name, else the one name that differs only by a leading
-    module prefix (a checkpoint saved from the inner model, or a wrapper's extra level)."""
+    module prefix (a checkpoint saved from the inner model, or a wrapper's extra level), else the one that differs
+    only by where its `model.` levels sit."""
     if name in names:
         return name
     found = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
+    if not found:
+        found = [n for n in names if without_model_levels(n) == without_model_levels(name)]
     if len(found) == 1:
         return found[0]
     what = f"matches several base tensors ({', '.join(sorted(found)[:4])})" if found else "matches no base tensor"

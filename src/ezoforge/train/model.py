@@ -122,11 +122,21 @@ def load_base(spec: str, cfg: TrainConfig, device: torch.device, qlora: bool, dt
     return model
 
 
-def lora_config(cfg: TrainConfig):
+def lora_targets(cfg: TrainConfig, model) -> str | list[str]:
+    """`train.target_modules`; `all-linear` on a multimodal checkpoint (Gemma 3 from 4B up) means the language
+    model's linear layers, as peft would otherwise put adapters on the vision tower that text never trains."""
+    if cfg.target_modules != "all-linear" or not any(n.endswith("vision_tower") for n, _ in model.named_modules()):
+        return cfg.target_modules
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if ".language_model." in f".{n}" and isinstance(m, torch.nn.Linear)}
+    return rf".*language_model\..*\.({'|'.join(sorted(names))})"
+
+
+def lora_config(cfg: TrainConfig, model):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora_targets(cfg, model), task_type="CAUSAL_LM")
 
 
 def name_base(model, spec: str) -> None:

@@ -101,7 +101,7 @@ def make_trainer(model, tokenizer, cfg: TrainConfig, train_rows: list[dict], eva
         model=model, args=sft_config(cfg, staging, device, bool(eval_rows), eval_first, model.dtype),
         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer, data_collator=PackedCollator(tokenizer.pad_token_id, flat),
-        peft_config=lora_config(cfg), callbacks=callbacks)
+        peft_config=lora_config(cfg, model), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress
     if not trainer.is_fsdp_enabled:  # FSDP flattens each unit into one dtype; its bf16 policy computes in bf16 anyway
         float32_adapters(trainer.model)
