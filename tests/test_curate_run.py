@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ezo_in_process
+from conftest import ezo_in_process, run_slurm_array, stand_in_slurm
 from ezoforge.config import bundled_data, load_recipe
 from ezoforge.curate.readers import Shard, read_wiki
-from ezoforge.curate.run import _completed, run
+from ezoforge.curate.run import run
+from ezoforge.executors import completed
 from ezoforge.errors import ConfigError, EzoError, MachineFault, RecordError
 from ezoforge.records import Document
 from test_curate_wiki import _page, export
@@ -159,11 +160,11 @@ def test_kill_and_resume_gives_identical_outputs(tmp_path):
     cmd = [sys.executable, "-m", "ezoforge", "curate", *inputs, "--out", str(out), *settings]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while _completed(out / ".work", "filter") < 3 and proc.poll() is None and time.time() < deadline:
+    while completed(out / ".work" / "logs" / "filter") < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "DONE").exists() and 3 <= _completed(out / ".work", "filter") < tasks, "the kill must land mid-run"
+    assert not (out / "DONE").exists() and 3 <= completed(out / ".work" / "logs" / "filter") < tasks, "the kill must land mid-run"
     for path in out.glob("*/*.parquet"):  # whatever is under a final name is complete
         pq.read_table(path)
 
@@ -254,17 +255,7 @@ def test_lsh_catches_jaccard_09_pairs_at_the_swallow_rate(tmp_path):
 def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, curated, tmp_path, monkeypatch):
     """`executor: slurm` submits the four passes as dependent job arrays (stand-in sbatch/scontrol scripts);
     running each array task as Slurm would, then the same command again, gives the local run's output."""
-    import dill
-
-    log = tmp_path / "sbatch.log"
-    sbatch = tmp_path / "bin" / "sbatch"
-    sbatch.parent.mkdir()
-    sbatch.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "Submitted batch job $(wc -l < {log})"\n')
-    scontrol = sbatch.with_name("scontrol")  # `scontrol show hostnames NODELIST`
-    scontrol.write_text('#!/bin/sh\necho "$3"\n')
-    for tool in (sbatch, scontrol):
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    log = stand_in_slurm(tmp_path, monkeypatch)
     inputs, _, _ = corpus
     out = tmp_path / "out"
     slurm = recipe("curate.executor.kind=slurm", "curate.executor.partition=cpu", "curate.workers=4")
@@ -278,19 +269,8 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
     with pytest.raises(MachineFault, match=f"Slurm jobs {jobs} still write into it; rerun without --force"):
         run(slurm, inputs, out, force=True)
 
-    handler = signal.getsignal(signal.SIGUSR1)  # datatrove's task runner installs a requeue handler
-    try:
-        for name in ("filter", "buckets", "cluster", "dedup"):
-            folder = out / ".work" / "logs" / name
-            for i in range(len(json.loads((folder / "ranks_to_run.json").read_text()))):
-                monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
-                monkeypatch.setenv("SLURM_NODELIST", "node1")
-                with open(folder / "executor.pik", "rb") as f:
-                    dill.load(f).run()
-    finally:
-        signal.signal(signal.SIGUSR1, handler)
-    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
-    monkeypatch.delenv("SLURM_NODELIST")
+    for name in ("filter", "buckets", "cluster", "dedup"):
+        run_slurm_array(out / ".work" / "logs" / name, monkeypatch)
     stats = run(slurm, inputs, out)
     assert len([line for line in log.read_text().splitlines() if "RUN_OFFSET" in line]) == 4  # nothing resubmitted
     assert tables(out) == tables(curated[0]) and stats["docs_out"] == curated[1]["docs_out"]

@@ -221,6 +221,7 @@ class ExecutorConfig(Section):
     time: str = "24:00:00"  # slurm time limit per task
     cpus_per_task: int = Field(1, ge=1)
     mem_per_cpu_gb: float = Field(2, gt=0)
+    gpus_per_task: int = Field(0, ge=0)  # GPUs each task is given (Slurm gres, Ray num_gpus): synth's vLLM engines
     venv_path: str | None = None  # slurm: venv to activate on the nodes
     job_name: str = "ezo-curate"
     sbatch_args: dict[str, str] = {}
@@ -313,6 +314,10 @@ class SynthConfig(Section):
     # out are not drawn. None: every source in proportion to its documents.
     mix: dict[str, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = None
     seed: int = 0
+    # Scaling out: `workers` tasks, each synthesizing its slice of the requests on `executor` (curate's engines);
+    # 1 on the local executor runs in this process.
+    workers: int = Field(1, ge=1)
+    executor: ExecutorConfig = ExecutorConfig(job_name="ezo-synth")
 
     @field_validator("mix")
     @classmethod
@@ -325,7 +330,8 @@ class SynthConfig(Section):
             raise ValueError(f"shares sum to {sum(mix.values()):g}, not 1")
         return mix
 
-    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache", "llamacpp"})
+    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache", "llamacpp",
+                             "workers", "executor"})
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "SynthConfig":

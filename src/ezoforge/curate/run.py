@@ -32,9 +32,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
-from loguru import logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -43,7 +41,8 @@ from ezoforge.curate.dedup import CharMinhashSignature, FirstInOrderCluster, min
 from ezoforge.curate.ja_filters import build_chain
 from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shards
 from ezoforge.curate.writers import KeptReader, ParquetSink
-from ezoforge.errors import ConfigError, EzoError, RecordError
+from ezoforge.errors import EzoError, RecordError
+from ezoforge.executors import completed, executor, launch, pending_jobs
 from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
 from ezoforge.stage import Stage, input_files, is_stage_folder
 
@@ -93,7 +92,7 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow
         if pending:
             stage.hold(f"Slurm jobs {', '.join(pending)}")
             raise EzoError(f"submitted the curate passes to Slurm as jobs {', '.join(pending)} (logs in "
-                           f"{work / 'slurm_logs'}); run the same command again once they have finished to write "
+                           f"{work / 'logs'}); run the same command again once they have finished to write "
                            "stats.json and DONE")
         stats = _stats(Path(out), work, files, shards, time.perf_counter() - started)
         if stats["docs_out"] == 0 and not allow_empty:  # no DONE: the finished passes are kept for a rerun
@@ -129,55 +128,24 @@ def _passes(cfg: CurateConfig, shards: list[Shard], out: Path, work: Path) -> li
     ]
 
 
-class _LocalExecutor(LocalPipelineExecutor):
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        logger.disable("datatrove")  # the progress bar is the console output; errors still propagate to us
-        return super()._run_for_rank(rank, local_rank, node_rank)
-
-
 def _execute(passes: list[tuple[str, list, int]], cfg: CurateConfig, work: Path) -> list[str]:
     """Run the passes (local, Ray) or submit them (Slurm); the Slurm jobs still to finish ([] once all are done)."""
     ex = cfg.executor
     if ex.kind == "local":
-        logger.disable("datatrove")
         with _PassProgress(passes, work):
             for name, pipeline, tasks in passes:
-                _LocalExecutor(pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
-                               logging_dir=str(work / "logs" / name)).run()
+                launch(executor(ex, "curate.executor.kind", pipeline, tasks, cfg.workers, work / "logs" / name, name),
+                       ex, "curate.executor.kind")
         return []
     previous, executors = None, []
     for name, pipeline, tasks in passes:
-        if ex.kind == "slurm":
-            from datatrove.executor.slurm import SlurmPipelineExecutor
-
-            previous = SlurmPipelineExecutor(
-                pipeline, tasks=tasks, time=ex.time, partition=ex.partition, cpus_per_task=ex.cpus_per_task,
-                mem_per_cpu_gb=ex.mem_per_cpu_gb, workers=cfg.workers, job_name=f"{ex.job_name}-{name}",
-                venv_path=ex.venv_path, sbatch_args=ex.sbatch_args, logging_dir=str(work / "logs" / name),
-                slurm_logs_folder=str(work / "slurm_logs" / name), depends=previous)
-            executors.append(previous)
-        else:
-            try:
-                from datatrove.executor.ray import RayPipelineExecutor
-                import ray  # noqa: F401
-            except ImportError:
-                raise ConfigError("curate.executor.kind=ray needs Ray: pip install 'ezoforge[dist]'") from None
-            previous = RayPipelineExecutor(pipeline, tasks=tasks, workers=cfg.workers, depends=previous,
-                                           logging_dir=str(work / "logs" / name), cpus_per_task=ex.cpus_per_task,
-                                           mem_per_cpu_gb=ex.mem_per_cpu_gb)
-    try:
-        previous.run()  # runs (Ray) or submits (Slurm) the chain of dependent passes; finished tasks are skipped
-    except FileNotFoundError as e:
-        raise EzoError(f"curate.executor.kind={ex.kind}: {e.filename} not found (run on a Slurm login node)") from None
-    if all(_completed(work, name) >= tasks for name, _, tasks in passes):
+        previous = executor(ex, "curate.executor.kind", pipeline, tasks, cfg.workers, work / "logs" / name, name,
+                            depends=previous)
+        executors.append(previous)
+    launch(previous, ex, "curate.executor.kind")  # the chain of dependent passes; finished tasks are skipped
+    if all(completed(work / "logs" / name) >= tasks for name, _, tasks in passes):
         return []
-    return [str(e.job_id) for e in executors if e.job_id not in (None, -1)] or ["(ids unknown)"]
-
-
-def _completed(work: Path, name: str) -> int:
-    """Tasks of a pass that datatrove has marked complete."""
-    folder = work / "logs" / name / "completions"
-    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+    return pending_jobs(executors)
 
 
 class _PassProgress:
@@ -192,7 +160,7 @@ class _PassProgress:
 
     def refresh(self) -> None:
         for name, task_id in self.ids.items():
-            self.bar.update(task_id, completed=_completed(self.work, name))
+            self.bar.update(task_id, completed=completed(self.work / "logs" / name))
 
     def poll(self) -> None:
         while not self.stop.wait(0.5):

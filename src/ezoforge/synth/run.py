@@ -6,21 +6,28 @@ store at the end, in document order, then stats.json and DONE.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
+import os
+import shutil
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
+from datatrove.pipeline.base import PipelineStep
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Sampling
-from ezoforge.records import Pair, write_parquet
+from ezoforge.logs import setup_logging
+from ezoforge.records import Pair, atomic_path, write_parquet
 from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
 from ezoforge.infer.backends import Backend, Output, Target
@@ -97,6 +104,32 @@ def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
     return [make(d.id, p) for d in docs for p in split(d.text, budget, backend.count_tokens)]
 
 
+@dataclass
+class Job:
+    """What every process of a synth run rebuilds the same requests from: the recipe with its backend picked, the
+    curated input, the model and its identity (cache keys name it)."""
+
+    recipe: Recipe
+    input: Path
+    model: str
+    identity: str
+    static_cache: bool
+    threads: int | None = None  # a local task's share of this machine's cores (None: the engine's own setting)
+    answered: frozenset[str] = frozenset()  # keys the stage's cache holds already: no task sends them again
+
+    def requests(self, backend) -> tuple[list, list[str], Sampling]:
+        """The requests in document order, their cache keys, and the sampling they are sent with."""
+        cfg = self.recipe.synth
+        docs = draw(read_docs(input_files([self.input])), cfg.limit, cfg.mix, cfg.seed, str(self.input))
+        reqs = build_requests(docs, backend, self.recipe)
+        sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
+        settings = _answer_settings(cfg)
+        keys = [request_key(model=self.identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,
+                            version=_version(cfg.mode), messages=r.messages, prefill=r.prefill, prompt=r.prompt,
+                            sampling=asdict(sampling), **settings) for r in reqs]
+        return reqs, keys, sampling
+
+
 def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty: bool = False) -> dict:
     model = recipe.synth.model or recipe.model.name
     m = recipe.model
@@ -117,31 +150,162 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
     if not docs:
         raise EzoError(f"{input}: no documents with text")
+    sharded = cfg.workers > 1 or cfg.executor.kind != "local"
+    if sharded and cfg.executor.kind != "local":
+        check_shared_storage(out, cfg.executor.kind)
     stage = Stage("synth", out, {"synth": output_settings(cfg), "version": _version(cfg.mode)},
                   model={"name": model, "identity": identity, "dtype": m.dtype, "chat_template": m.chat_template},
                   inputs=[input])
     # Answers are keyed by all that determines them: a forced redo (say, with a larger limit) reuses them.
-    if (finished := stage.start(force, keep=("requests.sqlite",))) is not None:
+    if (finished := stage.start(force, keep=("requests.sqlite", TASKS))) is not None:
         if not finished.get("errors"):
             return finished
         # Finished with failed requests (within max_error_fraction): this run sends those again.
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
+    job = Job(recipe, Path(input), model, identity, static_cache, _threads_per_task(cfg) if sharded else None)
     with stage.claimed():
         backend = make_backend(recipe, model, static_cache)
-        reqs = build_requests(docs, backend, recipe)
-        sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
-        settings = _answer_settings(cfg)
-        keys = [request_key(model=identity, url=cfg.base_url, backend=cfg.backend, mode=cfg.mode,
-                            version=_version(cfg.mode), messages=r.messages, prefill=r.prefill, prompt=r.prompt,
-                            sampling=asdict(sampling), **settings) for r in reqs]
+        reqs, keys, sampling = job.requests(backend)
         cache = RequestCache(Path(out) / "requests.sqlite")
         try:
-            sent = _generate(backend, reqs, keys, cache, sampling)
+            if not sharded:
+                sent = _generate(backend, reqs, keys, cache, sampling)
+            else:
+                backend.close()  # here only to count tokens: the tasks load their own engines
+                sent = _sharded(job, stage, keys, cache)
             return _write(stage, recipe, model, docs, reqs, keys, cache, sent, allow_empty)
         finally:
             cache.close()
             backend.close()  # a vLLM engine holds most of the card until shut down
+
+
+# ---------------------------------------------------------------- on an executor: a slice of the requests per task
+
+TASKS = "tasks"  # the tasks' request caches and answers, and datatrove's logs and completion markers
+
+
+def check_shared_storage(out: Path, kind: str) -> None:
+    """Tasks on other nodes write into OUT: it must be on storage they see too, not this node's own disk."""
+    mount = _mount_type(Path(out).resolve())
+    if mount in ("tmpfs", "ramfs"):
+        raise ConfigError(f"synth.executor.kind={kind}: {out} is on {mount}, this node's memory; tasks on other "
+                          "nodes cannot write there: give an --out on storage every node sees (NFS, Lustre, ...)")
+
+
+def _mount_type(path: Path) -> str:
+    best, kind = "", ""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
+def _threads_per_task(cfg) -> int | None:
+    """Local tasks share this machine's cores: each takes cores / workers threads (llama.cpp's and torch's), unless
+    OMP_NUM_THREADS says otherwise. Tasks on other machines (Slurm, Ray) keep their engines' own settings."""
+    if cfg.executor.kind != "local" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    log.info("synth.workers=%d on this machine: %d thread(s) per task (%d cores)", cfg.workers, threads,
+             os.cpu_count() or 1)
+    return threads
+
+
+class SynthSlice(PipelineStep):
+    """One task of a sharded synth: the requests i with i % tasks == rank, answered with the configured backend into
+    a request cache of its own (SQLite stays on one node), then its answers written as one file, atomically."""
+
+    name = "synth slice"
+    type = "🤖 - SYNTH"
+
+    def __init__(self, job: Job, folder: Path):
+        super().__init__()
+        self.job, self.folder = job, Path(folder)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if not logging.getLogger().handlers:  # a process of the executor's own: its progress lines go to stderr
+            setup_logging(logging.INFO, Console(stderr=True))
+        if self.job.threads:
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = str(self.job.threads)  # llama.cpp's `auto` reads it
+            torch.set_num_threads(self.job.threads)
+        backend = make_backend(self.job.recipe, self.job.model, self.job.static_cache)
+        cache = RequestCache(self.folder / f"requests-{rank:05d}.sqlite")
+        try:
+            reqs, keys, sampling = self.job.requests(backend)
+            mine = [i for i in range(rank, len(reqs), world_size) if keys[i] not in self.job.answered]
+            sent = _generate(backend, [reqs[i] for i in mine], [keys[i] for i in mine], cache, sampling,
+                             task=f"task {rank + 1}/{world_size}")
+            answers = [{"key": keys[i], "output": cache.get(keys[i])} for i in mine if cache.get(keys[i]) is not None]
+            with atomic_path(self.folder / f"answers-{rank:05d}.json") as tmp:
+                tmp.write_text(json.dumps({"answers": answers, "requests": sent["requests"],
+                                           "tokens_out": sent["tokens_out"],
+                                           "errors": {str(mine[j]): e for j, e in sent["errors"].items()}},
+                                          ensure_ascii=False), encoding="utf-8")
+        finally:
+            cache.close()
+            backend.close()
+        return
+        yield  # a datatrove step is a generator; this one only writes
+
+
+def _sharded(job: Job, stage: Stage, keys: list[str], cache: RequestCache) -> dict:
+    """Run the slices on synth.executor (a finished task is skipped, an unfinished one resumes from its cache), then
+    gather their answers into the stage's cache. With Slurm the tasks are submitted and the stage is held until the
+    same command, run again, finds them finished."""
+    from ezoforge.executors import completed, completed_ranks, executor, launch, pending_jobs
+
+    cfg = job.recipe.synth
+    folder = stage.out / TASKS
+    logs = folder / "logs"
+    sent = {"requests": 0, "tokens_out": 0, "seconds": 0.0, "errors": {}}
+    # Tasks finished before this command (a killed run's): their answers join as they are, their requests were sent
+    # by that run. Slurm's tasks always run between two commands: theirs count for the one that collects them.
+    before = completed_ranks(logs)
+    _gather(folder, before, set(keys), cache, sent, counted=cfg.executor.kind == "slurm")
+    answered = frozenset(k for k in keys if cache.get(k) is not None)
+    if len(answered) == len(keys):
+        return sent
+    if len(before) >= cfg.workers:  # every task finished, yet answers are missing (failed requests, a changed
+        shutil.rmtree(logs / "completions")  # worker count): the tasks run again and send only those
+        before = set()
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ex = executor(cfg.executor, "synth.executor.kind", [SynthSlice(replace(job, answered=answered), folder)],
+                  cfg.workers, cfg.workers, logs, "synth")
+    launch(ex, cfg.executor, "synth.executor.kind")
+    if completed(logs) < cfg.workers:
+        jobs = ", ".join(pending_jobs([ex]))
+        stage.hold(f"Slurm jobs {jobs}")
+        raise EzoError(f"submitted the synth tasks to Slurm as jobs {jobs} (logs in {logs}); run the same command "
+                       "again once they have finished to gather their pairs and write DONE")
+    sent["seconds"] = time.perf_counter() - start
+    _gather(folder, set(range(cfg.workers)) - before, set(keys), cache, sent, counted=True)
+    return sent
+
+
+def _gather(folder: Path, ranks: set[int], wanted: set[str], cache: RequestCache, sent: dict, counted: bool) -> None:
+    """The answers of the tasks `ranks` into the stage's cache, their failures into `sent` (and, when `counted`,
+    what they sent in this run)."""
+    for rank in sorted(ranks):
+        path = folder / f"answers-{rank:05d}.json"
+        if not path.is_file():
+            continue
+        shard = json.loads(path.read_text(encoding="utf-8"))
+        for answer in shard["answers"]:
+            if answer["key"] in wanted:
+                cache.put(answer["key"], answer["output"])
+        sent["errors"].update({int(i): e for i, e in shard["errors"].items()})
+        if counted:
+            sent["requests"] += shard["requests"]
+            sent["tokens_out"] += shard["tokens_out"]
 
 
 def _answer_settings(cfg) -> dict:
@@ -152,17 +316,15 @@ def _answer_settings(cfg) -> dict:
     return {k: v for k, v in kind.answer_settings(cfg).items() if default.get(k) != v}
 
 
-def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> dict:
-    """Send the requests the cache lacks; return this run's counts and the errors by request index."""
+def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling, task: str | None = None) -> dict:
+    """Send the requests the cache lacks; return this run's counts and the errors by request index. A `task` of a
+    sharded run reports its progress as log lines (several tasks share a console), else a rich bar."""
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     sent = {"requests": len(todo), "tokens_out": 0, "seconds": 0.0, "errors": {}}
     if not todo:
         return sent
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[rate]}"))
     start = time.perf_counter()
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("synth", total=len(reqs), completed=len(reqs) - len(todo), rate="")
+    with _progress(task, len(reqs), len(reqs) - len(todo)) as advance:
 
         def done(j: int, result: Output | Exception) -> None:
             i = todo[j]
@@ -172,12 +334,30 @@ def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling) -> d
             else:
                 cache.put(keys[i], asdict(result))
                 sent["tokens_out"] += result.tokens_out
-            rate = sent["tokens_out"] / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, advance=1, rate=f"{rate:.0f} tok/s")
+            advance(sent["tokens_out"] / max(time.perf_counter() - start, 1e-9))
 
         backend.run([reqs[i] for i in todo], sampling, done)
     sent["seconds"] = time.perf_counter() - start
     return sent
+
+
+@contextlib.contextmanager
+def _progress(task: str | None, total: int, completed: int):
+    """`advance(tokens_per_s)` once per answered request: a rich bar, or for a task a log line every tenth."""
+    if task is None:
+        columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[rate]}"))
+        with Progress(*columns, transient=False) as progress:
+            bar = progress.add_task("synth", total=total, completed=completed, rate="")
+            yield lambda rate: progress.update(bar, advance=1, rate=f"{rate:.0f} tok/s")
+        return
+    count = [completed]
+
+    def advance(rate: float) -> None:
+        count[0] += 1
+        if count[0] == total or count[0] % max(total // 10, 1) == 0:
+            log.info("synth %s: %d of %d requests answered, %.0f tok/s", task, count[0], total, rate)
+    yield advance
 
 
 def _parse(mode: str, output: Output, n: int) -> Parsed:
