@@ -224,3 +224,21 @@ def test_the_llamacpp_backend_plans_cpu_ram_and_the_run_beside_each_stage(bundle
     assert plan(cpu, "h100", ram_gib=ram + RUN_RAM_GIB + 0.2)["stages"]["synth"]["fits"]
     tight = plan(cpu, "h100", ram_gib=ram + RUN_RAM_GIB / 2)["stages"]["synth"]
     assert not tight["fits"] and "GiB of RAM" in tight["to_fit"]
+
+
+def test_several_cards_shard_training_and_run_a_synth_engine_per_card():
+    """`--num-gpus 8`: FSDP holds an eighth of the weights and optimizer state per card (plus a gathered layer), at
+    eight cards' throughput less FSDP's share; synth runs an engine per card, each with its own host memory."""
+    from conftest import ezo_in_process
+
+    one, eight = plan(load_recipe(EZO_70B), "h100"), plan(load_recipe(EZO_70B), "h100", ram_gib=1024, num_gpus=8)
+    t1, t8 = one["stages"]["train"], eight["stages"]["train"]
+    assert t8["gpu_gib"] < t1["gpu_gib"] / 3 and t8["hours"] < t1["hours"] / 4 and t8["fits"]
+    assert "FSDP over 8 cards" in eight["sources"]["train_memory_gib"]
+    assert eight["sources"]["train_tokens_per_s"].startswith("model:")  # the 1-card measurement is not reused
+    s1, s8 = one["stages"]["synth"], eight["stages"]["synth"]
+    assert s8["gpu_gib"] == s1["gpu_gib"] and s8["hours"] < s1["hours"] / 6
+    assert s8["ram_gib"] == pytest.approx(8 * s1["ram_gib"], abs=0.5)  # figures rounded to 0.1 GiB
+    assert summary_lines(eight)[0] == "ezo plan --gpu h100 --num-gpus 8:"
+    shown = ezo_in_process("plan", EZO_70B, "--gpu", "h100", "--num-gpus", "8", "--ram", "1024")
+    assert shown.returncode == 0 and "8 x h100" in shown.stdout and "every stage fits on 8 x h100" in shown.stdout

@@ -308,6 +308,8 @@ def check_disk(recipe: Recipe, ignore: bool) -> None:
 def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: SetOpt = None,
          gpu: Annotated[str, typer.Option("--gpu", help="Card to estimate for: h100, h200, a100-80gb, a100-40gb, l40s, l4, rtx4090.")] = "h100",
          ram: Annotated[float, typer.Option("--ram", min=1, help="Host memory in GiB the stages may use.")] = 64,
+         num_gpus: Annotated[int, typer.Option("--num-gpus", min=1, help="Cards of --gpu's kind: training sharded "
+                                               "with FSDP, an engine per card set for synth.")] = 1,
          as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False) -> None:
     """Estimate a run before starting it: each stage's GPU memory, RAM, disk and hours on the card, and whether
     it fits (a stage that does not names the setting that would make it fit)."""
@@ -317,7 +319,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], set_: Set
 
     if gpu not in CARDS:
         raise EzoError(f"--gpu {gpu}: unknown card (known: {', '.join(CARDS)})")
-    result = make_plan(load_recipe(recipe, set_), gpu, ram_gib=ram)
+    result = make_plan(load_recipe(recipe, set_), gpu, ram_gib=ram, num_gpus=num_gpus)
     print(json.dumps(result, indent=2)) if as_json else print_plan(result)
 
 

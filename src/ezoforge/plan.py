@@ -110,6 +110,7 @@ KNOWN_SHAPES = {  # so a plan works offline for the recipes we ship
 # gradient checkpointing adds = ~8 N. HF+peft QLoRA on one H100 reached 38% of peak at 8B (5,851 tok/s).
 TRAIN_FLOPS_PER_PARAM = 8
 TRAIN_MFU = 0.38
+FSDP_SCALING = 0.9  # share of N cards' throughput FSDP keeps (its gathers and reduce-scatters): assumed, not measured
 DECODE_EFFICIENCY = 0.5  # share of the memory-bandwidth bound a batched decode reaches
 PREFILL_MFU = 0.4  # share of the bf16 peak a prefill (and a compute-bound decode) reaches
 CHARS_PER_TOKEN_JA = 1.1  # Llama 3 tokenizer on Japanese prose (measured on the demo corpus: ~1.0–1.2)
@@ -328,12 +329,13 @@ def prefill_tokens_per_s(card: Card, shape: Shape) -> float:
 class Planner:
     """One recipe on one card: each stage's figures, and which stage first loads each model (it downloads it)."""
 
-    def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float):
+    def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float, num_gpus: int = 1):
         # A backend `auto` picks llama.cpp on a CPU only; on the planned card it is transformers.
         recipe = recipe.model_copy(update={
             s: getattr(recipe, s).model_copy(update={"backend": "transformers"})
             for s in ("synth", "eval") if getattr(recipe, s).backend == "auto"})
         self.recipe, self.card_name, self.card, self.ram = recipe, card_name, CARDS[card_name], ram_gib
+        self.gpus = num_gpus  # cards of this kind on the machine: FSDP shards training, synth runs an engine per set
         self.shape = model_shape(recipe.model.name)
         self.vol = volume(recipe, docs_kept)
         self.sources: dict[str, str] = {}
@@ -452,7 +454,13 @@ class Planner:
             rate = decode_tokens_per_s(self.card, shape, weight_bytes(shape, self.base_dtype()), batch)
             self.sources["synth"] = (f"model: transformers, {self.base_dtype()} weights ({weights:.1f} GiB) + KV cache "
                                      f"of generation.batch_size {batch} + {CUDA_OVERHEAD_GIB:g} GiB")
-        prefill = cards * prefill_tokens_per_s(self.card, shape)
+        engines = max(1, self.gpus // cards)  # synth.workers tasks, each on its cards (executor gpus_per_task)
+        if self.gpus > 1:
+            rate *= engines
+            ram *= engines
+            self.sources["synth"] += (f"; {engines} engines of {cards} card(s) on the {self.gpus} cards, one per "
+                                      f"synth task (synth.workers {engines}, synth.executor.gpus_per_task {cards})")
+        prefill = engines * cards * prefill_tokens_per_s(self.card, shape)
         return {**engine, "ram_gib": ram, "disk_gib": (disk_out + self.download("synth", spec, shape)) / GIB,
                 "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600,
                 "tokens_per_s": rate}  # decoding, what `ezo run --smoke` compares synth's stats with
@@ -466,14 +474,22 @@ class Planner:
         activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 * \
             (1 if t.gradient_checkpointing else 18)
         # No logits: the loss goes through TRL's fused, chunked LM head (train/run.py), never tokens x vocab.
-        gpu = (weights + self.lora_params() * 16 + activations) / GIB + CUDA_OVERHEAD_GIB
-        tps = card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
+        # FSDP over several cards: each holds 1/N of the weights, adapters and AdamW state, plus the one layer it
+        # gathers whole to compute and the next it prefetches; activations are its own batch's.
+        n = self.gpus
+        gathered = 2 * weights / shape.layers if n > 1 else 0.0
+        gpu = ((weights + self.lora_params() * 16) / n + gathered + activations) / GIB + CUDA_OVERHEAD_GIB
+        tps = n * FSDP_SCALING ** (n > 1) * card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
         self.sources["train_tokens_per_s"] = (f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at "
                                               f"{TRAIN_MFU:.0%} of the card's bf16 peak (calibrated on the 8B H100 "
                                               "reference, 5,851 tok/s)")
         self.sources["train_memory_gib"] = (f"model: {scheme} weights (16-bit embeddings and head), LoRA + AdamW, "
                                             "hidden states (checkpointed or not), no logits (fused LM head)")
-        measured = MEASURED.get((known_shape(r.model.name), self.card_name))
+        if n > 1:
+            self.sources["train_memory_gib"] += (f"; FSDP over {n} cards: weights, adapters and AdamW state sharded "
+                                                 "1/N, one layer gathered whole and one prefetched")
+            self.sources["train_tokens_per_s"] += f"; x {n} cards at {FSDP_SCALING:.0%} scaling (not measured)"
+        measured = MEASURED.get((known_shape(r.model.name), self.card_name)) if n == 1 else None
         if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
                                                                                                     measured.length):
             tps, gpu = measured.tokens_per_s, measured.peak_gib
@@ -679,7 +695,8 @@ def with_settings(recipe: Recipe, overrides: list[str]) -> Recipe | None:
         return None
 
 
-def to_fit(recipe: Recipe, stage: str, card_name: str, docs_kept: float, ram_gib: float) -> str | None:
+def to_fit(recipe: Recipe, stage: str, card_name: str, docs_kept: float, ram_gib: float,
+           num_gpus: int = 1) -> str | None:
     """The first candidate setting under which the stage fits, as `key: value, …` (None when none does)."""
     train_scale = recipe.train.batch_size * recipe.train.grad_accum
     for overrides in CANDIDATES.get(stage.split("-")[0], []):
@@ -691,18 +708,19 @@ def to_fit(recipe: Recipe, stage: str, card_name: str, docs_kept: float, ram_gib
         changed = with_settings(recipe, overrides)
         if changed is None or to_plain(changed) == to_plain(recipe):
             continue
-        if Planner(changed, card_name, docs_kept, ram_gib).stage(stage)["fits"]:
+        if Planner(changed, card_name, docs_kept, ram_gib, num_gpus).stage(stage)["fits"]:
             return ", ".join(o.replace("=", ": ", 1) for o in overrides)
     return None
 
 
-def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gib: float = HOST_RAM_GIB) -> dict:
-    p = Planner(recipe, card_name, docs_kept, ram_gib)
+def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gib: float = HOST_RAM_GIB,
+         num_gpus: int = 1) -> dict:
+    p = Planner(recipe, card_name, docs_kept, ram_gib, num_gpus)
     stages: dict[str, dict] = {}
     for name in steps(recipe):
         est = p.stage(name)
         if not est["fits"]:
-            est["to_fit"] = to_fit(recipe, name, card_name, docs_kept, ram_gib) or (
+            est["to_fit"] = to_fit(recipe, name, card_name, docs_kept, ram_gib, num_gpus) or (
                 f"no recipe setting: needs {est['ram_gib'] + RUN_RAM_GIB:.1f} GiB of RAM (--ram)"
                 if est["ram_gib"] + RUN_RAM_GIB > ram_gib
                 else f"no single recipe setting: needs {est['gpu_gib']:.1f} GiB of GPU memory")
@@ -710,7 +728,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
                         for k, v in est.items()}
     vol, shape = p.vol, p.shape
     train = stages.get("train") or p.stage("train")
-    grouping = group_pairs_training(recipe, card_name, docs_kept, ram_gib)
+    grouping = group_pairs_training(recipe, card_name, docs_kept, ram_gib, num_gpus)
     chosen = recipe.train.group_pairs
     p.notes["train_group_pairs"] = "; ".join(
         f"train.group_pairs {k}{' (chosen)' if k == chosen else ''}: {v['train_tokens']:,} tokens, {v['hours']} h"
@@ -721,6 +739,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
         hours["eval"] = None if None in evals else round(sum(evals), 3)  # a served or CPU engine: not planned
     return {
         "model": recipe.model.name, "card": card_name, "card_gib": round(p.card.memory_gib, 1), "ram_gib": ram_gib,
+        "num_gpus": num_gpus,
         "params_b": round(shape.params / 1e9, 2),
         "tokens": {"curate_in": int(vol.chars / CHARS_PER_TOKEN_JA), "curate_kept": int(vol.curated_tokens),
                    "synth_in": int(vol.synth_in), "synth_out": int(vol.synth_out), "train": int(vol.train_tokens),
@@ -746,12 +765,12 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
     }
 
 
-def group_pairs_training(recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float) -> dict:
+def group_pairs_training(recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float, num_gpus: int = 1) -> dict:
     """Tokens trained and train hours under each train.group_pairs setting, all else as the recipe has it."""
     out = {}
     for setting in ("passage", "none"):
         changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"group_pairs": setting})})
-        planner = Planner(changed, card_name, docs_kept, ram_gib)
+        planner = Planner(changed, card_name, docs_kept, ram_gib, num_gpus)
         out[setting] = {"train_tokens": int(planner.vol.train_tokens), "hours": round(planner.train()["hours"], 2)}
     return out
 
@@ -763,7 +782,8 @@ def summary_lines(result: dict) -> list[str]:
                                                                            else f" / {s['hours']} h")
                for name, s in result["stages"].items()]
     entries.append("fits" if result["fits"] else "does not fit")
-    return [f"ezo plan --gpu {result['card']}:"] + ["  " + " · ".join(entries[i:i + 2])
+    cards = f" --num-gpus {result['num_gpus']}" if result["num_gpus"] > 1 else ""
+    return [f"ezo plan --gpu {result['card']}{cards}:"] + ["  " + " · ".join(entries[i:i + 2])
                                                      for i in range(0, len(entries), 2)]
 
 
@@ -771,8 +791,9 @@ def print_plan(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ezo plan — {result['model']} ({result['params_b']} B params) on {result['card']} "
-                        f"({result['card_gib']} GiB) with {result['ram_gib']} GiB RAM")
+    cards = f"{result['num_gpus']} x " if result["num_gpus"] > 1 else ""
+    table = Table(title=f"ezo plan — {result['model']} ({result['params_b']} B params) on {cards}{result['card']} "
+                        f"({result['card_gib']} GiB{' each' if cards else ''}) with {result['ram_gib']} GiB RAM")
     for col in ("stage", "GPU GiB", "RAM GiB", "disk GiB", "hours", "fits"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for name, s in result["stages"].items():
@@ -790,7 +811,8 @@ def print_plan(result: dict) -> None:
     mix = result["synth_mix"]
     console.print("synth draws " + ", ".join(f"{s} {v['share']:.0%} (~{v['documents']:,} documents)"
                                              for s, v in mix["sources"].items()) + f"; shares from {mix['basis']}")
-    console.print(("every stage fits" if result["fits"] else "does NOT fit") + f" on one {result['card']}",
+    console.print(("every stage fits" if result["fits"] else "does NOT fit")
+                  + f" on {cards or 'one '}{result['card']}",
                   highlight=False)
     for line in summary_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
