@@ -23,7 +23,8 @@ from ezoforge.train.model import (attn_implementation, float32_adapters, load_ba
                                   require_stated_kernels, use_cpu_autocast, use_qlora)
 from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
-from ezoforge.train.trainer import hardware, kernels, save_adapter, summarize, trainer_args
+from ezoforge.train.trainer import (distributed_setup, fsdp_on_cpus_asked, hardware, kernels, save_adapter, summarize,
+                                    trainer_args, use_fsdp_on_cpus)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     inputs, out = [Path(p) for p in inputs], Path(out)
     input_files(inputs)  # a missing or unfinished input fails before the output folder is claimed
     check_trackers(recipe.train)
+    if fsdp_on_cpus_asked():  # the state's precision is fixed when it is made: cpu_autocast is resolved first
+        autocast = use_cpu_autocast(recipe.train, torch.device("cpu"))
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"cpu_autocast": autocast})})
+        use_fsdp_on_cpus(autocast)
     dist = PartialState()  # under `accelerate launch`, also binds this process to its GPU
     device = pick_device(recipe.model.device)
     check_model(recipe.model.name, None, recipe.model.device, recipe.model.chat_template)
@@ -172,6 +177,7 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if data.eval and trainer.state.global_step % cfg.eval_every:
         trainer.evaluate()  # the held-out loss of the adapter that is saved, whatever the cadence
+    setup = distributed_setup(trainer)  # every rank takes part in the sum
     save_adapter(trainer, out, dist.is_main_process)
     if not dist.is_main_process:
         return {}
@@ -181,4 +187,4 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
     return stage.finish({"steps": trainer.state.global_step, **summarize(train_log.rows), "qlora": qlora,
                          "offload_activations": offload, "kernels": kernels(trainer.model),
                          "device": str(device), "hardware": hardware(device), "resumed_from_step": resume_step,
-                         "seconds": round(time.perf_counter() - start, 1), **data.stats})
+                         "seconds": round(time.perf_counter() - start, 1), "distributed": setup, **data.stats})

@@ -34,7 +34,16 @@ def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtyp
         bf16=(cuda and precision == torch.bfloat16) or (not cuda and cpu_autocast),
         fp16=cuda and precision == torch.float16,
         use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True, log_level="warning", dataloader_num_workers=0)
+        disable_tqdm=True, log_level="warning", dataloader_num_workers=0,
+        # FSDP set up on CPUs (use_fsdp_on_cpus): the trainer keeps that state instead of making its own
+        **({"accelerator_config": {"use_configured_state": True}} if not cuda and fsdp_state_configured() else {}))
+
+
+def fsdp_state_configured() -> bool:
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    return AcceleratorState._shared_state.get("distributed_type") == DistributedType.FSDP
 
 
 def save_adapter(trainer, out: Path, main: bool) -> None:
@@ -47,6 +56,44 @@ def save_adapter(trainer, out: Path, main: bool) -> None:
     trainer.save_model(str(tmp))  # every rank takes part when the model is sharded
     if main:
         replace_folder(tmp, out / "adapter")
+
+
+def fsdp_on_cpus_asked() -> bool:
+    """Several processes on CPUs under `accelerate launch` with an FSDP config (or torchrun with
+    ACCELERATE_USE_FSDP=true and the FSDP_* settings)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def use_fsdp_on_cpus(bf16: bool) -> None:
+    """accelerate turns FSDP on for GPU process groups only: on CPUs the shared state is set to FSDP over gloo here,
+    before anything else reads it (the trainer then keeps it: trainer_args' use_configured_state)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    PartialState(cpu=True).distributed_type = DistributedType.FSDP  # over the gloo process group it made
+    plugin = FullyShardedDataParallelPlugin()  # its settings from the FSDP_* variables the launcher set
+    state = AcceleratorState(mixed_precision="bf16" if bf16 else "no", cpu=True, fsdp_plugin=plugin,
+                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+    state.fsdp_plugin = plugin
+
+
+def distributed_setup(trainer) -> dict[str, Any]:
+    """How the run was spread: processes, whether FSDP sharded the model, and the parameters this rank held against
+    the whole model's."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    world = trainer.accelerator.num_processes
+    wrapped = trainer.model_wrapped
+    sharded = any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in wrapped.modules())
+    # FSDP2 keeps each parameter as a DTensor over the ranks (its size the whole tensor's); FSDP1 as flat shards
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in wrapped.parameters())
+    total = torch.tensor(local)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return {"world_size": world, "fsdp": sharded, "params_this_rank": local,
+            "params_share": round(local / int(total), 4) if sharded else 1.0}
 
 
 def hardware(device: torch.device) -> str:
