@@ -115,6 +115,7 @@ class Job:
     identity: str
     static_cache: bool
     threads: int | None = None  # a local task's share of this machine's cores (None: the engine's own setting)
+    local_gpus: int = 0  # GPUs each local task takes, its own by rank (Slurm and Ray hand theirs out themselves)
     answered: frozenset[str] = frozenset()  # keys the stage's cache holds already: no task sends them again
 
     def requests(self, backend) -> tuple[list, list[str], Sampling]:
@@ -163,7 +164,9 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         # Finished with failed requests (within max_error_fraction): this run sends those again.
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
-    job = Job(recipe, Path(input), model, identity, static_cache, _threads_per_task(cfg) if sharded else None)
+    local = sharded and cfg.executor.kind == "local"
+    job = Job(recipe, Path(input), model, identity, static_cache, _threads_per_task(cfg) if sharded else None,
+              cfg.executor.gpus_per_task if local else 0)
     with stage.claimed():
         backend = make_backend(recipe, model, static_cache)
         reqs, keys, sampling = job.requests(backend)
@@ -231,6 +234,9 @@ class SynthSlice(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if not logging.getLogger().handlers:  # a process of the executor's own: its progress lines go to stderr
             setup_logging(logging.INFO, Console(stderr=True))
+        if self.job.local_gpus:  # task r takes cards r*g … r*g+g-1 of this machine (before CUDA starts here)
+            g = self.job.local_gpus
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * g + i) for i in range(g))
         if self.job.threads:
             import torch
 
