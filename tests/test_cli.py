@@ -4,7 +4,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import BUNDLED
+from conftest import BUNDLED, ezo_in_process
 from ezoforge.cli import app
 from ezoforge.errors import ConfigError
 
@@ -48,3 +48,17 @@ def test_system_flags_that_contradict(command):
     assert isinstance(result.exception, ConfigError)  # `ezo` prints it and exits 2
     assert str(result.exception) == "--system and --no-system contradict each other"
     assert "loaded" not in result.output  # refused before the model loads
+
+
+def test_version_and_a_stdout_that_holds_only_answers(bundled, tmp_path):
+    """`ezo --version`; progress bars and log lines go to stderr (one console), so stdout can be piped."""
+    from importlib.metadata import version
+
+    shown = ezo_in_process("--version")
+    assert shown.returncode == 0 and shown.stdout == f"ezoforge {version('ezoforge')}\n"
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "日本の首都は？"}\n', encoding="utf-8")
+    result = ezo_in_process("generate", "--model", BUNDLED, "--input", prompts, "--out", tmp_path / "out.jsonl",
+                            "--max-new-tokens", "4")
+    assert result.returncode == 0 and result.stdout == "" and "wrote 1 answers" in result.stderr
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8").count("\n") == 1

@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.progress import Progress
 
+from ezoforge.logs import console
+
 
 def request_key(**parts: Any) -> str:
     """sha256 of the canonical JSON of everything that determines a response."""
@@ -59,7 +61,7 @@ def cached(cache: RequestCache, keys: list[str], compute: Callable[[list[int]], 
     counts[f"{label}_cached"] += len(keys) - len(todo)
     counts[f"{label}_computed"] += len(todo)
     if todo:
-        with Progress() as progress:
+        with Progress(console=console) as progress:
             bar = progress.add_task(label, total=len(keys), completed=len(keys) - len(todo))
             for start in range(0, len(todo), batch):
                 chunk = todo[start: start + batch]

@@ -24,12 +24,25 @@ from rich.markup import escape
 from ezoforge.config import Recipe, dump_yaml, load_recipe
 from ezoforge.errors import ConfigError, EzoError, MachineFault, free_bytes, machine_fault, size
 from ezoforge.eval.tasks import SPEC_HELP
-from ezoforge.logs import setup_logging
+from ezoforge.logs import console, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval).")
-console = Console(stderr=True)
 log = logging.getLogger("ezoforge.cli")
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        print(f"ezoforge {version('ezoforge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _ezo(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print ezoforge's version and exit.")] = False) -> None:
+    """ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval)."""
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML to start from.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. train.max_steps=10 (repeatable).")]
@@ -411,7 +424,7 @@ def _print_pairwise(result: dict) -> None:
         ci = "–" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         table.add_row(r["other"], str(r["pairs"]), str(r["wins"]), str(r["ties"]), str(r["losses"]),
                       f"{r['win_rate']} {ci}", str(r["disagreements"]))
-    Console(stderr=True).print(table)
+    console.print(table)
     for r in result["against"]:
         console.print(f"{r['other']}: win rate {r['win_rate']} over {r['pairs']} pairs"
                       + (f" ({r['failed']} without a verdict)" if r["failed"] else ""), highlight=False)
@@ -548,7 +561,7 @@ def _force_takes_optional_stage(argv: list[str]) -> list[str]:
 
 def main() -> None:
     sys.argv[1:] = _force_takes_optional_stage(sys.argv[1:])
-    setup_logging(logging.INFO, console)
+    setup_logging(logging.INFO)
     try:
         app()
     except EzoError as e:

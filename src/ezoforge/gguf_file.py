@@ -4,8 +4,9 @@
 Written with gguf-py (GGUFWriter, its architecture tables, tensor name maps and quantizers) the way llama.cpp's
 convert_hf_to_gguf.py does it: q/k rows permuted to llama.cpp's rotary layout where the family rotates halves,
 Gemma's (1 + w) norms stored as llama.cpp multiplies them, norms in F32, a tied output projection left out, the
-vocabulary (byte-level BPE with merges, or SentencePiece-style with scores), special ids and chat template embedded. Lower-bit types are
-llama.cpp's `llama-quantize` job (from a q8_0 or f16 file); we write only what gguf-py quantizes exactly.
+vocabulary (byte-level BPE with merges, or SentencePiece-style with scores), special ids and chat template embedded.
+Lower-bit types are llama.cpp's `llama-quantize` job (from a q8_0 or f16 file); we write only what gguf-py quantizes
+exactly.
 """
 from __future__ import annotations
 

@@ -23,17 +23,15 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from ezoforge.config import Recipe
 from ezoforge.errors import ConfigError, EzoError, MachineFault, machine_fault
-from ezoforge.logs import setup_logging
+from ezoforge.logs import console, setup_logging
 from ezoforge.records import write_json
 from ezoforge.stage import FolderLock, done_info
 from ezoforge.stages import STEPS, readers, steps
 
-console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 
@@ -224,7 +222,7 @@ def _child(recipe: Recipe, workdir: Path, conn: Connection, alive: Connection, l
     os.environ.update(env)
     os.setpgrp()  # its own group: stopping the stage stops its workers too
     signal.signal(signal.SIGINT, _interrupted)
-    setup_logging(log_level, console)
+    setup_logging(log_level)
     threading.Thread(target=_stop_when_orphaned, args=(alive,), daemon=True).start()
     try:
         while _next_step(recipe, workdir, conn):

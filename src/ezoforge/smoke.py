@@ -84,8 +84,9 @@ def run_smoke(recipe: Recipe, recipe_path: Path | None, ram_gib: float, force: l
 
 
 def _print(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from ezoforge.logs import console
 
     def pair(measured, planned) -> str:
         return f"{'—' if measured is None else measured} / {'—' if planned is None else planned}"
@@ -97,7 +98,6 @@ def _print(result: dict) -> None:
         table.add_row(step, f"{r['seconds']}", pair(r["peak_gpu_gib"], r["plan_gpu_gib"]),
                       pair(r["peak_ram_gib"], r["plan_ram_gib"]), pair(r["tokens_per_s"], r["plan_tokens_per_s"]),
                       {True: "yes", False: "NO", None: "—"}[r["within_plan"]])
-    console = Console(stderr=True)
     console.print(table)
     verdict = {True: "every stage within the plan's memory",
                False: "a stage took more memory than planned: the full run may not fit as planned",

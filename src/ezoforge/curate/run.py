@@ -33,7 +33,6 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ezoforge.config import CurateConfig, Recipe, bundled_data, output_settings
@@ -43,10 +42,10 @@ from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shar
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import EzoError, RecordError
 from ezoforge.executors import completed, executor, launch, pending_jobs
+from ezoforge.logs import console
 from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
 from ezoforge.stage import Stage, input_files, is_stage_folder
 
-console = Console(stderr=True)
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:

@@ -17,6 +17,7 @@ from ezoforge.config import EvalConfig, LlamaCppConfig
 from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict
 from ezoforge.infer.engines import choose, identity, open_engine
+from ezoforge.logs import console
 from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
 from ezoforge.remote import RemoteError, chat, make_client
@@ -135,7 +136,7 @@ class Judge:
                              ).model_dump()
 
         # `local` too: the in-process server batches concurrent requests.
-        with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress() as progress:
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool, Progress(console=console) as progress:
             bar = progress.add_task("judging", total=len(units))
             futures = [pool.submit(one, u) for u in units]
             for _ in as_completed(futures):

@@ -23,6 +23,7 @@ from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval.compare import judge_identity
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.judge_prompt import Verdict, converse, json_objects
+from ezoforge.logs import console
 from ezoforge.models import cache_root, load
 from ezoforge.records import read_jsonl, write_json, write_jsonl
 from ezoforge.remote import RemoteError
@@ -179,7 +180,7 @@ def _judge_pairs(judge: Judge, cfg: EvalConfig, pairs: list[tuple[dict, dict]]) 
             return Verdict(None, "", f"judge request failed: {e}")
 
     jobs = [(i, order) for i in range(len(pairs)) for order in (0, 1)]
-    with ThreadPoolExecutor(cfg.concurrency) as pool, Progress() as progress:
+    with ThreadPoolExecutor(cfg.concurrency) as pool, Progress(console=console) as progress:
         bar = progress.add_task("pairwise", total=len(jobs))
 
         def one(job):

@@ -276,6 +276,7 @@ def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str
     from rich.progress import Progress
 
     from ezoforge.cache import request_key
+    from ezoforge.logs import console
 
     rows, seen = [], set()
     for lineno, obj in read_jsonl(input_path):
@@ -294,7 +295,7 @@ def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str
             if isinstance(obj, dict) and "key" in obj:  # a torn last line from a kill is skipped and redone
                 done[obj["key"]] = obj["answer"]
     todo = [r for r in rows if r["key"] not in done]
-    with Progress() as progress, open(partial, "a", encoding="utf-8") as sink:
+    with Progress(console=console) as progress, open(partial, "a", encoding="utf-8") as sink:
         task = progress.add_task("generating", total=len(rows), completed=len(rows) - len(todo))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 from datatrove.pipeline.base import PipelineStep
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Sampling
-from ezoforge.logs import setup_logging
+from ezoforge.logs import console, setup_logging
 from ezoforge.records import Pair, atomic_path, write_parquet
 from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
@@ -233,7 +232,7 @@ class SynthSlice(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if not logging.getLogger().handlers:  # a process of the executor's own: its progress lines go to stderr
-            setup_logging(logging.INFO, Console(stderr=True))
+            setup_logging(logging.INFO)
         if self.job.local_gpus:  # task r takes cards r*g … r*g+g-1 of this machine (before CUDA starts here)
             g = self.job.local_gpus
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * g + i) for i in range(g))
@@ -353,7 +352,7 @@ def _progress(task: str | None, total: int, completed: int):
     if task is None:
         columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[rate]}"))
-        with Progress(*columns, transient=False) as progress:
+        with Progress(*columns, transient=False, console=console) as progress:
             bar = progress.add_task("synth", total=total, completed=completed, rate="")
             yield lambda rate: progress.update(bar, advance=1, rate=f"{rate:.0f} tok/s")
         return

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+from ezoforge.logs import console
 from ezoforge.records import atomic_path, write_jsonl
 
 
@@ -43,7 +43,7 @@ class TrainLog(TrainerCallback):
         if self.main:
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                                TimeRemainingColumn(), console=Console(stderr=True))
+                                TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step,
                                           loss="–", tps="–")
             self.bar.start()
