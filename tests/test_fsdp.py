@@ -35,6 +35,7 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow  # two processes and one more beside them (~25 s of the 8-minute suite); `make test-all`
 def test_fsdp_on_two_processes_shards_the_model_and_trains_as_one_process(tiny_model, elyza_rows, tmp_path):  # noqa: F811
     steps = dict(max_steps=2, save_every=2, eval_fraction=0.0)
     proc = launch(tiny_model, elyza_rows, tmp_path / "fsdp", batch_size=1, **steps)

@@ -49,21 +49,11 @@ def one_process(docs, tmp_path_factory) -> Path:
     return out
 
 
-def test_local_tasks_equal_one_process_and_a_killed_task_resumes_from_its_cache(docs, one_process, tmp_path):
+def test_local_tasks_equal_one_process(docs, one_process, tmp_path):
     out = tmp_path / "synth"
     stats = run(load_recipe(None, SETTINGS + ["synth.workers=2"]), docs, out, allow_empty=True)
     assert outcome(out) == outcome(one_process) and stats["requests_sent"] == stats["requests"] == 2
-    tasks = out / "tasks"
-    assert sorted(p.name for p in tasks.glob("answers-*.json")) == ["answers-00000.json", "answers-00001.json"]
-    # Task 2 killed after answering (no answers file, no completion marker), and the stage with it (no DONE):
-    # the rerun runs that task alone, which finds every answer in its own cache and sends nothing.
-    for lost in (tasks / "answers-00001.json", tasks / "logs" / "completions" / "00001", out / "DONE"):
-        lost.unlink()
-    (out / "requests.sqlite").unlink()
-    again = run(load_recipe(None, SETTINGS + ["synth.workers=2"]), docs, out, allow_empty=True)
-    resumed, whole = outcome(out), outcome(one_process)
-    assert again["requests_sent"] == 0 and resumed[:2] == whole[:2]
-    assert {**resumed[2], "requests_sent": whole[2]["requests_sent"]} == whole[2]
+    assert sorted(p.name for p in (out / "tasks").glob("answers-*.json")) == ["answers-00000.json", "answers-00001.json"]
     # The executor and the worker count are operational: the folder is the same stage's.
     assert json.loads((out / "DONE").read_text())["fingerprint"] == \
         json.loads((one_process / "DONE").read_text())["fingerprint"]
@@ -86,9 +76,24 @@ def test_slurm_submits_an_array_and_the_rerun_collects(docs, one_process, tmp_pa
     with pytest.raises(MachineFault, match="Slurm jobs 1 still write into it"):
         run(slurm, docs, out, force=True, allow_empty=True)
     run_slurm_array(out / "tasks" / "logs", monkeypatch)
-    run(slurm, docs, out, allow_empty=True)
-    assert outcome(out) == outcome(one_process)
+    collected = run(slurm, docs, out, allow_empty=True)
+    assert outcome(out) == outcome(one_process) and collected["requests_sent"] == 2
     assert sum("RUN_OFFSET" in line for line in log.read_text().splitlines()) == 1  # collected: nothing resubmitted
+
+    # Task 2 killed after answering (no answers file, no completion marker), and the stage with it (no DONE): the
+    # rerun resubmits that task alone, which finds every answer in its own cache and sends nothing.
+    tasks = out / "tasks"
+    for lost in (tasks / "answers-00001.json", tasks / "logs" / "completions" / "00001", out / "DONE",
+                 out / "requests.sqlite"):
+        lost.unlink()
+    with pytest.raises(EzoError, match="submitted the synth tasks to Slurm as jobs 3 "):  # 2: the first array's stats job
+        run(slurm, docs, out, allow_empty=True)
+    assert json.loads((tasks / "logs" / "ranks_to_run.json").read_text()) == [1]
+    run_slurm_array(tasks / "logs", monkeypatch)
+    again = run(slurm, docs, out, allow_empty=True)
+    resumed, whole = outcome(out), outcome(one_process)
+    assert again["requests_sent"] == 0 and resumed[:2] == whole[:2]
+    assert {**resumed[2], "requests_sent": whole[2]["requests_sent"]} == whole[2]
 
 
 def test_a_local_ray_cluster_runs_the_tasks(docs, one_process, tmp_path):

@@ -249,6 +249,7 @@ class SynthSlice(PipelineStep):
             sent = _generate(backend, [reqs[i] for i in mine], [keys[i] for i in mine], cache, sampling,
                              task=f"task {rank + 1}/{world_size}")
             answers = [{"key": keys[i], "output": cache.get(keys[i])} for i in mine if cache.get(keys[i]) is not None]
+            (self.folder / f"answers-{rank:05d}.counted").unlink(missing_ok=True)  # new answers, not yet counted
             with atomic_path(self.folder / f"answers-{rank:05d}.json") as tmp:
                 tmp.write_text(json.dumps({"answers": answers, "requests": sent["requests"],
                                            "tokens_out": sent["tokens_out"],
@@ -271,10 +272,8 @@ def _sharded(job: Job, stage: Stage, keys: list[str], cache: RequestCache) -> di
     folder = stage.out / TASKS
     logs = folder / "logs"
     sent = {"requests": 0, "tokens_out": 0, "seconds": 0.0, "errors": {}}
-    # Tasks finished before this command (a killed run's): their answers join as they are, their requests were sent
-    # by that run. Slurm's tasks always run between two commands: theirs count for the one that collects them.
-    before = completed_ranks(logs)
-    _gather(folder, before, set(keys), cache, sent, counted=cfg.executor.kind == "slurm")
+    before = completed_ranks(logs)  # finished in an earlier command (a killed run's, Slurm's): joined as they are
+    _gather(folder, before, set(keys), cache, sent)
     answered = frozenset(k for k in keys if cache.get(k) is not None)
     if len(answered) == len(keys):
         return sent
@@ -292,13 +291,13 @@ def _sharded(job: Job, stage: Stage, keys: list[str], cache: RequestCache) -> di
         raise EzoError(f"submitted the synth tasks to Slurm as jobs {jobs} (logs in {logs}); run the same command "
                        "again once they have finished to gather their pairs and write DONE")
     sent["seconds"] = time.perf_counter() - start
-    _gather(folder, set(range(cfg.workers)) - before, set(keys), cache, sent, counted=True)
+    _gather(folder, set(range(cfg.workers)) - before, set(keys), cache, sent)
     return sent
 
 
-def _gather(folder: Path, ranks: set[int], wanted: set[str], cache: RequestCache, sent: dict, counted: bool) -> None:
-    """The answers of the tasks `ranks` into the stage's cache, their failures into `sent` (and, when `counted`,
-    what they sent in this run)."""
+def _gather(folder: Path, ranks: set[int], wanted: set[str], cache: RequestCache, sent: dict) -> None:
+    """The answers of the tasks `ranks` into the stage's cache and their failures into `sent`; what a task sent counts
+    once, for the command that first gathers its answers (a `.counted` marker beside them says it has)."""
     for rank in sorted(ranks):
         path = folder / f"answers-{rank:05d}.json"
         if not path.is_file():
@@ -308,9 +307,11 @@ def _gather(folder: Path, ranks: set[int], wanted: set[str], cache: RequestCache
             if answer["key"] in wanted:
                 cache.put(answer["key"], answer["output"])
         sent["errors"].update({int(i): e for i, e in shard["errors"].items()})
-        if counted:
+        counted = path.with_suffix(".counted")
+        if not counted.exists():
             sent["requests"] += shard["requests"]
             sent["tokens_out"] += shard["tokens_out"]
+            counted.touch()
 
 
 def _answer_settings(cfg) -> dict:
