@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,8 +20,8 @@ from conftest import ezo_in_process, run_slurm_array, stand_in_slurm
 from ezoforge.config import bundled_data, load_recipe
 from ezoforge.curate.readers import Shard, read_wiki
 from ezoforge.curate.run import run
-from ezoforge.executors import completed
 from ezoforge.errors import ConfigError, EzoError, MachineFault, RecordError
+from ezoforge.executors import completed
 from ezoforge.records import Document
 from test_curate_wiki import _page, export
 
@@ -259,6 +260,9 @@ def test_slurm_executor_submits_dependent_passes_that_finish_the_same(corpus, cu
     inputs, _, _ = corpus
     out = tmp_path / "out"
     slurm = recipe("curate.executor.kind=slurm", "curate.executor.partition=cpu", "curate.workers=4")
+    if Path("/dev/shm").is_dir():  # a node's own memory: tasks on other nodes could not write there
+        with pytest.raises(ConfigError, match="tmpfs, this node's memory"):
+            run(slurm, inputs, Path(tempfile.mkdtemp(dir="/dev/shm")) / "out")
     with pytest.raises(EzoError, match=r"submitted the curate passes to Slurm as jobs (\d+, ){3}\d+ ") as submitted:
         run(slurm, inputs, out)
     jobs = re.search(r"jobs ((\d+, ){3}\d+)", str(submitted.value)).group(1)

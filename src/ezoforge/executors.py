@@ -44,6 +44,31 @@ def executor(ex: ExecutorConfig, setting: str, pipeline: list, tasks: int, worke
                                gpus_per_task=ex.gpus_per_task)
 
 
+def check_shared_storage(out: Path, ex: ExecutorConfig, setting: str) -> None:
+    """Slurm's and Ray's tasks on other nodes write into OUT: refuse a folder in this node's memory (tmpfs, ramfs).
+    (A local disk looks like shared storage from here; a one-node Ray cluster may use one.)"""
+    if ex.kind == "local":
+        return
+    mount = _mount_type(Path(out).resolve())
+    if mount in ("tmpfs", "ramfs"):
+        raise ConfigError(f"{setting}={ex.kind}: {out} is on {mount}, this node's memory; tasks on other nodes cannot "
+                          "write there: give an --out on storage every node sees (NFS, Lustre, ...)")
+
+
+def _mount_type(path: Path) -> str:
+    """The filesystem type of the mount that holds `path` ('' where /proc/mounts cannot be read)."""
+    best, kind = "", ""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind
+
+
 def launch(last, ex: ExecutorConfig, setting: str) -> None:
     """Run the chain ending in `last` (local, Ray: until done) or submit it (Slurm: returns at once)."""
     try:

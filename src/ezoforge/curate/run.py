@@ -41,7 +41,7 @@ from ezoforge.curate.ja_filters import build_chain
 from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shards
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import EzoError, RecordError
-from ezoforge.executors import completed, executor, launch, pending_jobs
+from ezoforge.executors import check_shared_storage, completed, executor, launch, pending_jobs
 from ezoforge.logs import console
 from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
 from ezoforge.stage import Stage, input_files, is_stage_folder
@@ -76,6 +76,7 @@ def run(recipe: Recipe, inputs: list[str], out: Path, force: bool = False, allow
     shards = plan_shards(files, cfg.split_mb, cfg.limit)
     # The folders too: an output folder inside one is refused (their data files are among `files`).
     folders = [Path(bundled_data(p)) for p in patterns if Path(bundled_data(p)).is_dir()]
+    check_shared_storage(out, cfg.executor, "curate.executor.kind")
     stage = Stage("curate", out, {"curate": output_settings(cfg)}, inputs=[*folders, *files])
     done = stage.start(force)
     if done is not None:

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError
+from ezoforge.executors import check_shared_storage, completed, completed_ranks, executor, launch, pending_jobs
 from ezoforge.infer.generate import Sampling
 from ezoforge.logs import console, setup_logging
 from ezoforge.records import Pair, atomic_path, write_parquet
@@ -117,10 +118,14 @@ class Job:
     local_gpus: int = 0  # GPUs each local task takes, its own by rank (Slurm and Ray hand theirs out themselves)
     answered: frozenset[str] = frozenset()  # keys the stage's cache holds already: no task sends them again
 
-    def requests(self, backend) -> tuple[list, list[str], Sampling]:
-        """The requests in document order, their cache keys, and the sampling they are sent with."""
+    def documents(self) -> list:
         cfg = self.recipe.synth
-        docs = draw(read_docs(input_files([self.input])), cfg.limit, cfg.mix, cfg.seed, str(self.input))
+        return draw(read_docs(input_files([self.input])), cfg.limit, cfg.mix, cfg.seed, str(self.input))
+
+    def requests(self, backend, docs: list) -> tuple[list, list[str], Sampling]:
+        """The requests of `docs` (this job's draw) in document order, their cache keys, and the sampling they are
+        sent with."""
+        cfg = self.recipe.synth
         reqs = build_requests(docs, backend, self.recipe)
         sampling = Sampling.from_config(cfg.generation, stop=prompts.stop_strings(cfg.mode, cfg.pairs_per_doc))
         settings = _answer_settings(cfg)
@@ -146,13 +151,15 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         identity = engine_identity(cfg.backend, model_identity(model, None, m.dtype, device, m.chat_template,
                                                                base_quantize(recipe)))
         static_cache = cfg.backend == "transformers" and use_static_cache(cfg.static_cache, pick_device(m.device))
+    sharded = cfg.workers > 1 or cfg.executor.kind != "local"
+    local = sharded and cfg.executor.kind == "local"
+    job = Job(recipe, Path(input), model, identity, static_cache, _threads_per_task(cfg) if sharded else None,
+              cfg.executor.gpus_per_task if local else 0)
     # The draw comes first: a mix naming an absent source fails before the output folder is claimed.
-    docs = draw(read_docs(files), cfg.limit, cfg.mix, cfg.seed, str(input))
+    docs = job.documents()
     if not docs:
         raise EzoError(f"{input}: no documents with text")
-    sharded = cfg.workers > 1 or cfg.executor.kind != "local"
-    if sharded and cfg.executor.kind != "local":
-        check_shared_storage(out, cfg.executor.kind)
+    check_shared_storage(out, cfg.executor, "synth.executor.kind")
     stage = Stage("synth", out, {"synth": output_settings(cfg), "version": _version(cfg.mode)},
                   model={"name": model, "identity": identity, "dtype": m.dtype, "chat_template": m.chat_template},
                   inputs=[input])
@@ -163,12 +170,9 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
         # Finished with failed requests (within max_error_fraction): this run sends those again.
         log.info("%s: retrying the %d request(s) that failed last time", out, finished["errors"])
         stage.reopen()
-    local = sharded and cfg.executor.kind == "local"
-    job = Job(recipe, Path(input), model, identity, static_cache, _threads_per_task(cfg) if sharded else None,
-              cfg.executor.gpus_per_task if local else 0)
     with stage.claimed():
         backend = make_backend(recipe, model, static_cache)
-        reqs, keys, sampling = job.requests(backend)
+        reqs, keys, sampling = job.requests(backend, docs)
         cache = RequestCache(Path(out) / "requests.sqlite")
         try:
             if not sharded:
@@ -185,27 +189,6 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
 # ---------------------------------------------------------------- on an executor: a slice of the requests per task
 
 TASKS = "tasks"  # the tasks' request caches and answers, and datatrove's logs and completion markers
-
-
-def check_shared_storage(out: Path, kind: str) -> None:
-    """Tasks on other nodes write into OUT: it must be on storage they see too, not this node's own disk."""
-    mount = _mount_type(Path(out).resolve())
-    if mount in ("tmpfs", "ramfs"):
-        raise ConfigError(f"synth.executor.kind={kind}: {out} is on {mount}, this node's memory; tasks on other "
-                          "nodes cannot write there: give an --out on storage every node sees (NFS, Lustre, ...)")
-
-
-def _mount_type(path: Path) -> str:
-    best, kind = "", ""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in mounts:
-        fields = line.split()
-        if len(fields) > 2 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
-            best, kind = fields[1], fields[2]
-    return kind
 
 
 def _threads_per_task(cfg) -> int | None:
@@ -244,7 +227,7 @@ class SynthSlice(PipelineStep):
         backend = make_backend(self.job.recipe, self.job.model, self.job.static_cache)
         cache = RequestCache(self.folder / f"requests-{rank:05d}.sqlite")
         try:
-            reqs, keys, sampling = self.job.requests(backend)
+            reqs, keys, sampling = self.job.requests(backend, self.job.documents())
             mine = [i for i in range(rank, len(reqs), world_size) if keys[i] not in self.job.answered]
             sent = _generate(backend, [reqs[i] for i in mine], [keys[i] for i in mine], cache, sampling,
                              task=f"task {rank + 1}/{world_size}")
@@ -266,8 +249,6 @@ def _sharded(job: Job, stage: Stage, keys: list[str], cache: RequestCache) -> di
     """Run the slices on synth.executor (a finished task is skipped, an unfinished one resumes from its cache), then
     gather their answers into the stage's cache. With Slurm the tasks are submitted and the stage is held until the
     same command, run again, finds them finished."""
-    from ezoforge.executors import completed, completed_ranks, executor, launch, pending_jobs
-
     cfg = job.recipe.synth
     folder = stage.out / TASKS
     logs = folder / "logs"
