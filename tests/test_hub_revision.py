@@ -79,8 +79,8 @@ def hub(tiny_model, tmp_path, monkeypatch):  # noqa: F811
 
 
 def test_train_records_the_commit_it_loaded(trained):
-    assert done_info(trained)["settings"]["model"]["name"] == REPO
-    assert done_info(trained)["settings"]["model"]["revision"] == FIRST
+    assert done_info(trained).settings["model"]["name"] == REPO
+    assert done_info(trained).settings["model"]["revision"] == FIRST
     adapter = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert (adapter["base_model_name_or_path"], adapter["revision"]) == (REPO, FIRST)
 
@@ -93,7 +93,7 @@ def test_merge_loads_the_recorded_commit_after_main_moved(trained, hub, tmp_path
     merge.run(trained, tmp_path / "merged", "float32")
     merged = load_file(tmp_path / "merged" / "model.safetensors")["model.norm.weight"]
     assert torch.equal(merged, hub.norm(FIRST)) and not torch.equal(merged, hub.norm(SECOND))
-    assert done_info(tmp_path / "merged")["settings"]["model"] == {"name": REPO, "revision": FIRST}
+    assert done_info(tmp_path / "merged").settings["model"] == {"name": REPO, "revision": FIRST}
 
 
 def test_merge_refuses_when_the_recorded_commit_is_gone(trained, hub, tmp_path):

@@ -106,7 +106,7 @@ def test_dpo_folder_is_the_sft_adapter_updated_and_merge_accepts_it(judged, sft)
 
     out, stats, _ = judged
     info = trained(out)  # merge's contract: adapter/adapter_config.json and DONE naming the base
-    assert info["stage"] == "prefer" and info["settings"]["model"]["name"] == json.loads(
+    assert info.stage == "prefer" and info.settings["model"]["name"] == json.loads(
         (sft / "DONE").read_text())["settings"]["model"]["name"]
     assert not (out / "adapter" / "ref").exists()
     assert stats["dpo_steps"] == 4 and stats["dpo_loss_first"] is not None

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from conftest import ezo_in_process as ezo  # kills and a blocked import still run the real `ezo` process
 from ezoforge.cli import app
 from ezoforge.config import load_recipe
-from ezoforge.errors import ConfigError
+from ezoforge.errors import ConfigError, RecordError
 from ezoforge.infer.serve import BackgroundServer
-from ezoforge.stage import Stage
+from ezoforge.records import RECORD_FORMAT
+from ezoforge.stage import Stage, input_fingerprints, lineage
 from ezoforge.synth.run import run as synth_run
 from ezoforge.train.progress import read_metrics
 from test_synth_run import Script, pairs_of, write_docs
@@ -65,18 +66,23 @@ def test_a_done_folder_is_redone_only_under_force(tmp_path):
     assert Stage("curate", out, {"k": 1}).start(force=True) is None and not (out / "DONE").exists()
 
 
-def test_a_folder_an_older_ezoforge_made_is_refused_plainly_and_force_redoes_it(tmp_path):
+@pytest.mark.parametrize("stamp", [{}, {"format": RECORD_FORMAT + 1, "ezoforge": "9.0.0"}])
+def test_a_folder_another_version_made_is_refused_plainly_and_force_redoes_it(tmp_path, stamp):
     out = tmp_path / "stage"
-    out.mkdir()
-    # What an earlier version recorded: its own keys, not output/model/inputs.
-    (out / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 1}, "input_fingerprints": ["abc"]}))
+    stage = Stage("train", out, {"train": {"lr": 1}})
+    stage.start()
+    stage.finish({"steps": 1})
+    done = {k: v for k, v in json.loads((out / "DONE").read_text()).items() if k not in ("format", "ezoforge")}
+    (out / "DONE").write_text(json.dumps({**done, **stamp}))  # what another version records: no stamp, or its own
     (out / "adapter").mkdir()
     (out / "adapter" / "weights").write_text("w")
     before = snapshot(out)
-    with pytest.raises(ConfigError) as e:
-        Stage("train", out, {"train": {"lr": 1}}).start()
-    assert f"train: {out} was partly made with other settings — by an older ezoforge" in str(e.value)
-    assert "Nothing was changed" in str(e.value) and "--force" in str(e.value)
+    made = stamp.get("ezoforge", "an older version")
+    for reader in (lambda: Stage("train", out, {"train": {"lr": 1}}).start(), lambda: lineage(out),
+                   lambda: input_fingerprints([out])):
+        with pytest.raises(RecordError, match=f"{out}: made by ezoforge {made}, which records its folders in "
+                                              "another layout .*--force"):
+            reader()
     assert snapshot(out) == before
     Stage("train", out, {"train": {"lr": 1}}).start(force=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

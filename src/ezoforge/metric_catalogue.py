@@ -25,15 +25,20 @@ class Metric:
         return f"{x:{sign},.{self.digits}f}"
 
 
+def grade_scale(report: dict) -> tuple[int, int] | None:
+    """The scale an eval report's (or suite's) grades are on; None where its suites are graded on different scales,
+    which then have no mean together."""
+    return tuple(report["scale"]) if report.get("scale") else None
+
+
 def grade_words(report: dict) -> str:
     """"2.50 of 5 (95% CI 1.75–3.25), 4 graded" for an eval report (or one of its suites) — or why there is no mean."""
     if report.get("mean_grade") is None:
-        if report.get("status") in ("complete", "partial") and report.get("n_tasks") and not report.get("scale"):
+        if report.get("status") in ("complete", "partial") and report.get("n_tasks") and not grade_scale(report):
             return "per suite only: the suites are graded on different scales"
         return {"not_judged": "not judged", "failed": f"none: {report.get('n_failed')} judgement(s) failed"}.get(
             report.get("status"), "–")
     ci = report.get("ci95")
     ci_words = f" (95% CI {ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
     failed = f", {report['n_failed']} failed" if report.get("n_failed") else ""
-    scale = report.get("scale") or (1, 5)
-    return f"{report['mean_grade']:.2f} of {scale[1]}{ci_words}, {report['n_scored']} graded{failed}"
+    return f"{report['mean_grade']:.2f} of {grade_scale(report)[1]}{ci_words}, {report['n_scored']} graded{failed}"

@@ -545,12 +545,10 @@ def model_identity(spec: str, adapter: str | Path | None = None, dtype: str = "a
         return request_key(weights=weights_identity(base), adapter=adapter and folder_digest(Path(adapter)),
                            chat_template=chat_template and file_digest(Path(chat_template)), dtype=dtype)[:16]
     dev = pick_device(device)
-    # Unquantized loads keep the identity they had before quantization existed (their cached answers stay valid).
-    q = pick_quantize(spec, quantize, device, dtype)
     return request_key(weights=weights_identity(base), adapter=adapter and folder_digest(Path(adapter)),
                        chat_template=chat_template and file_digest(Path(chat_template)),
                        dtype=str(pick_dtype(dtype, dev)), device=dev.type,
-                       **({"quantize": q} if q != "none" else {}))[:16]
+                       quantize=pick_quantize(spec, quantize, device, dtype))[:16]
 
 
 @functools.cache

@@ -351,7 +351,7 @@ def _run_steps(recipe: Recipe, recipe_path: Path | None, workdir: Path, plan: li
     try:
         for i, step in enumerate(plan, 1):
             folder = workdir / STEPS[step].folder
-            was_done = done_info(folder) is not None and step not in redo
+            was_done = step not in redo and done_info(folder) is not None
             console.rule(f"[{i}/{len(plan)}] {step}" + (" (--force: redo)" if step in redo else ""))
             start = time.perf_counter()
             child = child or StageProcess(recipe, workdir)
@@ -363,10 +363,11 @@ def _run_steps(recipe: Recipe, recipe_path: Path | None, workdir: Path, plan: li
             if worked:  # that process has ended: the next stage starts with the memory it held
                 child = None
             seconds = time.perf_counter() - start
-            marker = done_info(folder) or {}
+            marker = done_info(folder)
+            made = marker and marker.fingerprint
             # A skipped stage keeps the time and memory it took when it really ran.
-            if not (was_done and timings.get(step, {}).get("fingerprint") == marker.get("fingerprint")):
-                timings[step] = {"seconds": round(seconds, 1), "fingerprint": marker.get("fingerprint"), **peaks}
+            if not (was_done and timings.get(step, {}).get("fingerprint") == made):
+                timings[step] = {"seconds": round(seconds, 1), "fingerprint": made, **peaks}
                 write_json(timings_path, timings)
             else:
                 console.print(f"[dim]{step}: already done with these settings, skipped[/dim]")

@@ -856,11 +856,18 @@ def fault_figure(recipe: Recipe, stage: str | None, resource: str | None) -> str
     return None if figure is None else f"ezo plan puts {step}'s {what} at {size(figure * GIB)}"
 
 
+def _finished(folder: Path) -> bool:
+    try:
+        return done_info(folder) is not None
+    except RecordError:  # another version's folder: the stage refuses it, or redoes it under --force
+        return False
+
+
 def disk_to_run(recipe: Recipe) -> tuple[float, list[str]]:
     """GiB of disk the steps not yet done will write, by the plan (those it cannot size are listed, not counted)."""
     planner, total, unsized = Planner(recipe, card_here() or "h100", 0.5, HOST_RAM_GIB), 0.0, []
     for step in steps(recipe):
-        if done_info(Path(recipe.workdir) / STEPS[step].folder) is None:
+        if not _finished(Path(recipe.workdir) / STEPS[step].folder):
             disk = planner.stage(step)["disk_gib"]
             if disk is None:
                 unsized.append(step)

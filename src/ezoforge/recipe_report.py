@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ezoforge.eval.compare import paired_diff
 from ezoforge.eval.eval_report import pairwise_words, scored_as
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
-from ezoforge.metric_catalogue import grade_words
+from ezoforge.metric_catalogue import grade_scale, grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
 from ezoforge.report_kit import Cell, fmt, render
 from ezoforge.stages import STEPS
@@ -102,7 +102,7 @@ def _eval_words(e: dict) -> str:
              if key != "mean_grade" and e.get(key) is not None]
     if e.get("mean_grade") is not None:
         grade = METRICS["mean_grade"]
-        parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {(e.get('scale') or [1, 5])[1]}")
+        parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {grade_scale(e)[1]}")
     elif e.get("n_tasks"):
         parts.append(grade_words(e))
     if (form := scored_as(e.get("model"))) is not None:

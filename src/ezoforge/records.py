@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # pyarrow loads where Parquet is read or written: importing r
     import pyarrow as pa
 
 DONE = "DONE"
+# The layout of what a stage folder records (DONE, config.yaml). A folder recorded in another is refused in plain
+# words (stage.done_info) rather than read wrongly.
+RECORD_FORMAT = 1
 
 
 class Record(BaseModel):
@@ -46,6 +49,18 @@ class Pair(Record):
     context: str | None = None
     generator: str
     source: str | None = None  # the document's source (wikipedia, fineweb, ...), for the per-source mix
+
+
+class Done(Record):
+    """A finished stage folder's DONE marker, written last. `settings` is the stage's layout (stage.SETTINGS), whose
+    hash is `fingerprint`; `inputs` are the paths it read, the lineage reports and cards follow (stage.lineage)."""
+    format: int
+    ezoforge: str  # the version that wrote it
+    fingerprint: str
+    stage: str
+    settings: dict[str, Any]
+    inputs: list[str]
+    stats: dict[str, Any]
 
 
 class Judgement(Record):

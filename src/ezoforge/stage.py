@@ -10,6 +10,7 @@ folder. A folder made with other settings is refused, naming each differing key,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,16 @@ import yaml
 
 from ezoforge.config import diff_keys, fingerprint, redact
 from ezoforge.errors import ConfigError, MachineFault, RecordError, faults_named
-from ezoforge.records import DATA_SUFFIXES, DONE, files_under, replace_folder, write_json, write_text
+from ezoforge.records import (
+    DATA_SUFFIXES,
+    DONE,
+    RECORD_FORMAT,
+    Done,
+    files_under,
+    replace_folder,
+    write_json,
+    write_text,
+)
 
 CONFIG = "config.yaml"
 # The settings a stage folder records (config.yaml, DONE) and is fingerprinted by. `output` holds the recipe
@@ -73,19 +83,55 @@ def _name_holder(fd: int) -> None:
     os.pwrite(fd, f"pid {os.getpid()}@{socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
 
 
-def done_info(folder: str | Path) -> dict[str, Any] | None:
-    """The DONE marker's content (fingerprint, stage, settings, stats), or None when the folder is not finished."""
+def done_info(folder: str | Path) -> Done | None:
+    """The DONE marker (records.Done), or None when the folder is not finished. A marker another version of
+    ezoforge recorded in another layout is refused, naming the folder."""
     marker = Path(folder) / DONE
     try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = json.loads(marker.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):  # not finished, or a file (a raw input)
         return None
-    return info if isinstance(info, dict) else None
+    except (OSError, ValueError) as e:
+        raise RecordError(f"{marker}: not a readable DONE marker ({e}); redo that stage (--force)") from None
+    if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
+        made = raw.get("ezoforge", "an older version") if isinstance(raw, dict) else "an older version"
+        raise RecordError(f"{folder}: made by ezoforge {made}, which records its folders in another layout than "
+                          f"this ezoforge {_version()}; redo that stage with this one (--force) to use it")
+    try:
+        return Done.model_validate(raw)
+    except ValueError as e:
+        raise RecordError(f"{marker}: {e}") from None
 
 
 def done_fingerprint(folder: str | Path) -> str | None:
     info = done_info(folder)
-    return None if info is None else info.get("fingerprint")
+    return None if info is None else info.fingerprint
+
+
+@functools.cache
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("ezoforge")
+
+
+def lineage(folder: str | Path) -> list[tuple[Path, Done]]:
+    """A finished folder and every finished folder its DONE inputs lead to, each once, nearest first (breadth
+    first). It follows what each DONE recorded, whatever the stages are: a stage inserted into the chain is
+    passed through like any other. Inputs that are not finished stage folders (raw corpora, a user's files) end
+    their branch."""
+    found: list[tuple[Path, Done]] = []
+    seen: set[Path] = set()
+    todo = [Path(folder)]
+    while todo:
+        here = todo.pop(0)
+        key = here.resolve()
+        if key in seen or (info := done_info(here)) is None:
+            continue
+        seen.add(key)
+        found.append((here, info))
+        todo += map(Path, info.inputs)
+    return found
 
 
 def is_stage_folder(folder: str | Path) -> bool:
@@ -142,26 +188,9 @@ def _label(key: str) -> str:
     return key.removeprefix("output.")
 
 
-def same_layout(settings: Any) -> bool:
-    """Whether recorded settings are in this ezoforge's layout (an older one recorded them otherwise)."""
-    return isinstance(settings, dict) and set(settings) == set(SETTINGS)
-
-
-def changed_keys(old: Any, new: dict[str, Any]) -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys whose values differ between two recorded settings, as the recipe names them."""
-    if not same_layout(old):
-        return ["(all: recorded in an older ezoforge's layout)"]
     return [_label(k) for k in diff_keys(old, new)] or ["(unknown)"]
-
-
-def recorded_settings(info: dict[str, Any], folder: str | Path) -> dict[str, Any]:
-    """A DONE marker's settings, for a stage that reads another's; refuses those an older ezoforge recorded in
-    another layout."""
-    settings = info.get("settings")
-    if not same_layout(settings):
-        raise ConfigError(f"{folder}: made by an older ezoforge, which recorded its settings in another layout; "
-                          "redo that stage (--force) to use it here")
-    return settings
 
 
 def _describe(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -202,13 +231,18 @@ class Stage:
         self.folder = self.out.parent / f".{self.out.name}.partial" if atomic else self.out
         self.lock = FolderLock(self.out)
 
-    def done(self) -> dict[str, Any] | None:
-        return done_info(self.out)
+    def done(self, force: bool = False) -> Done | None:
+        """The folder's DONE marker; under `force` one from another version counts as unfinished (it is redone)."""
+        try:
+            return done_info(self.out)
+        except RecordError:
+            if force:
+                return None
+            raise
 
-    def _previous(self) -> dict[str, Any] | None:
-        old = self.done()
+    def _previous(self, old: Done | None) -> dict[str, Any] | None:
         if old is not None:
-            return old.get("settings")
+            return old.settings
         try:
             return yaml.safe_load((self.folder / CONFIG).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
@@ -224,22 +258,17 @@ class Stage:
             if out == p or out in p.parents or p in out.parents:
                 raise ConfigError(f"{self.name}: the output folder {self.out} and the input {p} overlap; "
                                   "write the output somewhere else")
-        old = self.done()
-        if old is not None and old.get("fingerprint") == self.fingerprint and not force:
-            return old.get("stats", {})
+        old = self.done(force)
+        if old is not None and old.fingerprint == self.fingerprint and not force:
+            return old.stats
         if not self._holds_work(self.out):
             return None
-        previous = self._previous()
+        previous = self._previous(old)
         if previous is None:
             raise ConfigError(f"{self.out}: holds files that are not an ezoforge {self.name} folder; "
                               "give another --out (nothing was changed)")
         if previous != self.settings and not force:
             what = "made" if old is not None else "partly made"
-            if not same_layout(previous):
-                raise ConfigError(
-                    f"{self.name}: {self.out} was {what} with other settings — by an older ezoforge, which recorded "
-                    "them in another layout, so they cannot be compared key by key. Nothing was changed. Give "
-                    "another folder, or use --force to redo this stage (deletes that folder).")
             raise ConfigError(
                 f"{self.name}: {self.out} was {what} with other settings — {_describe(previous, self.settings)}. "
                 f"Nothing was changed. Put the old value back to {'keep it' if old else 'resume'}, give another "
@@ -315,8 +344,9 @@ class Stage:
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         write_json(self.folder / "stats.json", stats)
-        write_json(self.folder / DONE, {"fingerprint": self.fingerprint, "stage": self.name,
-                                        "settings": self.settings, "inputs": self.inputs, "stats": stats})
+        done = Done(format=RECORD_FORMAT, ezoforge=_version(), fingerprint=self.fingerprint, stage=self.name,
+                    settings=self.settings, inputs=self.inputs, stats=stats)
+        write_json(self.folder / DONE, done.model_dump())
         if self.atomic:  # an old folder is there only under --force: it goes once the new one is in place
             replace_folder(self.folder, self.out)
         self._held.unlink(missing_ok=True)  # collected

@@ -66,10 +66,10 @@ def _base_as_trained(recipe: Recipe, read: dict[str, Path]) -> Recipe:
     """The recipe with its hub base pinned to the commit train loaded (train's DONE records it), so eval-base scores
     the base the tuned model grew from even where the hub has moved on since; as it is without a train stage."""
     from ezoforge.models import pin
-    from ezoforge.stage import done_info, recorded_settings
+    from ezoforge.stage import done_info
 
     info = done_info(read["train"]) if "train" in recipe.stages else None
-    revision = info and recorded_settings(info, read["train"])["model"].get("revision")
+    revision = info and info.settings["model"].get("revision")
     if not revision:
         return recipe
     pinned = recipe.model_copy(deep=True)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
+from ezoforge import records
 from ezoforge.records import atomic_path
 
 # Metadata the readers and filters set that is not a filter score.
@@ -30,7 +31,7 @@ def kept_row(doc: Document) -> dict[str, Any]:
     """The `Document` record (records.py): id, text, source, title, url, meta (input file, position, scores)."""
     md = doc.metadata
     meta = {k: v for k, v in md.items() if k not in _NOT_SCORES}
-    return {"id": doc.id, "text": doc.text, **{k: md.get(k) for k in _FIELDS}, "meta": meta}
+    return records.Document(id=doc.id, text=doc.text, **{k: md.get(k) for k in _FIELDS}, meta=meta).model_dump()
 
 
 def kept_schema(row: dict[str, Any]) -> pa.Schema:

@@ -28,7 +28,7 @@ from ezoforge.errors import EzoError
 from ezoforge.eval.items import OpenTask
 from ezoforge.records import read_rows
 from ezoforge.report_kit import render
-from ezoforge.stage import done_info, input_files
+from ezoforge.stage import done_info, input_files, lineage
 
 FIELDS = ("input", "reference")
 log = logging.getLogger(__name__)
@@ -54,35 +54,26 @@ def ngrams(text: str, n: int) -> set[str]:
 
 def training_sources(model: str, adapter: str | Path | None) -> tuple[list[Source], list[str]]:
     """The data behind a model (a merged folder, or a base plus an adapter inside a train folder), found through
-    the DONE markers; and the recorded inputs that no longer exist."""
-    sources: list[Source] = []
-    missing: list[str] = []
-    seen: set[Path] = set()
-
-    def visit(folder: Path) -> None:
-        folder = folder.resolve()
-        info = done_info(folder)
-        if folder in seen or info is None:
-            return
-        seen.add(folder)
-        stage = info.get("stage")
-        if stage in ("synth", "curate"):
-            sources.append(Source("pairs" if stage == "synth" else "documents", stage, folder))
-        if stage not in ("merge", "prefer", "train", "synth"):
-            return  # curation's inputs are the raw corpora: the documents it kept are what fed the pairs
-        for p in map(Path, info.get("inputs") or []):
-            if done_info(p) is not None:
-                visit(p)
-            elif not p.exists():
-                missing.append(str(p))
-            elif stage in ("train", "synth"):  # a user's own pair file (train) or document file (synth)
-                sources.append(Source("pairs" if stage == "train" else "documents", "file", p.resolve()))
-
+    the DONE markers (`stage.lineage`); and the recorded inputs that no longer exist."""
     starts = [Path(adapter), Path(adapter).parent] if adapter is not None else []
     if Path(model).expanduser().is_dir():
         starts.append(Path(model).expanduser())
-    for start in starts:
-        visit(start)
+    sources: list[Source] = []
+    missing: list[str] = []
+    seen: set[Path] = set()
+    for folder, done in (found for start in starts for found in lineage(start)):
+        if folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        if done.stage in ("synth", "curate"):
+            sources.append(Source("pairs" if done.stage == "synth" else "documents", done.stage, folder.resolve()))
+        if done.stage == "curate":
+            continue  # curation's inputs are the raw corpora: the documents it kept are what fed the pairs
+        for p in map(Path, done.inputs):
+            if not p.exists():
+                missing.append(str(p))
+            elif done_info(p) is None:  # a user's own document file (synth) or pair file (the stages after it)
+                sources.append(Source("documents" if done.stage == "synth" else "pairs", "file", p.resolve()))
     return sources, missing
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ezoforge.eval.tasks import METRICS, scorings
+from ezoforge.metric_catalogue import grade_scale
 from ezoforge.report_kit import fmt, grade_color, metric_bars, png_base64, render
 
 
@@ -52,7 +53,7 @@ def task_chart(report: dict, rows: list[dict]) -> str | None:
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
         if panel == "grade":
-            scale = tuple(report.get("scale") or (1, 10))
+            scale = grade_scale(report) or (1, 10)  # suites on different scales: drawn on the widest, MT-Bench's
             means = [spread[t]["mean"] if t in spread else 0 for t in tasks]
             low = [m - spread[t]["min"] if t in spread else 0 for t, m in zip(tasks, means)]
             high = [spread[t]["max"] - m if t in spread else 0 for t, m in zip(tasks, means)]
@@ -63,7 +64,7 @@ def task_chart(report: dict, rows: list[dict]) -> str | None:
             if ungraded:
                 ax.legend(loc="upper right", fontsize=7)
             ax.set_ylim(0, scale[1] + 0.5)
-            ax.set_ylabel(f"mean grade ({scale[0]}-{scale[1]})" if report.get("scale") else "mean grade")
+            ax.set_ylabel(f"mean grade ({scale[0]}-{scale[1]})" if grade_scale(report) else "mean grade")
         else:
             ax.bar(range(len(tasks)), [sum(chrf.get(t, [0])) / len(chrf.get(t, [0])) for t in tasks], color="#4575b4")
             ax.set_ylabel("chrF")

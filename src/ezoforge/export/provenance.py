@@ -1,7 +1,7 @@
 """What a run recorded about the model it made, found by following each folder's own pointers.
 
-Every finished stage folder's DONE marker lists the inputs it read (`inputs`): merged → train → synth → curate;
-the evals are the folders the caller names (in a workdir, the eval steps' folders beside merged). Anything missing
+Every finished stage folder's DONE marker lists the inputs it read (`inputs`), which `stage.lineage` follows:
+merged → (prefer →) train → synth → curate, or any chain with other stages between; the evals are the folders the caller names (in a workdir, the eval steps' folders beside merged). Anything missing
 stays missing: the card leaves it out.
 """
 from __future__ import annotations
@@ -12,19 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ezoforge.models import folder_digest, split_revision
-from ezoforge.stage import done_info, same_layout
+from ezoforge.records import Done
+from ezoforge.stage import done_info, lineage
 
 
-def _stage(folder: Path) -> dict[str, Any] | None:
-    """A finished stage folder's output settings, model, stats and inputs (None when it is not one; settings an
-    older ezoforge recorded in another layout are left out)."""
-    done = done_info(folder)
-    if done is None:
-        return None
-    settings = done["settings"] if same_layout(done.get("settings")) else {}
-    return {"dir": Path(folder), "stage": done.get("stage"), "fingerprint": done.get("fingerprint"),
-            "output": settings.get("output") or {}, "model": settings.get("model") or {},
-            "stats": done.get("stats") or {}, "inputs": [Path(p) for p in done.get("inputs", [])]}
+def _view(folder: Path, done: Done) -> dict[str, Any]:
+    """A finished stage folder as the card reads it: its output settings, model, stats and inputs."""
+    return {"dir": Path(folder), "stage": done.stage, "fingerprint": done.fingerprint,
+            "output": done.settings.get("output") or {}, "model": done.settings.get("model") or {},
+            "stats": done.stats, "inputs": [Path(p) for p in done.inputs]}
 
 
 @dataclass
@@ -60,27 +56,27 @@ class RunRecords:
 
 def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
     """The records behind `merged`, and the reports among `evals` ("base"/"sft"/"tuned" -> an eval folder) that
-    evaluated it or its base."""
+    evaluated it or its base. The folders come from `stage.lineage`, whatever stages the chain holds: the SFT is
+    the nearest train folder, the tuned adapter the folder the merge read."""
     merged = Path(merged)
-    rec = RunRecords(merged, _stage(merged))
-    read = [s for p in (rec.merged or {}).get("inputs", []) if (s := _stage(p))]
-    rec.prefer = next((s for s in read if s["stage"] == "prefer"), None)
-    if rec.prefer:  # merged ← prefer ← train
-        read = [s for p in rec.prefer["inputs"] if (s := _stage(p))]
-    trains = [t for t in read if t["stage"] == "train"]
-    rec.train = trains[0] if trains else None
-    rec.synth = [s for p in (rec.train or {}).get("inputs", []) if (s := _stage(p)) and s["stage"] == "synth"]
-    for synth in rec.synth:
-        for p in synth["inputs"]:
-            curate = _stage(p)
-            if curate and curate["stage"] == "curate" and all(c["dir"] != curate["dir"] for c in rec.curate):
-                rec.curate.append(curate)
+    chain = [_view(p, d) for p, d in lineage(merged)]
+    rec = RunRecords(merged, chain[0] if chain else None)
+
+    def nearest(stage: str) -> dict[str, Any] | None:
+        return next((s for s in chain if s["stage"] == stage), None)
+
+    rec.train, rec.prefer = nearest("train"), nearest("prefer")
+    rec.synth = [s for s in chain if s["stage"] == "synth"]
+    rec.curate = [s for s in chain if s["stage"] == "curate"]
+    read = [s for s in chain[1:] if rec.merged and s["dir"].resolve() in {p.resolve() for p in rec.merged["inputs"]}]
+    tuned = read[0] if read else rec.train
     # An eval counts only when it evaluated this model (tuned) or its base (base): (spec, adapter) pairs it may have
     # scored. With a prefer stage, eval-sft evaluated the base with the SFT adapter (before DPO). The tuned model is
     # the merge, or the base with the merged adapter where eval quantized the base (eval.run.scores_adapter).
-    base, tuned = rec.base_model, rec.prefer or rec.train
+    base = rec.base_model
     adapter = {name: s["dir"] / "adapter" for name, s in (("sft", rec.train), ("tuned", tuned)) if s}
-    scored = {"base": [(base, None)], "sft": [(base, adapter.get("sft"))] if rec.prefer else [],
+    after_sft = tuned is not None and tuned is not rec.train  # DPO (or another stage) continued the SFT adapter
+    scored = {"base": [(base, None)], "sft": [(base, adapter.get("sft"))] if after_sft else [],
               "tuned": [(str(merged), None)] + ([(base, adapter["tuned"])] if "tuned" in adapter else [])}
     for kind, forms in scored.items():
         report = Path(evals[kind]) / "report.json" if kind in evals else None
@@ -94,7 +90,7 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
     # The head-to-head verdicts count when they compared exactly the evals the card shows.
     pairwise = Path(evals["pairwise"]) if "pairwise" in evals else None
     info = done_info(pairwise) if pairwise else None
-    if info and {Path(p).resolve() for p in info.get("inputs", [])} == {d.resolve() for d in rec.eval_dirs.values()}:
+    if info and {Path(p).resolve() for p in info.inputs} == {d.resolve() for d in rec.eval_dirs.values()}:
         rec.pairwise = json.loads((pairwise / "pairwise.json").read_text(encoding="utf-8"))
         rec.pairwise_dir = pairwise
     return rec

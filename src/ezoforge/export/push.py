@@ -4,14 +4,13 @@ The token comes from the HF_TOKEN environment variable only (not a saved login) 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ezoforge.config import secret
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.export.run import STAGE_FILES
-from ezoforge.records import DONE
+from ezoforge.stage import done_info
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -26,8 +25,8 @@ def push(folder: str | Path, repo: str, private: bool = False, dry_run: bool = F
     folder = Path(folder)
     if not REPO_ID.match(repo):
         raise ConfigError(f"--repo {repo!r}: expected USER/NAME")
-    marker = folder / DONE
-    if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("stage") != "export":
+    info = done_info(folder)
+    if info is None or info.stage != "export":
         raise EzoError(f"{folder}: not a finished `ezo export` folder (no DONE from export)")
     listing = files(folder)
     result = {"repo": repo, "private": private, "files": listing, "bytes": sum(s for _, s in listing)}

@@ -30,8 +30,8 @@ from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.eval import judge_prompt
 from ezoforge.prefer.pairs import Instruction, build_pairs, draw, histogram, read_instructions
-from ezoforge.records import write_jsonl
-from ezoforge.stage import Stage, done_info, recorded_settings
+from ezoforge.records import Done, write_jsonl
+from ezoforge.stage import Stage, done_info
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,17 @@ JUDGE_KEYS = ("judge_url", "judge_model", "judge_backend", "judge_max_tokens", "
               "judge_reasks", "judgments", "judge_temperature")
 
 
-def sft(train_dir: Path, recipe: Recipe) -> tuple[dict, ModelConfig, TrainConfig]:
+def sft(train_dir: Path, recipe: Recipe) -> tuple[Done, ModelConfig, TrainConfig]:
     """The finished SFT folder's DONE marker, and the model and training settings it was made with (operational
     keys from the recipe); a model setting the recipe states otherwise is refused."""
     info = done_info(train_dir)
-    if info is None or info.get("stage") != "train" or not (train_dir / "adapter" / "adapter_config.json").is_file():
+    if info is None or info.stage != "train" or not (train_dir / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{train_dir}: not a finished `ezo train` folder (needs adapter/ and DONE)")
-    if not info.get("inputs"):
+    if not info.inputs:
         raise ModelError(f"{train_dir}/DONE names no inputs: cannot tell which pairs the SFT was trained on")
     from ezoforge.models import pin
 
-    recorded = recorded_settings(info, train_dir)
+    recorded = info.settings
     made = dict(recorded["model"])
     revision = made.pop("revision", None)  # a hub base's commit, which train loaded: DPO loads it again
     stated = {k: v for k, v in output_settings(recipe.model).items() if k in recipe.model.model_fields_set}
@@ -89,7 +89,7 @@ def run(recipe: Recipe, train_dir: Path, out: Path, force: bool = False) -> dict
         raise ConfigError(f"prefer.liger is true but Liger kernels need CUDA and `pip install liger-kernel` (device "
                           f"{device})")
     qlora = use_qlora(train, device)  # the SFT's quantization; stated-but-impossible 4-bit fails here
-    found, skipped = read_instructions(info["inputs"])
+    found, skipped = read_instructions(info.inputs)
     instructions = draw(found, cfg.limit, cfg.seed)
     stage = Stage("prefer", out, prefer_output(recipe), model=output_settings(model), inputs=[train_dir])
     # Answers and verdicts are keyed by all that determines them: a forced redo reuses them.

@@ -48,7 +48,7 @@ def check(checkpoint: Path, stage: Stage) -> int:
     differ."""
     saved = info(checkpoint)
     if saved["fingerprint"] != stage.fingerprint:
-        keys = changed_keys(saved.get("settings"), stage.settings)
+        keys = changed_keys(saved["settings"], stage.settings)
         raise ConfigError(f"{checkpoint} was written with other settings (differ: {', '.join(keys)}); "
                           "rerun with the same settings to resume, or use --force to start over")
     return int(saved["step"])

@@ -24,7 +24,8 @@ import torch
 
 from ezoforge.errors import ModelError
 from ezoforge.models import pick_dtype, pin, resolve, split_revision, stop_token_ids
-from ezoforge.stage import Stage, done_info, recorded_settings
+from ezoforge.records import Done
+from ezoforge.stage import Stage, done_info
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def trained(train_dir: Path) -> dict:
+def trained(train_dir: Path) -> Done:
     """A finished train (or prefer) folder's DONE marker (its settings' model names the base)."""
     info = done_info(train_dir)
     if info is None or not (train_dir / "adapter" / "adapter_config.json").exists():
@@ -53,7 +54,7 @@ def run(train_dir: Path, out: Path, dtype: str = "bfloat16", force: bool = False
     """`dtype`: the stored dtype of the merged model's floating tensors; `auto` keeps the base's."""
     train_dir, out = Path(train_dir), Path(out)
     info = trained(train_dir)
-    made = recorded_settings(info, train_dir)["model"]
+    made = info.settings["model"]
     # The base as train loaded it: a hub id at the revision train recorded (prefer records it pinned), no other.
     spec = pin(made["name"], made.get("revision"))
     name, revision = split_revision(spec)

@@ -135,8 +135,8 @@ def run(recipe: Recipe, inputs: list[Path], out: Path, force: bool = False) -> d
     stage = train_stage(recipe, inputs, out)
     finished = stage.start(force) if dist.is_main_process else None
     dist.wait_for_everyone()
-    if not dist.is_main_process and (stage.done() or {}).get("fingerprint") == stage.fingerprint:
-        finished = stage.done()["stats"]
+    if not dist.is_main_process and (done := stage.done()) is not None and done.fingerprint == stage.fingerprint:
+        finished = done.stats
     if finished is not None:
         log.info("%s is already trained with these settings", out)
         return finished
