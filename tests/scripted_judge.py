@@ -136,3 +136,8 @@ class ScriptedJudge:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def answer_length(prompt: str, completion: str) -> float:
+    """A user's own reward, as a recipe names one (`scripted_judge:answer_length`): longer answers score higher."""
+    return min(1.0, len(completion) / 20)

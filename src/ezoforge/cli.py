@@ -530,6 +530,24 @@ def prefer(
 
 
 @app.command()
+@recipe_options(Flag("reinforce.max_steps", ("--max-steps",), int, "GRPO optimizer steps."),
+                Flag("reinforce.limit", ("--limit",), int, "Instructions drawn from the SFT's pairs."),
+                Flag("reinforce.num_generations", ("--num-generations",), int, "Completions per prompt."),
+                JUDGE_URL, JUDGE_MODEL)
+def reinforce(
+    recipe: Recipe,
+    tuned_dir: Annotated[Path, typer.Argument(help="A finished `ezo train` or `ezo prefer` folder: GRPO continues its adapter; the SFT's inputs are the prompts.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, metrics.jsonl, rewards.png, DONE).")] = ...,
+    force: ForceOpt = False,
+) -> None:
+    """GRPO continuing the SFT (or DPO) adapter, rewarded by the recipe's named rewards (reinforce.rewards)."""
+    from ezoforge.reinforce.run import run as run_reinforce
+    from ezoforge.reinforce.run import summary
+
+    console.print(summary(run_reinforce(recipe, tuned_dir, out, force=force), out), highlight=False)
+
+
+@app.command()
 @recipe_options(Flag("merge.dtype", ("--dtype",), str, "bf16 (default), float32, float16, or auto (the base's).",
                      parse=lambda dtype: MERGE_DTYPES.get(dtype, dtype)))
 def merge(

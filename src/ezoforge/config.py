@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -458,6 +459,52 @@ class PreferConfig(Section):
         return self
 
 
+# The rewards reinforce knows by name; any other name is a user's function, `module:function`.
+REWARDS = ("judge", "japanese", "length", "reference")
+
+
+class ReinforceConfig(Section):
+    """`ezo reinforce`: GRPO (TRL's GRPOTrainer) continuing the SFT adapter (DPO's where prefer ran), against that
+    adapter as the KL reference, on synth's instructions, with named, weighted rewards."""
+
+    rewards: dict[str, float] = {"judge": 1.0}  # name -> weight: judge, japanese, length, reference, module:function
+    limit: int | None = Field(None, ge=1)  # instructions drawn (seeded) from the pairs the SFT trained on
+    held_out: int = Field(8, ge=0)  # of those, prompts never trained on: rewards scored before and after
+    num_generations: int = Field(4, ge=2)  # completions per prompt, the group each reward is normalized in
+    max_completion_length: int = Field(256, ge=4)
+    length_budget: int = Field(200, ge=1)  # `length`: 1 up to this many completion tokens, 0 at twice as many
+    temperature: float = Field(0.9, gt=0.0, le=2.0, allow_inf_nan=False)
+    beta: float = Field(0.04, ge=0.0, allow_inf_nan=False)  # KL to the starting policy (the SFT/DPO adapter)
+    learning_rate: float = Field(5e-6, gt=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_steps: int = Field(100, ge=1)
+    epochs: None = None  # GRPO runs by steps (trainer_args reads the field)
+    batch_size: int = Field(2, ge=1)  # prompts per step, each with num_generations completions
+    grad_accum: int = Field(1, ge=1)
+    # Where completions come from on a GPU: vLLM colocated with training (TRL's colocate mode), or transformers;
+    # auto: vLLM where it is installed (logged). The CPU generates with transformers.
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0)  # vLLM's share of the card beside training
+    seed: int = 0
+    save_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    liger: bool | None = None
+
+    operational = frozenset({"save_every", "keep_checkpoints", "log_every"})
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ReinforceConfig":
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward (judge, japanese, length, reference, module:function)")
+        for name, weight in self.rewards.items():
+            if name not in REWARDS and not re.fullmatch(r"[\w.]+:\w+", name):
+                raise ValueError(f"rewards.{name}: not a known reward ({', '.join(REWARDS)}) nor a `module:function`")
+            if not math.isfinite(weight):
+                raise ValueError(f"rewards.{name}: the weight must be a finite number")
+        return self
+
+
 class MergeConfig(Section):
     # The merged model's stored dtype; `auto` keeps the base's.
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
@@ -589,13 +636,14 @@ class Recipe(Section):
 
     workdir: Path = Path("runs/default")
     # export and prefer (between train and merge): opt-in
-    stages: list[Literal["curate", "synth", "train", "prefer", "merge", "eval", "export"]] = list(STAGES)
+    stages: list[Literal["curate", "synth", "train", "prefer", "reinforce", "merge", "eval", "export"]] = list(STAGES)
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     curate: CurateConfig = CurateConfig()
     synth: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
     prefer: PreferConfig = PreferConfig()
+    reinforce: ReinforceConfig = ReinforceConfig()
     merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
@@ -607,6 +655,10 @@ class Recipe(Section):
         if "prefer" in self.stages and not self.eval.judge_model:
             raise ValueError("stage prefer grades answers with the recipe's judge: set eval.judge_url and "
                              "eval.judge_model")
+        if "reinforce" in self.stages and "judge" in self.reinforce.rewards and not (
+                self.eval.judge_url and self.eval.judge_model):
+            raise ValueError("reinforce.rewards.judge grades completions with the recipe's judge: set eval.judge_url "
+                             "and eval.judge_model, or drop that reward")
         return self
 
 

@@ -47,9 +47,23 @@ def _prefer(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
     return run(recipe, read["train"], out, force=force)
 
 
+def _reinforce(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
+    from ezoforge.reinforce.run import run
+    return run(recipe, read["prefer"] if "prefer" in recipe.stages else read["train"], out, force=force)
+
+
+# The stages that continue the SFT adapter, in run order: the last the recipe holds made the tuned model.
+AFTER_SFT = ("prefer", "reinforce")
+
+
+def after_sft(recipe: Recipe) -> bool:
+    return any(s in recipe.stages for s in AFTER_SFT)
+
+
 def _tuned(recipe: Recipe, read: dict[str, Path]) -> Path:
-    """The folder whose adapter is the run's tuned model: DPO's (the SFT adapter continued) when there is one."""
-    return read["prefer"] if "prefer" in recipe.stages else read["train"]
+    """The folder whose adapter is the run's tuned model: the last stage that continued the SFT adapter (GRPO's,
+    DPO's), else the SFT's."""
+    return next((read[s] for s in reversed(AFTER_SFT) if s in recipe.stages), read["train"])
 
 
 def _merge(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
@@ -93,7 +107,7 @@ def _eval_tuned(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -
 
 def _pairwise(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
     from ezoforge.eval.pairwise import run
-    evals = [read["eval-base"], *([read["eval-sft"]] if "prefer" in recipe.stages else []), read["eval-tuned"]]
+    evals = [read["eval-base"], *([read["eval-sft"]] if after_sft(recipe) else []), read["eval-tuned"]]
     return run(evals, recipe.eval, out, force=force)
 
 
@@ -103,16 +117,18 @@ def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
     return run(read["merge"], out, recipe.export, recipe.model.system_prompt, evals=evals, force=force)
 
 
-# In run order: prefer between train and merge (merge folds its adapter), export last (its card reads the evals).
+# In run order: prefer and reinforce between train and merge (merge folds the last adapter), export last (its card
+# reads the evals).
 STEPS = {s.name: s for s in (
     Step("curate", "curate", "curate", (), _curate),
     Step("synth", "synth", "synth", ("curate",), _synth),
     Step("train", "train", "train", ("synth",), _train),
     Step("prefer", "prefer", "prefer", ("train",), _prefer),
-    Step("merge", "merge", "merged", ("train", "prefer"), _merge),
+    Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce),
+    Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge),
     Step("eval-base", "eval", "eval-base", ("train",), _eval_base),  # train: the base's revision it loaded
-    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=lambda r: "prefer" in r.stages),
-    Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "merge"), _eval_tuned,
+    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=after_sft),
+    Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "reinforce", "merge"), _eval_tuned,
          when=lambda r: "train" in r.stages or "merge" in r.stages),
     Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise,
          when=lambda r: r.eval.pairwise and ("train" in r.stages or "merge" in r.stages)),

@@ -5,49 +5,9 @@ its document and the file:line it was read from.
 """
 from __future__ import annotations
 
-import random
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-from ezoforge.errors import RecordError
-from ezoforge.records import read_rows
-from ezoforge.stage import input_files
-from ezoforge.train.data import row_messages
-
-
-@dataclass(frozen=True)
-class Instruction:
-    id: str
-    prompt: str  # the user turn as the SFT saw it (the passage, then the instruction, when the pair has one)
-    reference: str  # the synthesized response the SFT learned
-    doc_id: str | None
-    origin: str  # FILE:LINE
-
-
-def read_instructions(inputs: list[str | Path]) -> tuple[list[Instruction], int]:
-    """Single-turn pairs of the SFT's inputs (synth folders or pair files), first occurrence of each prompt;
-    and how many rows were skipped (multi-turn conversations, repeated prompts)."""
-    out, seen, skipped = [], set(), 0
-    for path in input_files(list(inputs)):
-        for n, row in read_rows(path):
-            turns = [m for m in row_messages(path, n, row, None) if m["role"] != "system"]
-            if [m["role"] for m in turns] != ["user", "assistant"] or turns[0]["content"] in seen:
-                skipped += 1
-                continue
-            seen.add(turns[0]["content"])
-            out.append(Instruction(str(row.get("id") or f"{Path(path).name}:{n}"), turns[0]["content"],
-                                   turns[1]["content"], row.get("doc_id"), f"{path}:{n}"))
-    if not out:
-        raise RecordError(f"{', '.join(map(str, inputs))}: no single-turn instruction/response pair to draw from")
-    return out, skipped
-
-
-def draw(items: list[Instruction], limit: int | None, seed: int) -> list[Instruction]:
-    """A seeded random order, cut at `limit`: the first N of a larger limit are the N of a smaller one."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    return [items[i] for i in order[:limit]]
+from ezoforge.train.continued import Instruction
 
 
 def best_and_worst(candidates: list[dict]) -> tuple[dict, dict] | None:

@@ -27,44 +27,16 @@ import torch
 
 from ezoforge.cache import RequestCache, cached, request_key
 from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
-from ezoforge.errors import ConfigError, EzoError, ModelError
+from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import judge_prompt
-from ezoforge.prefer.pairs import Instruction, build_pairs, draw, histogram, read_instructions
-from ezoforge.records import Done, write_jsonl
-from ezoforge.stage import Stage, done_info
+from ezoforge.prefer.pairs import build_pairs, histogram
+from ezoforge.train.continued import JUDGE_KEYS, Instruction, draw, read_instructions, sft
+from ezoforge.records import write_jsonl
+from ezoforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
 CACHE = "requests.sqlite"
-# The recipe's judge, as eval uses it: what shapes a verdict.
-JUDGE_KEYS = ("judge_url", "judge_model", "judge_backend", "judge_max_tokens", "judge_structured", "judge_reason_max_chars",
-              "judge_reasks", "judgments", "judge_temperature")
-
-
-def sft(train_dir: Path, recipe: Recipe) -> tuple[Done, ModelConfig, TrainConfig]:
-    """The finished SFT folder's DONE marker, and the model and training settings it was made with (operational
-    keys from the recipe); a model setting the recipe states otherwise is refused."""
-    info = done_info(train_dir)
-    if info is None or info.stage != "train" or not (train_dir / "adapter" / "adapter_config.json").is_file():
-        raise ModelError(f"{train_dir}: not a finished `ezo train` folder (needs adapter/ and DONE)")
-    if not info.inputs:
-        raise ModelError(f"{train_dir}/DONE names no inputs: cannot tell which pairs the SFT was trained on")
-    from ezoforge.models import pin
-
-    recorded = info.settings
-    made = dict(recorded["model"])
-    revision = made.pop("revision", None)  # a hub base's commit, which train loaded: DPO loads it again
-    stated = {k: v for k, v in output_settings(recipe.model).items() if k in recipe.model.model_fields_set}
-    if differ := [k for k, v in stated.items() if made.get(k) != v]:
-        raise ConfigError(f"model.{differ[0]}: the recipe says {stated[differ[0]]!r} but {train_dir} was trained with "
-                          f"{made.get(differ[0])!r}; DPO continues that SFT (leave model.{differ[0]} unset)")
-    model = ModelConfig.model_validate({**made, "name": pin(made["name"], revision),
-                                        **{k: getattr(recipe.model, k) for k in ModelConfig.operational}})
-    train = TrainConfig.model_validate({**recorded["output"]["train"],
-                                        **{k: getattr(recipe.train, k) for k in TrainConfig.operational}})
-    return info, model, train
-
-
 def prefer_output(recipe: Recipe) -> dict[str, Any]:
     """The prefer section, the judge's keys of the eval section, and the judge prompt's version (the SFT it
     continues is its input, and its model)."""

@@ -34,6 +34,7 @@ def dpo_config(cfg: PreferConfig, train: TrainConfig, staging: Path, device: tor
     # refuses Liger's fused loss; Liger adds its layer kernels only.
     return DPOConfig(
         **trainer_args(cfg, staging, device, precision, use_cpu_autocast(train, device)), eval_strategy="no",
+        max_length=cfg.max_length,
         gradient_checkpointing=train.gradient_checkpointing,  # the names transformers < 5.23 knows (train/run.py)
         gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
         beta=cfg.beta, loss_type=[cfg.loss_type], report_to=[])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ class TrainLog(TrainerCallback):
     time, so evals and saves don't count), step_s, grad_norm, and eval_loss merged in when the step was evaluated;
     a first row {step: 0, eval_loss} holds the untrained model's eval loss."""
 
-    def __init__(self, path: Path, resume_step: int, main: bool = True):
+    def __init__(self, path: Path, resume_step: int, main: bool = True,
+                 columns: Callable[[dict[str, float]], dict[str, Any]] | None = None):
         self.path, self.main = path, main
+        self.columns = columns  # a trainer's own figures as more columns of a step's row (GRPO's rewards)
         self.rows = read_metrics(path, resume_step)
         if main:  # steps logged after the resumed checkpoint will be trained again
             write_jsonl(path, self.rows)
@@ -70,7 +73,8 @@ class TrainLog(TrainerCallback):
             tps = self.window_tokens / max(self.window_seconds, 1e-9)
             row = {"step": state.global_step, "loss": round(logs["loss"], 5), "lr": logs.get("learning_rate"),
                    "tokens_per_s": round(tps, 1), "step_s": round(self.window_seconds / max(self.window_steps, 1), 3),
-                   "grad_norm": logs.get("grad_norm"), "epoch": round(state.epoch or 0.0, 4)}
+                   "grad_norm": logs.get("grad_norm"), "epoch": round(state.epoch or 0.0, 4),
+                   **(self.columns(logs) if self.columns else {})}
             self.window_tokens = self.window_seconds = self.window_steps = 0
             self.rows.append(row)
             with open(self.path, "a", encoding="utf-8") as f:

@@ -44,7 +44,7 @@ def sft_config(cfg: TrainConfig, staging: Path, device: torch.device, evaluate: 
     from trl import SFTConfig
 
     return SFTConfig(
-        **trainer_args(cfg, staging, device, precision, use_cpu_autocast(cfg, device)),
+        **trainer_args(cfg, staging, device, precision, use_cpu_autocast(cfg, device)), max_length=cfg.max_length,
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every,
         eval_on_start=evaluate and eval_first,
         # The names transformers < 5.23 takes (5.23 renamed them activation_checkpointing*): see pyproject.toml.

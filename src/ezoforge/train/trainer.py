@@ -17,8 +17,8 @@ from ezoforge.records import replace_folder
 
 def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtype | None = None,
                  cpu_autocast: bool = False) -> dict:
-    """The arguments SFT and DPO share (batch, schedule, saving, precision, Liger), from a section that has the
-    training keys (TrainConfig, PreferConfig); `precision` is the base's dtype, which CUDA autocast follows;
+    """The arguments SFT, DPO and GRPO share (batch, schedule, saving, precision, Liger), from a section that has
+    the training keys (TrainConfig, PreferConfig, ReinforceConfig); `precision` is the base's dtype, which CUDA autocast follows;
     `cpu_autocast`: a CPU run computes in bfloat16 (train.cpu_autocast, resolved)."""
     cuda = device.type == "cuda"
     if precision is None:
@@ -33,7 +33,7 @@ def trainer_args(cfg, staging: Path, device: torch.device, precision: torch.dtyp
         seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda,
         bf16=(cuda and precision == torch.bfloat16) or (not cuda and cpu_autocast),
         fp16=cuda and precision == torch.float16,
-        use_liger_kernel=bool(liger), max_length=cfg.max_length, include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=bool(liger), include_num_input_tokens_seen="non_padding",
         disable_tqdm=True, log_level="warning", dataloader_num_workers=0,
         # FSDP set up on CPUs (use_fsdp_on_cpus): the trainer keeps that state instead of making its own
         **({"accelerator_config": {"use_configured_state": True}} if not cuda and fsdp_state_configured() else {}))

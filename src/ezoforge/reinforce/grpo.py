@@ -1,0 +1,166 @@
+"""GRPO (TRL's GRPOTrainer) continuing a LoRA adapter, with that adapter as the KL reference.
+
+As in DPO (train/dpo.py), the base loads once with the starting adapter trainable as "default", and TRL copies it
+into a frozen "ref" adapter beside it: the KL is to the SFT (or DPO) model, so it is 0 at the first step, never to
+the bare base. Completions come from vLLM colocated with training on a GPU where it is installed (TRL's colocate
+mode, `reinforce.engine`), from transformers otherwise. Checkpoints, kill/resume and the adapter swap are
+`ezo train`'s (train/checkpoints.py, train/trainer.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ezoforge.config import ReinforceConfig, TrainConfig
+from ezoforge.errors import ConfigError
+from ezoforge.records import atomic_path
+from ezoforge.reinforce.rewards import Reward
+from ezoforge.train.model import use_cpu_autocast
+from ezoforge.train.trainer import trainer_args
+
+log = logging.getLogger(__name__)
+
+REF = "ref"  # the name TRL gives the frozen copy of the adapter it is handed
+
+
+def use_vllm(cfg: ReinforceConfig, device: torch.device) -> bool:
+    """Whether completions come from vLLM: stated, it must be able to run (a CUDA card, vLLM installed); auto, where
+    it can (logged)."""
+    can = device.type == "cuda" and importlib.util.find_spec("vllm") is not None
+    if cfg.engine == "vllm" and not can:
+        raise ConfigError(f"reinforce.engine is vllm but vLLM needs a CUDA card and `pip install vllm` (device "
+                          f"{device}, vLLM {'installed' if importlib.util.find_spec('vllm') else 'not installed'})")
+    chosen = cfg.engine == "vllm" or (cfg.engine == "auto" and can)
+    if cfg.engine == "auto":
+        log.info("reinforce.engine auto: completions from %s", "vLLM, colocated with training" if chosen else
+                 "transformers" + ("" if device.type == "cuda" else " (the CPU)"))
+    return chosen
+
+
+def grpo_config(cfg: ReinforceConfig, train: TrainConfig, weights: list[float], staging: Path, device: torch.device,
+                precision: torch.dtype, vllm: bool):
+    from trl import GRPOConfig
+
+    args = trainer_args(cfg, staging, device, precision, use_cpu_autocast(train, device))
+    # A step is `batch_size` prompts with `num_generations` completions each (TRL counts completions).
+    args.update(per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
+                per_device_eval_batch_size=cfg.batch_size * cfg.num_generations,
+                include_num_input_tokens_seen="no")  # GRPO's batches are not input_ids rows
+    return GRPOConfig(
+        **args, eval_strategy="no", num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
+        reward_weights=weights, gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": train.checkpoint_every},
+        generation_kwargs={"use_cache": True},  # the training load turns the cache off (train/model.py)
+        disable_dropout=True,  # dropout would make the policy differ from its reference at the same weights
+        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        report_to=[])
+
+
+def make_trainer(model, tokenizer, rewards: list[Reward], weights: list[float], cfg: ReinforceConfig,
+                 train: TrainConfig, rows: list[dict], staging: Path, device: torch.device, vllm: bool,
+                 callbacks: list | None = None):
+    from datasets import Dataset, disable_progress_bars
+    from transformers import PrinterCallback
+    from trl import GRPOTrainer
+
+    from ezoforge.models import stop_token_ids
+    from ezoforge.train.model import float32_adapters
+
+    disable_progress_bars()  # the stage shows its own progress
+    base = model.get_base_model()
+    base.generation_config.eos_token_id = stop_token_ids(base, tokenizer)  # a reply ends at the end of its turn
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards,
+                          args=grpo_config(cfg, train, weights, staging, device, base.dtype, vllm),
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    if cfg.beta and REF not in trainer.model.peft_config:
+        raise RuntimeError("TRL made no frozen reference adapter: the KL would be to the base, not the SFT model")
+    float32_adapters(trainer.model)
+    return trainer
+
+
+def reward_columns(names: list[str]):
+    """GRPO's logged figures as metrics.jsonl columns: the weighted reward, each named reward's mean and spread
+    (`reward_NAME_mean`, `reward_NAME_std`), the KL to the starting adapter and the completions' mean length."""
+    def columns(logs: dict[str, float]) -> dict[str, Any]:
+        row = {"reward": logs.get("reward"), "reward_std": logs.get("reward_std"), "kl": logs.get("kl"),
+               "completion_tokens": logs.get("completions/mean_length")}
+        for name in names:
+            row[f"reward_{name}_mean"] = logs.get(f"rewards/{name}/mean")
+            row[f"reward_{name}_std"] = logs.get(f"rewards/{name}/std")
+        return {k: None if v is None else round(v, 5) for k, v in row.items()}
+    return columns
+
+
+def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: list[float], cfg: ReinforceConfig,
+          batch: int = 8) -> dict[str, Any] | None:
+    """Each reward's mean, and the weighted total, over one greedy completion per prompt of `rows`, as the model is
+    now: deterministic, so before and after compare the model alone."""
+    if not rows:
+        return None
+    from ezoforge.models import stop_token_ids
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stops = stop_token_ids(base, tokenizer)
+    completions, ids = [], []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                     for r in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=cfg.max_completion_length, do_sample=False,
+                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+                ids.append(row[:cut])
+                completions.append([{"role": "assistant",
+                                     "content": tokenizer.decode(row[:cut], skip_special_tokens=True)}])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    figures: dict[str, Any] = {}
+    total = 0.0
+    for reward, weight in zip(rewards, weights):
+        values = [v for v in reward([r["prompt"] for r in rows], completions, completion_ids=ids, **columns)
+                  if v is not None]
+        mean = statistics.fmean(values) if values else None
+        figures[reward.__name__] = None if mean is None else round(mean, 4)
+        total += weight * (mean or 0.0)
+    figures["reward"] = round(total, 4)
+    figures["completion_tokens"] = round(statistics.fmean(len(i) for i in ids), 1)
+    return figures
+
+
+def plot_rewards(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """Each named reward's mean per step beside the weighted total: which reward moved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("reward", "weighted reward"), *[(f"reward_{n}_mean", n) for n in names]]:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=2 if key == "reward" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward (mean over the step's completions)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
