@@ -34,7 +34,7 @@ def test_a_stage_inserted_between_train_and_merge_keeps_the_provenance(tmp_path)
     assert rec.train["dir"] == train and [s["dir"] for s in rec.synth] == [synth]
     assert [c["dir"] for c in rec.curate] == [curate]
     assert "Curated documents: 7 kept of 9 read from wiki.xml." in _data_section(rec)
-    assert rec.folders() == [merged, train, synth, curate]
+    assert rec.folders() == [merged, polish, train, synth, curate]  # the export's fingerprint covers them all
 
 
 def test_lineage_visits_a_folder_read_twice_once(tmp_path):

@@ -82,3 +82,22 @@ def test_a_judge_reward_without_a_judge_fails_before_any_model_loads(tiny_model,
     assert not (tmp_path / "rl").exists()
     with pytest.raises(ConfigError, match="reinforce.rewards.nowhere:f: cannot import it"):
         reinforce_run.run(recipe(tiny_model, "reinforce.rewards={'nowhere:f': 1.0}"), sft, tmp_path / "rl")
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_same_losses_and_rewards(tiny_model, sft, tmp_path):  # noqa: F811
+    from trainkit import train_until_killed
+
+    more = ["reinforce.max_steps=4", "reinforce.rewards={japanese: 1.0, length: 1.0}"]
+    straight = reinforce_run.run(recipe(tiny_model, *more), sft, tmp_path / "straight")
+    killed = tmp_path / "killed"
+    args = [str(sft), *(a for o in [f"model.name={tiny_model}", *SMOKE, *more] for a in ("--set", o))]
+    train_until_killed(args, killed, step=2, command="reinforce")
+    resumed = reinforce_run.run(recipe(tiny_model, *more), sft, killed)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "kl", "reward", "reward_japanese_mean", "reward_length_mean"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (key, ra, rb)
+    assert resumed["after"] == straight["after"]

@@ -9,6 +9,7 @@ the memory and speed model below. Card memory is what nvidia-smi reports, not th
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import logging
 import math
@@ -561,6 +562,57 @@ class Planner:
                           + dpo_tokens * 4 / 3 / tps) / 3600,
                 "sample_tokens": int(sample_tokens), "judge_calls": int(judge_calls), "dpo_tokens": int(dpo_tokens)}
 
+    def local_judge_gib(self) -> float:
+        """A `local` judge's weights and the KV cache of eval.concurrency verdicts on the card (0 for a served one)."""
+        e = self.recipe.eval
+        if e.judge_url != "local":
+            return 0.0
+        shape = model_shape(e.judge_model)
+        return (weight_bytes(shape, self.base_dtype()) +
+                e.concurrency * (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * shape.kv_bytes_per_token) / GIB
+
+    def reinforce(self) -> dict:
+        """GRPO on one card, three things at once: the trainer (policy and reference as two adapters on one base;
+        a step's batch_size x num_generations sequences), the generation engine (vLLM colocated, holding
+        reinforce.vllm_gpu_memory_utilization of the card, or transformers' KV cache beside the training weights)
+        and a `local` judge (its weights and verdicts' KV cache)."""
+        r, c, t, shape = self.recipe, self.recipe.reinforce, self.recipe.train, self.shape
+        prompt = self.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
+        sequences = c.batch_size * c.num_generations
+        length = prompt + c.max_completion_length
+        qlora = t.qlora is not False
+        scheme = "nf4" if qlora else self.base_dtype()
+        activations = shape.layers * sequences * length * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
+        trainer = (weight_bytes(shape, scheme) + self.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
+        vllm = c.engine == "vllm" or (c.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+        if vllm:
+            engine = c.vllm_gpu_memory_utilization * self.card.memory_gib
+            words = (f"vLLM colocated: reinforce.vllm_gpu_memory_utilization {c.vllm_gpu_memory_utilization:g} of the "
+                     f"card ({engine:.1f} GiB)")
+        else:
+            engine = sequences * length * shape.kv_bytes_per_token / GIB
+            words = (f"transformers: the KV cache of {sequences} sequences x {length:,} tokens ({engine:.1f} GiB) "
+                     "beside the training weights")
+        judge = self.local_judge_gib()
+        completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out  # + greedy scoring before and after
+        decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), sequences)
+        tps = getattr(self, "tps", None) or \
+            self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
+        train_tokens = c.max_steps * sequences * c.grad_accum * length
+        judge_calls = completions * r.eval.judgments if "judge" in c.rewards else 0
+        shard, _ = largest_shard(r.model.name, shape)
+        self.sources["reinforce"] = (
+            f"model: trainer {trainer:.1f} GiB ({scheme} weights + two adapters, {sequences} sequences of {length:,} "
+            f"tokens) + generation {engine:.1f} GiB ({words}) + judge {judge:.1f} GiB "
+            f"({'local: ' + str(r.eval.judge_model) if judge else 'served: its memory is its server’s'}); "
+            f"{completions:,} completions decoded, {judge_calls:,} judge calls (their time is the judge's); training "
+            "at train's tokens/s x 3/4 for the reference's forward pass")
+        return {"gpu_gib": trainer + engine + judge, "ram_gib": PROCESS_RAM_GIB + shard / GIB,
+                "disk_gib": self.lora_params() * 4 * (1 + c.keep_checkpoints * 3) / GIB,
+                "hours": (completions * c.max_completion_length / decode + train_tokens * 4 / 3 / tps) / 3600,
+                "completions": int(completions), "judge_calls": int(judge_calls), "train_tokens": int(train_tokens),
+                "gpu_parts_gib": {"trainer": round(trainer, 2), "generation": round(engine, 2), "judge": round(judge, 2)}}
+
     def merge(self) -> dict:
         # Tensor by tensor from the base's shards (train/merge.py): one shard mapped, the adapter, and the largest
         # tensor being made: a LoRA target's W, B·A and their sum in float32, or a copied embedding.
@@ -642,14 +694,11 @@ class Planner:
     def pairwise(self) -> dict:
         """No answers: the judge reads two evals' answers, two prompts per pair. A local judge is loaded here; a served
         one's time and memory are its server's."""
-        e = self.recipe.eval
         self.sources["pairwise"] = "model: a local judge's weights + KV cache of eval.concurrency verdicts"
-        if e.judge_url != "local":
+        if self.recipe.eval.judge_url != "local":
             return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0, "hours": None}
-        shape = model_shape(e.judge_model)
-        judge = weight_bytes(shape, self.base_dtype()) + \
-            e.concurrency * (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * shape.kv_bytes_per_token
-        return {"gpu_gib": judge / GIB + CUDA_OVERHEAD_GIB, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0, "hours": None}
+        return {"gpu_gib": self.local_judge_gib() + CUDA_OVERHEAD_GIB, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0,
+                "hours": None}
 
     def stage(self, name: str) -> dict:
         stage = STEPS[name].stage
@@ -679,6 +728,9 @@ CANDIDATES = {
               *[[f"train.max_length={n}"] for n in (2048, 1024)]],
     "prefer": [["train.gradient_checkpointing=true"], ["train.qlora=true"], ["prefer.batch_size=1"],
                *[[f"prefer.max_length={n}"] for n in (1024, 512)]],
+    "reinforce": [["train.gradient_checkpointing=true"], ["train.qlora=true"], ["reinforce.batch_size=1"],
+                  ["reinforce.vllm_gpu_memory_utilization=0.2"], ["reinforce.num_generations=4"],
+                  *[[f"reinforce.max_completion_length={n}"] for n in (256, 128)]],
     "eval": [*[[f"eval.generation.batch_size={b}"] for b in (16, 8, 4, 1)], ["model.quantize=int8"],
              ["model.quantize=nf4"], *[["model.quantize=nf4", f"eval.generation.batch_size={b}"] for b in (8, 1)],
              *vllm_candidates("eval")],

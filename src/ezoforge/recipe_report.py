@@ -127,6 +127,9 @@ def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> s
         return (f"{plural(p.get('pairs'), 'preference pair')} from {plural(p.get('instructions'), 'instruction')} "
                 f"(margins {p.get('margin_histogram')}), DPO {plural(p.get('dpo_steps'), 'step')}, loss "
                 f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}")
+    if step == "reinforce":
+        from ezoforge.reinforce.run import summary
+        return summary(stats["reinforce"])
     if step == "merge":
         params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
         return f"adapter merged into a standalone {m.get('dtype', '')} model{params}"
@@ -244,7 +247,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
     evals = {"base": _eval_summary(_read(folder["eval-base"] / "report.json")),
              "tuned": _eval_summary(_read(folder["eval-tuned"] / "report.json"))}
-    if folder["eval-sft"].is_dir():  # with a prefer stage: SFT alone, before DPO
+    if folder["eval-sft"].is_dir():  # with a prefer or reinforce stage: SFT alone, before DPO or GRPO
         evals["sft"] = _eval_summary(_read(folder["eval-sft"] / "report.json"))
     dpo_diff = _grade_diff(workdir, STEPS["eval-sft"].folder)[0] if "sft" in evals else None
     grade_diff, notes = _grade_diff(workdir)
@@ -267,6 +270,10 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
                                                         "margin_mean", "dpo_steps", "dpo_loss_first", "dpo_loss_last",
                                                         "held_out_before", "held_out_after")}
         if stats["prefer"] else None,
+        "reinforce": {k: stats["reinforce"].get(k) for k in ("prompts", "held_out_prompts", "steps", "rewards",
+                                                              "engine", "kl_first", "kl_last", "reward_first",
+                                                              "reward_last", "before", "after", "gap_after")}
+        if stats["reinforce"] else None,
         "eval": {**evals, "versus": versus, "notes": notes, "pairwise": stats["pairwise"] or None,
                  "dpo_versus": _versus(evals["sft"], evals["tuned"], dpo_diff) if "sft" in evals else None},
         "data_mix": _data_mix(_curated(folder["curate"]), pairs, synth, train),
@@ -349,7 +356,31 @@ def _prefer_view(report: dict) -> dict | None:
         ("DPO loss, first → last step", f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}"),
         ("held-out log p(chosen) − log p(rejected), SFT → SFT+DPO",
          f"{fmt(before.get('logp_margin'))} → {fmt(after.get('logp_margin'))}")],
-        "rows": _versus_rows(report["eval"].get("dpo_versus") or [])}
+        # eval-sft against eval-tuned is SFT against SFT+DPO only where no GRPO followed the DPO
+        "rows": [] if report.get("reinforce") else _versus_rows(report["eval"].get("dpo_versus") or [])}
+
+
+def _reinforce_view(report: dict) -> dict | None:
+    """The GRPO step: its rewards on held-out and trained prompts before and after, and SFT alone vs the final
+    model (SFT+GRPO, or SFT+DPO+GRPO)."""
+    r = report.get("reinforce")
+    if not r:
+        return None
+    figures = [("prompts trained on (the SFT's instructions) + held out", f"{r.get('prompts')} + "
+                                                                            f"{r.get('held_out_prompts')}"),
+               ("rewards (name × weight)", ", ".join(f"{n} × {w:g}" for n, w in (r.get("rewards") or {}).items())),
+               ("GRPO steps, completions from", f"{r.get('steps')}, {r.get('engine')}"),
+               ("KL to the starting adapter, first → last step", f"{fmt(r.get('kl_first'))} → {fmt(r.get('kl_last'))}")]
+    for kind, label in (("held_out", "held-out prompts"), ("trained", "trained prompts")):
+        before, after = (r.get("before") or {}).get(kind), (r.get("after") or {}).get(kind)
+        if before and after:
+            each = ", ".join(f"{n} {fmt(before.get(n))} → {fmt(after.get(n))}" for n in r.get("rewards") or {}
+                             if n in before)
+            figures.append((f"weighted reward on {label}, before → after",
+                            f"{fmt(before['reward'])} → {fmt(after['reward'])} ({each})"))
+    figures.append(("trained − held-out reward after (a wide gap: a reward gamed on its prompts)",
+                    fmt(r.get("gap_after"))))
+    return {"figures": figures, "rows": _versus_rows(report["eval"].get("dpo_versus") or [])}
 
 
 def _published(report: dict) -> dict:
@@ -439,7 +470,8 @@ def render_page(workdir: Path, report: dict) -> str:
                   workdir=str(workdir), headline=_headline(report),
                   stages=[[step, hms(info["seconds"]), info["summary"]] for step, info in stages.items()],
                   total=hms(sum(info["seconds"] or 0 for info in stages.values())),
-                  versus=_versus_view(report), prefer=_prefer_view(report), **_published(report),
+                  versus=_versus_view(report), prefer=_prefer_view(report),
+                  reinforce=_reinforce_view(report), **_published(report),
                   curation=_curation_view(workdir, report), mix=_mix_view(report),
                   synthesis=_synthesis_view(report), training=_training_view(workdir, report),
                   side_by_side=_answers_view(_side_by_side(workdir)))

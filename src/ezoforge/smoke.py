@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # How much of each stage a smoke run does at most (a recipe that states less keeps its own).
 CUTS = {"curate.limit": 64, "synth.limit": 4, "train.max_steps": 2, "train.epochs": None, "train.eval_every": 2,
-        "train.save_every": 2, "prefer.limit": 4, "prefer.max_steps": 2, "eval.limit": 2}
+        "train.save_every": 2, "prefer.limit": 4, "prefer.max_steps": 2, "reinforce.limit": 4, "reinforce.held_out": 1,
+        "reinforce.max_steps": 2, "eval.limit": 2}
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The recipe cut to a few documents, steps and tasks, into `WORKDIR-smoke`: the real run's folders are never
     touched, and the real run never mistakes a smoke folder for its own."""

@@ -193,11 +193,34 @@ def _preference_section(rec: RunRecords) -> str:
          f"{_fmt(before.get('logp_margin'))} → {_fmt(after.get('logp_margin'))}" if before and after else None)])
 
 
+def _reinforce_section(rec: RunRecords) -> str:
+    """GRPO after the SFT (or DPO): its rewards and what they did on held-out and trained prompts."""
+    if not rec.reinforce:
+        return ""
+    s, cfg = rec.reinforce["stats"], rec.reinforce["output"].get("reinforce", {})
+    judge = rec.reinforce["output"].get("eval", {})
+    moved = []
+    for kind, label in (("held_out", "held-out prompts"), ("trained", "trained prompts")):
+        before, after = (s.get("before") or {}).get(kind), (s.get("after") or {}).get(kind)
+        if before and after:
+            moved.append((f"weighted reward on {label} (before → after)",
+                          f"{_fmt(before['reward'])} → {_fmt(after['reward'])}"))
+    return _facts([
+        ("method", f"GRPO (TRL) continuing the {'DPO' if rec.prefer else 'SFT'} LoRA adapter, KL (beta "
+                   f"{cfg.get('beta')}) to that adapter, {cfg.get('num_generations')} completions per prompt"),
+        ("prompts", f"{s.get('prompts')} instructions from the SFT's own training pairs (+{s.get('held_out_prompts')} "
+                    "held out)"),
+        ("rewards (name × weight)", ", ".join(f"{n} × {w:g}" for n, w in (s.get("rewards") or {}).items())),
+        ("judge", judge.get("judge_model") if "judge" in (s.get("rewards") or {}) else None),
+        ("GRPO steps / learning rate", f"{s.get('steps')} / {cfg.get('learning_rate')}"),
+        *moved])
+
+
 def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
     base, sft, tuned = rec.evals.get("base", {}), rec.evals.get("sft", {}), rec.evals.get("tuned", {})
     if not base and not tuned:
         return []
-    runs = (base, sft, tuned) if sft else (base, tuned)  # with DPO: base, SFT alone, SFT+DPO
+    runs = (base, sft, tuned) if sft else (base, tuned)  # after DPO or GRPO: base, SFT alone, the final model
     rows = []
     for key, metric in METRICS.items():
         if all(r.get(key) is None for r in runs):
@@ -205,7 +228,8 @@ def _eval_section(rec: RunRecords, diff: dict | None, chart: bool) -> list[str]:
         cells = [f"{_fmt(r[key])} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if key == "mean_grade" and r.get(
             "ci95") else r.get(key) for r in runs]
         rows.append([metric.short, *cells])
-    out = [_table(["metric", "base", "SFT", "SFT+DPO"] if sft else ["metric", "base", "tuned"], rows)]
+    final = "+".join(["SFT", *(["DPO"] if rec.prefer else []), *(["GRPO"] if rec.reinforce else [])])
+    out = [_table(["metric", "base", "SFT", final] if sft else ["metric", "base", "tuned"], rows)]
     if diff:
         out.append(f"Paired difference in mean grade (tuned − base) over {diff['n']} tasks graded in both: "
                    f"{_fmt(diff['diff'])}, 95% CI [{_fmt(diff['ci95'][0])}, {_fmt(diff['ci95'][1])}] "
@@ -265,7 +289,8 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
             f"# {title}", "",
             ("A Japanese assistant model made with ezoforge the way the EZO models were made: instruction data "
              "synthesized from Japanese text, then supervised fine-tuning"
-             + (", then DPO on pairs graded by its own evaluation judge." if rec.prefer else ".") if rec.train else
+             + (", then DPO on pairs graded by its own evaluation judge" if rec.prefer else "")
+             + (", then GRPO from named rewards" if rec.reinforce else "") + "." if rec.train else
              "A model exported with ezoforge (no training records were found beside it).")
             + (f" Base model: `{hub_id(base) or base}`." if base else ""), ""]
     data = _data_section(rec)
@@ -277,6 +302,9 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
     preference = _preference_section(rec)
     if preference:
         body += ["### Preference tuning (SFT → DPO)", "", preference, ""]
+    reinforce = _reinforce_section(rec)
+    if reinforce:
+        body += ["### Reinforcement (GRPO)", "", reinforce, ""]
     evals = _eval_section(rec, diff, chart)
     if evals:
         body += ["## Evaluation", "", *[p + "\n" for p in evals]]

@@ -1,8 +1,9 @@
 """What a run recorded about the model it made, found by following each folder's own pointers.
 
 Every finished stage folder's DONE marker lists the inputs it read (`inputs`), which `stage.lineage` follows:
-merged → (prefer →) train → synth → curate, or any chain with other stages between; the evals are the folders the caller names (in a workdir, the eval steps' folders beside merged). Anything missing
-stays missing: the card leaves it out.
+merged → (reinforce →) (prefer →) train → synth → curate, or any chain with other stages between. The evals are the
+folders the caller names (in a workdir, the eval steps' folders beside merged). Anything missing stays missing: the
+card leaves it out.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class RunRecords:
     merged: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     prefer: dict[str, Any] | None = None  # DPO after the SFT: the merged adapter is the SFT adapter continued
+    reinforce: dict[str, Any] | None = None  # GRPO after the SFT (or DPO)
+    chain: list[dict[str, Any]] = field(default_factory=list)  # every folder of the lineage, nearest first
     synth: list[dict[str, Any]] = field(default_factory=list)
     curate: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base"/"sft"/"tuned" -> report.json
@@ -49,8 +52,7 @@ class RunRecords:
 
     def folders(self) -> list[Path]:
         """Every record folder the card reads, for the export's fingerprint."""
-        stages = [self.merged, self.prefer, self.train, *self.synth, *self.curate]
-        return [s["dir"] for s in stages if s] + [self.eval_dirs[k] for k in self.evals] + \
+        return [s["dir"] for s in self.chain] + [self.eval_dirs[k] for k in self.evals] + \
             ([self.pairwise_dir] if self.pairwise_dir else [])
 
 
@@ -60,12 +62,12 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
     the nearest train folder, the tuned adapter the folder the merge read."""
     merged = Path(merged)
     chain = [_view(p, d) for p, d in lineage(merged)]
-    rec = RunRecords(merged, chain[0] if chain else None)
+    rec = RunRecords(merged, chain[0] if chain else None, chain=chain)
 
     def nearest(stage: str) -> dict[str, Any] | None:
         return next((s for s in chain if s["stage"] == stage), None)
 
-    rec.train, rec.prefer = nearest("train"), nearest("prefer")
+    rec.train, rec.prefer, rec.reinforce = nearest("train"), nearest("prefer"), nearest("reinforce")
     rec.synth = [s for s in chain if s["stage"] == "synth"]
     rec.curate = [s for s in chain if s["stage"] == "curate"]
     read = [s for s in chain[1:] if rec.merged and s["dir"].resolve() in {p.resolve() for p in rec.merged["inputs"]}]

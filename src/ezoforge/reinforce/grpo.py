@@ -100,36 +100,42 @@ def reward_columns(names: list[str]):
 
 def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: list[float], cfg: ReinforceConfig,
           batch: int = 8) -> dict[str, Any] | None:
-    """Each reward's mean, and the weighted total, over one greedy completion per prompt of `rows`, as the model is
-    now: deterministic, so before and after compare the model alone."""
+    """Each reward's mean, and the weighted total, over `num_generations` completions per prompt of `rows`,
+    sampled as training samples them from a fixed seed: the policy's expected reward as it is now, so before and
+    after compare the model alone."""
     if not rows:
         return None
     from ezoforge.models import stop_token_ids
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stops = stop_token_ids(base, tokenizer)
+    rows = [r for r in rows for _ in range(cfg.num_generations)]
     completions, ids = [], []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
-    try:
-        for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
-            texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                     for r in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=cfg.max_completion_length, do_sample=False,
-                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-                ids.append(row[:cut])
-                completions.append([{"role": "assistant",
-                                     "content": tokenizer.decode(row[:cut], skip_special_tokens=True)}])
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng():  # training's random state is left as it was
+        try:
+            for i in range(0, len(rows), batch):
+                chunk = rows[i:i + batch]
+                texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                         for r in chunk]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+                with torch.no_grad():
+                    out = model.generate(**enc, max_new_tokens=cfg.max_completion_length, do_sample=True,
+                                         temperature=cfg.temperature, top_p=1.0, top_k=0, eos_token_id=stops,
+                                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                    cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+                    ids.append(row[:cut])
+                    completions.append([{"role": "assistant",
+                                         "content": tokenizer.decode(row[:cut], skip_special_tokens=True)}])
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     figures: dict[str, Any] = {}
     total = 0.0

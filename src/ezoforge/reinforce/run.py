@@ -190,7 +190,7 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
     return stage.finish(stats)
 
 
-def summary(stats: dict, out: Path) -> str:
+def summary(stats: dict, out: Path | None = None) -> str:
     """The stage in one sentence: steps, KL, and the weighted reward on held-out and trained prompts."""
     def change(kind: str) -> str:
         before, after = stats["before"][kind], stats["after"][kind]
@@ -198,8 +198,8 @@ def summary(stats: dict, out: Path) -> str:
 
     weights = ", ".join(f"{n}×{w:g}" for n, w in stats["rewards"].items())
     return (f"GRPO {stats['steps']} steps on {stats['prompts']} prompts ({weights}) · reward held-out "
-            f"{change('held_out')}, trained {change('trained')} · KL {stats['kl_first']} → {stats['kl_last']} → "
-            f"{out / 'adapter'}")
+            f"{change('held_out')}, trained {change('trained')} · KL {stats['kl_first']} → {stats['kl_last']}"
+            + (f" → {out / 'adapter'}" if out else ""))
 
 
 def _gap(scores: dict[str, dict | None]) -> float | None:
