@@ -30,7 +30,7 @@ def rows(path: Path) -> list[dict]:
 
 def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
     workdir, report = demo_run.workdir, demo_run.report
-    assert steps(demo_run.recipe()) == [s for s in STEPS if s not in ("prefer", "eval-sft")]  # prefer: opt-in
+    assert steps(demo_run.recipe()) == [s for s in STEPS if s not in ("prefer", "reinforce", "eval-sft")]  # opt-in
     # The pairwise step: the scripted judge names the longer answer (a tie at equal length), in both orders.
     from scripted_judge import expected_winner
 

@@ -1,5 +1,5 @@
-"""GRPO on the bundled model with the `japanese` reward: a fifth of its sampled answers' letters are not Japanese at first,
-and a fixed-seed run raises the Japanese share of its answers to prompts it never trained on."""
+"""GRPO on the bundled model with the `japanese` reward: a fifth of its sampled answers' letters are not Japanese at
+first, and a fixed-seed run raises the Japanese share of its answers to prompts it never trained on."""
 import json
 
 import pytest
