@@ -579,7 +579,7 @@ class Planner:
         r, c, t, shape = self.recipe, self.recipe.reinforce, self.recipe.train, self.shape
         prompt = self.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
         sequences = c.batch_size * c.num_generations
-        length = prompt + c.max_completion_length
+        length = int(prompt + c.max_completion_length)
         qlora = t.qlora is not False
         scheme = "nf4" if qlora else self.base_dtype()
         activations = shape.layers * sequences * length * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
@@ -593,7 +593,7 @@ class Planner:
             engine = sequences * length * shape.kv_bytes_per_token / GIB
             words = (f"transformers: the KV cache of {sequences} sequences x {length:,} tokens ({engine:.1f} GiB) "
                      "beside the training weights")
-        judge = self.local_judge_gib()
+        judge = self.local_judge_gib() if "judge" in c.rewards else 0.0
         completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out  # + greedy scoring before and after
         decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), sequences)
         tps = getattr(self, "tps", None) or \
@@ -604,7 +604,7 @@ class Planner:
         self.sources["reinforce"] = (
             f"model: trainer {trainer:.1f} GiB ({scheme} weights + two adapters, {sequences} sequences of {length:,} "
             f"tokens) + generation {engine:.1f} GiB ({words}) + judge {judge:.1f} GiB "
-            f"({'local: ' + str(r.eval.judge_model) if judge else 'served: its memory is its server’s'}); "
+            f"({'local: ' + str(r.eval.judge_model) if judge else 'none here'}); "
             f"{completions:,} completions decoded, {judge_calls:,} judge calls (their time is the judge's); training "
             "at train's tokens/s x 3/4 for the reference's forward pass")
         return {"gpu_gib": trainer + engine + judge, "ram_gib": PROCESS_RAM_GIB + shard / GIB,
