@@ -242,3 +242,25 @@ def test_several_cards_shard_training_and_run_a_synth_engine_per_card():
     assert summary_lines(eight)[0] == "ezo plan --gpu h100 --num-gpus 8:"
     shown = ezo_in_process("plan", EZO_70B, "--gpu", "h100", "--num-gpus", "8", "--ram", "1024")
     assert shown.returncode == 0 and "8 x h100" in shown.stdout and "every stage fits on 8 x h100" in shown.stdout
+
+
+def test_reinforce_plans_the_trainer_the_generation_engine_and_the_judge_together():
+    stages = ["stages=[curate,synth,train,reinforce,merge,eval]", "eval.judge_url=local",
+              "eval.judge_model=meta-llama/Llama-3.1-8B-Instruct"]
+    judged = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.rewards={judge: 1.0}"]), "h100")
+    alone = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.rewards={japanese: 1.0}",
+                                                           "reinforce.rewards.judge=0"]), "h100")
+    parts = judged["stages"]["reinforce"]["gpu_parts_gib"]
+    assert parts["judge"] > 15 and alone["stages"]["reinforce"]["gpu_parts_gib"]["judge"] == 0  # an 8B in bf16
+    assert judged["stages"]["reinforce"]["gpu_gib"] == pytest.approx(sum(parts.values()), abs=0.05)
+    assert judged["stages"]["reinforce"]["fits"] and judged["stages"]["reinforce"]["judge_calls"] > 0
+    # vLLM colocated holds its share of the card whatever the batch.
+    vllm = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.engine=vllm"]), "h100")
+    assert vllm["stages"]["reinforce"]["gpu_parts_gib"]["generation"] == pytest.approx(0.3 * CARDS["h100"].memory_gib,
+                                                                                        abs=0.01)
+    # 8 prompts x 16 completions of 1,024 tokens beside the judge do not fit: the plan names what does.
+    big = ["reinforce.batch_size=8", "reinforce.num_generations=16", "reinforce.max_completion_length=1024"]
+    crowded = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, *big]), "h100")["stages"]["reinforce"]
+    assert not crowded["fits"] and crowded["to_fit"] == "reinforce.batch_size: 1"
+    assert plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, *big, "reinforce.batch_size=1"]),
+                "h100")["stages"]["reinforce"]["fits"]

@@ -467,7 +467,9 @@ class ReinforceConfig(Section):
     """`ezo reinforce`: GRPO (TRL's GRPOTrainer) continuing the SFT adapter (DPO's where prefer ran), against that
     adapter as the KL reference, on synth's instructions, with named, weighted rewards."""
 
-    rewards: dict[str, float] = {"judge": 1.0}  # name -> weight: judge, japanese, length, reference, module:function
+    # name -> weight: judge, japanese, length, reference, module:function. A weight of 0 turns a reward off (`--set`
+    # merges into the recipe's rewards, so `--set reinforce.rewards.judge=0` drops the judge).
+    rewards: dict[str, float] = {"judge": 1.0}
     limit: int | None = Field(None, ge=1)  # instructions drawn (seeded) from the pairs the SFT trained on
     held_out: int = Field(8, ge=0)  # of those, prompts never trained on: rewards scored before and after
     num_generations: int = Field(4, ge=2)  # completions per prompt, the group each reward is normalized in
@@ -495,14 +497,20 @@ class ReinforceConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "ReinforceConfig":
-        if not self.rewards:
-            raise ValueError("rewards: name at least one reward (judge, japanese, length, reference, module:function)")
+        if not self.active:
+            raise ValueError("rewards: give at least one reward a weight (judge, japanese, length, reference, "
+                             "module:function)")
         for name, weight in self.rewards.items():
             if name not in REWARDS and not re.fullmatch(r"[\w.]+:\w+", name):
                 raise ValueError(f"rewards.{name}: not a known reward ({', '.join(REWARDS)}) nor a `module:function`")
             if not math.isfinite(weight):
                 raise ValueError(f"rewards.{name}: the weight must be a finite number")
         return self
+
+    @property
+    def active(self) -> dict[str, float]:
+        """The rewards that count: those with a weight other than 0, in the recipe's order."""
+        return {name: weight for name, weight in self.rewards.items() if weight != 0}
 
 
 class MergeConfig(Section):
@@ -655,7 +663,7 @@ class Recipe(Section):
         if "prefer" in self.stages and not self.eval.judge_model:
             raise ValueError("stage prefer grades answers with the recipe's judge: set eval.judge_url and "
                              "eval.judge_model")
-        if "reinforce" in self.stages and "judge" in self.reinforce.rewards and not (
+        if "reinforce" in self.stages and "judge" in self.reinforce.active and not (
                 self.eval.judge_url and self.eval.judge_model):
             raise ValueError("reinforce.rewards.judge grades completions with the recipe's judge: set eval.judge_url "
                              "and eval.judge_model, or drop that reward")

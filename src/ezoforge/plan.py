@@ -593,13 +593,13 @@ class Planner:
             engine = sequences * length * shape.kv_bytes_per_token / GIB
             words = (f"transformers: the KV cache of {sequences} sequences x {length:,} tokens ({engine:.1f} GiB) "
                      "beside the training weights")
-        judge = self.local_judge_gib() if "judge" in c.rewards else 0.0
+        judge = self.local_judge_gib() if "judge" in c.active else 0.0
         completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out  # + greedy scoring before and after
         decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), sequences)
         tps = getattr(self, "tps", None) or \
             self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
         train_tokens = c.max_steps * sequences * c.grad_accum * length
-        judge_calls = completions * r.eval.judgments if "judge" in c.rewards else 0
+        judge_calls = completions * r.eval.judgments if "judge" in c.active else 0
         shard, _ = largest_shard(r.model.name, shape)
         self.sources["reinforce"] = (
             f"model: trainer {trainer:.1f} GiB ({scheme} weights + two adapters, {sequences} sequences of {length:,} "

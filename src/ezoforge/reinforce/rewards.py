@@ -113,7 +113,7 @@ def build(cfg: ReinforceConfig, ev: EvalConfig, out: Path, stack: ExitStack, loa
           cache: RequestCache) -> tuple[list[Reward], list[float]]:
     """The recipe's rewards and their weights, in the recipe's order."""
     functions: list[Reward] = []
-    for name in cfg.rewards:
+    for name in cfg.active:
         if name == "judge":
             if not (ev.judge_url and ev.judge_model):
                 raise ConfigError("reinforce.rewards.judge grades with the recipe's judge: set eval.judge_url and "
@@ -130,4 +130,4 @@ def build(cfg: ReinforceConfig, ev: EvalConfig, out: Path, stack: ExitStack, loa
     names = [f.__name__ for f in functions]
     if len(set(names)) < len(names):
         raise ConfigError(f"reinforce.rewards: two rewards share a name ({', '.join(names)}); rename a function")
-    return functions, list(cfg.rewards.values())
+    return functions, list(cfg.active.values())

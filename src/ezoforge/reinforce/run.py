@@ -56,11 +56,11 @@ def reinforce_output(recipe: Recipe) -> dict[str, Any]:
 
     cfg = recipe.reinforce
     output: dict[str, Any] = {"reinforce": output_settings(cfg)}
-    if "judge" in cfg.rewards:
+    if "judge" in cfg.active:
         ev = output_settings(recipe.eval)
         output.update(eval={k: ev[k] for k in JUDGE_KEYS}, prompt_version=judge_prompt.PROMPT_VERSION)
     users = {}
-    for name in cfg.rewards:
+    for name in cfg.active:
         if ":" in name:
             try:
                 source = inspect.getsourcefile(importlib.import_module(name.split(":")[0]))
@@ -80,7 +80,7 @@ def run(recipe: Recipe, tuned_dir: Path, out: Path, force: bool = False) -> dict
     tuned_dir, out, cfg = Path(tuned_dir), Path(out), recipe.reinforce
     _, train_dir = starting_point(tuned_dir)
     info, model, train = sft(train_dir, recipe)
-    if "judge" in cfg.rewards:
+    if "judge" in cfg.active:
         if not (recipe.eval.judge_url and recipe.eval.judge_model):
             raise ConfigError("reinforce.rewards.judge grades with the recipe's judge: set eval.judge_url and "
                               "eval.judge_model, or drop that reward")
