@@ -7,38 +7,21 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
 from ezoforge.config import EvalConfig, LlamaCppConfig
-from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict
+from ezoforge.eval.task_types.judged import Unit
 from ezoforge.infer.engines import choose, identity, open_engine
 from ezoforge.logs import console
 from ezoforge.models import Loaded, model_identity
 from ezoforge.records import Judgement
 from ezoforge.remote import RemoteError, chat, make_client
 
-if TYPE_CHECKING:
-    from ezoforge.eval.task_types.judged import JudgedTask
-
 # Statuses that mean the judge itself is unusable (unreachable, bad key, unknown model), not this one request.
 _FATAL = (None, 401, 403, 404)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One verdict to get: judgment `judgment` of the model's answer to `turn` in sample `sample` of `task`, judged
-    as the open task type `judged_as` judges (its prompt, version and verdict parsing)."""
-    task: OpenTask
-    sample: int
-    turn: int
-    judgment: int
-    answers: tuple[str, ...]  # the sample's answers to turns 1..turn
-    judged_as: JudgedTask
 
 
 class Judge:

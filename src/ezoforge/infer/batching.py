@@ -86,7 +86,8 @@ class Decoder(Protocol):
 class Batcher:
     def __init__(self, gen: ChatEngine, limits: ServeConfig):
         self.gen, self.max_queue = gen, limits.max_queue
-        self.decoder: Decoder = gen.decoder(limits)
+        # transformers' decoder lives here, beside the loop; another engine brings its own (llamacpp.Slots)
+        self.decoder: Decoder = PaddedCache(gen, limits) if isinstance(gen, Generator) else gen.decoder(limits)
         self.max_batch = min(limits.max_batch, self.decoder.max_rows)
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()

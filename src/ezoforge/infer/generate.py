@@ -107,7 +107,8 @@ class TextSoFar:
 class ChatEngine:
     """What every engine that answers chats shares: the tokenizer side (chat template, ids, text, JSON-schema
     constraints) and the answering surface `ezo generate`, `chat` and `serve` use. Each engine adds `complete_text`,
-    `stream_text`, the continuous-batching `decoder` behind `ezo serve`, and a `lock` its steps hold."""
+    `stream_text`, and a `lock` its steps hold; an engine other than transformers adds the `decoder(limits)` its
+    continuous batching runs on (`infer.batching.Decoder`; transformers' is `batching.PaddedCache`)."""
 
     lock: threading.Lock
 
@@ -154,9 +155,6 @@ class ChatEngine:
         """Yield text pieces as they are generated, then one final Completion with the totals."""
         raise NotImplementedError
 
-    def decoder(self, limits):
-        raise NotImplementedError
-
     def close(self) -> None:
         """Give back what the engine holds beyond what garbage collection frees."""
 
@@ -170,11 +168,6 @@ class Generator(ChatEngine):
         self.loaded = loaded
         self.model = loaded.model
         self.lock = threading.Lock()
-
-    def decoder(self, limits):
-        from ezoforge.infer.batching import PaddedCache
-
-        return PaddedCache(self, limits)
 
     def _generate_kwargs(self, sampling: Sampling) -> dict:
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_ids,

@@ -155,7 +155,8 @@ def _judge(instructions: list[Instruction], answers: dict[str, list[dict]], reci
     """Every candidate graded by the recipe's judge (eval's client): the mean of its `eval.judgments` verdicts, or
     None when one was unusable. Candidates, the verdicts (each naming its candidate) and the judge as served."""
     from ezoforge.eval.items import OpenTask
-    from ezoforge.eval.judge_client import Judge, Unit
+    from ezoforge.eval.judge_client import Judge
+    from ezoforge.eval.task_types.judged import Unit
     from ezoforge.eval.tasks import TASK_TYPES
     from ezoforge.models import load
 

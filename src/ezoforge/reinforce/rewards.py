@@ -75,7 +75,7 @@ class JudgeReward:
 
     def __call__(self, prompts: list, completions: list, instruction_id: list[str], **_) -> list[float | None]:
         from ezoforge.eval.items import OpenTask
-        from ezoforge.eval.judge_client import Unit
+        from ezoforge.eval.task_types.judged import Unit
 
         low, high = self.rubric.scale
         units = [Unit(OpenTask(f"reinforce/{i}", prompt_of(p), None, None), k, 1, j, (text_of(c),), self.rubric)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from ezoforge.eval import metrics
@@ -138,8 +138,6 @@ class Judged(Scoring):
 
     def _units(self, judgments: int) -> list:
         """Every verdict to get, in row order: `judgments` of each answer, each seeing the sample's answers so far."""
-        from ezoforge.eval.judge_client import Unit
-
         by_id = {t.id: (t, s.task_type) for s in self.suites for t in s.items}
         so_far: dict[tuple[str, int], list[str]] = {}
         units = []
@@ -243,7 +241,7 @@ class JudgedTask(EvalTask):
         return None
 
     def verdict(self, ask: Callable[[list[dict[str, str]]], str], unit, reasks: int) -> Verdict:
-        """The verdict on `unit` (eval.judge_client.Unit): `ask` sends messages and returns the judge's text."""
+        """The verdict on `unit` (a `Unit`, below): `ask` sends messages and returns the judge's text."""
         raise NotImplementedError
 
     def prompt_name(self, unit) -> str | None:
@@ -257,3 +255,15 @@ class JudgedTask(EvalTask):
     def breakdown_words(self, figures: dict | None) -> list[tuple[str, str]]:
         """The eval report's lines for its own figures."""
         return []
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One verdict to get: judgment `judgment` of the model's answer to `turn` in sample `sample` of `task`, judged
+    as the open task type `judged_as` judges (its prompt, version and verdict parsing)."""
+    task: OpenTask
+    sample: int
+    turn: int
+    judgment: int
+    answers: tuple[str, ...]  # the sample's answers to turns 1..turn
+    judged_as: JudgedTask
