@@ -1,9 +1,8 @@
 import json
-from dataclasses import asdict
 
 import pytest
 
-from ezoforge.cache import request_key
+from ezoforge.cache import answer_key
 from ezoforge.errors import RecordError
 from ezoforge.infer.chat import repl
 from ezoforge.infer.generate import Completion, Generator, Sampling, build_messages, generate_file
@@ -55,7 +54,7 @@ def test_batch_file_resumes_and_keeps_order(gen, tmp_path):
     rows = [{"id": f"q{i}", "prompt": p} for i, p in enumerate(["こんにちは", "1+1は？", "空は何色？"])]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     # A previous run with the same settings that was killed after answering q1 (and tore its last line).
-    key = request_key(model="m", messages=build_messages("1+1は？", SYSTEM), sampling=asdict(Sampling(max_new_tokens=8)))
+    key = answer_key("m", build_messages("1+1は？", SYSTEM), Sampling(max_new_tokens=8))
     (tmp_path / "answers.jsonl.partial").write_text(json.dumps({"id": "q1", "key": key, "answer": "KEPT"}) +
                                                     '\n{"id": "q2", "ans', encoding="utf-8")
     assert generate_file(gen, src, out, SYSTEM, Sampling(max_new_tokens=8), batch_size=2, identity="m") == 3

@@ -5,6 +5,7 @@ sends only the missing requests.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -23,6 +24,14 @@ def request_key(**parts: Any) -> str:
     """sha256 of the canonical JSON of everything that determines a response."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def answer_key(model: str, messages: list[dict], sampling: Any, sample: int = 0) -> str:
+    """The one key of a model's answer to a conversation, in every answer cache (eval, prefer, `ezo generate`):
+    the model's identity, the messages, the sampling it was drawn with (infer.generate.Sampling, with its seed) and
+    the sample's index."""
+    return request_key(kind="answer", model=model, messages=messages, sampling=dataclasses.asdict(sampling),
+                       sample=sample)
 
 
 class RequestCache:

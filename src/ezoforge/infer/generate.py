@@ -5,7 +5,7 @@ import functools
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,10 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+    def cached(self) -> dict:
+        """What an answer cache stores of it (cache.answer_key's value)."""
+        return {"text": self.text, "finish_reason": self.finish_reason, "completion_tokens": self.completion_tokens}
 
 
 def finish_reason(stopped: bool, tokens: int, max_new_tokens: int) -> str:
@@ -268,7 +272,7 @@ def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str
     """
     from rich.progress import Progress
 
-    from ezoforge.cache import request_key
+    from ezoforge.cache import answer_key
     from ezoforge.logs import console
 
     rows, seen = [], set()
@@ -280,7 +284,7 @@ def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str
         seen.add(row_id)
         messages = build_messages(prompt, system)
         rows.append({"id": row_id, "prompt": prompt, "messages": messages,
-                     "key": request_key(model=identity, messages=messages, sampling=asdict(sampling))})
+                     "key": answer_key(identity, messages, sampling)})
     partial = out_path.with_name(out_path.name + ".partial")
     done: dict[str, str] = {}
     if partial.exists():

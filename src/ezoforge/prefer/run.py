@@ -19,13 +19,13 @@ import logging
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ezoforge.cache import RequestCache, cached, request_key
+from ezoforge.cache import RequestCache, answer_key, cached
 from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import judge_prompt
@@ -136,12 +136,11 @@ def _sample(instructions: list[Instruction], messages: dict[str, list], model: M
     out: dict[str, list[dict]] = {i.id: [] for i in instructions}
     for s in range(cfg.samples):
         sampling = replace(Sampling.from_config(cfg.generation), seed=cfg.generation.seed + s)
-        keys = [request_key(kind="answer", model=fp, messages=c, sampling=asdict(sampling), sample=s) for c in convs]
+        keys = [answer_key(fp, c, sampling, s) for c in convs]
 
         def compute(chosen: list[int], sampling=sampling) -> list[dict]:
             done = generator().complete([convs[k] for k in chosen], sampling)
-            return [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
-                    for c in done]
+            return [c.cached() for c in done]
 
         for ins, value in zip(instructions, cached(cache, keys, compute, cfg.generation.batch_size,
                                                    "answers", counts)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ezoforge.eval import metrics
@@ -78,7 +78,7 @@ def protocol_words(report: dict) -> str | None:
 def _answers(tasks: list[OpenTask], ctx: Context) -> list[dict]:
     """One row per task, sample and turn, in that order. A later turn is asked in the conversation that holds
     the sample's own earlier answers, as MT-Bench asks its second turn."""
-    from ezoforge.cache import cached, request_key
+    from ezoforge.cache import answer_key, cached
     from ezoforge.infer.generate import Sampling
 
     recipe, models = ctx.recipe, ctx.models
@@ -98,13 +98,11 @@ def _answers(tasks: list[OpenTask], ctx: Context) -> list[dict]:
                 for i in idx:
                     convs[i, s] = convs[i, s] + [{"role": "assistant", "content": said[i, s, turn - 1]["text"]},
                                                  {"role": "user", "content": tasks[i].turns[turn - 1]}]
-            keys = [request_key(kind="answer", model=fp, messages=convs[i, s], sampling=asdict(sampling), sample=s)
-                    for i in idx]
+            keys = [answer_key(fp, convs[i, s], sampling, s) for i in idx]
 
             def compute(chosen: list[int], idx=idx, s=s, sampling=sampling) -> list[dict]:
                 outs = models.generator.complete([convs[idx[k], s] for k in chosen], sampling)
-                return [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
-                        for c in outs]
+                return [c.cached() for c in outs]
 
             for i, value in zip(idx, cached(ctx.cache, keys, compute, g.batch_size, "answers", ctx.counts)):
                 said[i, s, turn] = value
