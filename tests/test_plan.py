@@ -264,3 +264,31 @@ def test_reinforce_plans_the_trainer_the_generation_engine_and_the_judge_togethe
     assert not crowded["fits"] and crowded["to_fit"] == "reinforce.batch_size: 1"
     assert plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, *big, "reinforce.batch_size=1"]),
                 "h100")["stages"]["reinforce"]["fits"]
+
+
+def test_a_new_eval_task_type_is_planned_by_what_it_declares(monkeypatch):
+    """A new eval task type is its module and one registry line; `ezo plan` reads what the type declares (a
+    likelihood score loads the model where eval runs, a question's turns are each answered), never its name."""
+    from ezoforge.eval.task_types.elyza100 import Elyza100
+    from ezoforge.eval.task_types.ppl import Ppl
+    from ezoforge.eval.tasks import TASK_TYPES
+
+    class Surprisal(Ppl):  # its module: a likelihood task, scored as perplexity is
+        kind = "surprisal"
+
+    class FollowUp(Elyza100):  # its module: a judged task that asks a second turn
+        kind = "follow-up"
+        turns = 2
+
+    for new in (Surprisal(), FollowUp()):
+        monkeypatch.setitem(TASK_TYPES, new.kind, new)  # its line in eval/tasks.py
+    served = ["eval.backend=openai", "eval.base_url=http://127.0.0.1:9/v1", "eval.judge_url=http://127.0.0.1:9/v1",
+              "eval.limit=10"]
+
+    def planned(*tasks):
+        return plan(load_recipe(RECIPES / "llama31-8b.yaml", [*served, f"eval.tasks=[{', '.join(tasks)}]"]), "h100")
+
+    judged = planned("elyza100:t.jsonl")
+    assert judged["stages"]["eval-base"]["gpu_gib"] == 0  # a served model answers: nothing loads here
+    assert planned("elyza100:t.jsonl", "surprisal:p.jsonl")["stages"]["eval-base"]["gpu_gib"] > 15  # the 8B's weights
+    assert planned("follow-up:t.jsonl")["tokens"]["eval_out"] == 2 * judged["tokens"]["eval_out"]

@@ -162,6 +162,14 @@ HUB_SHARD_BYTES = 5e9  # the hub's usual safetensors shard (Llama-3.1-70B: 30 sh
 COMPRESSION = 2.5  # Parquet / gzip on Japanese text
 
 
+def task_type(spec: str):
+    """The eval task type a task spec names (`KIND` or `KIND:FILE`; an unknown one is refused, naming it): what it
+    declares is what the plan counts."""
+    from ezoforge.eval.tasks import TASK_TYPES, parse_spec
+
+    return TASK_TYPES[parse_spec(spec)[0]]
+
+
 def known_shape(spec: str) -> str | None:
     key = spec.lower().replace("meta-llama-", "llama-").replace("_", "-")
     return next((name for name in KNOWN_SHAPES if name in key), None)
@@ -284,8 +292,8 @@ def volume(recipe: Recipe, docs_kept: float) -> Volume:
     # The trainer evaluates before step 1, every eval_every steps, and after the last step when that is off-cadence.
     evals = 1 + math.ceil(steps / t.eval_every) if held else 0
     e = recipe.eval
-    # MT-Bench asks two turns per question; every answer is judged `judgments` times.
-    turns = 2 if any(t.startswith("mt-bench-ja") for t in e.tasks) else 1
+    # Each question's turns as its task type declares them (MT-Bench: 2); every answer is judged `judgments` times.
+    turns = max((task_type(t).turns for t in e.tasks), default=1)
     answers = (e.limit or 100) * e.samples * turns
     return Volume(chars, curated_tokens, docs, requests, passage, requests * (passage + prompt),
                   requests * s.generation.max_new_tokens, data_tokens, train_tokens, evals * data_tokens * held,
@@ -649,8 +657,8 @@ class Planner:
             engine = self.llamacpp_engine(model, self.shape, e.llamacpp, e.generation.batch_size)
             sources.append("answers: " + engine["source"])
             cpu_ram, gguf = engine["ram_gib"], engine["disk"]  # the model written once as a GGUF into the cache
-        kinds = {t.partition(":")[0] for t in e.tasks}
-        if e.backend == "transformers" or kinds & {"jcqa", "ppl"} or local_judge:
+        likelihoods = any(task_type(t).scoring.loads_model for t in e.tasks)
+        if e.backend == "transformers" or likelihoods or local_judge:
             quantize = self.eval_quantize()
             scheme = self.base_dtype() if quantize == "none" else quantize
             weights = weight_bytes(self.shape, scheme)

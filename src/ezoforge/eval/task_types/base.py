@@ -43,6 +43,7 @@ class EvalTask:
     scoring: ClassVar[type[Scoring]]
     hub: ClassVar[tuple[str, str] | None] = None  # (dataset, split) read when the spec names no file
     prompt_version: ClassVar[str | None] = None  # the judge prompt its answers are graded with; None: not judged
+    turns: ClassVar[int] = 1  # user turns per question, each answered (and judged): `ezo plan` counts them
 
     def spec_words(self) -> str:
         """How its spec is written (`--tasks`' help)."""
@@ -92,6 +93,9 @@ class Scoring:
     metrics: ClassVar[dict[str, Metric]] = {}  # its headline figures (report.json keys) and how each reads
     summary_keys: ClassVar[tuple[str, ...]] = ()  # its report.json keys the run report keeps of an eval
     contaminable: ClassVar[bool] = False  # its items are looked up in the training data before any answering
+    # Scored from the model's own likelihoods in eval's process, whatever eval.backend answers with: `ezo plan`
+    # counts the model's weights there.
+    loads_model: ClassVar[bool] = False
 
     def __init__(self, types: list[EvalTask], suites: list[Suite]):
         self.types, self.suites = types, suites

@@ -33,6 +33,7 @@ def _accuracy(preds: list[dict], field: str) -> float | None:
 
 
 class Choices(Scoring):
+    loads_model = True
     metrics = {"accuracy": ACCURACY}
     summary_keys = ("accuracy", "n_choice_items")
 

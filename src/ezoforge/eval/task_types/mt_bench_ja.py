@@ -37,6 +37,7 @@ def load_references(path: Path) -> dict[str, tuple[str, ...]]:
 
 class MtBenchJa(JudgedTask):
     kind = "mt-bench-ja"
+    turns = 2
     prompt_version = mt_bench.PROMPT_VERSION
     scale = mt_bench.SCALE
     benchmark = "Japanese MT-Bench"

@@ -28,6 +28,7 @@ def _passages(items: list[Passage], ctx: Context) -> list[dict]:
 
 
 class Perplexity(Scoring):
+    loads_model = True
     metrics = {"perplexity": PERPLEXITY}
     summary_keys = ("perplexity", "ppl_tokens")
 
