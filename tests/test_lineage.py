@@ -44,3 +44,20 @@ def test_lineage_visits_a_folder_read_twice_once(tmp_path):
     train = finished("train", tmp_path / "train", [a, b], {})
     assert [p.name for p, _ in lineage(train)] == ["train", "a", "b", "curate"]
     assert lineage(tmp_path / "nowhere") == []
+
+
+def test_the_data_behind_a_model_is_its_training_text_not_an_eval_s_tasks(tmp_path):
+    from ezoforge.eval.contamination import training_sources
+
+    docs, pairs, tasks = (tmp_path / n for n in ("docs.jsonl", "pairs.jsonl", "tasks.jsonl"))
+    for f in (docs, pairs, tasks):
+        f.write_text("{}\n")
+    synth = finished("synth", tmp_path / "synth", [docs], {})
+    train = finished("train", tmp_path / "train", [synth, pairs], {}, adapter=True)
+    merged = finished("merge", tmp_path / "merged", [train], {})
+    evaluated = finished("eval", tmp_path / "eval-tuned", [tasks, merged], {})
+    export = finished("export", tmp_path / "export", [merged, evaluated], {})
+    sources, missing = training_sources(str(export), None)
+    assert {(s.kind, s.stage, s.path.name) for s in sources} == {
+        ("pairs", "synth", "synth"), ("documents", "file", "docs.jsonl"), ("pairs", "file", "pairs.jsonl")}
+    assert missing == []

@@ -246,7 +246,7 @@ def test_several_cards_shard_training_and_run_a_synth_engine_per_card():
 
 def test_reinforce_plans_the_trainer_the_generation_engine_and_the_judge_together():
     stages = ["stages=[curate,synth,train,reinforce,merge,eval]", "eval.judge_url=local",
-              "eval.judge_model=meta-llama/Llama-3.1-8B-Instruct"]
+              "eval.judge_model=meta-llama/Llama-3.1-8B-Instruct", "reinforce.engine=transformers"]
     judged = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.rewards={judge: 1.0}"]), "h100")
     alone = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.rewards={japanese: 1.0}",
                                                            "reinforce.rewards.judge=0"]), "h100")
@@ -258,6 +258,11 @@ def test_reinforce_plans_the_trainer_the_generation_engine_and_the_judge_togethe
     vllm = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.engine=vllm"]), "h100")
     assert vllm["stages"]["reinforce"]["gpu_parts_gib"]["generation"] == pytest.approx(0.3 * CARDS["h100"].memory_gib,
                                                                                         abs=0.01)
+    # A share too small for vLLM's own 16-bit copy of the 8B (16 GB) does not fit, however much card is left.
+    small = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, "reinforce.engine=vllm",
+                                                           "reinforce.vllm_gpu_memory_utilization=0.2"]), "h100")
+    assert not small["stages"]["reinforce"]["fits"] and small["stages"]["reinforce"]["gpu_gib"] < 79.6
+    assert small["stages"]["reinforce"]["to_fit"] == "reinforce.vllm_gpu_memory_utilization: 0.4"
     # 8 prompts x 16 completions of 1,024 tokens beside the judge do not fit: the plan names what does.
     big = ["reinforce.batch_size=8", "reinforce.num_generations=16", "reinforce.max_completion_length=1024"]
     crowded = plan(load_recipe(RECIPES / "llama31-8b.yaml", [*stages, *big]), "h100")["stages"]["reinforce"]

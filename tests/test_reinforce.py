@@ -37,8 +37,7 @@ def test_two_steps_with_every_kind_of_reward(tiny_model, sft, tmp_path):  # noqa
     assert rows[0]["kl"] == 0.0 and stats["kl_first"] == 0.0
     for name in ("judge", "japanese", "length", "reference", "answer_length"):
         assert rows[0][f"reward_{name}_mean"] is not None and rows[0][f"reward_{name}_std"] is not None, name
-    # Every (prompt, completion) the judge graded was asked once (cached after): the scores before and after
-    # training read the cache where a greedy completion repeats.
+    # Every (prompt, completion) the judge graded was asked once: a completion that repeats is read from the cache.
     assert stats["judge_served"] == ["scripted-judge-2026-12-01"] and stats["judge_unusable"] == 0
     assert stats["judge_sent"] == len(set(asked)) == len(asked) and graded
     held = stats["before"]["held_out"]
@@ -63,6 +62,27 @@ def test_judge_grades_map_to_zero_one(tmp_path):
         got = reward([[{"role": "user", "content": "q"}]] * 5, [[{"role": "assistant", "content": t}] for t in texts],
                      instruction_id=[f"i{k}" for k in range(5)])
     assert got == [(expected_grade(t) - 1) / 4 for t in texts]
+
+
+def test_a_judge_that_cannot_be_reached_stops_the_stage_instead_of_rewarding_nothing(tmp_path):
+    import socket
+    from contextlib import ExitStack
+
+    from ezoforge.cache import RequestCache
+    from ezoforge.config import EvalConfig
+    from ezoforge.errors import EzoError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ExitStack() as stack:
+        cache = RequestCache(tmp_path / "c.sqlite")
+        stack.callback(cache.close)
+        reward = rewards.JudgeReward(EvalConfig(judge_url=f"http://127.0.0.1:{port}/v1", judge_model="s",
+                                                judge_max_retries=0, judge_timeout=5), cache, stack, None)
+        with pytest.raises(EzoError, match="judge requests failed .* rerun the same command to resume"):
+            reward([[{"role": "user", "content": "q"}]], [[{"role": "assistant", "content": "a"}]],
+                   instruction_id=["i0"])
 
 
 @pytest.mark.parametrize("text, share", [("日本の首都は東京です。", 1.0), ("Tokyo is the capital.", 0.0),
@@ -101,3 +121,19 @@ def test_resume_after_a_kill_gives_the_same_losses_and_rewards(tiny_model, sft, 
         for key in ("loss", "kl", "reward", "reward_japanese_mean", "reward_length_mean"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-5), (key, ra, rb)
     assert resumed["after"] == straight["after"]
+
+
+def test_with_prefer_and_reinforce_each_continues_the_one_before_and_merge_folds_the_last(tmp_path):
+    from ezoforge.stages import _tuned, steps
+
+    recipe = load_recipe(None, ["stages=[curate,synth,train,prefer,reinforce,merge,eval]", "eval.judge_url=local",
+                                "eval.judge_model=bundled:smollm2-135m-instruct"])
+    read = {s: tmp_path / s for s in ("train", "prefer", "reinforce")}
+    assert _tuned(recipe, read, before="prefer") == read["train"]
+    assert _tuned(recipe, read, before="reinforce") == read["prefer"]  # GRPO continues DPO's adapter
+    assert _tuned(recipe, read) == read["reinforce"]  # merge and eval-tuned take GRPO's
+    assert steps(recipe) == ["curate", "synth", "train", "prefer", "reinforce", "merge", "eval-base", "eval-sft",
+                             "eval-tuned"]
+    alone = load_recipe(None, ["stages=[train,reinforce,merge]", "reinforce.rewards={japanese: 1.0}",
+                               "reinforce.rewards.judge=0"])
+    assert _tuned(alone, read, before="reinforce") == read["train"] and _tuned(alone, read) == read["reinforce"]

@@ -493,7 +493,8 @@ class ReinforceConfig(Section):
     log_every: int = Field(1, ge=1)
     liger: bool | None = None
 
-    operational = frozenset({"save_every", "keep_checkpoints", "log_every"})
+    # vLLM's share of the card sets where it runs, not what it samples (as vllm.gpu_memory_utilization)
+    operational = frozenset({"save_every", "keep_checkpoints", "log_every", "vllm_gpu_memory_utilization"})
 
     @model_validator(mode="after")
     def _checks(self) -> "ReinforceConfig":

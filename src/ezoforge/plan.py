@@ -593,16 +593,24 @@ class Planner:
         activations = shape.layers * sequences * length * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
         trainer = (weight_bytes(shape, scheme) + self.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
         vllm = c.engine == "vllm" or (c.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+        engine_fits = True
         if vllm:
+            # vLLM's own copy of the weights (16-bit), its overhead and one step's sequences of KV cache must fit in
+            # its share of the card.
             engine = c.vllm_gpu_memory_utilization * self.card.memory_gib
+            need = (weight_bytes(shape, self.base_dtype()) + sequences * length * shape.kv_bytes_per_token) / GIB + \
+                VLLM_OVERHEAD_GIB
+            engine_fits = need <= engine
             words = (f"vLLM colocated: reinforce.vllm_gpu_memory_utilization {c.vllm_gpu_memory_utilization:g} of the "
-                     f"card ({engine:.1f} GiB)")
+                     f"card ({engine:.1f} GiB), which must hold its weights, overhead and {sequences} sequences of KV "
+                     f"cache ({need:.1f} GiB)")
         else:
             engine = sequences * length * shape.kv_bytes_per_token / GIB
             words = (f"transformers: the KV cache of {sequences} sequences x {length:,} tokens ({engine:.1f} GiB) "
                      "beside the training weights")
         judge = self.local_judge_gib() if "judge" in c.active else 0.0
-        completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out  # + greedy scoring before and after
+        # + the scores before and after: num_generations completions per held-out prompt and per as many trained ones
+        completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out * c.num_generations
         decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), sequences)
         tps = getattr(self, "tps", None) or \
             self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
@@ -616,6 +624,7 @@ class Planner:
             f"{completions:,} completions decoded, {judge_calls:,} judge calls (their time is the judge's); training "
             "at train's tokens/s x 3/4 for the reference's forward pass")
         return {"gpu_gib": trainer + engine + judge, "ram_gib": PROCESS_RAM_GIB + shard / GIB,
+                "fits_gpu": engine_fits and trainer + engine + judge <= self.card.memory_gib,
                 "disk_gib": self.lora_params() * 4 * (1 + c.keep_checkpoints * 3) / GIB,
                 "hours": (completions * c.max_completion_length / decode + train_tokens * 4 / 3 / tps) / 3600,
                 "completions": int(completions), "judge_calls": int(judge_calls), "train_tokens": int(train_tokens),
@@ -737,7 +746,8 @@ CANDIDATES = {
     "prefer": [["train.gradient_checkpointing=true"], ["train.qlora=true"], ["prefer.batch_size=1"],
                *[[f"prefer.max_length={n}"] for n in (1024, 512)]],
     "reinforce": [["train.gradient_checkpointing=true"], ["train.qlora=true"], ["reinforce.batch_size=1"],
-                  ["reinforce.vllm_gpu_memory_utilization=0.2"], ["reinforce.num_generations=4"],
+                  *[[f"reinforce.vllm_gpu_memory_utilization={u}"] for u in (0.2, 0.4, 0.5)],
+                  ["reinforce.num_generations=4"],
                   *[[f"reinforce.max_completion_length={n}"] for n in (256, 128)]],
     "eval": [*[[f"eval.generation.batch_size={b}"] for b in (16, 8, 4, 1)], ["model.quantize=int8"],
              ["model.quantize=nf4"], *[["model.quantize=nf4", f"eval.generation.batch_size={b}"] for b in (8, 1)],

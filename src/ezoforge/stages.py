@@ -2,7 +2,7 @@
 how it runs from the recipe. The pipeline (order, `--force STAGE`), the run report and the CLI read it from here.
 
 A step belongs to one of the recipe's stages (`recipe.stages`); eval is three steps, the base model, the SFT model
-alone (with a prefer stage) and the tuned one. Each `run` is handed the folders of the steps it reads, and only
+alone (with a prefer or reinforce stage) and the tuned one. Each `run` is handed the folders of the steps it reads, and only
 those, so what it reads and what a `--force` redoes after it cannot disagree.
 """
 from __future__ import annotations
@@ -49,10 +49,11 @@ def _prefer(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
 
 def _reinforce(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
     from ezoforge.reinforce.run import run
-    return run(recipe, read["prefer"] if "prefer" in recipe.stages else read["train"], out, force=force)
+    return run(recipe, _tuned(recipe, read, before="reinforce"), out, force=force)
 
 
-# The stages that continue the SFT adapter, in run order: the last the recipe holds made the tuned model.
+# The stages that continue the SFT adapter, in run order: each continues the one before it that the recipe holds,
+# and the last made the tuned model.
 AFTER_SFT = ("prefer", "reinforce")
 
 
@@ -60,10 +61,11 @@ def after_sft(recipe: Recipe) -> bool:
     return any(s in recipe.stages for s in AFTER_SFT)
 
 
-def _tuned(recipe: Recipe, read: dict[str, Path]) -> Path:
-    """The folder whose adapter is the run's tuned model: the last stage that continued the SFT adapter (GRPO's,
-    DPO's), else the SFT's."""
-    return next((read[s] for s in reversed(AFTER_SFT) if s in recipe.stages), read["train"])
+def _tuned(recipe: Recipe, read: dict[str, Path], before: str | None = None) -> Path:
+    """The folder whose adapter is the tuned model (before the stage `before`, when given): the last stage that
+    continued the SFT adapter (GRPO's, DPO's), else the SFT's."""
+    stages = AFTER_SFT[:AFTER_SFT.index(before)] if before else AFTER_SFT
+    return next((read[s] for s in reversed(stages) if s in recipe.stages), read["train"])
 
 
 def _merge(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:

@@ -24,13 +24,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.errors import EzoError
+from ezoforge.errors import EzoError, RecordError
 from ezoforge.eval.items import OpenTask
 from ezoforge.records import read_rows
 from ezoforge.report_kit import render
 from ezoforge.stage import done_info, input_files, lineage
 
 FIELDS = ("input", "reference")
+# The stages whose raw input files are training text, and which kind.
+RAW_TRAINING_TEXT = {"synth": "documents", "train": "pairs"}
 log = logging.getLogger(__name__)
 
 
@@ -61,19 +63,26 @@ def training_sources(model: str, adapter: str | Path | None) -> tuple[list[Sourc
     sources: list[Source] = []
     missing: list[str] = []
     seen: set[Path] = set()
-    for folder, done in (found for start in starts for found in lineage(start)):
-        if folder.resolve() in seen:
+    for start in starts:
+        try:
+            chain = lineage(start)
+        except RecordError as e:  # another version's folder: no provenance to follow, said as such
+            missing.append(f"{start} (its records cannot be read: {e})")
             continue
-        seen.add(folder.resolve())
-        if done.stage in ("synth", "curate"):
-            sources.append(Source("pairs" if done.stage == "synth" else "documents", done.stage, folder.resolve()))
-        if done.stage == "curate":
-            continue  # curation's inputs are the raw corpora: the documents it kept are what fed the pairs
-        for p in map(Path, done.inputs):
-            if not p.exists():
-                missing.append(str(p))
-            elif done_info(p) is None:  # a user's own document file (synth) or pair file (the stages after it)
-                sources.append(Source("documents" if done.stage == "synth" else "pairs", "file", p.resolve()))
+        for folder, done in chain:
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            if done.stage in ("synth", "curate"):
+                sources.append(Source("pairs" if done.stage == "synth" else "documents", done.stage, folder.resolve()))
+            # Raw files count where they fed training text: a user's document file (synth), pair file (train).
+            # Other stages' raw inputs (curate's corpora, an eval's task files) fed none directly.
+            kind = RAW_TRAINING_TEXT.get(done.stage)
+            for p in map(Path, done.inputs) if kind else ():
+                if not p.exists():
+                    missing.append(str(p))
+                elif done_info(p) is None:
+                    sources.append(Source(kind, "file", p.resolve()))
     return sources, missing
 
 

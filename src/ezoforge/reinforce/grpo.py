@@ -20,12 +20,11 @@ from ezoforge.config import ReinforceConfig, TrainConfig
 from ezoforge.errors import ConfigError
 from ezoforge.records import atomic_path
 from ezoforge.reinforce.rewards import Reward
+from ezoforge.train.dpo import REF
 from ezoforge.train.model import use_cpu_autocast
 from ezoforge.train.trainer import trainer_args
 
 log = logging.getLogger(__name__)
-
-REF = "ref"  # the name TRL gives the frozen copy of the adapter it is handed
 
 
 def use_vllm(cfg: ReinforceConfig, device: torch.device) -> bool:

@@ -4,7 +4,8 @@ Each is a function TRL's GRPOTrainer calls with a batch's prompts and completion
 `__name__` is the name metrics.jsonl logs it under (`reward_NAME_mean`, `reward_NAME_std`). Ours score in [0, 1]:
 
 - `judge`: the recipe's judge grades the completion on ELYZA-tasks-100's 1-5 rubric (eval's client, prompt and cache
-  keys), mapped to [0, 1]; an unusable verdict gives no reward (None, which TRL leaves out of the mean).
+  keys), mapped to [0, 1]; an unusable verdict gives no reward (None, which TRL leaves out of the mean), a failed
+  request stops the stage (a rerun resumes).
 - `japanese`: the share of the completion's letters that are kana or kanji (`text.japanese_ratio`).
 - `length`: 1 up to `reinforce.length_budget` completion tokens, falling to 0 at twice that.
 - `reference`: chrF (0-100, scaled to 0-1) against the synthesized response.
@@ -22,10 +23,11 @@ from pathlib import Path
 
 from ezoforge.cache import RequestCache
 from ezoforge.config import EvalConfig, ReinforceConfig
-from ezoforge.errors import ConfigError
+from ezoforge.errors import ConfigError, EzoError
 from ezoforge.text import japanese_ratio
 
 Reward = Callable[..., list]
+RESERVED = {"reward", "completion_tokens"}  # the scores' own figures beside each reward's (grpo.score)
 
 
 def text_of(completion) -> str:
@@ -82,6 +84,10 @@ class JudgeReward:
                  for k, (i, p, c) in enumerate(zip(instruction_id, prompts, completions))
                  for j in range(self.ev.judgments)]
         verdicts = self.judge.judge_all(units, "reinforce")
+        failed = [v for v in verdicts if (v["error"] or "").startswith("judge request failed")]
+        if failed:  # stop rather than train on missing rewards: a rerun resumes, the verdicts so far are cached
+            raise EzoError(f"{len(failed)} of {len(verdicts)} judge requests failed (first: {failed[0]['error']}); "
+                           "rerun the same command to resume from the last checkpoint")
         out: list[float | None] = []
         for k in range(len(completions)):
             mine = verdicts[k * self.ev.judgments:(k + 1) * self.ev.judgments]
@@ -93,8 +99,8 @@ class JudgeReward:
         return out
 
 
-def user_reward(spec: str) -> Reward:
-    """`module:function` as a reward named after the function; it must import now (before any model loads)."""
+def user_function(spec: str) -> Callable:
+    """The function `module:function` names; refused, naming the reward, when it does not import or is not one."""
     module, name = spec.split(":")
     try:
         function = getattr(importlib.import_module(module), name)
@@ -102,6 +108,12 @@ def user_reward(spec: str) -> Reward:
         raise ConfigError(f"reinforce.rewards.{spec}: cannot import it ({e})") from None
     if not callable(function):
         raise ConfigError(f"reinforce.rewards.{spec}: not a function")
+    return function
+
+
+def user_reward(spec: str) -> Reward:
+    """`module:function` as a reward named after the function."""
+    function, name = user_function(spec), spec.split(":")[1]
 
     def reward(prompts: list, completions: list, **_) -> list[float]:
         return [float(function(prompt_of(p), text_of(c))) for p, c in zip(prompts, completions)]
@@ -114,10 +126,7 @@ def build(cfg: ReinforceConfig, ev: EvalConfig, out: Path, stack: ExitStack, loa
     """The recipe's rewards and their weights, in the recipe's order."""
     functions: list[Reward] = []
     for name in cfg.active:
-        if name == "judge":
-            if not (ev.judge_url and ev.judge_model):
-                raise ConfigError("reinforce.rewards.judge grades with the recipe's judge: set eval.judge_url and "
-                                  "eval.judge_model, or drop that reward")
+        if name == "judge":  # the stage has checked the judge is set (reinforce.run)
             functions.append(JudgeReward(ev, cache, stack, load_local))
         elif name == "japanese":
             functions.append(japanese)
@@ -130,4 +139,7 @@ def build(cfg: ReinforceConfig, ev: EvalConfig, out: Path, stack: ExitStack, loa
     names = [f.__name__ for f in functions]
     if len(set(names)) < len(names):
         raise ConfigError(f"reinforce.rewards: two rewards share a name ({', '.join(names)}); rename a function")
+    if taken := set(names) & RESERVED:
+        raise ConfigError(f"reinforce.rewards: {', '.join(sorted(taken))} names a figure of the stage's own (the "
+                          "weighted total, the completions' length); rename the function")
     return functions, list(cfg.active.values())

@@ -3,8 +3,8 @@
 Prompts are the instructions the SFT was trained on, each with its passage (the SFT folder's DONE names them; never
 eval tasks), drawn seeded; the first `reinforce.held_out` are never trained on. Completions are rewarded by the
 recipe's `reinforce.rewards` (reinforce/rewards.py) and GRPO updates the adapter it continues (reinforce/grpo.py).
-The rewards of one greedy completion per held-out prompt, and per as many trained prompts, are scored before and
-after: a reward that rises on trained prompts only is a reward being gamed.
+The rewards of `num_generations` completions per held-out prompt, and per as many trained prompts, sampled from a
+fixed seed, are scored before and after: a reward that rises on trained prompts only is a reward being gamed.
 
 DIR/adapter (the starting adapter after GRPO: `ezo merge DIR` gives the final model), DIR/checkpoints,
 DIR/metrics.jsonl (a row per step: loss, KL, each reward's mean and spread), DIR/rewards.png, DIR/loss.png,
@@ -27,7 +27,7 @@ from ezoforge.cache import RequestCache
 from ezoforge.config import ModelConfig, Recipe, output_settings
 from ezoforge.errors import ConfigError, ModelError
 from ezoforge.eval import judge_prompt
-from ezoforge.records import Done
+from ezoforge.reinforce import rewards
 from ezoforge.stage import Stage, done_info, lineage
 from ezoforge.train.continued import JUDGE_KEYS, Instruction, draw, read_instructions, sft
 
@@ -36,36 +36,36 @@ log = logging.getLogger(__name__)
 CACHE = "requests.sqlite"
 
 
-def starting_point(tuned_dir: Path) -> tuple[Done, Path]:
-    """The folder GRPO continues (a finished train or prefer folder, with its adapter), and the SFT folder behind
-    it (itself, or the train folder its lineage reaches)."""
-    info = done_info(tuned_dir)
-    if info is None or not (tuned_dir / "adapter" / "adapter_config.json").is_file():
+def sft_behind(tuned_dir: Path) -> Path:
+    """The SFT folder behind the folder GRPO continues (a finished train or prefer folder, with its adapter): itself,
+    or the train folder its lineage reaches."""
+    if done_info(tuned_dir) is None or not (tuned_dir / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{tuned_dir}: not a finished `ezo train` or `ezo prefer` folder (needs adapter/ and DONE)")
     trains = [p for p, d in lineage(tuned_dir) if d.stage == "train"]
     if not trains:
         raise ModelError(f"{tuned_dir}: no `ezo train` folder behind it (DONE's inputs): reinforce needs the SFT's "
                          "instructions")
-    return info, trains[0]
+    return trains[0]
 
 
-def reinforce_output(recipe: Recipe) -> dict[str, Any]:
-    """The reinforce section; with a judge reward, the judge's keys and prompt version; with a user's reward, the
-    digest of the file that defines it (its code shapes the rewards)."""
+def reinforce_output(recipe: Recipe, engine: str) -> dict[str, Any]:
+    """What shapes the stage's output: the reinforce section with the rewards that count (a reward weighted 0, and
+    the length budget without a length reward, change nothing); the engine that samples, resolved; with a judge
+    reward, the judge's keys and prompt version; with a user's reward, the digest of the file that defines it."""
     from ezoforge.models import file_digest
 
     cfg = recipe.reinforce
-    output: dict[str, Any] = {"reinforce": output_settings(cfg)}
+    section = {**output_settings(cfg), "rewards": cfg.active, "engine": engine}
+    if "length" not in cfg.active:
+        section.pop("length_budget")
+    output: dict[str, Any] = {"reinforce": section}
     if "judge" in cfg.active:
         ev = output_settings(recipe.eval)
         output.update(eval={k: ev[k] for k in JUDGE_KEYS}, prompt_version=judge_prompt.PROMPT_VERSION)
     users = {}
     for name in cfg.active:
         if ":" in name:
-            try:
-                source = inspect.getsourcefile(importlib.import_module(name.split(":")[0]))
-            except ImportError as e:
-                raise ConfigError(f"reinforce.rewards.{name}: cannot import it ({e})") from None
+            source = inspect.getsourcefile(inspect.getmodule(rewards.user_function(name)))
             users[name] = file_digest(Path(source)) if source else None
     if users:
         output["reward_code"] = users
@@ -78,7 +78,7 @@ def run(recipe: Recipe, tuned_dir: Path, out: Path, force: bool = False) -> dict
     from ezoforge.train.model import use_qlora
 
     tuned_dir, out, cfg = Path(tuned_dir), Path(out), recipe.reinforce
-    _, train_dir = starting_point(tuned_dir)
+    train_dir = sft_behind(tuned_dir)
     info, model, train = sft(train_dir, recipe)
     if "judge" in cfg.active:
         if not (recipe.eval.judge_url and recipe.eval.judge_model):
@@ -95,11 +95,18 @@ def run(recipe: Recipe, tuned_dir: Path, out: Path, force: bool = False) -> dict
     vllm = use_vllm(cfg, device)
     found, skipped = read_instructions(info.inputs)
     drawn = draw(found, cfg.limit, cfg.seed)
-    held, trained = drawn[:cfg.held_out], drawn[cfg.held_out:]
+    # As many prompts as the steps take, so every prompt trained on is seen and the trained prompts scored before
+    # and after were really trained on.
+    held, trained = drawn[:cfg.held_out], drawn[cfg.held_out:cfg.held_out + cfg.max_steps * cfg.batch_size *
+                                                cfg.grad_accum]
     if not trained:
         raise ConfigError(f"reinforce.held_out={cfg.held_out} leaves no prompt to train on ({len(drawn)} drawn); "
                           "lower it or raise reinforce.limit")
-    stage = Stage("reinforce", out, reinforce_output(recipe), model=output_settings(model), inputs=[tuned_dir])
+    if len(drawn) > cfg.held_out + len(trained):
+        log.info("reinforce: %d steps x %d prompts take %d of the %d instructions drawn (+%d held out)", cfg.max_steps,
+                 cfg.batch_size * cfg.grad_accum, len(trained), len(drawn) - cfg.held_out, len(held))
+    stage = Stage("reinforce", out, reinforce_output(recipe, "vllm" if vllm else "transformers"),
+                  model=output_settings(model), inputs=[tuned_dir])
     if (finished := stage.start(force, keep=(CACHE,))) is not None:
         log.info("%s is already done with these settings", out)
         return finished
@@ -119,9 +126,9 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
                trained: list[Instruction], held: list[Instruction], skipped: int, device: torch.device, qlora: bool,
                vllm: bool) -> dict:
     from ezoforge.models import load, load_tokenizer
-    from ezoforge.reinforce import grpo, rewards
+    from ezoforge.reinforce import grpo
     from ezoforge.train import checkpoints
-    from ezoforge.train.dpo import load_policy
+    from ezoforge.train.dpo import REF, load_policy
     from ezoforge.train.progress import TrainLog, plot_loss
     from ezoforge.train.trainer import hardware, save_adapter, summarize
 
@@ -158,8 +165,8 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         after = {"held_out": grpo.score(trainer.model, tokenizer, held_rows, functions, weights, cfg),
                  "trained": grpo.score(trainer.model, tokenizer, seen, functions, weights, cfg)}
-        if grpo.REF in trainer.model.peft_config:
-            trainer.model.delete_adapter(grpo.REF)  # the reference is the starting adapter, in its own folder
+        if REF in trainer.model.peft_config:
+            trainer.model.delete_adapter(REF)  # the reference is the starting adapter, in its own folder
         save_adapter(trainer, out, True)
         checkpoints.clean(folder)
         judge = next((f for f in functions if isinstance(f, rewards.JudgeReward)), None)
@@ -197,8 +204,9 @@ def summary(stats: dict, out: Path | None = None) -> str:
         return f"{before['reward']:.3f} → {after['reward']:.3f}" if before and after else "–"
 
     weights = ", ".join(f"{n}×{w:g}" for n, w in stats["rewards"].items())
+    kl = "" if stats["kl_last"] is None else f" · KL {stats['kl_first']} → {stats['kl_last']}"  # none at beta 0
     return (f"GRPO {stats['steps']} steps on {stats['prompts']} prompts ({weights}) · reward held-out "
-            f"{change('held_out')}, trained {change('trained')} · KL {stats['kl_first']} → {stats['kl_last']}"
+            f"{change('held_out')}, trained {change('trained')}{kl}"
             + (f" → {out / 'adapter'}" if out else ""))
 
 
