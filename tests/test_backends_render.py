@@ -78,7 +78,7 @@ def test_synth_and_eval_requests_render_the_same_ids_in_process_and_through_ezo_
     remote = OpenAIBackend(f"{served}/v1", BUNDLED, None, 120, 0, 2, None, 4096)
     for backend in (local, remote):
         sizes = {}
-        backend.run(synth, Sampling(max_new_tokens=1), lambda i, out: sizes.__setitem__(i, out.tokens_in))
+        backend.run(synth, Sampling(max_new_tokens=1), lambda i, out: sizes.__setitem__(i, out.prompt_tokens))
         answers = backend.complete(conversations, Sampling(max_new_tokens=1))
         assert [sizes[i] for i in range(len(synth))] + [a.prompt_tokens for a in answers] == [len(x) for x in ids]
     assert remote.continues is True  # the prefill was continued, not restated in the user message

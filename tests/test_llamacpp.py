@@ -100,7 +100,7 @@ def test_greedy_answers_agree_with_the_transformers_backend(llama, requests, bun
     reference = ran(TransformersBackend.build(EvalConfig(), Target(BUNDLED, load=lambda: bundled)), requests, GREEDY)
     agree = total = 0
     for req, ours, theirs in zip(requests, answers, reference):
-        assert ours.tokens_in == theirs.tokens_in  # the same prompt ids
+        assert ours.prompt_tokens == theirs.prompt_tokens  # the same prompt ids
         a, b = (backend.tokenizer(o.text, add_special_tokens=False)["input_ids"] for o in (ours, theirs))
         agree += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
@@ -116,7 +116,7 @@ def test_decoding_together_equals_one_at_a_time(llama, requests, bundled):
     move by ~0.02), which may flip a near-tie in one reply, never anything else."""
     backend, together = llama
     alone = [ran(backend, [req], GREEDY)[0] for req in requests[:4]]
-    assert all(o.tokens_out == 32 and o.finish_reason == "length" for o in alone)  # nothing ended early
+    assert all(o.completion_tokens == 32 and o.finish_reason == "length" for o in alone)  # nothing ended early
     parted = 0
     for req, a, t in zip(requests, alone, together):
         a_ids, t_ids = (backend.tokenizer(o.text, add_special_tokens=False)["input_ids"] for o in (a, t))

@@ -93,7 +93,7 @@ def test_static_cache_path_matches_dynamic(bundled):
             reqs, Sampling(12), lambda i, out: got.__setitem__(i, out))
         results[static] = got
     assert {i: o.text for i, o in results[True].items()} == {i: o.text for i, o in results[False].items()}
-    assert all(o.tokens_out == 12 or o.finish_reason == "stop" for o in results[True].values())
+    assert all(o.completion_tokens == 12 or o.finish_reason == "stop" for o in results[True].values())
 
 
 def test_vllm_missing_is_a_clear_error(tmp_path):
@@ -143,7 +143,7 @@ def test_openai_backend_against_ezo_serve_matches_transformers(bundled, live_ser
     def outputs(out):
         with closing(sqlite3.connect(out / "requests.sqlite")) as db:
             values = [json.loads(v) for (v,) in db.execute("SELECT value FROM responses")]
-        return sorted((v["tokens_in"], v["text"]) for v in values)
+        return sorted((v["prompt_tokens"], v["text"]) for v in values)
 
     assert outputs(tmp_path / "http") == outputs(tmp_path / "local")  # same prompt sizes, same greedy text
     assert served["documents_with_pairs"] == local["documents_with_pairs"] == 1

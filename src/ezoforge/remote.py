@@ -6,9 +6,9 @@ fails raises RemoteError: callers record it as an error, never as text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ezoforge.completion import Completion
 from ezoforge.config import default_temperature_only, secret
 from ezoforge.errors import EzoError
 
@@ -22,16 +22,6 @@ class RemoteError(EzoError):
         self.status = status
 
 
-@dataclass
-class ChatReply:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    model: str | None = None  # the model as the server reports it answered (OpenAI: the dated version)
-    system_fingerprint: str | None = None
-
-
 def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 120.0,
                 max_retries: int = 4) -> openai.OpenAI:
     import openai
@@ -43,7 +33,7 @@ def make_client(base_url: str, api_key_env: str | None = None, timeout: float = 
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
          stop: tuple[str, ...] = (), response_format: dict | None = None,
-         extra_body: dict | None = None) -> ChatReply:
+         extra_body: dict | None = None) -> Completion:
     """`extra_body`: request fields outside OpenAI's API (vLLM's `continue_final_message`, ...). A reasoning model
     (config.default_temperature_only) gets `max_completion_tokens` and no sampling settings: it refuses them."""
     extra = {"response_format": response_format} if response_format else {}
@@ -60,7 +50,7 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_
 
 
 def complete(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> ChatReply:
+             top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = ()) -> Completion:
     """A plain-text completion (`/v1/completions`), for base-format models such as an instruction synthesizer."""
     resp = _call(client, client.completions.create, model=model, prompt=prompt, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, stop=list(stop) or None)
@@ -81,9 +71,9 @@ def _call(client: openai.OpenAI, create, **kwargs):
         raise RemoteError(f"{client.base_url}: cannot connect ({e.__cause__ or e})") from None
 
 
-def _reply(text: str | None, usage, finish_reason: str | None) -> ChatReply:
-    return ChatReply(text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                     finish_reason or "stop")
+def _reply(text: str | None, usage, finish_reason: str | None) -> Completion:
+    return Completion(text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                      finish_reason or "stop")
 
 
 def _message(e: openai.APIStatusError) -> str:

@@ -1,6 +1,6 @@
 """Where completions come from: a local transformers model, vLLM (optional `gpu` extra), or any OpenAI-compatible
 server. Every backend takes a list of Requests and reports each result (or the exception that ended it) through
-`done(index, Output | Exception)` as soon as it exists, so the caller can store it durably before the next one.
+`done(index, Completion | Exception)` as soon as it exists, so the caller can store it durably before the next one.
 synth sends its Requests; eval's conversations go through `complete` (the shape of `Generator.complete`).
 
 synth and eval pick a backend by name from `infer.registry.BACKENDS` and make it with `build(section, target)`: the
@@ -20,12 +20,13 @@ from typing import ClassVar
 
 from ezoforge.config import EvalConfig, SynthConfig, VLLMConfig, output_settings
 from ezoforge.errors import ConfigError, EzoError
-from ezoforge.infer.generate import Completion, Generator, Sampling, as_finish_reason
+from ezoforge.completion import Completion
+from ezoforge.infer.generate import Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
 
 log = logging.getLogger(__name__)
 
-Done = Callable[[int, "Output | Exception"], None]
+Done = Callable[[int, "Completion | Exception"], None]
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,6 @@ def as_requests(conversations: list[list[dict[str, str]]]) -> list[Request]:
     """eval's conversations as Requests: each one whole, nothing prefilled."""
     return [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in msgs))
             for i, msgs in enumerate(conversations)]
-
-
-@dataclass
-class Output:
-    text: str  # the prefill (when the backend could prefill) followed by the completion: what the parser reads
-    tokens_in: int
-    tokens_out: int
-    finish_reason: str
 
 
 Section = SynthConfig | EvalConfig  # the backend keys: backend, base_url, context_tokens, vllm, generation, ...
@@ -103,11 +96,11 @@ class Backend:
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
         """Whole conversations answered, in order; the first failed request raises."""
         reqs = as_requests(batch)
-        outs: list[Output | Exception | None] = [None] * len(reqs)
+        outs: list[Completion | Exception | None] = [None] * len(reqs)
         self.run(reqs, sampling, outs.__setitem__)
         if failed := next((o for o in outs if isinstance(o, Exception)), None):
             raise failed
-        return [Completion(o.text, o.tokens_in, o.tokens_out, o.finish_reason) for o in outs]
+        return outs
 
     def close(self) -> None:
         """Give back what the backend holds beyond what garbage collection frees (an engine's GPU memory)."""
@@ -196,7 +189,7 @@ class TransformersBackend(LocalBackend):
             chunk = order[start: start + self.batch_size]
             outs = self.gen.complete_text([texts[i] for i in chunk], sampling, pad_to_multiple_of=pad, **extra)
             for i, c in zip(chunk, outs):
-                done(i, Output(reqs[i].prefill + c.text if reqs[i].prompt is None else c.text,
+                done(i, Completion(reqs[i].prefill + c.text if reqs[i].prompt is None else c.text,
                                c.prompt_tokens, c.completion_tokens, c.finish_reason))
 
 
@@ -281,7 +274,7 @@ class VLLMBackend(LocalBackend):
             for offset, res in enumerate(llm.generate(prompts, params, use_tqdm=False)):
                 req, gen = chunk[offset], res.outputs[0]
                 text = gen.text.strip()
-                done(start + offset, Output(req.prefill + text if req.prompt is None else text,
+                done(start + offset, Completion(req.prefill + text if req.prompt is None else text,
                                             len(res.prompt_token_ids), len(gen.token_ids),
                                             as_finish_reason(gen.finish_reason)))
 
@@ -354,7 +347,7 @@ class OpenAIBackend(Backend):
             msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n\n次の続きを書いてください。\n{req.prefill}"}
         return msgs
 
-    def _one(self, req: Request, sampling: Sampling) -> Output:
+    def _one(self, req: Request, sampling: Sampling) -> Completion:
         from ezoforge.remote import complete
 
         if req.prompt is not None:
@@ -366,7 +359,7 @@ class OpenAIBackend(Backend):
             reply, text = self._continued(req, sampling)
         else:
             reply, text = self._instructed(req, sampling)
-        return Output(text, reply.prompt_tokens, reply.completion_tokens, as_finish_reason(reply.finish_reason))
+        return Completion(text, reply.prompt_tokens, reply.completion_tokens, as_finish_reason(reply.finish_reason))
 
     def _continued(self, req: Request, sampling: Sampling):
         from ezoforge.remote import RemoteError, chat
@@ -414,7 +407,7 @@ class OpenAIBackend(Backend):
                     fut.cancel()
                 raise
 
-    def _result(self, req: Request, sampling: Sampling) -> Output | EzoError:
+    def _result(self, req: Request, sampling: Sampling) -> Completion | EzoError:
         try:
             return self._one(req, sampling)
         except EzoError as e:  # a request that failed after its retries: an error for its document

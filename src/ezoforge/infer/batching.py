@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ezoforge.config import ServeConfig
-from ezoforge.infer.generate import ChatEngine, Completion, Generator, Sampling, TextSoFar, finish_reason
+from ezoforge.completion import Completion
+from ezoforge.infer.generate import ChatEngine, Generator, Sampling, TextSoFar, finish_reason
 from ezoforge.models import kv_cache_name
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from ezoforge.infer.generate import ChatEngine, Completion, Sampling
+from ezoforge.completion import Completion
+from ezoforge.infer.generate import ChatEngine, Sampling
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), /exit"
 

@@ -11,20 +11,9 @@ from typing import Any
 
 import torch
 
+from ezoforge.completion import Completion
 from ezoforge.models import Loaded, stop_token_ids
 from ezoforge.records import RecordError, atomic_path, read_jsonl, require
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
-
-    def cached(self) -> dict:
-        """What an answer cache stores of it (cache.answer_key's value)."""
-        return {"text": self.text, "finish_reason": self.finish_reason, "completion_tokens": self.completion_tokens}
 
 
 def finish_reason(stopped: bool, tokens: int, max_new_tokens: int) -> str:

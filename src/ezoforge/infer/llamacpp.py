@@ -23,9 +23,10 @@ import numpy as np
 
 from ezoforge.config import LlamaCppConfig, ServeConfig, SynthConfig
 from ezoforge.errors import ConfigError, EzoError, ModelError
-from ezoforge.infer.backends import Done, LocalBackend, Output, Request, Section, Target
+from ezoforge.infer.backends import Done, LocalBackend, Request, Section, Target
 from ezoforge.infer.batching import Batcher, Job
-from ezoforge.infer.generate import ChatEngine, Completion, Sampling
+from ezoforge.completion import Completion
+from ezoforge.infer.generate import ChatEngine, Sampling
 from ezoforge.models import gguf_of, resolve, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class LlamaCppBackend(LocalBackend):
             if isinstance(reply, Exception):
                 done(i, reply)
                 return
-            done(i, Output(reqs[i].prefill + reply.text if reqs[i].prompt is None else reply.text,
+            done(i, Completion(reqs[i].prefill + reply.text if reqs[i].prompt is None else reply.text,
                            reply.prompt_tokens, reply.completion_tokens, reply.finish_reason))
 
         self.generator().answer([self.prompt_ids(r) for r in reqs], sampling, finished)

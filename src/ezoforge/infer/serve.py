@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ezoforge.config import ServeConfig, secret
 from ezoforge.errors import ConfigError
 from ezoforge.infer.batching import Batcher, Job, QueueFull, Shutdown, Timeout
-from ezoforge.infer.generate import ChatEngine, Completion, Sampling
+from ezoforge.completion import Completion
+from ezoforge.infer.generate import ChatEngine, Sampling
 
 log = logging.getLogger(__name__)
 

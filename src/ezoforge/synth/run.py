@@ -30,7 +30,8 @@ from ezoforge.logs import console, setup_logging
 from ezoforge.records import Pair, atomic_path, write_parquet
 from ezoforge.stage import Stage, input_files
 from ezoforge.synth import prompts
-from ezoforge.infer.backends import Backend, Output, Target
+from ezoforge.completion import Completion
+from ezoforge.infer.backends import Backend, Target
 from ezoforge.infer.engines import identity as engine_identity
 from ezoforge.infer.engines import pick_backend
 from ezoforge.infer.registry import BACKENDS
@@ -313,14 +314,14 @@ def _generate(backend, reqs, keys, cache: RequestCache, sampling: Sampling, task
     start = time.perf_counter()
     with _progress(task, len(reqs), len(reqs) - len(todo)) as advance:
 
-        def done(j: int, result: Output | Exception) -> None:
+        def done(j: int, result: Completion | Exception) -> None:
             i = todo[j]
             if isinstance(result, Exception):
                 sent["errors"][i] = str(result)
                 log.warning("request for document %s failed: %s", reqs[i].doc_id, result)
             else:
                 cache.put(keys[i], asdict(result))
-                sent["tokens_out"] += result.tokens_out
+                sent["tokens_out"] += result.completion_tokens
             advance(sent["tokens_out"] / max(time.perf_counter() - start, 1e-9))
 
         backend.run([reqs[i] for i in todo], sampling, done)
@@ -347,7 +348,7 @@ def _progress(task: str | None, total: int, completed: int):
     yield advance
 
 
-def _parse(mode: str, output: Output, n: int) -> Parsed:
+def _parse(mode: str, output: Completion, n: int) -> Parsed:
     if mode == "synthesizer":
         return parse_synthesizer(output.text)
     return parse_prompted(output.text, n, truncated=output.finish_reason == "length")
@@ -373,9 +374,9 @@ def _write(stage: Stage, recipe: Recipe, model: str, docs, reqs, keys, cache: Re
             rejected.append({"doc_id": req.doc_id, "passage": p, "reason": "request_error",
                              "text": sent["errors"].get(i, "not sent"), "output": ""})
             continue
-        output = Output(**stored)
-        tokens_in += output.tokens_in
-        tokens_out += output.tokens_out
+        output = Completion(**stored)
+        tokens_in += output.prompt_tokens
+        tokens_out += output.completion_tokens
         parsed = _parse(cfg.mode, output, cfg.pairs_per_doc)
         if parsed.pairs:
             parsed_docs.add(req.doc_id)
