@@ -83,9 +83,8 @@ class _Models:
 
     @functools.cached_property
     def scorer(self):
-        """The local Generator for log-likelihoods: the answering one when answers are computed here."""
-        if self.engine is None:
-            return self.generator.generator()
+        """A Generator for log-likelihoods over this process's model (the answering backend's own model when it
+        answers here: one load)."""
         from ezoforge.infer.generate import Generator
 
         return Generator(self.loaded)
