@@ -33,9 +33,9 @@ log = logging.getLogger("ezoforge.cli")
 
 def _version(shown: bool) -> None:
     if shown:
-        from importlib.metadata import version
+        from ezoforge.records import ezoforge_version
 
-        print(f"ezoforge {version('ezoforge')}")
+        print(f"ezoforge {ezoforge_version()}")
         raise typer.Exit()
 
 

@@ -6,6 +6,7 @@ atomic rename so a killed run never leaves a half-written file under a final nam
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -26,6 +27,14 @@ DONE = "DONE"
 # The layout of what a stage folder records (DONE, config.yaml). A folder recorded in another is refused in plain
 # words (stage.done_info) rather than read wrongly.
 RECORD_FORMAT = 1
+
+
+@functools.cache
+def ezoforge_version() -> str:
+    """The installed ezoforge's version: `ezo --version`, and what a DONE marker records."""
+    from importlib.metadata import version
+
+    return version("ezoforge")
 
 
 class Record(BaseModel):

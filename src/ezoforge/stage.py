@@ -10,7 +10,6 @@ folder. A folder made with other settings is refused, naming each differing key,
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from ezoforge.records import (
     DONE,
     RECORD_FORMAT,
     Done,
+    ezoforge_version,
     files_under,
     replace_folder,
     write_json,
@@ -96,7 +96,7 @@ def done_info(folder: str | Path) -> Done | None:
     if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
         made = raw.get("ezoforge", "an older version") if isinstance(raw, dict) else "an older version"
         raise RecordError(f"{folder}: made by ezoforge {made}, which records its folders in another layout than "
-                          f"this ezoforge {_version()}; redo that stage with this one (--force) to use it")
+                          f"this ezoforge {ezoforge_version()}; redo that stage with this one (--force) to use it")
     try:
         return Done.model_validate(raw)
     except ValueError as e:
@@ -106,13 +106,6 @@ def done_info(folder: str | Path) -> Done | None:
 def done_fingerprint(folder: str | Path) -> str | None:
     info = done_info(folder)
     return None if info is None else info.fingerprint
-
-
-@functools.cache
-def _version() -> str:
-    from importlib.metadata import version
-
-    return version("ezoforge")
 
 
 def lineage(folder: str | Path) -> list[tuple[Path, Done]]:
@@ -344,7 +337,7 @@ class Stage:
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         write_json(self.folder / "stats.json", stats)
-        done = Done(format=RECORD_FORMAT, ezoforge=_version(), fingerprint=self.fingerprint, stage=self.name,
+        done = Done(format=RECORD_FORMAT, ezoforge=ezoforge_version(), fingerprint=self.fingerprint, stage=self.name,
                     settings=self.settings, inputs=self.inputs, stats=stats)
         write_json(self.folder / DONE, done.model_dump())
         if self.atomic:  # an old folder is there only under --force: it goes once the new one is in place

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.util
 import logging
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ def prefer_output(recipe: Recipe) -> dict[str, Any]:
 
 def run(recipe: Recipe, train_dir: Path, out: Path, force: bool = False) -> dict:
     from ezoforge.models import check_model, check_spec, pick_device
-    from ezoforge.train.model import use_qlora
+    from ezoforge.train.model import require_liger, use_qlora
 
     train_dir, out, cfg = Path(train_dir), Path(out), recipe.prefer
     if not recipe.eval.judge_model:
@@ -57,9 +56,7 @@ def run(recipe: Recipe, train_dir: Path, out: Path, force: bool = False) -> dict
     if recipe.eval.judge_url == "local":
         check_spec(recipe.eval.judge_model)
     device = pick_device(model.device)
-    if cfg.liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
-        raise ConfigError(f"prefer.liger is true but Liger kernels need CUDA and `pip install liger-kernel` (device "
-                          f"{device})")
+    require_liger(cfg.liger, "prefer", device)
     qlora = use_qlora(train, device)  # the SFT's quantization; stated-but-impossible 4-bit fails here
     found, skipped = read_instructions(info.inputs)
     instructions = draw(found, cfg.limit, cfg.seed)

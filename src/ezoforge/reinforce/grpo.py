@@ -18,7 +18,6 @@ import torch
 
 from ezoforge.config import ReinforceConfig, TrainConfig
 from ezoforge.errors import ConfigError
-from ezoforge.records import atomic_path
 from ezoforge.reinforce.rewards import Reward
 from ezoforge.train.dpo import REF
 from ezoforge.train.model import use_cpu_autocast
@@ -97,44 +96,30 @@ def reward_columns(names: list[str]):
     return columns
 
 
-def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: list[float], cfg: ReinforceConfig,
-          batch: int = 8) -> dict[str, Any] | None:
+def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: list[float],
+          cfg: ReinforceConfig) -> dict[str, Any] | None:
     """Each reward's mean, and the weighted total, over `num_generations` completions per prompt of `rows`,
     sampled as training samples them from a fixed seed: the policy's expected reward as it is now, so before and
     after compare the model alone."""
     if not rows:
         return None
-    from ezoforge.models import stop_token_ids
+    from ezoforge.infer.generate import Generator, Sampling
+    from ezoforge.models import Loaded
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    stops = stop_token_ids(base, tokenizer)
+    generator = Generator(Loaded(model, tokenizer, "policy", None, model.device, 0.0))
     rows = [r for r in rows for _ in range(cfg.num_generations)]
-    completions, ids = [], []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sampling = Sampling(cfg.max_completion_length, cfg.temperature, 1.0, cfg.seed)
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng():  # training's random state is left as it was
-        try:
-            for i in range(0, len(rows), batch):
-                chunk = rows[i:i + batch]
-                texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                         for r in chunk]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                with torch.no_grad():
-                    out = model.generate(**enc, max_new_tokens=cfg.max_completion_length, do_sample=True,
-                                         temperature=cfg.temperature, top_p=1.0, top_k=0, eos_token_id=stops,
-                                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
-                for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                    cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-                    ids.append(row[:cut])
-                    completions.append([{"role": "assistant",
-                                         "content": tokenizer.decode(row[:cut], skip_special_tokens=True)}])
-        finally:
-            tokenizer.padding_side = side
-            model.train(was_training)
+    try:
+        with torch.random.fork_rng():  # training's random state is left as it was
+            # The training load turns the KV cache off (train/model.py); generation wants it.
+            done = generator.complete_text([generator.prompt_text(r["prompt"]) for r in rows], sampling,
+                                           use_cache=True)
+    finally:
+        model.train(was_training)
+    completions = [[{"role": "assistant", "content": c.text}] for c in done]
+    ids = [range(c.completion_tokens) for c in done]  # rewards read the completions' lengths only
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     figures: dict[str, Any] = {}
     total = 0.0
@@ -145,27 +130,13 @@ def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: li
         figures[reward.__name__] = None if mean is None else round(mean, 4)
         total += weight * (mean or 0.0)
     figures["reward"] = round(total, 4)
-    figures["completion_tokens"] = round(statistics.fmean(len(i) for i in ids), 1)
+    figures["completion_tokens"] = round(statistics.fmean(c.completion_tokens for c in done), 1)
     return figures
 
 
 def plot_rewards(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
     """Each named reward's mean per step beside the weighted total: which reward moved."""
-    import matplotlib
+    from ezoforge.train.progress import plot_steps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in [("reward", "weighted reward"), *[(f"reward_{n}_mean", n) for n in names]]:
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), label=label, linewidth=2 if key == "reward" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward (mean over the step's completions)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    plot_steps(rows, [("reward", "weighted reward", {"linewidth": 2}), *[(f"reward_{n}_mean", n, {}) for n in names]],
+               "reward (mean over the step's completions)", path)

@@ -13,7 +13,6 @@ DIR/requests.sqlite (the judge's verdicts), DIR/stats.json, DIR/DONE.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import inspect
 import logging
 import time
@@ -75,7 +74,7 @@ def reinforce_output(recipe: Recipe, engine: str) -> dict[str, Any]:
 def run(recipe: Recipe, tuned_dir: Path, out: Path, force: bool = False) -> dict:
     from ezoforge.models import check_model, check_spec, pick_device
     from ezoforge.reinforce.grpo import use_vllm
-    from ezoforge.train.model import use_qlora
+    from ezoforge.train.model import require_liger, use_qlora
 
     tuned_dir, out, cfg = Path(tuned_dir), Path(out), recipe.reinforce
     train_dir = sft_behind(tuned_dir)
@@ -88,9 +87,7 @@ def run(recipe: Recipe, tuned_dir: Path, out: Path, force: bool = False) -> dict
             check_spec(recipe.eval.judge_model)
     check_model(model.name, tuned_dir / "adapter", model.device, model.chat_template, model.quantize)
     device = pick_device(model.device)
-    if cfg.liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
-        raise ConfigError(f"reinforce.liger is true but Liger kernels need CUDA and `pip install liger-kernel` "
-                          f"(device {device})")
+    require_liger(cfg.liger, "reinforce", device)
     qlora = use_qlora(train, device)
     vllm = use_vllm(cfg, device)
     found, skipped = read_instructions(info.inputs)

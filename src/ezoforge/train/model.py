@@ -80,11 +80,16 @@ def use_cpu_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     return native
 
 
+def require_liger(liger: bool | None, section: str, device: torch.device) -> None:
+    """`SECTION.liger: true` must be usable (train, prefer, reinforce): checked before any model loads."""
+    if liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
+        raise ConfigError(f"{section}.liger is true but Liger kernels need CUDA and `pip install liger-kernel` "
+                          f"(device {device}, liger-kernel {'missing' if importlib.util.find_spec('liger_kernel') is None else 'installed'})")
+
+
 def require_stated_kernels(cfg: TrainConfig, device: torch.device) -> None:
     """Kernels the recipe asks for by name must be usable: checked before any model loads."""
-    if cfg.liger is True and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
-        raise ConfigError("train.liger is true but Liger kernels need CUDA and `pip install liger-kernel` "
-                          f"(device {device}, liger-kernel {'missing' if importlib.util.find_spec('liger_kernel') is None else 'installed'})")
+    require_liger(cfg.liger, "train", device)
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("train.attn_implementation is flash_attention_2 but flash-attn is not installed")
 

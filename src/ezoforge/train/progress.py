@@ -93,20 +93,23 @@ class TrainLog(TrainerCallback):
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    plot_steps(rows, [("loss", "train loss", {}), ("eval_loss", "eval loss", {"marker": "o"})], "loss", path)
+
+
+def plot_steps(rows: list[dict[str, Any]], lines: list[tuple[str, str, dict]], ylabel: str, path: Path) -> None:
+    """A PNG of metrics.jsonl columns by step: each (column, label, line style) drawn where it has values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+    for key, label, style in lines:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
