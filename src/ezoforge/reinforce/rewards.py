@@ -19,7 +19,6 @@ import importlib
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 
 from ezoforge.cache import RequestCache
 from ezoforge.config import EvalConfig, ReinforceConfig
@@ -121,8 +120,7 @@ def user_reward(spec: str) -> Reward:
     return reward
 
 
-def build(cfg: ReinforceConfig, ev: EvalConfig, out: Path, stack: ExitStack, load_local: Callable,
-          cache: RequestCache) -> tuple[list[Reward], list[float]]:
+def build(cfg: ReinforceConfig, ev: EvalConfig, stack: ExitStack, load_local: Callable, cache: RequestCache) -> tuple[list[Reward], list[float]]:
     """The recipe's rewards and their weights, in the recipe's order."""
     functions: list[Reward] = []
     for name in cfg.active:

@@ -135,7 +135,7 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
         stack.callback(cache.close)
         # Every reward is made before the model loads: a judge without its key, a function that does not import,
         # fail here.
-        functions, weights = rewards.build(cfg, ev, out, stack, lambda: load(ev.judge_model, None, model.device,
+        functions, weights = rewards.build(cfg, ev, stack, lambda: load(ev.judge_model, None, model.device,
                                                                              model.dtype), cache)
         names = [f.__name__ for f in functions]
         tokenizer = load_tokenizer(model.name, model.chat_template)
@@ -187,10 +187,7 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
     if judge is not None:
         stats.update(judge=ev.judge_model, judge_served=sorted(judge.served), judge_unusable=judge.unusable,
                      judge_sent=judge.judge.sent, judge_cached=judge.judge.cached)
-    log.info("reward on held-out prompts %s → %s (trained prompts %s → %s)", before["held_out"]["reward"]
-             if before["held_out"] else "–", after["held_out"]["reward"] if after["held_out"] else "–",
-             before["trained"]["reward"] if before["trained"] else "–",
-             after["trained"]["reward"] if after["trained"] else "–")
+    log.info("%s", summary(stats))
     return stage.finish(stats)
 
 
