@@ -51,7 +51,7 @@ def test_the_japanese_reward_rises_on_held_out_prompts(tmp_path):
     train_run.run(load_recipe(None, SFT), [data], tmp_path / "sft")  # one tiny step: the bundled model as it is
     stats = reinforce_run.run(load_recipe(None, RL), tmp_path / "sft", tmp_path / "rl")
     before, after = stats["before"], stats["after"]
-    # Sampled from the same seed before and after: the rise is the model's. Measured: held-out 0.79 → 0.97.
+    # Sampled from the same seed before and after: the rise is the model's.
     assert before["held_out"]["japanese"] < 0.85 and after["held_out"]["japanese"] > 0.92
     assert after["held_out"]["japanese"] - before["held_out"]["japanese"] > 0.1
     assert after["trained"]["japanese"] > before["trained"]["japanese"]

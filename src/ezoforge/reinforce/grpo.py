@@ -99,8 +99,8 @@ def reward_columns(names: list[str]):
 def score(model, tokenizer, rows: list[dict], rewards: list[Reward], weights: list[float],
           cfg: ReinforceConfig) -> dict[str, Any] | None:
     """Each reward's mean, and the weighted total, over `num_generations` completions per prompt of `rows`,
-    sampled as training samples them from a fixed seed: the policy's expected reward as it is now, so before and
-    after compare the model alone."""
+    sampled by infer's Generator at the training temperature from a fixed seed: the policy's expected reward as it is
+    now, so before and after compare the model alone."""
     if not rows:
         return None
     from ezoforge.infer.generate import Generator, Sampling
