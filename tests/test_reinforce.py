@@ -86,7 +86,8 @@ def test_a_judge_that_cannot_be_reached_stops_the_stage_instead_of_rewarding_not
 
 
 @pytest.mark.parametrize("text, share", [("日本の首都は東京です。", 1.0), ("Tokyo is the capital.", 0.0),
-                                         ("東京 is Tokyo", 2 / 9)])
+                                         ("東京 is Tokyo", 2 / 9),
+                                         ("はい・・・・・・", 1.0)])  # marks are not letters: no share above 1
 def test_japanese_reward_is_the_share_of_japanese_letters(text, share):
     assert rewards.japanese([None], [[{"role": "assistant", "content": text}]]) == [pytest.approx(share)]
 

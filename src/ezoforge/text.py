@@ -88,9 +88,10 @@ def japanese_share(text: str) -> float:
 
 
 def japanese_ratio(text: str) -> float:
-    """A pair's kana and kanji per letter (str.isalpha): digits, punctuation and whitespace do not count."""
+    """A pair's kana and kanji per letter (str.isalpha): digits, punctuation and whitespace do not count, on either
+    side, so the share is at most 1 (the kana block's own marks, ・ ゛ 〇, are not letters)."""
     letters = sum(ch.isalpha() for ch in text)
-    return len(ja.LETTER_RE.findall(text)) / letters if letters else 0.0
+    return sum(ch.isalpha() for ch in ja.LETTER_RE.findall(text)) / letters if letters else 0.0
 
 
 # ---------------------------------------------------------------- n-grams
