@@ -110,7 +110,7 @@ def cpu_backends(args) -> None:
     from ezoforge.config import DEFAULT_SYSTEM_PROMPT, EvalConfig
     from ezoforge.infer.backends import Request, Target
     from ezoforge.infer.generate import build_messages
-    from ezoforge.infer.registry import BACKENDS
+    from ezoforge.infer.registry import backend_class
     from ezoforge.models import load, resolve
 
     spec = args.model or resolve("bundled:smollm2-135m-instruct")  # a safetensors folder: llamacpp runs our export
@@ -127,7 +127,7 @@ def cpu_backends(args) -> None:
         for batch in (1, args.batch):
             section = EvalConfig.model_validate({"backend": name, "generation": {"batch_size": batch}, **(
                 {"llamacpp": {"threads": args.threads}} if name == "llamacpp" else {})})
-            backend = BACKENDS[name].build(section, Target(spec, load=lambda: loaded))
+            backend = backend_class(name).build(section, Target(spec, load=lambda: loaded))
             answered(backend, reqs[:1], 2)  # loads the engine (and writes the GGUF the first time)
             n, s = answered(backend, reqs, args.new_tokens)
             backend.close()

@@ -6,18 +6,18 @@ import copy
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import get_args
 
 import httpx
 import pytest
 
 from conftest import BUNDLED
 from ezoforge.cache import request_key
-from ezoforge.config import BackendName, bundled_data, load_recipe
+from ezoforge.config import BACKENDS, bundled_data, load_recipe
+from ezoforge.errors import ConfigError
 from ezoforge.eval.run import _Models
 from ezoforge.infer.backends import CONTINUE, OpenAIBackend, as_requests
 from ezoforge.infer.generate import Generator, Sampling, build_messages
-from ezoforge.infer.registry import BACKENDS
+from ezoforge.infer.registry import backend_class
 from ezoforge.infer.serve import BackgroundServer, create_app
 from ezoforge.synth.passages import read_docs, sentences
 from ezoforge.synth.run import _answer_settings, build_requests, make_backend
@@ -97,8 +97,10 @@ def test_the_system_message_a_template_adds_by_itself(bundled):
     assert default_system(plain) == ""
 
 
-def test_config_names_the_registered_backends():
-    assert set(get_args(BackendName)) == set(BACKENDS)
+def test_every_backend_line_names_its_class_and_an_unknown_name_is_refused():
+    assert {name: backend_class(name).name for name in BACKENDS} == {name: name for name in BACKENDS}
+    with pytest.raises(ConfigError, match="unknown backend 'tgi': one of auto, transformers, vllm, openai, llamacpp"):
+        load_recipe(None, ["synth.backend=tgi"])
 
 
 def test_cache_keys_stay_those_stored_before(tmp_path):
@@ -113,7 +115,7 @@ def test_cache_keys_stay_those_stored_before(tmp_path):
     served = load_recipe(None, ["eval.backend=openai", "eval.base_url=http://127.0.0.1:9/v1"])
     assert _Models(served.model, None, served.eval).answer_identity("fp") == \
         request_key(model="fp", backend="openai", base_url="http://127.0.0.1:9/v1")[:16]
-    assert BACKENDS["vllm"].answer_settings(load_recipe(None, ["eval.backend=vllm"]).eval) == {"quantization": "none"}
+    assert backend_class("vllm").answer_settings(load_recipe(None, ["eval.backend=vllm"]).eval) == {"quantization": "none"}
 
 
 def test_eval_without_a_system_prompt_sends_the_one_the_template_would_add(tmp_path):

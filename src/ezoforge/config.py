@@ -11,10 +11,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ezoforge.errors import ConfigError
 
@@ -24,12 +24,23 @@ BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 STAGES = ("curate", "synth", "train", "merge", "eval")
 
 
+OPERATIONAL = "operational"
+T = TypeVar("T")
+# A setting that changes how a stage runs, not what it writes (how often to log or save, workers, concurrency,
+# timeouts, retries, inference batch sizes): left out of the folder's fingerprint (`output_settings`), so changing
+# one never invalidates a folder and a resumed run simply picks up the new value. Marked on the field, where it is
+# declared: `save_every: Operational[int] = 50`.
+Operational = Annotated[T, OPERATIONAL]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # Keys that change how a stage runs, not what it writes (how often to log/save, workers, concurrency,
-    # timeouts, retries, inference batch sizes): left out of the folder's fingerprint, so changing one never
-    # invalidates a folder and a resumed run simply picks up the new value.
-    operational: ClassVar[frozenset[str]] = frozenset()
+    operational: ClassVar[frozenset[str]] = frozenset()  # the names of its Operational fields
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.operational = frozenset(name for name, field in cls.model_fields.items() if OPERATIONAL in field.metadata)
 
 
 class BackendSettings(Section):
@@ -53,14 +64,14 @@ class LlamaCppConfig(BackendSettings):
 
     backend = "llamacpp"
     auto_picks = True
+    # All operational: how fast answers are computed. Like generation.batch_size, they change a reply only through
+    # float rounding.
     # llama.cpp's threads spin while they wait: more threads than free cores is much slower, not a little.
     # auto: OMP_NUM_THREADS where set, else os.cpu_count() (logged)
-    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
-    kv_tokens: int = Field(4096, ge=256)  # KV cache of each sequence: its prompt and new tokens at most
-    batch_tokens: int = Field(512, ge=32)  # tokens per decode call (n_batch): prompt chunks and one per sequence
-
-    # How fast answers are computed: like generation.batch_size, they change a reply only through float rounding.
-    operational = frozenset({"threads", "kv_tokens", "batch_tokens"})
+    threads: Operational[Literal["auto"] | Annotated[int, Field(ge=1)]] = "auto"
+    kv_tokens: Operational[int] = Field(4096, ge=256)  # KV cache of each sequence: its prompt and new tokens at most
+    # tokens per decode call (n_batch): prompt chunks and one per sequence
+    batch_tokens: Operational[int] = Field(512, ge=32)
 
 
 class ModelConfig(Section):
@@ -71,19 +82,17 @@ class ModelConfig(Section):
     device: str = "auto"
     chat_template: Path | None = None
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    # quantize and backend (operational) change answers, but every cached answer is keyed by the model's identity and
+    # the engine actually used; a stage that never loads the model this way (train) is not invalidated by them.
     # Weights of generate, chat, serve and eval's answers: bitsandbytes int8 or nf4 (double-quantized), or none;
     # auto: nf4 only where the weights at the load dtype do not fit the device (logged). Training has its own
     # setting (train.qlora).
-    quantize: Literal["auto", "none", "nf4", "int8"] = "auto"
+    quantize: Operational[Literal["auto", "none", "nf4", "int8"]] = "auto"
     # What generate, chat and serve answer with: transformers, or llama.cpp (`llamacpp` settings: a whole model on the
     # CPU, its own GGUF or an f16 GGUF our exporter writes once). auto: llamacpp on a CPU where llama-cpp-python is
     # installed and the model needs no adapter or bitsandbytes, else transformers (logged).
-    backend: Literal["auto", "transformers", "llamacpp"] = "auto"
-    llamacpp: LlamaCppConfig = LlamaCppConfig()
-
-    # quantize and backend change answers, but every cached answer is keyed by the model's identity and the engine
-    # actually used; a stage that never loads the model this way (train) is not invalidated by them.
-    operational = frozenset({"quantize", "backend", "llamacpp"})
+    backend: Operational[Literal["auto", "transformers", "llamacpp"]] = "auto"
+    llamacpp: Operational[LlamaCppConfig] = LlamaCppConfig()
 
     @model_validator(mode="after")
     def _engine_settings(self) -> "ModelConfig":
@@ -95,10 +104,9 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    batch_size: int = Field(8, ge=1)
+    batch_size: Operational[int] = Field(8, ge=1)
     seed: int = 0
 
-    operational = frozenset({"batch_size"})
 
 
 # Curation thresholds. Sources: Swallow corpus v1 (Okazaki et al. 2024, "Building a Large Japanese Web Corpus
@@ -235,18 +243,16 @@ class ExecutorConfig(Section):
 
 
 class CurateConfig(Section):
-    inputs: list[str] = []
-    workers: int = Field(1, ge=1)
+    # `inputs` are fingerprinted by content (stage.input_fingerprints), not by how they were named.
+    inputs: Operational[list[str]] = []
+    workers: Operational[int] = Field(1, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     split_mb: float = Field(64, gt=0)  # inputs bigger than this are read as several strided shards (tasks)
     limit: int | None = Field(None, ge=1)  # documents read from each input, its first N (a smoke run, a sample)
     normalize: NormalizeConfig = NormalizeConfig()
     filters: FiltersConfig = FiltersConfig()
     dedup: DedupConfig = DedupConfig()
-    executor: ExecutorConfig = ExecutorConfig()
-
-    # `inputs` are fingerprinted by content (stage.input_fingerprints), not by how they were named.
-    operational = frozenset({"inputs", "workers", "executor"})
+    executor: Operational[ExecutorConfig] = ExecutorConfig()
 
 
 class PairFilters(Section):
@@ -263,52 +269,66 @@ class PairFilters(Section):
     max_repeated_fraction: float = Field(0.3, gt=0.0, le=1.0)
 
 
-# What synth and eval answer through: the names of infer.registry.BACKENDS (a backend's own settings go in both
-# sections, each with its own subsection like `vllm`).
-BackendName = Literal["transformers", "vllm", "openai", "llamacpp"]
+# What synth and eval answer through, by the name `synth.backend` and `eval.backend` take: each backend's class as
+# "module:Class", imported only where a stage builds it or `ezo plan` asks for its estimate
+# (`infer.registry.backend_class`). A new backend is its module and its line here (a backend's own settings, if it
+# has any, go in both sections as a subsection like `vllm`).
+BACKENDS = {
+    "transformers": "ezoforge.infer.backends:TransformersBackend",
+    "vllm": "ezoforge.infer.backends:VLLMBackend",
+    "openai": "ezoforge.infer.backends:OpenAIBackend",
+    "llamacpp": "ezoforge.infer.llamacpp:LlamaCppBackend",
+}
+
+
+def _known_backend(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
 # auto: llamacpp where llama.cpp can run the model on this CPU, else transformers (`infer.engines.pick_backend`, logged).
-BackendChoice = Literal["auto", "transformers", "vllm", "openai", "llamacpp"]
+BackendChoice = Annotated[str, AfterValidator(_known_backend)]
 
 
 class VLLMConfig(BackendSettings):
     """A vLLM engine (`synth.backend` or `eval.backend: vllm`). It claims `gpu_memory_utilization` of each card for
     the weights, its activations and the KV cache; what the weights leave must hold at least one context of KV cache
-    (the section's `context_tokens`, vLLM's max_model_len)."""
+    (the section's `context_tokens`, vLLM's max_model_len). Quantization changes the answers; the rest changes only
+    where and how fast they are computed (operational)."""
 
-    tensor_parallel_size: int = Field(1, ge=1)  # cards the weights are split over
+    tensor_parallel_size: Operational[int] = Field(1, ge=1)  # cards the weights are split over
     # none: the checkpoint's own dtype (an AWQ/GPTQ checkpoint declares itself); fp8: weights quantized to FP8 on
     # load (Hopper/Ada cards); bitsandbytes: 4-bit on load; awq/gptq: the checkpoint must be quantized so.
     quantization: Literal["none", "fp8", "bitsandbytes", "awq", "gptq"] = "none"
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
-    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together (when the KV cache holds them)
-    enforce_eager: bool = False  # no CUDA graphs: less memory, slower decoding
+    gpu_memory_utilization: Operational[float] = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_num_seqs: Operational[int] = Field(256, ge=1)  # sequences decoded together (when the KV cache holds them)
+    enforce_eager: Operational[bool] = False  # no CUDA graphs: less memory, slower decoding
 
     backend = "vllm"
-    # Quantization changes the answers; the rest changes only where and how fast they are computed.
-    operational = frozenset({"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager"})
 
 
 class SynthConfig(Section):
     model: str | None = None  # None: the recipe's base model
     backend: BackendChoice = "auto"
     base_url: str | None = None
-    api_key_env: str | None = None
+    api_key_env: Operational[str | None] = None
     mode: Literal["prompted", "synthesizer"] = "prompted"
     pairs_per_doc: int = Field(3, ge=1)
     limit: int | None = Field(None, ge=1)
-    concurrency: int = Field(4, ge=1)
+    concurrency: Operational[int] = Field(4, ge=1)
     # Upstream's synthesizer uses 400 new tokens; prompted pairs need fewer, and CPU runs of small models more so.
     generation: GenerationConfig = GenerationConfig(max_new_tokens=256)
     max_passage_tokens: int = Field(1024, ge=32)  # longer documents are split on sentence boundaries
     context_tokens: int | None = Field(None, ge=128)  # None: the model's own (openai backend: 4096, as upstream)
     tokenizer: str | None = None  # counts tokens for the openai backend; None: the served model's, when loadable
-    timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
-    max_retries: int = Field(4, ge=0)
+    timeout: Operational[float] = Field(120.0, gt=0)  # seconds per request (openai backend)
+    max_retries: Operational[int] = Field(4, ge=0)
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
     # transformers backend: static KV cache + compiled decode step (CUDA graphs). auto: on CUDA only (logged).
-    static_cache: Literal["auto"] | bool = "auto"
+    static_cache: Operational[Literal["auto"] | bool] = "auto"
     vllm: VLLMConfig = VLLMConfig()  # backend vllm only; its max_model_len is context_tokens
-    llamacpp: LlamaCppConfig = LlamaCppConfig()  # backend llamacpp only
+    llamacpp: Operational[LlamaCppConfig] = LlamaCppConfig()  # backend llamacpp only
     filters: PairFilters = PairFilters()
     # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
     # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
@@ -317,8 +337,8 @@ class SynthConfig(Section):
     seed: int = 0
     # Scaling out: `workers` tasks, each synthesizing its slice of the requests on `executor` (curate's engines);
     # 1 on the local executor runs in this process.
-    workers: int = Field(1, ge=1)
-    executor: ExecutorConfig = ExecutorConfig(job_name="ezo-synth")
+    workers: Operational[int] = Field(1, ge=1)
+    executor: Operational[ExecutorConfig] = ExecutorConfig(job_name="ezo-synth")
 
     @field_validator("mix")
     @classmethod
@@ -331,8 +351,6 @@ class SynthConfig(Section):
             raise ValueError(f"shares sum to {sum(mix.values()):g}, not 1")
         return mix
 
-    operational = frozenset({"concurrency", "timeout", "max_retries", "api_key_env", "static_cache", "llamacpp",
-                             "workers", "executor"})
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "SynthConfig":
@@ -371,17 +389,20 @@ class TrainConfig(Section):
     # a group longer than max_length is split into several conversations, each with the passage. none: one
     # conversation per pair. Pairs without a context train alone either way.
     group_pairs: Literal["passage", "none"] = "passage"
-    gradient_checkpointing: bool = True
+    # Checkpointing recomputes the same activations: it trades memory for time, never the result (operational).
+    gradient_checkpointing: Operational[bool] = True
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     eval_every: int = Field(50, ge=1)  # held-out loss every N steps and after the last (what metrics.jsonl records)
-    save_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    save_every: Operational[int] = Field(50, ge=1)
+    keep_checkpoints: Operational[int] = Field(2, ge=1)
+    log_every: Operational[int] = Field(1, ge=1)
     seed: int = 0
     target_modules: str | list[str] = "all-linear"
     liger: bool | None = None  # None: Liger kernels on CUDA when liger-kernel is installed
-    selective_checkpointing: bool = False  # keep attention outputs, recompute the rest (with gradient_checkpointing)
-    checkpoint_every: int = Field(1, ge=1)  # checkpoint every n-th decoder layer: more speed for more memory
+    # keep attention outputs, recompute the rest (with gradient_checkpointing)
+    selective_checkpointing: Operational[bool] = False
+    # checkpoint every n-th decoder layer: more speed for more memory
+    checkpoint_every: Operational[int] = Field(1, ge=1)
     compile: bool = False  # torch.compile the model
     # Training on a CPU: matmuls in bfloat16 under autocast (weights, adapters and optimizer stay float32). auto: where
     # the CPU has bf16 instructions (AVX512-BF16, AMX), 1.5-1.8x faster steps on the bench CPU (logged); true: also
@@ -390,15 +411,10 @@ class TrainConfig(Section):
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
     # Each checkpointed layer's input waits in pinned host memory for its recompute (copies overlap compute).
     # auto: on CUDA when gradient_checkpointing is on; true: always (also on CPU, where it saves nothing); false: off.
-    offload_activations: bool | Literal["auto"] = "auto"
+    offload_activations: Operational[bool | Literal["auto"]] = "auto"
 
     # Experiment trackers the trainer logs to: none, tensorboard (event files in the train folder), wandb, mlflow.
-    report_to: TrackerName | list[TrackerName] = "none"
-
-    # Checkpointing recomputes the same activations: it trades memory for time, never the result.
-    operational = frozenset({"save_every", "keep_checkpoints", "log_every", "gradient_checkpointing",
-                             "selective_checkpointing", "checkpoint_every", "offload_activations",
-                             "report_to"})
+    report_to: Operational[TrackerName | list[TrackerName]] = "none"
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -443,12 +459,11 @@ class PreferConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16)  # prompt + answer tokens; longer pairs are cut at the end
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held-out pairs: DPO loss and log-prob margin before/after
-    save_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    save_every: Operational[int] = Field(50, ge=1)
+    keep_checkpoints: Operational[int] = Field(2, ge=1)
+    log_every: Operational[int] = Field(1, ge=1)
     liger: bool | None = None  # None: Liger's layer kernels on CUDA when liger-kernel is installed
 
-    operational = frozenset({"save_every", "keep_checkpoints", "log_every"})
 
     @model_validator(mode="after")
     def _checks(self) -> "PreferConfig":
@@ -486,15 +501,13 @@ class ReinforceConfig(Section):
     # Where completions come from on a GPU: vLLM colocated with training (TRL's colocate mode), or transformers;
     # auto: vLLM where it is installed (logged). The CPU generates with transformers.
     engine: Literal["auto", "vllm", "transformers"] = "auto"
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0)  # vLLM's share of the card beside training
+    # vLLM's share of the card beside training: where it runs, not what it samples (as vllm.gpu_memory_utilization)
+    vllm_gpu_memory_utilization: Operational[float] = Field(0.3, gt=0.0, lt=1.0)
     seed: int = 0
-    save_every: int = Field(25, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    save_every: Operational[int] = Field(25, ge=1)
+    keep_checkpoints: Operational[int] = Field(2, ge=1)
+    log_every: Operational[int] = Field(1, ge=1)
     liger: bool | None = None
-
-    # vLLM's share of the card sets where it runs, not what it samples (as vllm.gpu_memory_utilization)
-    operational = frozenset({"save_every", "keep_checkpoints", "log_every", "vllm_gpu_memory_utilization"})
 
     @model_validator(mode="after")
     def _checks(self) -> "ReinforceConfig":
@@ -521,21 +534,23 @@ class MergeConfig(Section):
 
 class EvalConfig(Section):
     tasks: list[str] = ["elyza100"]
-    judge_url: str | None = None  # any OpenAI-compatible base URL, or "local": serve judge_model in-process
+    # Any OpenAI-compatible base URL, or "local": serve judge_model in-process. Not operational: another server may
+    # hold another model under the same name.
+    judge_url: str | None = None
     judge_model: str | None = None
     # What a `local` judge runs on (its settings are llama.cpp's defaults); auto: as model.backend's auto (logged).
     judge_backend: Literal["auto", "transformers", "llamacpp"] = "auto"
-    judge_api_key_env: str | None = None
+    judge_api_key_env: Operational[str | None] = None
     judge_max_tokens: int = Field(512, ge=16)
     # Send the verdict's JSON schema as `response_format` (OpenAI structured outputs; vLLM and `ezo serve`
     # enforce it while decoding). Off for a server that rejects response_format.
     judge_structured: bool = True
     judge_reason_max_chars: int = Field(400, ge=10)  # the schema's bound on "reason", so a verdict always ends
     judge_reasks: int = Field(2, ge=0)  # follow-up requests after an unparseable verdict
-    judge_max_retries: int = Field(4, ge=0)  # transport retries per request (backoff + jitter)
-    judge_timeout: float = Field(120.0, gt=0)
+    judge_max_retries: Operational[int] = Field(4, ge=0)  # transport retries per request (backoff + jitter)
+    judge_timeout: Operational[float] = Field(120.0, gt=0)
     limit: int | None = Field(None, ge=1)
-    concurrency: int = Field(4, ge=1)
+    concurrency: Operational[int] = Field(4, ge=1)
     allow_partial: bool = False
     generation: GenerationConfig = GenerationConfig(max_new_tokens=512)
     # A task's score is the mean over `samples` answers (at generation.temperature) x `judgments` verdicts on each
@@ -550,12 +565,12 @@ class EvalConfig(Section):
     ppl_window: int = Field(1024, ge=8)  # tokens per scored window of a long paragraph
     bootstrap_samples: int = Field(1000, ge=100)
     bootstrap_seed: int = 0
-    cache: Path | None = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge) / eval-requests.sqlite
+    cache: Operational[Path | None] = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge)/eval-requests.sqlite
     # Before judging, each task's input and reference are looked up in the training pairs and the curated documents
     # behind the evaluated model (eval/contamination.py): warn lists the tasks found, fail stops naming them.
     # `ezo run`: after the evals, the tuned model against the base (and the SFT model) head to head by the judge
     # (`ezo eval compare --pairwise`): a step of its own, so no eval's output changes with it.
-    pairwise: bool = False
+    pairwise: Operational[bool] = False
     contamination: Literal["warn", "fail", "off"] = "warn"
     contamination_n: int = Field(13, ge=4)  # characters per n-gram
     contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)  # share of a text's n-grams found in training text
@@ -565,16 +580,12 @@ class EvalConfig(Section):
     # perplexity tasks score with the model's own forward pass, loaded here once a vLLM engine has been shut down.
     backend: BackendChoice = "auto"
     base_url: str | None = None
-    api_key_env: str | None = None
-    timeout: float = Field(120.0, gt=0)  # seconds per request (openai backend)
-    max_retries: int = Field(4, ge=0)
+    api_key_env: Operational[str | None] = None
+    timeout: Operational[float] = Field(120.0, gt=0)  # seconds per request (openai backend)
+    max_retries: Operational[int] = Field(4, ge=0)
     vllm: VLLMConfig = VLLMConfig()
-    llamacpp: LlamaCppConfig = LlamaCppConfig()
+    llamacpp: Operational[LlamaCppConfig] = LlamaCppConfig()
     context_tokens: int | None = Field(None, ge=128)  # vllm's max_model_len; None: the model's own, at most 8192
-
-    # judge_url is not here: another server may hold another model under the same name.
-    operational = frozenset({"pairwise", "judge_api_key_env", "judge_max_retries", "judge_timeout", "concurrency", "cache",
-                             "api_key_env", "timeout", "max_retries", "llamacpp"})
 
     @model_validator(mode="before")
     @classmethod
@@ -629,15 +640,15 @@ class ExportConfig(Section):
 # ---------------------------------------------------------------- serve (`ezo serve` limits; all operational)
 
 class ServeConfig(Section):
-    max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in the queue
-    max_queue: int = Field(64, ge=0)  # requests waiting for a place; one more gets 429 with Retry-After
-    max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body gets 413
-    request_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)  # seconds from arrival to the last token
+    max_batch: Operational[int] = Field(16, ge=1)  # requests decoded together; more wait in the queue
+    # requests waiting for a place; one more gets 429 with Retry-After
+    max_queue: Operational[int] = Field(64, ge=0)
+    max_body_bytes: Operational[int] = Field(1 << 20, ge=1024)  # a larger request body gets 413
+    request_timeout: Operational[float] = Field(600.0, gt=0, allow_inf_nan=False)  # seconds from arrival to last token
     # Prompt tokens (padded) prefilled in one forward pass when requests join: one pass over 14 judge prompts of
     # ~1,400 tokens was slower on a CPU than one pass each (bench/judge_bench.py); short prompts still share one.
-    max_prefill_tokens: int = Field(2048, ge=1)
+    max_prefill_tokens: Operational[int] = Field(2048, ge=1)
 
-    operational = frozenset({"max_batch", "max_queue", "max_body_bytes", "request_timeout", "max_prefill_tokens"})
 
 
 class Recipe(Section):

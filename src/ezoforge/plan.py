@@ -13,27 +13,22 @@ import importlib.util
 import json
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.config import LlamaCppConfig, Recipe, VLLMConfig, deep_merge, parse_overrides, to_plain
+from ezoforge.config import Recipe, deep_merge, parse_overrides, to_plain
 from ezoforge.errors import RecordError, size
-from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN, bytes_per_param
+from ezoforge.infer.registry import backend_class
+from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
+from ezoforge.sizing import (CUDA_OVERHEAD_GIB, DECODE_EFFICIENCY, DEQUANT_TRAFFIC, GIB, LINEAR_BYTES, PREFILL_MFU,
+                             PROCESS_RAM_GIB, VLLM_OVERHEAD_GIB, Card, EngineJob, Shape, decode_tokens_per_s,
+                             in_process_gib, in_process_words, known_shape, largest_shard, model_shape,
+                             prefill_tokens_per_s, weight_bytes)
 from ezoforge.stage import done_info
 from ezoforge.stages import STEPS, steps
 
 log = logging.getLogger(__name__)
-
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Card:
-    memory_gib: float
-    bf16_tflops: float  # dense peak
-    bandwidth_tbs: float
-
 
 # Memory as nvidia-smi's memory.total reports it (MiB), not the nominal GB of the card's name: an "80GB" H100 holds
 # 79.6 GiB, a "48GB" L40S 45 GiB.
@@ -44,41 +39,6 @@ CARDS = {
     "rtx4090": Card(24564 / 1024, 165, 1.0),
 }
 HOST_RAM_GIB = 64  # "ordinary RAM": what `--ram` assumes unless told
-
-
-@dataclass(frozen=True)
-class Shape:
-    params: float
-    layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    kv_heads: int
-    heads: int
-    context: int  # tokens the model takes (max_position_embeddings)
-    tied: bool = False
-    head_dim: int = 0  # 0: hidden / heads; Qwen3's small models and Gemma 3 set their own
-
-    @property
-    def head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def linear_dims(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer in one decoder block (q, k, v, o, gate, up, down)."""
-        q, kv = self.heads * self.head, self.kv_heads * self.head
-        h, i = self.hidden, self.intermediate
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-
-    @property
-    def embedding_params(self) -> int:
-        """The input embeddings and the LM head: no quantization scheme here touches them (they stay 16-bit)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """The KV cache of one token in 16-bit: keys and values of every layer's KV heads."""
-        return 2 * self.layers * self.kv_heads * self.head * 2
 
 
 @dataclass(frozen=True)
@@ -100,20 +60,11 @@ MEASURED = {
     ("llama-3.1-70b", "h100"): Measured(1, 4096, 850, 50.2, REFERENCE),
 }
 
-KNOWN_SHAPES = {  # so a plan works offline for the recipes we ship
-    "llama-3.1-8b": Shape(8.03e9, 32, 4096, 14336, 128256, 8, 32, 131072),
-    "llama-3.1-70b": Shape(70.6e9, 80, 8192, 28672, 128256, 8, 64, 131072),
-    # Instruction Pre-Training's synthesizer: a Mistral-7B-v0.1 fine-tune
-    "instruction-synthesizer": Shape(7.24e9, 32, 4096, 14336, 32000, 8, 32, 32768),
-    "qwen3-8b": Shape(8.19e9, 36, 4096, 12288, 151936, 8, 32, 40960, head_dim=128),
-}
 # Training FLOPs per token: forward + backward through the frozen weights (input grads) + the recompute that
 # gradient checkpointing adds = ~8 N. HF+peft QLoRA on one H100 reached 38% of peak at 8B (5,851 tok/s).
 TRAIN_FLOPS_PER_PARAM = 8
 TRAIN_MFU = 0.38
 FSDP_SCALING = 0.9  # share of N cards' throughput FSDP keeps (its gathers and reduce-scatters): assumed, not measured
-DECODE_EFFICIENCY = 0.5  # share of the memory-bandwidth bound a batched decode reaches
-PREFILL_MFU = 0.4  # share of the bf16 peak a prefill (and a compute-bound decode) reaches
 CHARS_PER_TOKEN_JA = 1.1  # Llama 3 tokenizer on Japanese prose (measured on the demo corpus: ~1.0–1.2)
 DOC_TOKENS = 1500  # a curated document
 # Prompt tokens around a passage: our prompted instruction with its few-shot example; the synthesizer's markers.
@@ -132,23 +83,9 @@ EVAL_COST = 1 / 3
 # and Dataset.from_list, on the 2-core bench CPU.
 TOKENIZED_BYTES_PER_TOKEN = 190
 
-# Bytes per weight of the quantized linear layers (embeddings and the LM head stay 16-bit): bitsandbytes NF4
-# (vLLM's "bitsandbytes" too) and int8 as models.py counts them, FP8 with per-tensor scales, AWQ/GPTQ 4-bit with
-# 16-bit scales and zeros per group of 128.
-LINEAR_BYTES = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "nf4": bytes_per_param("nf4"),
-                "bitsandbytes": bytes_per_param("nf4"), "int8": bytes_per_param("int8"), "fp8": 1.0,
-                "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128}
-# Bytes moved per parameter in a bitsandbytes batch decode step: the packed weight read, the 16-bit copy written
-# and read back.
-DEQUANT_TRAFFIC = {"nf4": 0.5 + 2 * 2, "int8": 1 + 2 * 2}
-CUDA_OVERHEAD_GIB = 2.0  # CUDA context, allocator slack and a forward pass's activations (torch processes)
-VLLM_OVERHEAD_GIB = 2.0  # vLLM: CUDA context and its profiling pass's activations
-VLLM_GRAPHS_GIB = 1.0  # vLLM's captured CUDA graphs (none with enforce_eager)
-PROCESS_RAM_GIB = 2.0  # a Python process with torch and transformers imported
 # Beside every stage of `ezo run`: the run itself and the fork server its stages start from (torch and transformers
 # imported, no model). Measured 0.43 GiB RSS together (82 + 359 MiB) during recipes/demo-prefer.yaml on this CPU.
 RUN_RAM_GIB = 0.5
-VLLM_RAM_GIB = 4.0  # vLLM's processes on the host
 CURATE_WORKER_GIB = 1.0  # one curate worker process: Python, datatrove, a batch of documents
 # bench/curate_bench.py, whole chain (filters, MinHash, dedup) on FineWeb JSONL, 1 worker, idle 2-core CPU
 # (bench/RESULTS.md); wiki markup parsing and bz2 are not in that figure.
@@ -158,7 +95,6 @@ DISK_BYTES_S = 1e9  # reading and writing weights (an NVMe-class disk)
 # and out) in 250.8 s on the 2-core bench CPU under load. It is CPU-bound (each LoRA target's W + B·A in float32,
 # cast, written), so its rate is counted in parameters per second.
 MERGE_PARAMS_PER_S = 8.03e9 / 250.8
-HUB_SHARD_BYTES = 5e9  # the hub's usual safetensors shard (Llama-3.1-70B: 30 shards of ≤ 5 GB)
 COMPRESSION = 2.5  # Parquet / gzip on Japanese text
 
 
@@ -168,44 +104,6 @@ def task_type(spec: str):
     from ezoforge.eval.tasks import TASK_TYPES, parse_spec
 
     return TASK_TYPES[parse_spec(spec)[0]]
-
-
-def known_shape(spec: str) -> str | None:
-    key = spec.lower().replace("meta-llama-", "llama-").replace("_", "-")
-    return next((name for name in KNOWN_SHAPES if name in key), None)
-
-
-def model_shape(spec: str) -> Shape:
-    if known_shape(spec):
-        return KNOWN_SHAPES[known_shape(spec)]
-    from transformers import AutoConfig
-
-    from ezoforge.models import config_context_length, resolve
-
-    cfg = AutoConfig.from_pretrained(resolve(spec)).get_text_config()  # a multimodal checkpoint's language model
-    h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    shape = Shape(0, n, h, i, v, kv, cfg.num_attention_heads, config_context_length(cfg), tied,
-                  getattr(cfg, "head_dim", None) or 0)
-    return replace(shape, params=sum(a * b for a, b in shape.linear_dims) * n + shape.embedding_params)
-
-
-def weight_bytes(shape: Shape, scheme: str) -> float:
-    return (shape.params - shape.embedding_params) * LINEAR_BYTES[scheme] + shape.embedding_params * 2
-
-
-def largest_shard(spec: str, shape: Shape) -> tuple[float, str]:
-    """Bytes of the model's largest weights file: measured for a local folder, else the hub's usual shard."""
-    if spec.startswith("bundled:") or spec.endswith(".gguf"):
-        from ezoforge.models import resolve
-
-        spec = resolve(spec)  # the converted safetensors folder
-    path = Path(spec).expanduser()
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if files:
-        return float(max(f.stat().st_size for f in files)), "its largest file"
-    return min(HUB_SHARD_BYTES, shape.params * 2), "the hub's usual shard size"
 
 
 # Compressed inputs are sized by typical expansion ratios for Japanese text (decompressing a 4 GB dump
@@ -319,20 +217,9 @@ def passage_conversations(recipe: Recipe, passage: float, pairs: int) -> tuple[i
 def synth_context(recipe: Recipe) -> int:
     """The synth model's context as synth uses it (vLLM's max_model_len): synth.context_tokens or the model's."""
     s = recipe.synth
-    if s.backend == "openai":
+    if backend_class(s.backend).served:
         return s.context_tokens or 4096
     return min(model_shape(s.model or recipe.model.name).context, s.context_tokens or 1 << 30)
-
-
-def decode_tokens_per_s(card: Card, shape: Shape, weights: float, batch: float, cards: int = 1) -> float:
-    """Batched decoding: memory-bandwidth bound (the weights, split over `cards`, read once per step), capped by
-    compute."""
-    bandwidth = batch * cards * card.bandwidth_tbs * 1e12 * DECODE_EFFICIENCY / weights
-    return min(bandwidth, cards * prefill_tokens_per_s(card, shape))
-
-
-def prefill_tokens_per_s(card: Card, shape: Shape) -> float:
-    return card.bf16_tflops * 1e12 * PREFILL_MFU / (2 * shape.params)
 
 
 class Planner:
@@ -372,7 +259,7 @@ class Planner:
         if Path(spec).expanduser().exists() or spec.startswith("bundled:"):
             return 0.0
         r = self.recipe
-        loads = {"synth": {r.synth.model or r.model.name} if r.synth.backend != "openai" else set(),
+        loads = {"synth": set() if backend_class(r.synth.backend).served else {r.synth.model or r.model.name},
                  "train": {r.model.name}, "merge": {r.model.name},
                  "eval-base": {r.model.name} | ({r.eval.judge_model} if r.eval.judge_url == "local" else set())}
         first = next((s for s in steps(r) if spec in loads.get(s, ())), None)
@@ -405,73 +292,43 @@ class Planner:
                 "disk_gib": None if unknown else (kept_bytes / COMPRESSION + signatures) / GIB,
                 "hours": None if unknown else text_bytes / (CURATE_MB_PER_WORKER_S * 1e6 * c.workers) / 3600}
 
-    def vllm_engine(self, shape: Shape, v: VLLMConfig, context: int, seq_tokens: float) -> dict:
-        """A vLLM engine on this card: it takes gpu_memory_utilization of it and must hold one full context of
-        KV cache beside the weights; how many sequences of `seq_tokens` decode at once sets its speed."""
-        scheme = self.base_dtype() if v.quantization == "none" else v.quantization
-        tp = v.tensor_parallel_size
-        weights = weight_bytes(shape, scheme) / tp / GIB
-        overhead = VLLM_OVERHEAD_GIB + (0 if v.enforce_eager else VLLM_GRAPHS_GIB)
-        pool = v.gpu_memory_utilization * self.card.memory_gib
-        kv = pool - weights - overhead
-        kv_per_token = shape.kv_bytes_per_token / min(tp, shape.kv_heads) / GIB
-        need = weights + overhead + context * kv_per_token  # vLLM refuses to start without one full context
-        seqs = max(0.0, min(v.max_num_seqs, kv / (seq_tokens * kv_per_token)))
-        source = (f"vLLM takes gpu_memory_utilization x the card ({pool:.1f} GiB): weights in {scheme} "
-                  f"({weights:.1f} GiB per card), {overhead:g} GiB of context/activations/graphs, the rest KV cache "
-                  f"({max(kv, 0):.1f} GiB, ~{seqs:.0f} sequences at once; one {context}-token context needs "
-                  f"{context * kv_per_token:.1f} GiB)")
-        fits = need <= pool
-        return {"gpu_gib": pool if fits else need, "fits_gpu": fits, "source": source, "cards": tp,
-                "tokens_per_s": decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), max(seqs, 1), tp)}
-
-    def llamacpp_engine(self, spec: str, shape: Shape, cfg: LlamaCppConfig, sequences: int) -> dict:
-        """llama.cpp on the CPU: the model as a GGUF in RAM (a .gguf file as it is, any other written once as f16 into
-        the cache) beside `kv_tokens` of f16 KV cache for each sequence decoded together and one more (the shared
-        prompt prefix); no GPU."""
-        weights = weight_bytes(shape, "float16")
-        kv = cfg.kv_tokens * (sequences + 1) * shape.kv_bytes_per_token
-        source = (f"llama.cpp on the CPU: {weights / GIB:.1f} GiB of f16 weights (at most) + {kv / GIB:.2f} GiB of KV "
-                  f"cache ({sequences + 1} x {cfg.kv_tokens} tokens) + the process; its speed is the CPU's (not planned)")
-        return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + (weights + kv) / GIB, "source": source,
-                "disk": 0.0 if spec.endswith(".gguf") else weights}
+    def engine_job(self, kind, spec: str, context: int, seq_tokens: float, batch: int, scheme: str,
+                   adapter: bool = False) -> EngineJob:
+        """What a stage asks of its backend (`kind`): the model in `scheme` (+ the adapter) where it loads here."""
+        made_from = self.recipe.model.name if spec == STEPS["merge"].folder else spec  # the merge has the base's shape
+        if made_from != self.recipe.model.name and kind.served:  # a server's name for its model: shape unknown here
+            return EngineJob(self.card, None, spec, self.base_dtype(), context, seq_tokens, batch, 0.0, 0.0, 0.0)
+        shape = self.shape if made_from == self.recipe.model.name else model_shape(made_from)
+        weights = weight_bytes(shape, scheme) + (self.lora_params() * 2 if adapter else 0.0)
+        # bitsandbytes decodes a batch by dequantizing each weight to 16-bit first: more bytes move.
+        traffic = shape.params * DEQUANT_TRAFFIC[scheme] if scheme in DEQUANT_TRAFFIC else weights
+        return EngineJob(self.card, shape, spec, self.base_dtype(), context, seq_tokens, batch, weights, traffic,
+                         largest_shard(made_from, shape)[0])
 
     def synth(self) -> dict:
         r, s = self.recipe, self.recipe.synth
         disk_out = self.vol.synth_out * CHARS_PER_TOKEN_JA * 3 * (1 + 1 / COMPRESSION)  # stored answers + pairs
-        if s.backend == "openai":
-            self.sources["synth"] = f"served at {s.base_url}: no local GPU; its speed is the server's (not planned)"
-            return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": disk_out / GIB, "hours": None}
-        spec = s.model or r.model.name
-        shape = model_shape(spec)
-        if s.backend == "llamacpp":
-            engine = self.llamacpp_engine(spec, shape, s.llamacpp, s.generation.batch_size)
-            self.sources["synth"] = "model: " + engine["source"]
-            return {"gpu_gib": 0.0, "ram_gib": engine["ram_gib"], "hours": None,
-                    "disk_gib": (disk_out + engine["disk"] + self.download("synth", spec, shape)) / GIB}
+        kind, spec = backend_class(s.backend), s.model or r.model.name
         seq_tokens = self.vol.passage_tokens + PROMPT_TOKENS[s.mode] + s.generation.max_new_tokens
-        shard, _ = largest_shard(spec, shape)
-        if s.backend == "vllm":
-            engine = self.vllm_engine(shape, s.vllm, synth_context(r), seq_tokens)
-            self.sources["synth"] = "model: " + engine.pop("source")
-            ram, rate, cards = VLLM_RAM_GIB + shard / GIB, engine.pop("tokens_per_s"), engine.pop("cards")
-        else:
-            weights = weight_bytes(shape, self.base_dtype()) / GIB
-            batch = s.generation.batch_size
-            engine = {"gpu_gib": weights + batch * seq_tokens * shape.kv_bytes_per_token / GIB + CUDA_OVERHEAD_GIB}
-            ram, cards = PROCESS_RAM_GIB + shard / GIB, 1
-            rate = decode_tokens_per_s(self.card, shape, weight_bytes(shape, self.base_dtype()), batch)
-            self.sources["synth"] = (f"model: transformers, {self.base_dtype()} weights ({weights:.1f} GiB) + KV cache "
-                                     f"of generation.batch_size {batch} + {CUDA_OVERHEAD_GIB:g} GiB")
-        engines = max(1, self.gpus // cards)  # synth.workers tasks, each on its cards (executor gpus_per_task)
+        job = self.engine_job(kind, spec, synth_context(r), seq_tokens, s.generation.batch_size, self.base_dtype())
+        engine = kind.estimate(s, job)
+        self.sources["synth"] = "model: " + engine.source
+        disk = disk_out + engine.disk_bytes + (self.download("synth", spec, job.shape) if job.shape else 0.0)
+        figures = {"gpu_gib": engine.gpu_gib, "disk_gib": disk / GIB}
+        if engine.fits_gpu is not None:
+            figures["fits_gpu"] = engine.fits_gpu
+        if engine.tokens_per_s is None:  # a server's or the CPU's speed
+            return {**figures, "ram_gib": engine.ram_gib, "hours": None}
+        rate, ram = engine.tokens_per_s, engine.ram_gib
+        engines = max(1, self.gpus // engine.cards)  # synth.workers tasks, each on its cards (executor gpus_per_task)
         if self.gpus > 1:
             rate *= engines
             ram *= engines
-            self.sources["synth"] += (f"; {engines} engines of {cards} card(s) on the {self.gpus} cards, one per "
-                                      f"synth task (synth.workers {engines}, synth.executor.gpus_per_task {cards})")
-        prefill = engines * cards * prefill_tokens_per_s(self.card, shape)
-        return {**engine, "ram_gib": ram, "disk_gib": (disk_out + self.download("synth", spec, shape)) / GIB,
-                "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600,
+            self.sources["synth"] += (f"; {engines} engines of {engine.cards} card(s) on the {self.gpus} cards, one "
+                                      f"per synth task (synth.workers {engines}, synth.executor.gpus_per_task "
+                                      f"{engine.cards})")
+        prefill = engines * engine.cards * prefill_tokens_per_s(self.card, job.shape)
+        return {**figures, "ram_gib": ram, "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600,
                 "tokens_per_s": rate}  # decoding, what `ezo run --smoke` compares synth's stats with
 
     def train(self) -> dict:
@@ -649,54 +506,41 @@ class Planner:
         """Answers from eval.backend; choice/perplexity tasks and a local judge load the model here (after a vLLM
         engine has given the card back), with model.quantize."""
         r, e = self.recipe, self.recipe.eval
-        batch, answer_tokens = e.generation.batch_size, EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
+        kind = backend_class(e.backend)
+        quantize = self.eval_quantize()
+        scheme = self.base_dtype() if quantize == "none" else quantize
+        # The tuned model is the merged folder (a llama.cpp engine writes it once as a GGUF); the base as it is. The
+        # adapter rides on the base for eval-sft, and for eval-tuned without a merge or where the base is quantized
+        # (eval.run.scores_adapter: the quantized base + the adapter is what was trained).
+        adapter = name == "eval-sft" or (name == "eval-tuned" and ("merge" not in r.stages or quantize != "none"))
+        spec = r.model.name if name == "eval-base" or adapter else STEPS["merge"].folder
+        answer_tokens = EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
+        job = self.engine_job(kind, spec, e.context_tokens or min(self.shape.context, 8192), answer_tokens,
+                              e.generation.batch_size, scheme, adapter)
+        engine = kind.estimate(e, job)
         local_judge = e.judge_url == "local"
-        figures, sources, rate, cpu_ram, gguf = [], [], None, 0.0, 0.0
-        if e.backend == "vllm":
-            context = e.context_tokens or min(self.shape.context, 8192)
-            engine = self.vllm_engine(self.shape, e.vllm, context, answer_tokens)
-            figures.append(engine)
-            sources.append("answers: " + engine["source"])
-            rate = engine["tokens_per_s"]
-        elif e.backend == "openai":
-            sources.append(f"answers from {e.base_url} (its speed is the server's, not planned)")
-        elif e.backend == "llamacpp":
-            # The tuned model is the merged folder (safetensors), written once as a GGUF; the base as it is.
-            model = r.model.name if name == "eval-base" else STEPS["merge"].folder
-            engine = self.llamacpp_engine(model, self.shape, e.llamacpp, e.generation.batch_size)
-            sources.append("answers: " + engine["source"])
-            cpu_ram, gguf = engine["ram_gib"], engine["disk"]  # the model written once as a GGUF into the cache
-        likelihoods = any(task_type(t).scoring.loads_model for t in e.tasks)
-        if e.backend == "transformers" or likelihoods or local_judge:
-            quantize = self.eval_quantize()
-            scheme = self.base_dtype() if quantize == "none" else quantize
-            weights = weight_bytes(self.shape, scheme)
-            # The adapter on top of the base: eval-sft, and eval-tuned without a merge or where the base is quantized
-            # (eval.run.scores_adapter: the quantized base + the adapter is what was trained).
-            if name == "eval-sft" or (name == "eval-tuned" and ("merge" not in r.stages or quantize != "none")):
-                weights += self.lora_params() * 2
-            kv = batch * answer_tokens * self.shape.kv_bytes_per_token
-            judge = 0.0
-            if local_judge and e.judge_model != r.model.name:
-                judge_shape = model_shape(e.judge_model)
-                judge = weight_bytes(judge_shape, self.base_dtype()) + batch * \
-                    (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * judge_shape.kv_bytes_per_token
-            figures.append({"gpu_gib": (weights + kv + judge) / GIB + CUDA_OVERHEAD_GIB})
-            sources.append(f"the model here with model.quantize {r.model.quantize} (-> {quantize}): {scheme} "
-                           f"weights + KV cache of generation.batch_size {batch} x {answer_tokens} tokens + "
-                           f"{CUDA_OVERHEAD_GIB:g} GiB" + (" + the local judge" if judge else ""))
-            if e.backend == "transformers":
-                # bitsandbytes decodes a batch by dequantizing each weight to 16-bit first: more bytes move.
-                traffic = self.shape.params * DEQUANT_TRAFFIC[quantize] if quantize in DEQUANT_TRAFFIC else weights
-                rate = decode_tokens_per_s(self.card, self.shape, traffic, batch)
+        judge = 0.0
+        if local_judge and e.judge_model != r.model.name:
+            judge_shape = model_shape(e.judge_model)
+            judge = (weight_bytes(judge_shape, self.base_dtype()) + job.batch *
+                     (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * judge_shape.kv_bytes_per_token) / GIB
+        here = f"the model here with model.quantize {r.model.quantize} (-> {quantize}): "
+        figures = [] if kind.in_process else [{"gpu_gib": engine.gpu_gib, "fits_gpu": engine.fits_gpu}]
+        sources = [] if kind.in_process else ["answers: " + engine.source]
+        loads_here = kind.in_process or local_judge or any(task_type(t).scoring.loads_model for t in e.tasks)
+        if loads_here:
+            figures.append({"gpu_gib": in_process_gib(job) + judge, "fits_gpu": None})
+            sources.append(here + (engine.source if kind.in_process else in_process_words(job)) +
+                           (" + the local judge" if judge else ""))
         self.sources["eval"] = "model: " + "; then ".join(sources) + \
             "; hours count the answers only (a judge's time is its server's)"
-        peak = max(figures, key=lambda f: f["gpu_gib"], default={"gpu_gib": 0.0})
+        peak = max((f["gpu_gib"] for f in figures), default=0.0)
+        fits = all(self.card.memory_gib >= f["gpu_gib"] if f["fits_gpu"] is None else f["fits_gpu"] for f in figures)
         shard, _ = largest_shard(r.model.name, self.shape)
-        return {"gpu_gib": peak["gpu_gib"], "fits_gpu": all(f.get("fits_gpu", f["gpu_gib"] <= self.card.memory_gib)
-                                                            for f in figures),
-                "ram_gib": max(cpu_ram, (VLLM_RAM_GIB if e.backend == "vllm" else PROCESS_RAM_GIB) + shard / GIB),
-                "disk_gib": (self.download(name, r.model.name, self.shape) + gguf) / GIB,
+        rate = engine.tokens_per_s
+        return {"gpu_gib": peak, "fits_gpu": fits,
+                "ram_gib": max(engine.ram_gib, PROCESS_RAM_GIB + shard / GIB if loads_here else 0.0),
+                "disk_gib": (self.download(name, r.model.name, self.shape) + engine.disk_bytes) / GIB,
                 "hours": None if rate is None else self.vol.eval_out / rate / 3600, "tokens_per_s": rate}
 
     def export(self) -> dict:

@@ -33,10 +33,10 @@ class _Models:
     process; a vLLM engine gives the card back before one loads."""
 
     def __init__(self, m: ModelConfig, adapter: Path | None, cfg: EvalConfig):
-        from ezoforge.infer.registry import BACKENDS
+        from ezoforge.infer.registry import backend_class
 
         self.m, self.adapter, self.cfg = m, adapter, cfg
-        self.kind = BACKENDS[cfg.backend]
+        self.kind = backend_class(cfg.backend)
         # Another engine is set up now, so a bad setting (no vllm, an unset key variable) fails before any work.
         self.engine = None if self.kind.in_process else self._backend()
 
@@ -147,9 +147,9 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
         suite.task_type.check(suite, cfg)
     m = recipe.model
     cfg = pick_backend(cfg, "eval.backend", m.name, adapter, m.device, m.quantize)
-    from ezoforge.infer.registry import BACKENDS
+    from ezoforge.infer.registry import backend_class
 
-    device = None if BACKENDS[cfg.backend].own_device else m.device  # vLLM: CUDA is the engine's alone
+    device = None if backend_class(cfg.backend).own_device else m.device  # vLLM: CUDA is the engine's alone
     check_model(m.name, adapter, device, m.chat_template, m.quantize)  # a bad model fails before the folder is claimed
     if cfg.judge_url == "local":
         check_spec(cfg.judge_model)

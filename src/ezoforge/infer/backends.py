@@ -3,8 +3,9 @@ server. Every backend takes a list of Requests and reports each result (or the e
 `done(index, Completion | Exception)` as soon as it exists, so the caller can store it durably before the next one.
 synth sends its Requests; eval's conversations go through `complete` (the shape of `Generator.complete`).
 
-synth and eval pick a backend by name from `infer.registry.BACKENDS` and make it with `build(section, target)`: the
-stage's section (`synth` or `eval`, which share the backend keys) and the model it answers with.
+synth and eval pick a backend by name (`config.BACKENDS`, imported by `infer.registry.backend_class`) and make it
+with `build(section, target)`: the stage's section (`synth` or `eval`, which share the backend keys) and the model it
+answers with. `ezo plan` asks the same class for its share of the stage (`estimate`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from ezoforge.errors import ConfigError, EzoError
 from ezoforge.completion import Completion
 from ezoforge.infer.generate import Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
+from ezoforge.sizing import (GIB, PROCESS_RAM_GIB, VLLM_GRAPHS_GIB, VLLM_OVERHEAD_GIB, VLLM_RAM_GIB, EngineEstimate,
+                             EngineJob, decode_tokens_per_s, in_process_gib, in_process_words, weight_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,8 @@ class Target:
 
 
 class Backend:
-    """A way to answer. A new one is a subclass with `build` and `run` (and `answer_settings` where settings beyond
-    the model change its answers), plus its line in `infer.registry.BACKENDS`."""
+    """A way to answer. A new one is a subclass with `build`, `run` and `estimate` (and `answer_settings` where
+    settings beyond the model change its answers), plus its line in `config.BACKENDS`."""
 
     name: ClassVar[str]
     # Answers from a server: the model is a served name, known by it and the server's URL; nothing loads here.
@@ -82,6 +85,8 @@ class Backend:
     # (models.check_model / model_identity with device None), so no CUDA is touched in its process before the
     # engine starts and the engine has the card to itself.
     own_device: ClassVar[bool] = False
+    tokenizer = None  # the model's tokenizer where one counts its tokens here
+    context_length: int = 4096  # tokens a request and its answer may take together
 
     @classmethod
     def build(cls, section: Section, target: Target) -> "Backend":
@@ -92,6 +97,24 @@ class Backend:
         """The section's settings, beyond the model and a server's URL, that change this backend's answers: cache
         keys name them."""
         return {}
+
+    @classmethod
+    def estimate(cls, section: Section, job: EngineJob) -> EngineEstimate:
+        """What answering `job` takes of the machine, for `ezo plan`: every backend says it, none is guessed."""
+        raise NotImplementedError(f"backend {cls.name!r} declares no estimate for ezo plan")
+
+    def count_tokens(self, text: str) -> int:
+        """Without a tokenizer, a token per character: about one per Japanese character or less."""
+        return len(text)
+
+    def request_tokens(self, req: Request) -> int:
+        """The tokens a request sends (synth sizes its passages by them)."""
+        return self.count_tokens(req.prompt if req.prompt is not None else
+                                 "\n".join(c for _, c in req.messages or ()) + req.prefill)
+
+    def run(self, reqs: list[Request], sampling: Sampling, done: Done) -> None:
+        """Answer each request, reporting `done(index, Completion | Exception)` as soon as it is known."""
+        raise NotImplementedError
 
     def complete(self, batch: list[list[dict[str, str]]], sampling: Sampling) -> list[Completion]:
         """Whole conversations answered, in order; the first failed request raises."""
@@ -155,6 +178,12 @@ class TransformersBackend(LocalBackend):
     def build(cls, section: Section, target: Target) -> "TransformersBackend":
         return cls(*cls.local_model(section, target), target.load, section.generation.batch_size, target.static_cache)
 
+    @classmethod
+    def estimate(cls, section: Section, job: EngineJob) -> EngineEstimate:
+        return EngineEstimate("transformers in the stage's process: " + in_process_words(job),
+                              gpu_gib=in_process_gib(job), ram_gib=PROCESS_RAM_GIB + job.shard / GIB,
+                              tokens_per_s=decode_tokens_per_s(job.card, job.shape, job.traffic, job.batch))
+
     def __init__(self, tokenizer, context_length: int, load: Callable[[], Loaded], batch_size: int,
                  static_cache: bool = False):
         super().__init__(tokenizer, context_length)
@@ -217,6 +246,30 @@ class VLLMBackend(LocalBackend):
     @classmethod
     def answer_settings(cls, section: Section) -> dict:
         return output_settings(section.vllm)  # on-load quantization
+
+    @classmethod
+    def estimate(cls, section: Section, job: EngineJob) -> EngineEstimate:
+        """The engine takes gpu_memory_utilization of each card it spans and must hold one full context of KV cache
+        beside the weights; how many sequences of `job.seq_tokens` decode at once sets its speed."""
+        v, shape = section.vllm, job.shape
+        scheme = job.dtype if v.quantization == "none" else v.quantization
+        tp = v.tensor_parallel_size
+        weights = weight_bytes(shape, scheme) / tp / GIB
+        overhead = VLLM_OVERHEAD_GIB + (0 if v.enforce_eager else VLLM_GRAPHS_GIB)
+        pool = v.gpu_memory_utilization * job.card.memory_gib
+        kv = pool - weights - overhead
+        kv_per_token = shape.kv_bytes_per_token / min(tp, shape.kv_heads) / GIB
+        need = weights + overhead + job.context * kv_per_token  # vLLM refuses to start without one full context
+        seqs = max(0.0, min(v.max_num_seqs, kv / (job.seq_tokens * kv_per_token)))
+        source = (f"vLLM takes gpu_memory_utilization x the card ({pool:.1f} GiB): weights in {scheme} "
+                  f"({weights:.1f} GiB per card), {overhead:g} GiB of context/activations/graphs, the rest KV cache "
+                  f"({max(kv, 0):.1f} GiB, ~{seqs:.0f} sequences at once; one {job.context}-token context needs "
+                  f"{job.context * kv_per_token:.1f} GiB)")
+        fits = need <= pool
+        return EngineEstimate(source, gpu_gib=pool if fits else need, ram_gib=VLLM_RAM_GIB + job.shard / GIB,
+                              tokens_per_s=decode_tokens_per_s(job.card, shape, weight_bytes(shape, scheme),
+                                                               max(seqs, 1), tp),
+                              cards=tp, fits_gpu=fits)
 
     def __init__(self, tokenizer, context_length: int, spec: str, dtype: str, seed: int, cfg: VLLMConfig):
         if importlib.util.find_spec("vllm") is None:
@@ -297,6 +350,10 @@ class OpenAIBackend(Backend):
         return cls(section.base_url, target.spec, section.api_key_env, section.timeout, section.max_retries,
                    section.concurrency, target.tokenizer, section.context_tokens or 4096)
 
+    @classmethod
+    def estimate(cls, section: Section, job: EngineJob) -> EngineEstimate:
+        return EngineEstimate(f"served at {section.base_url}: no local GPU; its speed is the server's (not planned)")
+
     def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout: float, max_retries: int,
                  concurrency: int, tokenizer: str | None, context_length: int):
         from ezoforge.remote import make_client
@@ -326,7 +383,7 @@ class OpenAIBackend(Backend):
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is None:
-            return len(text)  # no tokenizer for a remote model: about one token per Japanese character or less
+            return super().count_tokens(text)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def request_tokens(self, req: Request) -> int:

@@ -28,6 +28,7 @@ from ezoforge.infer.batching import Batcher, Job
 from ezoforge.completion import Completion
 from ezoforge.infer.generate import ChatEngine, Sampling
 from ezoforge.models import gguf_of, resolve, stop_token_ids
+from ezoforge.sizing import GIB, PROCESS_RAM_GIB, EngineEstimate, EngineJob, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,19 @@ class LlamaCppBackend(LocalBackend):
         require_installed("synth.backend" if isinstance(section, SynthConfig) else "eval.backend")
         check_convertible(target.spec)
         return cls(*cls.local_model(section, target), target.spec, section.llamacpp, section.generation.batch_size)
+
+    @classmethod
+    def estimate(cls, section: Section, job: EngineJob) -> EngineEstimate:
+        """The model as a GGUF in RAM (a .gguf file as it is, any other written once as f16 into the cache) beside
+        `kv_tokens` of f16 KV cache for each sequence decoded together and one more (the shared prompt prefix)."""
+        weights = weight_bytes(job.shape, "float16")
+        cells = section.llamacpp.kv_tokens * (job.batch + 1)
+        kv = cells * job.shape.kv_bytes_per_token
+        source = (f"llama.cpp on the CPU: {weights / GIB:.1f} GiB of f16 weights (at most) + {kv / GIB:.2f} GiB of KV "
+                  f"cache ({job.batch + 1} x {section.llamacpp.kv_tokens} tokens) + the process; its speed is the "
+                  "CPU's (not planned)")
+        return EngineEstimate(source, ram_gib=PROCESS_RAM_GIB + (weights + kv) / GIB,
+                              disk_bytes=0.0 if job.spec.endswith(".gguf") else weights)
 
     def __init__(self, tokenizer, context_length: int, spec: str, cfg: LlamaCppConfig, sequences: int):
         super().__init__(tokenizer, min(context_length, cfg.kv_tokens))

@@ -1,10 +1,16 @@
-"""The backends synth and eval answer through, by the name `synth.backend` and `eval.backend` take
-(`config.BackendName` lists the same names). A new backend is its class, in its own module if it likes, and a line
-here."""
+"""The backend class a `synth.backend` or `eval.backend` name stands for, imported from its line in
+`config.BACKENDS` on first use."""
 from __future__ import annotations
 
-from ezoforge.infer.backends import Backend, OpenAIBackend, TransformersBackend, VLLMBackend
-from ezoforge.infer.llamacpp import LlamaCppBackend
+import importlib
 
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TransformersBackend, VLLMBackend, OpenAIBackend,
-                                                          LlamaCppBackend)}
+from ezoforge.config import BACKENDS
+from ezoforge.infer.backends import Backend
+
+
+def backend_class(name: str) -> type[Backend]:
+    module, _, attr = BACKENDS[name].partition(":")
+    kind = getattr(importlib.import_module(module), attr)
+    if not (isinstance(kind, type) and issubclass(kind, Backend)) or kind.name != name:
+        raise TypeError(f"config.BACKENDS[{name!r}] is {BACKENDS[name]}, which is not a Backend named {name!r}")
+    return kind

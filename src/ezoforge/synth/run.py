@@ -34,7 +34,7 @@ from ezoforge.completion import Completion
 from ezoforge.infer.backends import Backend, Target
 from ezoforge.infer.engines import identity as engine_identity
 from ezoforge.infer.engines import pick_backend
-from ezoforge.infer.registry import BACKENDS
+from ezoforge.infer.registry import backend_class
 from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import read_docs, split
@@ -66,7 +66,7 @@ def make_backend(recipe: Recipe, model: str, static_cache: bool) -> Backend:
         return load(model, device=m.device, dtype=m.dtype, chat_template=m.chat_template, need_chat_template=chat,
                     quantize=base_quantize(recipe))
 
-    return BACKENDS[cfg.backend].build(cfg, Target(model, m.chat_template, m.dtype, chat, load, cfg.tokenizer,
+    return backend_class(cfg.backend).build(cfg, Target(model, m.chat_template, m.dtype, chat, load, cfg.tokenizer,
                                                    static_cache=static_cache))
 
 
@@ -142,12 +142,12 @@ def run(recipe: Recipe, input: Path, out: Path, force: bool = False, allow_empty
     cfg = pick_backend(recipe.synth, "synth.backend", model, None, m.device, base_quantize(recipe))
     recipe = recipe.model_copy(update={"synth": cfg})
     files = input_files([input])
-    if BACKENDS[cfg.backend].served:  # a served name: base_url (in the output settings) says which model
+    if backend_class(cfg.backend).served:  # a served name: base_url (in the output settings) says which model
         identity, static_cache = model, False
     else:  # a local model must exist before work starts, and is known by its weights
         from ezoforge.models import check_model, model_identity, pick_device
 
-        device = None if BACKENDS[cfg.backend].own_device else m.device  # vLLM: CUDA is the engine's alone
+        device = None if backend_class(cfg.backend).own_device else m.device  # vLLM: CUDA is the engine's alone
         check_model(model, None, device, m.chat_template, base_quantize(recipe))
         identity = engine_identity(cfg.backend, model_identity(model, None, m.dtype, device, m.chat_template,
                                                                base_quantize(recipe)))
@@ -299,7 +299,7 @@ def _gather(folder: Path, ranks: set[int], wanted: set[str], cache: RequestCache
 def _answer_settings(cfg) -> dict:
     """The backend's answer-changing settings where they differ from the defaults: the keys made before a setting
     existed stay valid (an unquantized vLLM engine's keys are those of the model)."""
-    kind = BACKENDS[cfg.backend]
+    kind = backend_class(cfg.backend)
     default = kind.answer_settings(type(cfg)())
     return {k: v for k, v in kind.answer_settings(cfg).items() if default.get(k) != v}
 
