@@ -14,7 +14,7 @@ import argparse
 import torch
 from qlora_cpu_bench import seconds_per_step  # bench/ is on the path of a script run from it
 
-from ezoforge.config import TrainConfig
+from ezoforge.train.settings import TrainConfig
 
 
 def main() -> None:

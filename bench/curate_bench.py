@@ -137,8 +137,8 @@ def run_baseline(texts: list[str], cfg) -> tuple[float, float, int, Counter]:
 
 
 def run_ours(files: list[Path], out: Path, workers: int) -> dict:
-    from ezoforge.config import load_recipe
     from ezoforge.curate.run import run
+    from ezoforge.stages import load_recipe
 
     recipe = load_recipe(None, [f"curate.workers={workers}"])
     return run(recipe, [str(p) for p in files], out)
@@ -159,7 +159,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from importlib.metadata import version
 
-    from ezoforge.config import CurateConfig
+    from ezoforge.curate.settings import CurateConfig
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, load {os.getloadavg()[0]:.1f}); "
           f"python {platform.python_version()}, " + ", ".join(

@@ -107,7 +107,8 @@ def answered(backend, reqs, new_tokens: int, device=torch.device("cpu")) -> tupl
 
 
 def cpu_backends(args) -> None:
-    from ezoforge.config import DEFAULT_SYSTEM_PROMPT, EvalConfig
+    from ezoforge.config import DEFAULT_SYSTEM_PROMPT
+    from ezoforge.eval.settings import EvalConfig
     from ezoforge.infer.backends import Request, Target
     from ezoforge.infer.generate import build_messages
     from ezoforge.infer.registry import backend_class

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ezoforge.config import TrainConfig
 from ezoforge.train.model import lora_config, load_base
+from ezoforge.train.settings import TrainConfig
 
 
 def seconds_per_step(cfg: TrainConfig, batch: int, length: int, steps: int, autocast: bool = False) -> float:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ezoforge.config import load_recipe
 from ezoforge.infer.llamacpp import LlamaCppBackend, common_start
 from ezoforge.models import resolve
 from ezoforge.stage import input_files
+from ezoforge.stages import load_recipe
 from ezoforge.synth.mix import draw
 from ezoforge.synth.passages import read_docs
 from ezoforge.synth.run import build_requests, make_backend

@@ -270,8 +270,8 @@ def ours(model, rows: list[dict], variant: str, **levers) -> dict:
     """`ezo train`'s trainer (SFTTrainer, our packed rows and collator) on the same model, timed per optimizer step."""
     from transformers import TrainerCallback
 
-    from ezoforge.config import TrainConfig
     from ezoforge.train.run import make_trainer
+    from ezoforge.train.settings import TrainConfig
 
     class Timer(TrainerCallback):
         def __init__(self):

@@ -144,7 +144,7 @@ class DemoRun:
     judge: object  # the ScriptedJudge that graded it (still serving for the whole session)
 
     def recipe(self, workdir: Path | None = None, *more: str):
-        from ezoforge.config import load_recipe
+        from ezoforge.stages import load_recipe
 
         return load_recipe(DEMO, [f"workdir={workdir or self.workdir}", *self.overrides, *more])
 

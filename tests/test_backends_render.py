@@ -12,13 +12,14 @@ import pytest
 
 from conftest import BUNDLED
 from ezoforge.cache import request_key
-from ezoforge.config import BACKENDS, bundled_data, load_recipe
+from ezoforge.config import BACKENDS, bundled_data
 from ezoforge.errors import ConfigError
 from ezoforge.eval.run import _Models
 from ezoforge.infer.backends import CONTINUE, OpenAIBackend, as_requests
 from ezoforge.infer.generate import Generator, Sampling, build_messages
 from ezoforge.infer.registry import backend_class
 from ezoforge.infer.serve import BackgroundServer, create_app
+from ezoforge.stages import load_recipe
 from ezoforge.synth.passages import read_docs, sentences
 from ezoforge.synth.run import _answer_settings, build_requests, make_backend
 from ezoforge.turns import default_system

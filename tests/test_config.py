@@ -1,9 +1,9 @@
 import pytest
 
-from ezoforge.config import (DEFAULT_SYSTEM_PROMPT, diff_keys, dump_yaml, fingerprint, load_recipe,
-                             parse_overrides, redact)
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT, diff_keys, dump_yaml, fingerprint, parse_overrides, redact
 from ezoforge.errors import ConfigError
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 
 
 def write(tmp_path, text):

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from ezoforge.config import bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.errors import EzoError
 from ezoforge.eval import contamination
 from ezoforge.eval.tasks import load_suite
 from ezoforge.records import write_jsonl, write_parquet
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = bundled_data("bundled:tasks/demo-tasks.jsonl")

@@ -4,8 +4,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from ezoforge.config import FiltersConfig, NormalizeConfig
 from ezoforge.curate.ja_filters import FILTERS, build_chain, clean_lines, normalize
+from ezoforge.curate.settings import FiltersConfig, NormalizeConfig
 
 # An encyclopedic paragraph written for these tests (465 characters): every filter keeps it.
 CLEAN = (
@@ -184,8 +184,9 @@ def test_web_labels_measure_the_filters_precision_and_recall(tmp_path):
     the quality filters should drop the junk pages and keep the good ones, deduplication the copies of good ones."""
     import pyarrow.parquet as pq
 
-    from ezoforge.config import bundled_data, load_recipe
+    from ezoforge.config import bundled_data
     from ezoforge.curate.run import run
+    from ezoforge.stages import load_recipe
 
     labels = {r["id"]: r["label"] for r in map(json.loads, open(bundled_data("bundled:web/labels.jsonl"),
                                                                   encoding="utf-8"))}

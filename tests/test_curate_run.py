@@ -17,12 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ezo_in_process, run_slurm_array, stand_in_slurm
-from ezoforge.config import bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.curate.readers import Shard, read_wiki
 from ezoforge.curate.run import run
 from ezoforge.errors import ConfigError, EzoError, MachineFault, RecordError
 from ezoforge.executors import completed
 from ezoforge.records import Document
+from ezoforge.stages import load_recipe
 from test_curate_wiki import _page, export
 
 ENGLISH = "Lake Biwa is the largest freshwater lake in Japan, located in Shiga Prefecture. " * 8
@@ -230,8 +231,8 @@ def test_lsh_catches_jaccard_09_pairs_at_the_swallow_rate(tmp_path):
     at 0.5 almost never. Each min-hash agrees with probability close to the Jaccard similarity."""
     import numpy as np
 
-    from ezoforge.config import DedupConfig
     from ezoforge.curate.dedup import CharMinhashSignature, minhash_config
+    from ezoforge.curate.settings import DedupConfig
 
     sig = CharMinhashSignature(str(tmp_path), minhash_config(DedupConfig()))
     rng = np.random.default_rng(0)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BUNDLED
-from ezoforge.config import Recipe
 from ezoforge.errors import ConfigError
 from ezoforge.eval.run import run
+from ezoforge.stages import Recipe
 
 TASKS = f"elyza100:{files('ezoforge') / 'data' / 'tasks' / 'demo-tasks.jsonl'}"
 

@@ -1,9 +1,9 @@
 import pytest
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
-from ezoforge.eval.judge_prompt import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
 from ezoforge.eval.items import OpenTask
+from ezoforge.eval.judge_prompt import EMPTY_ANSWER_REASON, PROMPT_VERSION, REASK, judge_answer, judge_messages, parse_verdict
+from ezoforge.stages import load_recipe
 
 FENCE = "```"
 

@@ -13,16 +13,16 @@ from scipy import stats as scipy_stats
 
 from conftest import BUNDLED
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError, RecordError
-from ezoforge.eval.eval_report import DIFFERENT_JUDGES
-from ezoforge.eval.task_types.judged import grade_summary
-from ezoforge.eval.mt_bench import PROMPTS, parse_rating
 from ezoforge.eval.compare import compare
+from ezoforge.eval.eval_report import DIFFERENT_JUDGES
+from ezoforge.eval.mt_bench import PROMPTS, parse_rating
 from ezoforge.eval.run import run
+from ezoforge.eval.task_types.judged import grade_summary
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.models import model_identity
 from ezoforge.records import write_jsonl
+from ezoforge.stages import load_recipe
 from scripted_judge import FINGERPRINT, MODEL, ScriptedJudge
 
 # Written for these tests.

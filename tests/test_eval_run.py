@@ -11,15 +11,16 @@ from typer.testing import CliRunner
 
 from conftest import BUNDLED, ezo_in_process
 from ezoforge.cli import app
-from ezoforge.config import DEFAULT_SYSTEM_PROMPT, bundled_data, load_recipe
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT, bundled_data
 from ezoforge.errors import EzoError
-from ezoforge.eval.judge_prompt import PROMPT_VERSION
 from ezoforge.eval.compare import compare
-from ezoforge.eval.run import run
+from ezoforge.eval.judge_prompt import PROMPT_VERSION
 from ezoforge.eval.likelihood import jcqa_prompt
+from ezoforge.eval.run import run
 from ezoforge.eval.tasks import load_suite
 from ezoforge.infer.generate import Generator, build_messages
 from ezoforge.records import DONE, write_jsonl
+from ezoforge.stages import load_recipe
 from scripted_judge import FINGERPRINT, MODEL, ScriptedJudge, expected_grade
 
 TASKS = f"elyza100:{bundled_data('bundled:tasks/demo-tasks.jsonl')}"  # the package's own ELYZA-format tasks

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from conftest import BUNDLED
 from ezoforge import gguf_file
 from ezoforge.cli import app
-from ezoforge.config import DEFAULT_SYSTEM_PROMPT, ExportConfig
+from ezoforge.config import DEFAULT_SYSTEM_PROMPT
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.export.push import push
 from ezoforge.export.run import run as export
+from ezoforge.export.settings import ExportConfig
 from ezoforge.stages import eval_folders
 
 JA_PROMPT = "日本で一番高い山は何ですか？"

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from conftest import ezo_in_process
-from ezoforge.config import ExportConfig, bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.errors import ModelError
-from ezoforge.export.card import GEMMA3_NOTICE, MISTRAL_NOTICE, QWEN3_NOTICE
 from ezoforge.eval.run import run as eval_run
+from ezoforge.export.card import GEMMA3_NOTICE, MISTRAL_NOTICE, QWEN3_NOTICE
 from ezoforge.export.run import run as export_run
+from ezoforge.export.settings import ExportConfig
+from ezoforge.stages import load_recipe
 from ezoforge.train import merge
 from ezoforge.train import run as train_run
 from ezoforge.turns import IGNORE, encode

@@ -177,8 +177,8 @@ def test_a_stage_killed_outright_is_named_as_the_machines_fault(tmp_path):
     import threading
     import time
 
-    from ezoforge.config import load_recipe
     from ezoforge.pipeline import run_recipe
+    from ezoforge.stages import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text("\n".join([
@@ -213,8 +213,8 @@ def test_memory_that_ran_out_is_named_with_the_plans_figure(error, resource, wor
     import torch
 
     from ezoforge.cli import plan_figure_beside_faults
-    from ezoforge.config import load_recipe
     from ezoforge.errors import faults_named
+    from ezoforge.stages import load_recipe
 
     raised = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"),
               "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),

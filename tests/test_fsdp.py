@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from ezoforge.config import load_recipe
+from ezoforge.stages import load_recipe
 from ezoforge.train import merge
 from ezoforge.train import run as train_run
 from trainkit import assert_merge_equals_peft, elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)

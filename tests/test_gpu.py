@@ -41,9 +41,9 @@ def model_dir(tmp_path_factory):
 
 def train(model_dir: str, steps: int, **cfg):
     """(4-bit or not, the logged losses, the trainer) of `steps` SFT steps on the same 2 random rows."""
-    from ezoforge.config import TrainConfig
     from ezoforge.train.model import load_base, use_qlora
     from ezoforge.train.run import make_trainer
+    from ezoforge.train.settings import TrainConfig
 
     config = TrainConfig(lora_dropout=0.0, batch_size=2, max_length=SEQ, max_steps=steps, warmup_ratio=0.0,
                          learning_rate=2e-3, eval_fraction=0.0, save_every=10**6, **cfg)
@@ -60,9 +60,9 @@ def train(model_dir: str, steps: int, **cfg):
 def test_fused_lm_head_runs_in_triton_and_matches_the_plain_loss_on_cuda(model_dir):
     """SFT scores its loss through TRL's fused, chunked LM head: on CUDA its Triton kernels run, forward and
     backward, and give HF's full-logits loss and LoRA gradients (tests/test_train_memory.py: the same on the CPU)."""
-    from ezoforge.config import TrainConfig
     from ezoforge.train.model import load_base
     from ezoforge.train.run import make_trainer
+    from ezoforge.train.settings import TrainConfig
     from ezoforge.train.trainer import kernels
 
     cfg = TrainConfig(qlora=False, lora_dropout=0.0, batch_size=2, max_length=SEQ, max_steps=1, eval_fraction=0.0,
@@ -154,8 +154,8 @@ def test_each_stage_gives_its_cuda_memory_back(tmp_path):
     import gc
     from importlib.resources import files
 
-    from ezoforge.config import Recipe
     from ezoforge.pipeline import run_step, run_step_in_child
+    from ezoforge.stages import Recipe
 
     passages = files("ezoforge") / "data" / "heldout" / "heldout-ja.jsonl"
     recipe = Recipe.model_validate({

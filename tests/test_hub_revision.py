@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ModelError
 from ezoforge.models import check_model, load, model_identity
 from ezoforge.stage import done_info
+from ezoforge.stages import load_recipe
 from ezoforge.train import merge
 from ezoforge.train import run as train_run
 from trainkit import elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)

@@ -19,14 +19,17 @@ import torch
 
 from conftest import BUNDLED
 from ezoforge.cache import request_key
-from ezoforge.config import EvalConfig, ModelConfig, Recipe, ServeConfig, SynthConfig
+from ezoforge.config import ModelConfig, ServeConfig
 from ezoforge.errors import ConfigError
 from ezoforge.eval.run import _Models, run
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.infer.backends import Request, Target, TransformersBackend
 from ezoforge.infer.engines import choose, in_own_thread, pick_backend
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.infer.llamacpp import LlamaCppBackend
 from ezoforge.models import resolve
+from ezoforge.stages import Recipe
+from ezoforge.synth.settings import SynthConfig
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (the `cpu` extra; "

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from conftest import BUNDLED
 from ezoforge.cli import app
-from ezoforge.config import load_recipe
 from ezoforge.errors import ModelError
 from ezoforge.models import resolve
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 from ezoforge.train import merge
 from ezoforge.train import run as train_run
 from trainkit import assert_merge_equals_peft, overrides, tensors, tiny_model  # noqa: F401  (fixtures)

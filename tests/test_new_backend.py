@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from canned_backend import REPLY, TOKENS_PER_S
-from ezoforge.config import BACKENDS, bundled_data, load_recipe
+from ezoforge.config import BACKENDS, bundled_data
 from ezoforge.errors import ConfigError
 from ezoforge.plan import plan
 from ezoforge.records import read_rows
+from ezoforge.stages import load_recipe
 from ezoforge.synth.run import run
 
 RECIPE_8B = Path(__file__).resolve().parents[1] / "recipes" / "llama31-8b.yaml"

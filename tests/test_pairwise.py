@@ -111,8 +111,8 @@ def test_the_winner_is_read_strictly(reply, winner):
 
 
 def test_a_stated_pairwise_step_without_a_judge_fails_when_the_recipe_loads():
-    from ezoforge.config import load_recipe
     from ezoforge.errors import ConfigError
+    from ezoforge.stages import load_recipe
 
     with pytest.raises(ConfigError, match="pairwise: true needs a judge"):
         load_recipe(None, ["eval.pairwise=true"])
@@ -121,8 +121,8 @@ def test_a_stated_pairwise_step_without_a_judge_fails_when_the_recipe_loads():
 def test_the_plan_counts_the_pairwise_step_as_the_judge_alone():
     """No answers are generated there: no hours of its own, no disk, and on the card only the local judge."""
     from conftest import DEMO
-    from ezoforge.config import load_recipe
     from ezoforge.plan import plan
+    from ezoforge.stages import load_recipe
 
     stages = plan(load_recipe(DEMO))["stages"]
     assert stages["pairwise"]["hours"] is None and stages["pairwise"]["disk_gib"] == 0.0

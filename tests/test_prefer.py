@@ -5,11 +5,11 @@ from collections import Counter
 import pytest
 import torch
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.prefer import run as prefer_run
 from ezoforge.prefer.pairs import best_and_worst
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
 from conftest import REPO
@@ -182,9 +182,10 @@ def test_dpo_raises_the_held_out_margin_lowers_the_loss_and_keeps_the_reference_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ezoforge.config import PreferConfig, TrainConfig
     from ezoforge.models import load_tokenizer
+    from ezoforge.prefer.settings import PreferConfig
     from ezoforge.train import dpo
+    from ezoforge.train.settings import TrainConfig
 
     cfg = PreferConfig(learning_rate=5e-3, max_steps=6, batch_size=2, save_every=100, max_length=128)
     train = TrainConfig(gradient_checkpointing=False, qlora=False)

@@ -23,10 +23,11 @@ import pytest
 import torch
 import yaml
 
-from ezoforge.config import bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.export.provenance import gather
 from ezoforge.models import model_identity
 from ezoforge.smoke import run_smoke, smoke_recipe
+from ezoforge.stages import load_recipe
 from scripted_judge import ScriptedJudge, judge_and_synthesizer
 from families import make_tiny
 from trainkit import make_tiny_llama

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.reinforce import rewards
 from ezoforge.reinforce import run as reinforce_run
+from ezoforge.stages import load_recipe
 from ezoforge.train.progress import read_metrics
 from scripted_judge import ScriptedJudge, answer_of, expected_grade
 from test_prefer import sft  # noqa: F401  (fixture: a finished SFT folder of the tiny model)
@@ -52,7 +52,7 @@ def test_judge_grades_map_to_zero_one(tmp_path):
     from contextlib import ExitStack
 
     from ezoforge.cache import RequestCache
-    from ezoforge.config import EvalConfig
+    from ezoforge.eval.settings import EvalConfig
 
     texts = ["a", "ab", "abc", "abcd", "abcde"]
     with ScriptedJudge() as judge, ExitStack() as stack:
@@ -69,8 +69,8 @@ def test_a_judge_that_cannot_be_reached_stops_the_stage_instead_of_rewarding_not
     from contextlib import ExitStack
 
     from ezoforge.cache import RequestCache
-    from ezoforge.config import EvalConfig
     from ezoforge.errors import EzoError
+    from ezoforge.eval.settings import EvalConfig
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ezoforge.config import load_recipe
 from ezoforge.reinforce import run as reinforce_run
+from ezoforge.stages import load_recipe
 
 QUESTIONS = [("日本の首都はどこですか。", "日本の首都は東京です。"),
              ("富士山の高さを教えてください。", "富士山の高さは3776メートルです。"),

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import ezo_in_process as ezo  # kills and a blocked import still run the real `ezo` process
 from ezoforge.cli import app
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError, RecordError
 from ezoforge.infer.serve import BackgroundServer
 from ezoforge.records import RECORD_FORMAT
 from ezoforge.stage import Stage, input_fingerprints, lineage
+from ezoforge.stages import load_recipe
 from ezoforge.synth.run import run as synth_run
 from ezoforge.train.progress import read_metrics
 from test_synth_run import Script, pairs_of, write_docs

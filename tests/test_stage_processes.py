@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BUNDLED, REPO
-from ezoforge.config import load_recipe
 from ezoforge.pipeline import ChildTraceback, run_step, run_step_in_child
+from ezoforge.stages import load_recipe
 
 HELDOUT = "bundled:heldout/heldout-ja.jsonl"
 
@@ -30,8 +30,8 @@ def write_recipe(tmp_path: Path, *lines: str) -> Path:
 RSS_SCRIPT = """
 import json, sys
 from pathlib import Path
-from ezoforge.config import load_recipe
 from ezoforge.pipeline import run_recipe, run_step
+from ezoforge.stages import load_recipe
 
 def kib(field):
     with open("/proc/self/status") as f:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_slurm_array, stand_in_slurm
-from ezoforge.config import bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.errors import ConfigError, EzoError, MachineFault
 from ezoforge.records import read_rows
+from ezoforge.stages import load_recipe
 from ezoforge.synth.run import run
 
 # A document in 2 passages and short answers: the answers, parsed or rejected, are what the runs compare.

@@ -5,10 +5,10 @@ from collections import Counter
 
 import pytest
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
 from ezoforge.records import write_parquet
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 from ezoforge.synth.mix import draw
 from ezoforge.synth.passages import Doc, read_docs
 from ezoforge.synth.run import run

@@ -1,10 +1,10 @@
 """Parsers and pair filters on real-looking model outputs; passage splitting."""
 import pytest
 
-from ezoforge.config import PairFilters
 from ezoforge.synth import prompts
 from ezoforge.synth.parse import PairFilter, parse_prompted, parse_synthesizer
 from ezoforge.synth.passages import sentences, split
+from ezoforge.synth.settings import PairFilters
 from ezoforge.text import japanese_ratio
 
 # ---------------------------------------------------------------- synthesizer format

@@ -20,13 +20,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ezoforge.config import bundled_data, load_recipe
+from ezoforge.config import bundled_data
 from ezoforge.errors import ConfigError
 from ezoforge.infer.generate import Sampling
 from ezoforge.infer.serve import BackgroundServer
 from ezoforge.records import Pair, read_rows, write_parquet
 from ezoforge.remote import RemoteError, chat, make_client
 from ezoforge.stage import Stage
+from ezoforge.stages import load_recipe
 from ezoforge.synth import prompts
 from ezoforge.synth.mix import draw
 from ezoforge.synth.passages import read_docs, split

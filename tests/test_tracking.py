@@ -4,8 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
+from ezoforge.stages import load_recipe
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
 from trainkit import elyza_rows, overrides, tiny_model  # noqa: F401  (fixtures)

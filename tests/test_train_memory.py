@@ -8,9 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from ezoforge.config import TrainConfig
 from ezoforge.models import load_tokenizer
 from ezoforge.train.run import make_trainer
+from ezoforge.train.settings import TrainConfig
 from trainkit import loss_log, offload_hooks, random_rows, tiny_model  # noqa: F401  (fixture)
 
 CPU = torch.device("cpu")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from ezoforge.config import load_recipe
 from ezoforge.errors import ConfigError
+from ezoforge.stages import load_recipe
 from ezoforge.train import run as train_run
 from ezoforge.train.progress import read_metrics
 from trainkit import elyza_rows, overrides, passage_pairs, tiny_model, train_until_killed  # noqa: F401  (fixtures)
@@ -131,8 +131,8 @@ def _lora_grads(model, batch):
 def test_4bit_lora_gradients_survive_an_eval_forward_on_cpu(tiny_model):  # noqa: F811
     from peft import get_peft_model
 
-    from ezoforge.config import TrainConfig
     from ezoforge.train.model import four_bit_problem, load_base, lora_config
+    from ezoforge.train.settings import TrainConfig
 
     cpu = torch.device("cpu")
     if four_bit_problem(cpu):
@@ -202,8 +202,8 @@ def test_accelerate_launch_runs_ezo_train(tiny_model, elyza_rows, tmp_path):  # 
 
 
 def test_qlora_true_is_4bit_or_an_error_and_auto_says_what_it_picked(caplog):
-    from ezoforge.config import TrainConfig
     from ezoforge.train.model import use_qlora
+    from ezoforge.train.settings import TrainConfig
 
     with pytest.raises(ConfigError, match="train.qlora is true but 4-bit NF4 cannot train on meta"):
         use_qlora(TrainConfig(qlora=True), torch.device("meta"))  # bitsandbytes cannot run there

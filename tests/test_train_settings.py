@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ezoforge.config import load_recipe
+from ezoforge.stages import load_recipe
 from trainkit import overrides, tiny_model  # noqa: F401  (fixture)
 
 ROWS = [("日本の首都はどこですか？", "東京です。"), ("富士山の高さは？", "3776メートルです。"),

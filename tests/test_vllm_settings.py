@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from ezoforge.config import Recipe, load_recipe, output_settings
+from ezoforge.config import output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.infer.backends import vllm_engine_kwargs
+from ezoforge.stages import Recipe, load_recipe
 from trainkit import tiny_model  # noqa: F401  (fixtures)
 
 

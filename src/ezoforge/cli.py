@@ -21,10 +21,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ezoforge.config import Recipe, dump_yaml, load_recipe
+from ezoforge.config import Recipe, dump_yaml
 from ezoforge.errors import ConfigError, EzoError, MachineFault, free_bytes, machine_fault, size
 from ezoforge.eval.tasks import SPEC_HELP
 from ezoforge.logs import console, setup_logging
+from ezoforge.stages import load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ezoforge: turn a base LLM into a Japanese assistant (curate → synth → train → merge → eval).")
@@ -393,8 +394,8 @@ def eval_compare(
     """Runs side by side: mean grade with 95% CI, paired bootstrap difference vs the first, chrF, accuracy, perplexity."""
     from rich.table import Table
 
-    from ezoforge.eval.eval_report import COMPARE_COLUMNS, DIFFERENT_JUDGES, compare_rows
     from ezoforge.eval.compare import compare
+    from ezoforge.eval.eval_report import COMPARE_COLUMNS, DIFFERENT_JUDGES, compare_rows
 
     if pairwise:
         from ezoforge.eval.pairwise import run as run_pairwise

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -36,6 +35,10 @@ Operational = Annotated[T, OPERATIONAL]
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     operational: ClassVar[frozenset[str]] = frozenset()  # the names of its Operational fields
+
+    def check_recipe(self, recipe: "Recipe") -> None:
+        """A stage's section refuses, with a ValueError, a recipe that runs the stage but lacks what it needs from
+        other sections (prefer's judge, say)."""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -109,119 +112,6 @@ class GenerationConfig(Section):
 
 
 
-# Curation thresholds. Sources: Swallow corpus v1 (Okazaki et al. 2024, "Building a Large Japanese Web Corpus
-# for Large Language Models", quality filtering), FineWeb-2 `jpn_Jpan` (Penedo et al. 2025), llm-jp-corpus v1
-# cleaning; "ours" where no published value fits character-level Japanese (see ezoforge/curate/ja_filters.py).
-
-class Rule(Section):
-    enabled: bool = True
-
-
-class MojibakeRule(Rule):
-    # ours: share of mojibake markers (U+FFFD, C1, Latin-1 letters, 縺繧繝). Mis-decoded pages score 0.3+;
-    # a clean FineWeb-2 page on Bézier with French names scores 0.02.
-    max_ratio: float = Field(0.05, ge=0, le=1)
-
-
-class JapaneseRule(Rule):
-    min_ratio: float = Field(0.5, ge=0, le=1)  # Swallow: Japanese characters ≥ 0.5
-
-
-class LengthRule(Rule):
-    min_chars: int = Field(400, ge=0)  # Swallow: ≥ 400 characters
-    min_ja_chars: int = Field(400, ge=0)  # Swallow: ≥ 400 Japanese characters
-
-
-class KanaRule(Rule):
-    min_hiragana: float = Field(0.2, ge=0, le=1)  # Swallow
-    max_katakana: float = Field(0.5, ge=0, le=1)  # Swallow
-
-
-class SentenceRule(Rule):
-    min_avg: float = Field(20, ge=0)  # Swallow: average sentence length 20–90
-    max_avg: float = Field(90, ge=0)
-    # Swallow: longest sentence ≤ 200, but 10 of JSQuAD's 91 Wikipedia articles (≥ 400 chars) have a genuine
-    # 202–383-character sentence; 400 keeps clean encyclopedic text and still drops unpunctuated walls.
-    max_len: int = Field(400, ge=1)
-
-
-class EllipsisRule(Rule):
-    max_ratio: float = Field(0.2, ge=0, le=1)  # Swallow: lines ending in an ellipsis ≤ 0.2
-
-
-class DuplicatesRule(Rule):
-    # Swallow (after Gopher): duplicate lines/paragraphs ≤ 0.30 by count, ≤ 0.20 by characters.
-    # FineWeb-2 jpn_Jpan's duplicate-line fraction is 0.375, looser than Swallow's, so Swallow's applies.
-    max_lines: float = Field(0.30, ge=0, le=1)
-    max_line_chars: float = Field(0.20, ge=0, le=1)
-    max_paragraphs: float = Field(0.30, ge=0, le=1)
-    max_paragraph_chars: float = Field(0.20, ge=0, le=1)
-
-
-# Swallow's n-gram rules come from Gopher, whose n counts words; without a tokenizer we count characters and
-# take a Japanese word as 2 characters (UniDic short units average about that), so word n-gram -> 2n characters.
-# At n characters (5..10) the rule dropped 57% of JSQuAD's Wikipedia articles; at 2n it keeps them.
-
-class TopNgramRule(Rule):
-    max_ratio: dict[int, float] = {4: 0.20, 6: 0.18, 8: 0.16}  # Swallow: top 2/3/4-gram share, as 2n characters
-
-
-class DupNgramRule(Rule):
-    # Swallow: characters in duplicated 5..10-grams ≤ 0.15 … 0.10, as 2n characters
-    max_ratio: dict[int, float] = {10: 0.15, 12: 0.14, 14: 0.13, 16: 0.12, 18: 0.11, 20: 0.10}
-
-
-class LinesRule(Rule):
-    min_punct_lines: float = Field(0.12, ge=0, le=1)  # FineWeb line_punct_thr (FineWeb-2 keeps the rule)
-    max_newline_ratio: float = Field(0.1, ge=0)  # ours: newlines per character (FineWeb: 0.3 per word)
-
-
-class StopwordRule(Rule):
-    words: list[str] = list("のにをはたてがとで年し・月れさ")  # FineWeb-2 jpn_Jpan stopwords
-    min_count: int = Field(2, ge=0)  # Gopher / FineWeb-2: at least 2 stopwords
-
-
-class NgWordRule(Rule):
-    # Swallow drops pages by an NG-expression ratio; this short list and ratio are ours.
-    words: list[str] = ["アダルト", "無修正", "出会い系", "セフレ", "エロ動画", "オンラインカジノ", "高収入",
-                        "即金", "稼げる", "今すぐ登録", "激安", "最安値", "送料無料", "完全無料"]
-    max_ratio: float = Field(0.03, ge=0, le=1)
-
-
-class FiltersConfig(Section):
-    """The Japanese quality filters, in the order they run (the first that fails names the reason)."""
-
-    mojibake: MojibakeRule = MojibakeRule()
-    japanese: JapaneseRule = JapaneseRule()
-    kana: KanaRule = KanaRule()
-    length: LengthRule = LengthRule()
-    sentences: SentenceRule = SentenceRule()
-    ellipsis: EllipsisRule = EllipsisRule()
-    duplicates: DuplicatesRule = DuplicatesRule()
-    top_ngram: TopNgramRule = TopNgramRule()
-    dup_ngram: DupNgramRule = DupNgramRule()
-    lines: LinesRule = LinesRule()
-    stopwords: StopwordRule = StopwordRule()
-    ng_words: NgWordRule = NgWordRule()
-
-
-class NormalizeConfig(Section):
-    nfkc: bool = True
-    keep: str = "…‥！？～"  # NFKC would fold these to ASCII ("...", "!", "~"), changing Japanese typography
-    strip_urls: bool = True  # llm-jp-corpus
-    max_ascii_run: int | None = Field(100, ge=1)  # llm-jp-corpus strips long ASCII runs; the length is ours
-    drop_lines_without_kana: bool = True  # llm-jp-corpus
-
-
-class DedupConfig(Section):
-    enabled: bool = True
-    n_grams: int = Field(5, ge=1)  # Swallow: character 5-grams
-    # Swallow: 20 bands x 20 rows; P(a Jaccard-0.9 pair shares a band) = 1 - (1 - 0.9**20)**20 = 0.925
-    num_buckets: int = Field(20, ge=1)
-    hashes_per_bucket: int = Field(20, ge=1)
-    seed: int = 1
-
-
 class ExecutorConfig(Section):
     """Which datatrove executor runs the passes: local processes, Slurm job arrays, or a Ray cluster."""
 
@@ -240,33 +130,6 @@ class ExecutorConfig(Section):
         if self.kind == "slurm" and not self.partition:
             raise ValueError("executor 'slurm' needs partition")
         return self
-
-
-class CurateConfig(Section):
-    # `inputs` are fingerprinted by content (stage.input_fingerprints), not by how they were named.
-    inputs: Operational[list[str]] = []
-    workers: Operational[int] = Field(1, ge=1)
-    on_error: Literal["fail", "skip"] = "fail"
-    split_mb: float = Field(64, gt=0)  # inputs bigger than this are read as several strided shards (tasks)
-    limit: int | None = Field(None, ge=1)  # documents read from each input, its first N (a smoke run, a sample)
-    normalize: NormalizeConfig = NormalizeConfig()
-    filters: FiltersConfig = FiltersConfig()
-    dedup: DedupConfig = DedupConfig()
-    executor: Operational[ExecutorConfig] = ExecutorConfig()
-
-
-class PairFilters(Section):
-    """What a synthesized pair must meet to be kept (lengths in characters)."""
-
-    min_instruction_chars: int = Field(4, ge=1)
-    max_instruction_chars: int = Field(500, ge=1)
-    min_response_chars: int = Field(2, ge=1)
-    max_response_chars: int = Field(2000, ge=1)
-    min_japanese: float = Field(0.5, ge=0.0, le=1.0)  # share of letters that are kana or kanji
-    max_copy_fraction: float = Field(0.8, gt=0.0, le=1.0)  # a verbatim run this share of the passage is a copy
-    # Characters in repeated 10-character n-grams, Swallow's duplicate n-gram rule on one response (its limit for
-    # long n-grams is 0.10 on whole documents; a short answer that lists parallel items repeats more honestly).
-    max_repeated_fraction: float = Field(0.3, gt=0.0, le=1.0)
 
 
 # What synth and eval answer through, by the name `synth.backend` and `eval.backend` take: each backend's class as
@@ -308,333 +171,11 @@ class VLLMConfig(BackendSettings):
     backend = "vllm"
 
 
-class SynthConfig(Section):
-    model: str | None = None  # None: the recipe's base model
-    backend: BackendChoice = "auto"
-    base_url: str | None = None
-    api_key_env: Operational[str | None] = None
-    mode: Literal["prompted", "synthesizer"] = "prompted"
-    pairs_per_doc: int = Field(3, ge=1)
-    limit: int | None = Field(None, ge=1)
-    concurrency: Operational[int] = Field(4, ge=1)
-    # Upstream's synthesizer uses 400 new tokens; prompted pairs need fewer, and CPU runs of small models more so.
-    generation: GenerationConfig = GenerationConfig(max_new_tokens=256)
-    max_passage_tokens: int = Field(1024, ge=32)  # longer documents are split on sentence boundaries
-    context_tokens: int | None = Field(None, ge=128)  # None: the model's own (openai backend: 4096, as upstream)
-    tokenizer: str | None = None  # counts tokens for the openai backend; None: the served model's, when loadable
-    timeout: Operational[float] = Field(120.0, gt=0)  # seconds per request (openai backend)
-    max_retries: Operational[int] = Field(4, ge=0)
-    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)  # more failed requests than this: the stage fails
-    # transformers backend: static KV cache + compiled decode step (CUDA graphs). auto: on CUDA only (logged).
-    static_cache: Operational[Literal["auto"] | bool] = "auto"
-    vllm: VLLMConfig = VLLMConfig()  # backend vllm only; its max_model_len is context_tokens
-    llamacpp: Operational[LlamaCppConfig] = LlamaCppConfig()  # backend llamacpp only
-    filters: PairFilters = PairFilters()
-    # The document draw: a seeded random order over all curated sources, nested (the first N of a larger limit are
-    # the N of a smaller one). `mix` gives each source's share by the name curate writes in `source`; sources left
-    # out are not drawn. None: every source in proportion to its documents.
-    mix: dict[str, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = None
-    seed: int = 0
-    # Scaling out: `workers` tasks, each synthesizing its slice of the requests on `executor` (curate's engines);
-    # 1 on the local executor runs in this process.
-    workers: Operational[int] = Field(1, ge=1)
-    executor: Operational[ExecutorConfig] = ExecutorConfig(job_name="ezo-synth")
-
-    @field_validator("mix")
-    @classmethod
-    def _shares(cls, mix: dict[str, float] | None) -> dict[str, float] | None:
-        if mix is None:
-            return None
-        if not mix:
-            raise ValueError("name at least one source, or leave mix unset")
-        if abs(sum(mix.values()) - 1) > 1e-6:
-            raise ValueError(f"shares sum to {sum(mix.values()):g}, not 1")
-        return mix
-
-
-    @model_validator(mode="after")
-    def _openai_needs_url(self) -> "SynthConfig":
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("backend 'openai' needs base_url")
-        if self.backend != "transformers" and self.static_cache is True:
-            raise ValueError(f"static_cache is a transformers-backend setting; backend '{self.backend}' decides its "
-                             "own decoding (leave static_cache at auto, or state backend transformers)")
-        self.vllm.refuse_unless(self.backend)
-        self.llamacpp.refuse_unless(self.backend)
-        return self
-
-
-TrackerName = Literal["none", "tensorboard", "wandb", "mlflow"]
-
-
-class TrainConfig(Section):
-    # auto: 4-bit NF4 on CUDA where bitsandbytes trains, LoRA on a CPU (see train/model.py); true: 4-bit or an error.
-    qlora: Literal["auto"] | bool = "auto"
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    learning_rate: float = Field(2e-4, gt=0.0)
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(2048, ge=16)
-    packing: bool = True
-    # Also learn each pair's source passage, as Instruction Pre-Training trains on the raw text with its pairs.
-    # Off: plain SFT, loss on assistant tokens only (EZO's "plain instruction tuning").
-    context_loss: bool = False
-    # passage: the pairs synthesized from one passage train as one conversation (the passage and the first
-    # instruction, then the other instructions as later turns), so the passage is read once, not once per pair;
-    # a group longer than max_length is split into several conversations, each with the passage. none: one
-    # conversation per pair. Pairs without a context train alone either way.
-    group_pairs: Literal["passage", "none"] = "passage"
-    # Checkpointing recomputes the same activations: it trades memory for time, never the result (operational).
-    gradient_checkpointing: Operational[bool] = True
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    eval_every: int = Field(50, ge=1)  # held-out loss every N steps and after the last (what metrics.jsonl records)
-    save_every: Operational[int] = Field(50, ge=1)
-    keep_checkpoints: Operational[int] = Field(2, ge=1)
-    log_every: Operational[int] = Field(1, ge=1)
-    seed: int = 0
-    target_modules: str | list[str] = "all-linear"
-    liger: bool | None = None  # None: Liger kernels on CUDA when liger-kernel is installed
-    # keep attention outputs, recompute the rest (with gradient_checkpointing)
-    selective_checkpointing: Operational[bool] = False
-    # checkpoint every n-th decoder layer: more speed for more memory
-    checkpoint_every: Operational[int] = Field(1, ge=1)
-    compile: bool = False  # torch.compile the model
-    # Training on a CPU: matmuls in bfloat16 under autocast (weights, adapters and optimizer stay float32). auto: where
-    # the CPU has bf16 instructions (AVX512-BF16, AMX), 1.5-1.8x faster steps on the bench CPU (logged); true: also
-    # elsewhere (emulated, slower). A GPU run computes in the base's dtype.
-    cpu_autocast: Literal["auto"] | bool = "auto"
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed (padding-free), else sdpa
-    # Each checkpointed layer's input waits in pinned host memory for its recompute (copies overlap compute).
-    # auto: on CUDA when gradient_checkpointing is on; true: always (also on CPU, where it saves nothing); false: off.
-    offload_activations: Operational[bool | Literal["auto"]] = "auto"
-
-    # Experiment trackers the trainer logs to: none, tensorboard (event files in the train folder), wandb, mlflow.
-    report_to: Operational[TrackerName | list[TrackerName]] = "none"
-
-    @model_validator(mode="after")
-    def _one_length(self) -> "TrainConfig":
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("set max_steps or epochs, not both")
-        return self
-
-    @model_validator(mode="after")
-    def _offload_needs_checkpointing(self) -> "TrainConfig":
-        if self.offload_activations is True and not self.gradient_checkpointing:
-            raise ValueError("offload_activations: true needs gradient_checkpointing: true (it offloads the "
-                             "checkpointed layers' inputs)")
-        return self
-
-
-class SamplingConfig(GenerationConfig):
-    """Generation that samples: several answers to one prompt must be able to differ."""
-
-    temperature: float = Field(0.8, gt=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(0.95, gt=0.0, le=1.0, allow_inf_nan=False)
-
-
-class PreferConfig(Section):
-    """`ezo prefer`: preference pairs from the SFT model's own answers, graded by the recipe's judge (eval.judge_*),
-    then DPO continuing the SFT adapter against the SFT model as the reference."""
-
-    limit: int | None = Field(None, ge=1)  # instructions drawn (seeded, nested) from the pairs the SFT trained on
-    samples: int = Field(4, ge=1)  # answers sampled per instruction from the SFT model
-    include_reference: bool = True  # the synthesized response stands as one more candidate
-    min_margin: float = Field(1.0, gt=0)  # keep (best, worst) only when their grades differ by at least this
-    generation: SamplingConfig = SamplingConfig()
-    seed: int = 0
-    # DPO (TRL's DPOTrainer) on the kept pairs; the LoRA shape, quantization and attention are the SFT's (train.*).
-    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                       "aot", "apo_zero", "apo_down", "sigmoid_norm"] = "sigmoid"
-    learning_rate: float = Field(5e-5, gt=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(2, ge=1)  # pairs per step (each is two sequences)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(1024, ge=16)  # prompt + answer tokens; longer pairs are cut at the end
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held-out pairs: DPO loss and log-prob margin before/after
-    save_every: Operational[int] = Field(50, ge=1)
-    keep_checkpoints: Operational[int] = Field(2, ge=1)
-    log_every: Operational[int] = Field(1, ge=1)
-    liger: bool | None = None  # None: Liger's layer kernels on CUDA when liger-kernel is installed
-
-
-    @model_validator(mode="after")
-    def _checks(self) -> "PreferConfig":
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("set max_steps or epochs, not both")
-        if self.samples == 1 and not self.include_reference:
-            raise ValueError("one sampled answer and no reference make no pair: raise samples or include_reference")
-        return self
-
-
-# The rewards reinforce knows by name; any other name is a user's function, `module:function`.
-REWARDS = ("judge", "japanese", "length", "reference")
-
-
-class ReinforceConfig(Section):
-    """`ezo reinforce`: GRPO (TRL's GRPOTrainer) continuing the SFT adapter (DPO's where prefer ran), against that
-    adapter as the KL reference, on synth's instructions, with named, weighted rewards."""
-
-    # name -> weight: judge, japanese, length, reference, module:function. A weight of 0 turns a reward off (`--set`
-    # merges into the recipe's rewards, so `--set reinforce.rewards.judge=0` drops the judge).
-    rewards: dict[str, float] = {"judge": 1.0}
-    limit: int | None = Field(None, ge=1)  # instructions drawn (seeded) from the pairs the SFT trained on
-    held_out: int = Field(8, ge=0)  # of those, prompts never trained on: rewards scored before and after
-    num_generations: int = Field(4, ge=2)  # completions per prompt, the group each reward is normalized in
-    max_completion_length: int = Field(256, ge=4)
-    length_budget: int = Field(200, ge=1)  # `length`: 1 up to this many completion tokens, 0 at twice as many
-    temperature: float = Field(0.9, gt=0.0, le=2.0, allow_inf_nan=False)
-    beta: float = Field(0.04, ge=0.0, allow_inf_nan=False)  # KL to the starting policy (the SFT/DPO adapter)
-    learning_rate: float = Field(5e-6, gt=0.0)
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    max_steps: int = Field(100, ge=1)
-    epochs: None = None  # GRPO runs by steps (trainer_args reads the field)
-    batch_size: int = Field(2, ge=1)  # prompts per step, each with num_generations completions
-    grad_accum: int = Field(1, ge=1)
-    # Where completions come from on a GPU: vLLM colocated with training (TRL's colocate mode), or transformers;
-    # auto: vLLM where it is installed (logged). The CPU generates with transformers.
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
-    # vLLM's share of the card beside training: where it runs, not what it samples (as vllm.gpu_memory_utilization)
-    vllm_gpu_memory_utilization: Operational[float] = Field(0.3, gt=0.0, lt=1.0)
-    seed: int = 0
-    save_every: Operational[int] = Field(25, ge=1)
-    keep_checkpoints: Operational[int] = Field(2, ge=1)
-    log_every: Operational[int] = Field(1, ge=1)
-    liger: bool | None = None
-
-    @model_validator(mode="after")
-    def _checks(self) -> "ReinforceConfig":
-        if not self.active:
-            raise ValueError("rewards: give at least one reward a weight (judge, japanese, length, reference, "
-                             "module:function)")
-        for name, weight in self.rewards.items():
-            if name not in REWARDS and not re.fullmatch(r"[\w.]+:\w+", name):
-                raise ValueError(f"rewards.{name}: not a known reward ({', '.join(REWARDS)}) nor a `module:function`")
-            if not math.isfinite(weight):
-                raise ValueError(f"rewards.{name}: the weight must be a finite number")
-        return self
-
-    @property
-    def active(self) -> dict[str, float]:
-        """The rewards that count: those with a weight other than 0, in the recipe's order."""
-        return {name: weight for name, weight in self.rewards.items() if weight != 0}
-
-
-class MergeConfig(Section):
-    # The merged model's stored dtype; `auto` keeps the base's.
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "bfloat16"
-
-
-class EvalConfig(Section):
-    tasks: list[str] = ["elyza100"]
-    # Any OpenAI-compatible base URL, or "local": serve judge_model in-process. Not operational: another server may
-    # hold another model under the same name.
-    judge_url: str | None = None
-    judge_model: str | None = None
-    # What a `local` judge runs on (its settings are llama.cpp's defaults); auto: as model.backend's auto (logged).
-    judge_backend: Literal["auto", "transformers", "llamacpp"] = "auto"
-    judge_api_key_env: Operational[str | None] = None
-    judge_max_tokens: int = Field(512, ge=16)
-    # Send the verdict's JSON schema as `response_format` (OpenAI structured outputs; vLLM and `ezo serve`
-    # enforce it while decoding). Off for a server that rejects response_format.
-    judge_structured: bool = True
-    judge_reason_max_chars: int = Field(400, ge=10)  # the schema's bound on "reason", so a verdict always ends
-    judge_reasks: int = Field(2, ge=0)  # follow-up requests after an unparseable verdict
-    judge_max_retries: Operational[int] = Field(4, ge=0)  # transport retries per request (backoff + jitter)
-    judge_timeout: Operational[float] = Field(120.0, gt=0)
-    limit: int | None = Field(None, ge=1)
-    concurrency: Operational[int] = Field(4, ge=1)
-    allow_partial: bool = False
-    generation: GenerationConfig = GenerationConfig(max_new_tokens=512)
-    # A task's score is the mean over `samples` answers (at generation.temperature) x `judgments` verdicts on each
-    # (at judge_temperature); flexeval's ELYZA-tasks-100 protocol is 3 x 3. Each index has its own cache entry.
-    samples: int = Field(1, ge=1)
-    judgments: int = Field(1, ge=1)
-    judge_temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)  # FastChat and ours: 0
-    # Reference answers (FastChat answer format, e.g. Japanese MT-Bench reference_answer/*.jsonl) for the
-    # math/reasoning/coding questions of mt-bench-ja; a question's own `reference` field wins.
-    mt_bench_references: Path | None = None
-    jcqa_normalization: Literal["sum", "per_char"] = "sum"
-    ppl_window: int = Field(1024, ge=8)  # tokens per scored window of a long paragraph
-    bootstrap_samples: int = Field(1000, ge=100)
-    bootstrap_seed: int = 0
-    cache: Operational[Path | None] = None  # None: EZO_CACHE_DIR (or ~/.cache/ezoforge)/eval-requests.sqlite
-    # Before judging, each task's input and reference are looked up in the training pairs and the curated documents
-    # behind the evaluated model (eval/contamination.py): warn lists the tasks found, fail stops naming them.
-    # `ezo run`: after the evals, the tuned model against the base (and the SFT model) head to head by the judge
-    # (`ezo eval compare --pairwise`): a step of its own, so no eval's output changes with it.
-    pairwise: Operational[bool] = False
-    contamination: Literal["warn", "fail", "off"] = "warn"
-    contamination_n: int = Field(13, ge=4)  # characters per n-gram
-    contamination_threshold: float = Field(0.5, gt=0.0, le=1.0)  # share of a text's n-grams found in training text
-    # Where open tasks' answers come from, through synth's backends: the model loaded here (transformers), a vLLM
-    # engine here (vllm: `vllm` settings, a merged model), llama.cpp on the CPU (llamacpp: `llamacpp` settings, a
-    # merged model or a GGUF), or an OpenAI-compatible server holding model.name (openai: base_url). Choice and
-    # perplexity tasks score with the model's own forward pass, loaded here once a vLLM engine has been shut down.
-    backend: BackendChoice = "auto"
-    base_url: str | None = None
-    api_key_env: Operational[str | None] = None
-    timeout: Operational[float] = Field(120.0, gt=0)  # seconds per request (openai backend)
-    max_retries: Operational[int] = Field(4, ge=0)
-    vllm: VLLMConfig = VLLMConfig()
-    llamacpp: Operational[LlamaCppConfig] = LlamaCppConfig()
-    context_tokens: int | None = Field(None, ge=128)  # vllm's max_model_len; None: the model's own, at most 8192
-
-    @model_validator(mode="before")
-    @classmethod
-    def _judge_temperature(cls, data: Any) -> Any:
-        """A judge that takes only its default temperature samples at 1, as reports and cache keys then record (so
-        its repeated verdicts differ); a stated other temperature is refused, naming it."""
-        if not isinstance(data, dict) or not default_temperature_only(str(data.get("judge_model") or "")):
-            return data
-        stated = data.get("judge_temperature")
-        if stated is not None and float(stated) != 1.0:
-            raise ValueError(f"judge_temperature={stated}, but {data['judge_model']} takes only its default "
-                             "temperature (1; OpenAI's reasoning models refuse any other): leave "
-                             "eval.judge_temperature unset or set it to 1")
-        return {**data, "judge_temperature": 1.0}
-
-    @model_validator(mode="after")
-    def _judge_pair(self) -> "EvalConfig":
-        if bool(self.judge_url) != bool(self.judge_model):
-            raise ValueError("judge_url and judge_model go together")
-        if self.pairwise and not self.judge_model:
-            raise ValueError("pairwise: true needs a judge to ask: set judge_url and judge_model")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("backend 'openai' needs base_url")
-        self.vllm.refuse_unless(self.backend)
-        self.llamacpp.refuse_unless(self.backend)
-        # Repeats that cannot differ would only shrink the spread and the interval: refuse them.
-        if self.samples > 1 and self.generation.temperature == 0:
-            raise ValueError(f"samples={self.samples} with generation.temperature=0: greedy decoding gives the same "
-                             "answer every time; set eval.generation.temperature > 0 or samples=1")
-        if self.judgments > 1 and self.judge_temperature == 0:
-            raise ValueError(f"judgments={self.judgments} with judge_temperature=0 asks for one verdict "
-                             f"{self.judgments} times; set eval.judge_temperature > 0 or judgments=1")
-        return self
-
-
 def default_temperature_only(model: str) -> bool:
     """OpenAI's reasoning models (the o-series, the gpt-5 family but its chat models): they take
     `max_completion_tokens`, not `max_tokens`, and refuse a temperature (or top_p) other than the default, 1."""
     name = model.rsplit("/", 1)[-1].lower()
     return re.match(r"(o\d|gpt-5)", name) is not None and not name.startswith("gpt-5-chat")
-
-
-# ---------------------------------------------------------------- export
-
-class ExportConfig(Section):
-    """`ezo export`: a publishable folder (weights, tokenizer, model card) and optional GGUF files."""
-
-    gguf: list[Literal["f16", "q8_0"]] = []
-    repo: str | None = None  # USER/NAME the card's usage snippet loads (None: the export folder's own path)
 
 
 # ---------------------------------------------------------------- serve (`ezo serve` limits; all operational)
@@ -652,33 +193,32 @@ class ServeConfig(Section):
 
 
 class Recipe(Section):
-    """A whole run: the model, each stage's settings and where outputs go."""
+    """A whole run's own keys: where outputs go, the stages it runs, the model and the shared generation and serve
+    settings. Each stage's section is its step's (`stages.Step.settings`): the whole recipe is `stages.Recipe`,
+    this class with those sections, and `stages.load_recipe` reads one."""
 
     workdir: Path = Path("runs/default")
-    # export and prefer (between train and merge): opt-in
-    stages: list[Literal["curate", "synth", "train", "prefer", "reinforce", "merge", "eval", "export"]] = list(STAGES)
+    # export, prefer and reinforce (between train and merge): opt-in
+    stages: list[str] = list(STAGES)
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
-    curate: CurateConfig = CurateConfig()
-    synth: SynthConfig = SynthConfig()
-    train: TrainConfig = TrainConfig()
-    prefer: PreferConfig = PreferConfig()
-    reinforce: ReinforceConfig = ReinforceConfig()
-    merge: MergeConfig = MergeConfig()
-    eval: EvalConfig = EvalConfig()
-    export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
 
+    stage_names: ClassVar[tuple[str, ...]] = ()  # the stages whose sections the recipe holds, in run order
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        for name in stages:
+            if name not in cls.stage_names:
+                raise ValueError(f"unknown stage {name!r}: one of {', '.join(cls.stage_names)}")
+        return stages
+
     @model_validator(mode="after")
-    def _prefer_needs_a_judge(self) -> "Recipe":
-        # Checked here, so `ezo run` fails before curating and training, not at the prefer stage.
-        if "prefer" in self.stages and not self.eval.judge_model:
-            raise ValueError("stage prefer grades answers with the recipe's judge: set eval.judge_url and "
-                             "eval.judge_model")
-        if "reinforce" in self.stages and "judge" in self.reinforce.active and not (
-                self.eval.judge_url and self.eval.judge_model):
-            raise ValueError("reinforce.rewards.judge grades completions with the recipe's judge: set eval.judge_url "
-                             "and eval.judge_model, or drop that reward")
+    def _sections_agree(self) -> "Recipe":
+        # Checked here, so `ezo run` fails before curating and training, not at the stage that needs it.
+        for name in self.stages:
+            getattr(self, name).check_recipe(self)
         return self
 
 
@@ -788,10 +328,11 @@ def format_validation_error(err: ValidationError, source: str = "recipe", lines:
     return "\n".join(out)
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None, flag_names: dict[str, str] | None = None) -> Recipe:
-    """Load a recipe (or defaults when path is None), apply `extra` (from CLI flags, dotted key -> value; named in
-    errors by `flag_names`) then --set overrides."""
+def parse_recipe(model: type[Recipe], path: str | Path | None = None, overrides: list[str] | None = None,
+                 extra: dict[str, Any] | None = None, flag_names: dict[str, str] | None = None) -> Recipe:
+    """Load a recipe as `model` (or its defaults when path is None), apply `extra` (from CLI flags, dotted key ->
+    value; named in errors by `flag_names`) then --set overrides. `stages.load_recipe` calls it with the whole
+    recipe."""
     data: dict[str, Any] = {}
     lines: dict = {}
     source = "defaults"
@@ -833,12 +374,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         for n in range(1, len(loc)):
             origins.setdefault(loc[:n], origins.get(loc, ""))
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, lines, origins)) from None
-    recipe.curate.inputs = [bundled_data(p) for p in recipe.curate.inputs]
-    recipe.eval.tasks = [_expand_task(t) for t in recipe.eval.tasks]
-    return recipe
 
 
 BUNDLED_DATA = "bundled:"
@@ -851,7 +389,8 @@ def bundled_data(path: str) -> str:
     return str(Path(__file__).parent / "data" / path[len(BUNDLED_DATA):])
 
 
-def _expand_task(spec: str) -> str:
+def bundled_task(spec: str) -> str:
+    """An eval task spec with its file's `bundled:` path resolved (`elyza100:bundled:tasks/x.jsonl`)."""
     name, sep, rest = spec.partition(":")
     return f"{name}:{bundled_data(rest)}" if sep else spec
 

@@ -604,7 +604,7 @@ def with_settings(recipe: Recipe, overrides: list[str]) -> Recipe | None:
     from pydantic import ValidationError
 
     try:
-        return Recipe.model_validate(deep_merge(to_plain(recipe), parse_overrides(overrides)))
+        return type(recipe).model_validate(deep_merge(to_plain(recipe), parse_overrides(overrides)))
     except ValidationError:
         return None
 

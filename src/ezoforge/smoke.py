@@ -37,7 +37,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
         cuts.append(f"{key}={value if keep else 'null' if most is None else most}")
     cut = deep_merge(stated, parse_overrides(cuts))
     cut["workdir"] = f"{str(recipe.workdir).rstrip('/')}-smoke"
-    return Recipe.model_validate(cut)
+    return type(recipe).model_validate(cut)
 
 
 def compare(recipe: Recipe, workdir: Path, ram_gib: float, card: str | None) -> dict:

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from ezoforge.config import Recipe
+from pydantic import Field, create_model
+
+from ezoforge import config
+from ezoforge.config import Section
+from ezoforge.curate.settings import CurateConfig
+from ezoforge.eval.settings import EvalConfig
+from ezoforge.export.settings import ExportConfig
+from ezoforge.prefer.settings import PreferConfig
+from ezoforge.reinforce.settings import ReinforceConfig
+from ezoforge.synth.settings import SynthConfig
+from ezoforge.train.settings import MergeConfig, TrainConfig
 
 # run(recipe, out, read, force) -> the stage's stats; `read` maps each step in `reads` to its folder.
-Runner = Callable[[Recipe, Path, dict[str, Path], bool], dict]
+Runner = Callable[[config.Recipe, Path, dict[str, Path], bool], dict]
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,11 @@ class Step:
     folder: str  # its folder under the workdir
     reads: tuple[str, ...]  # the steps whose folders it reads: redoing one of them redoes this one
     run: Runner
-    when: Callable[[Recipe], bool] = lambda recipe: True  # whether the recipe runs it, when its stage is there
+    settings: type[Section]  # the stage's recipe section, declared in its package (its steps name the same one)
+    # Its `ezo plan` figures, from the planner (`plan.Planner`: the recipe, the card, the volumes); None: the
+    # planner's method of the stage's name.
+    estimate: Callable[[Any], dict] | None = None
+    when: Callable[[config.Recipe], bool] = lambda recipe: True  # whether the recipe runs it, when its stage is there
 
 
 def _curate(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
@@ -122,20 +136,43 @@ def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
 # In run order: prefer and reinforce between train and merge (merge folds the last adapter), export last (its card
 # reads the evals).
 STEPS = {s.name: s for s in (
-    Step("curate", "curate", "curate", (), _curate),
-    Step("synth", "synth", "synth", ("curate",), _synth),
-    Step("train", "train", "train", ("synth",), _train),
-    Step("prefer", "prefer", "prefer", ("train",), _prefer),
-    Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce),
-    Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge),
-    Step("eval-base", "eval", "eval-base", ("train",), _eval_base),  # train: the base's revision it loaded
-    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, when=after_sft),
-    Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "reinforce", "merge"), _eval_tuned,
+    Step("curate", "curate", "curate", (), _curate, CurateConfig),
+    Step("synth", "synth", "synth", ("curate",), _synth, SynthConfig),
+    Step("train", "train", "train", ("synth",), _train, TrainConfig),
+    Step("prefer", "prefer", "prefer", ("train",), _prefer, PreferConfig),
+    Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce, ReinforceConfig),
+    Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge, MergeConfig),
+    Step("eval-base", "eval", "eval-base", ("train",), _eval_base, EvalConfig),  # train: the base's revision it loaded
+    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, EvalConfig, when=after_sft),
+    Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "reinforce", "merge"), _eval_tuned, EvalConfig,
          when=lambda r: "train" in r.stages or "merge" in r.stages),
-    Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise,
+    Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise, EvalConfig,
          when=lambda r: r.eval.pairwise and ("train" in r.stages or "merge" in r.stages)),
-    Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned", "pairwise"), _export),
+    Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned", "pairwise"), _export,
+         ExportConfig),
 )}
+
+
+def recipe_model(steps: dict[str, Step]) -> type[config.Recipe]:
+    """The whole recipe: `config.Recipe`'s own keys and a section for each stage, as its steps declare it."""
+    sections: dict[str, type[Section]] = {}
+    for step in steps.values():
+        if sections.setdefault(step.stage, step.settings) is not step.settings:
+            raise TypeError(f"step {step.name} names another settings class for stage {step.stage}")
+    model = create_model("Recipe", __base__=config.Recipe, __module__=__name__,
+                         **{stage: (cls, Field(default_factory=cls)) for stage, cls in sections.items()})
+    model.stage_names = tuple(sections)
+    return model
+
+
+Recipe = recipe_model(STEPS)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None, flag_names: dict[str, str] | None = None) -> config.Recipe:
+    """A recipe file (or the defaults when path is None) as the whole recipe, `extra` (CLI flags, dotted key ->
+    value, named in errors by `flag_names`) and --set overrides applied (`config.parse_recipe`)."""
+    return config.parse_recipe(Recipe, path, overrides, extra, flag_names)
 
 
 def steps(recipe: Recipe) -> list[str]:

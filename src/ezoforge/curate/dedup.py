@@ -24,7 +24,7 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from ezoforge import text as tx
-from ezoforge.config import DedupConfig
+from ezoforge.curate.settings import DedupConfig
 from ezoforge.records import atomic_path
 
 _SHIFT = np.uint64(32)

@@ -19,9 +19,9 @@ from datatrove.pipeline.formatters.base import BaseFormatter
 
 from ezoforge import ja
 from ezoforge import text as tx
-from ezoforge.config import (DuplicatesRule, DupNgramRule, EllipsisRule, FiltersConfig, JapaneseRule, KanaRule, LengthRule,
-                             LinesRule, MojibakeRule, NgWordRule, NormalizeConfig, Rule, SentenceRule, StopwordRule,
-                             TopNgramRule)
+from ezoforge.curate.settings import (DuplicatesRule, DupNgramRule, EllipsisRule, FiltersConfig, JapaneseRule, KanaRule,
+                                      LengthRule, LinesRule, MojibakeRule, NgWordRule, NormalizeConfig, Rule,
+                                      SentenceRule, StopwordRule, TopNgramRule)
 
 _URL = re.compile(r"(?:https?|ftp)://[!-~]+|www\.[!-~]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0B-\x1F\x7F]")

@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ezoforge.config import CurateConfig, Recipe, bundled_data, output_settings
+from ezoforge.config import Recipe, bundled_data, output_settings
 from ezoforge.curate.dedup import CharMinhashSignature, FirstInOrderCluster, minhash_config
 from ezoforge.curate.ja_filters import build_chain
 from ezoforge.curate.readers import DropMalformed, Shard, ShardReader, plan_shards
+from ezoforge.curate.settings import CurateConfig
 from ezoforge.curate.writers import KeptReader, ParquetSink
 from ezoforge.errors import EzoError, RecordError
 from ezoforge.executors import check_shared_storage, completed, executor, launch, pending_jobs

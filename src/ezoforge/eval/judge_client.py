@@ -11,8 +11,9 @@ from contextlib import ExitStack
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import EvalConfig, LlamaCppConfig
+from ezoforge.config import LlamaCppConfig
 from ezoforge.eval.judge_prompt import Verdict
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.eval.task_types.judged import Unit
 from ezoforge.infer.engines import choose, identity, open_engine
 from ezoforge.logs import console

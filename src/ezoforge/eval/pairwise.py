@@ -18,11 +18,11 @@ from pathlib import Path
 from rich.progress import Progress
 
 from ezoforge.cache import RequestCache
-from ezoforge.config import EvalConfig
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval.compare import judge_identity
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.judge_prompt import Verdict, converse, json_objects
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.logs import console
 from ezoforge.models import cache_root, load
 from ezoforge.records import read_jsonl, write_json, write_jsonl

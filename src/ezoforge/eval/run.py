@@ -14,10 +14,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ezoforge.cache import RequestCache, request_key
-from ezoforge.config import EvalConfig, ModelConfig, Recipe, output_settings, to_plain
+from ezoforge.config import ModelConfig, Recipe, output_settings, to_plain
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import anchors, contamination, eval_report
 from ezoforge.eval.judge_client import Judge
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versions
 from ezoforge.eval.tasks import load_suites, scorings
 from ezoforge.infer.engines import choose, identity, in_own_thread, pick_backend

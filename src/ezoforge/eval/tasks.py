@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ezoforge.config import EvalConfig
 from ezoforge.errors import ConfigError, EzoError, RecordError
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.eval.task_types.base import EvalTask, Scoring, Suite
 from ezoforge.eval.task_types.elyza100 import Elyza100
 from ezoforge.eval.task_types.jcqa import Jcqa

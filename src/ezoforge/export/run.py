@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from ezoforge import gguf_file
-from ezoforge.config import ExportConfig, to_plain
+from ezoforge.config import to_plain
 from ezoforge.errors import ModelError
 from ezoforge.eval.compare import paired_diff
 from ezoforge.export import card
 from ezoforge.export.ollama import modelfile
 from ezoforge.export.provenance import RunRecords, gather
+from ezoforge.export.settings import ExportConfig
 from ezoforge.models import check_model_folder
 from ezoforge.records import DONE, write_text
 from ezoforge.stage import Stage

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ezoforge.config import EvalConfig, SynthConfig, VLLMConfig, output_settings
-from ezoforge.errors import ConfigError, EzoError
 from ezoforge.completion import Completion
+from ezoforge.config import Section, VLLMConfig, output_settings
+from ezoforge.errors import ConfigError, EzoError
 from ezoforge.infer.generate import Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
 from ezoforge.sizing import (GIB, PROCESS_RAM_GIB, VLLM_GRAPHS_GIB, VLLM_OVERHEAD_GIB, VLLM_RAM_GIB, EngineEstimate,
@@ -51,9 +51,6 @@ def as_requests(conversations: list[list[dict[str, str]]]) -> list[Request]:
     """eval's conversations as Requests: each one whole, nothing prefilled."""
     return [Request(str(i), "", messages=tuple((m["role"], m["content"]) for m in msgs))
             for i, msgs in enumerate(conversations)]
-
-
-Section = SynthConfig | EvalConfig  # the backend keys: backend, base_url, context_tokens, vllm, generation, ...
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ezoforge.config import LlamaCppConfig, ServeConfig, SynthConfig
+from ezoforge.completion import Completion
+from ezoforge.config import LlamaCppConfig, ServeConfig
 from ezoforge.errors import ConfigError, EzoError, ModelError
 from ezoforge.infer.backends import Done, LocalBackend, Request, Section, Target
 from ezoforge.infer.batching import Batcher, Job
-from ezoforge.completion import Completion
 from ezoforge.infer.generate import ChatEngine, Sampling
 from ezoforge.models import gguf_of, resolve, stop_token_ids
 from ezoforge.sizing import GIB, PROCESS_RAM_GIB, EngineEstimate, EngineJob, weight_bytes
@@ -308,7 +308,7 @@ class LlamaCppBackend(LocalBackend):
 
     @classmethod
     def build(cls, section: Section, target: Target) -> "LlamaCppBackend":
-        require_installed("synth.backend" if isinstance(section, SynthConfig) else "eval.backend")
+        require_installed(section.backend_setting)
         check_convertible(target.spec)
         return cls(*cls.local_model(section, target), target.spec, section.llamacpp, section.generation.batch_size)
 

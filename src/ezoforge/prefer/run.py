@@ -25,13 +25,14 @@ from typing import Any
 import torch
 
 from ezoforge.cache import RequestCache, answer_key, cached
-from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
+from ezoforge.config import ModelConfig, Recipe, output_settings
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import judge_prompt
 from ezoforge.prefer.pairs import build_pairs, histogram
-from ezoforge.train.continued import JUDGE_KEYS, Instruction, draw, read_instructions, sft
 from ezoforge.records import write_jsonl
 from ezoforge.stage import Stage
+from ezoforge.train.continued import JUDGE_KEYS, Instruction, draw, read_instructions, sft
+from ezoforge.train.settings import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from ezoforge.config import ReinforceConfig, TrainConfig
 from ezoforge.errors import ConfigError
 from ezoforge.reinforce.rewards import Reward
+from ezoforge.reinforce.settings import ReinforceConfig
 from ezoforge.train.dpo import REF
 from ezoforge.train.model import use_cpu_autocast
+from ezoforge.train.settings import TrainConfig
 from ezoforge.train.trainer import trainer_args
 
 log = logging.getLogger(__name__)

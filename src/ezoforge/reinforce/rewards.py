@@ -21,8 +21,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from ezoforge.cache import RequestCache
-from ezoforge.config import EvalConfig, ReinforceConfig
 from ezoforge.errors import ConfigError, EzoError
+from ezoforge.eval.settings import EvalConfig
+from ezoforge.reinforce.settings import ReinforceConfig
 from ezoforge.text import japanese_ratio
 
 Reward = Callable[..., list]

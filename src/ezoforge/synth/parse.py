@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from ezoforge import ja
-from ezoforge.config import PairFilters
-from ezoforge.text import codepoints, japanese_ratio, repeat_coverage
 from ezoforge.synth.prompts import ANSWER_MARK, EXAMPLE_TERMS, QUESTION_MARK
+from ezoforge.synth.settings import PairFilters
+from ezoforge.text import codepoints, japanese_ratio, repeat_coverage
 
 
 @dataclass

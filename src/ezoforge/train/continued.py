@@ -7,11 +7,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.config import ModelConfig, Recipe, TrainConfig, output_settings
+from ezoforge.config import ModelConfig, Recipe, output_settings
 from ezoforge.errors import ConfigError, ModelError, RecordError
 from ezoforge.records import Done, read_rows
 from ezoforge.stage import done_info, input_files
 from ezoforge.train.data import row_messages
+from ezoforge.train.settings import TrainConfig
 
 # The recipe's judge, as eval uses it: what shapes a verdict.
 JUDGE_KEYS = ("judge_url", "judge_model", "judge_backend", "judge_max_tokens", "judge_structured", "judge_reason_max_chars",

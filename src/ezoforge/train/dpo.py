@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ezoforge.config import PreferConfig, TrainConfig
 from ezoforge.stage import Stage
 from ezoforge.train import checkpoints
 from ezoforge.train.model import attn_implementation, float32_adapters, load_base, use_cpu_autocast
 from ezoforge.train.progress import TrainLog, plot_loss
+from ezoforge.train.settings import TrainConfig
 from ezoforge.train.trainer import hardware, save_adapter, summarize, trainer_args
+
+if TYPE_CHECKING:  # prefer declares its section; the DPO mechanics here only read it
+    from ezoforge.prefer.settings import PreferConfig
 
 log = logging.getLogger(__name__)
 

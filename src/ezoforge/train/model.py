@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from ezoforge.config import TrainConfig
 from ezoforge.errors import ConfigError, ModelError
 from ezoforge.models import pick_dtype, resolve, split_revision
+from ezoforge.train.settings import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ezoforge.config import Recipe, TrainConfig, output_settings
+from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.models import check_model, load_tokenizer, pick_device, pin, pinned_revision, require_chat_template
 from ezoforge.stage import Stage, input_files
@@ -23,6 +23,7 @@ from ezoforge.train.model import (attn_implementation, float32_adapters, load_ba
                                   require_stated_kernels, use_cpu_autocast, use_qlora)
 from ezoforge.train.offload import OffloadCheckpoints, wants_offload
 from ezoforge.train.progress import TrainLog, plot_loss
+from ezoforge.train.settings import TrainConfig
 from ezoforge.train.trainer import (distributed_setup, fsdp_on_cpus_asked, hardware, kernels, save_adapter, summarize,
                                     trainer_args, use_fsdp_on_cpus)
 

@@ -20,7 +20,8 @@ from ezoforge.records import require
 
 if TYPE_CHECKING:
     from ezoforge.cache import RequestCache
-    from ezoforge.config import EvalConfig, Recipe
+    from ezoforge.config import Recipe
+    from ezoforge.eval.settings import EvalConfig
     from ezoforge.metric_catalogue import Metric
 
 

@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ezoforge.config import EvalConfig
 from ezoforge.errors import RecordError
 from ezoforge.eval import metrics, mt_bench
 from ezoforge.eval.items import OpenTask
 from ezoforge.eval.judge_prompt import Verdict, converse
+from ezoforge.eval.settings import EvalConfig
 from ezoforge.eval.task_types.base import Suite, row_key, row_strings
 from ezoforge.eval.task_types.judged import JudgedTask
 from ezoforge.records import read_jsonl, require
