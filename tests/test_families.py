@@ -197,7 +197,7 @@ def test_plan_reads_each_familys_shape_from_its_config(family_base):
     norms, and a multimodal checkpoint's language model alone."""
     from transformers import AutoModelForCausalLM
 
-    from ezoforge.plan import model_shape
+    from ezoforge.sizing import model_shape
 
     _, base = family_base
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ezoforge.cli import app
-from ezoforge.plan import (CARDS, GIB, MEASURED, MERGE_PARAMS_PER_S, RUN_RAM_GIB, TOKENIZED_BYTES_PER_TOKEN, plan,
-                           summary_lines)
+from ezoforge.plan import CARDS, GIB, RUN_RAM_GIB, plan, summary_lines
 from ezoforge.stages import load_recipe
+from ezoforge.train.estimate import MEASURED, MERGE_PARAMS_PER_S, TOKENIZED_BYTES_PER_TOKEN
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"

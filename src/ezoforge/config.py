@@ -6,6 +6,7 @@ Every model forbids unknown keys so a typo fails before any work, naming the key
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -380,6 +381,13 @@ def parse_recipe(model: type[Recipe], path: str | Path | None = None, overrides:
 
 
 BUNDLED_DATA = "bundled:"
+
+
+def imported(ref: str) -> Any:
+    """What a "module:name" reference names, imported on first use: a registry line (a backend, a step's estimate)
+    names its class or function without importing it."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def bundled_data(path: str) -> str:

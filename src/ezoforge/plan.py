@@ -9,24 +9,25 @@ the memory and speed model below. Card memory is what nvidia-smi reports, not th
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezoforge.config import Recipe, deep_merge, parse_overrides, to_plain
+from ezoforge.config import Recipe, deep_merge, imported, parse_overrides, to_plain
 from ezoforge.errors import RecordError, size
+from ezoforge.eval.estimate import task_type
 from ezoforge.infer.registry import backend_class
 from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
-from ezoforge.sizing import (CUDA_OVERHEAD_GIB, DECODE_EFFICIENCY, DEQUANT_TRAFFIC, GIB, LINEAR_BYTES, PREFILL_MFU,
-                             PROCESS_RAM_GIB, VLLM_OVERHEAD_GIB, Card, EngineJob, Shape, decode_tokens_per_s,
-                             in_process_gib, in_process_words, known_shape, largest_shard, model_shape,
-                             prefill_tokens_per_s, weight_bytes)
+from ezoforge.sizing import (CHARS_PER_TOKEN_JA, DECODE_EFFICIENCY, DEQUANT_TRAFFIC, DOC_TOKENS, EVAL_PROMPT_TOKENS, GIB,
+                             LINEAR_BYTES, PREFILL_MFU, PROMPT_TOKENS, SYNTHESIZER_PAIRS, TEMPLATE_TOKENS,
+                             TRAIN_FLOPS_PER_PARAM, TRAIN_MFU, Card, EngineJob, Shape, largest_shard, model_shape,
+                             weight_bytes)
 from ezoforge.stage import done_info
 from ezoforge.stages import STEPS, steps
+from ezoforge.synth.estimate import synth_context
 
 log = logging.getLogger(__name__)
 
@@ -39,71 +40,12 @@ CARDS = {
     "rtx4090": Card(24564 / 1024, 165, 1.0),
 }
 HOST_RAM_GIB = 64  # "ordinary RAM": what `--ram` assumes unless told
-
-
-@dataclass(frozen=True)
-class Measured:
-    """A training step measured on one card: `rows` x `length` tokens, gradient checkpointing, QLoRA r=16."""
-
-    rows: int
-    length: int
-    tokens_per_s: float
-    peak_gib: float
-    source: str
-
-
-REFERENCE = ("HF+peft QLoRA reference measured on one H100 (bench/RESULTS.md: reference figures), an upper bound "
-             "for ezo train's memory; ezo train's own step is not measured on a GPU yet (bench/RESULTS.md)")
-# (shape, card) -> the measured step. bench/train_bench.py's figures replace these once measured on such a card.
-MEASURED = {
-    ("llama-3.1-8b", "h100"): Measured(4, 2048, 5851, 21.7, REFERENCE),
-    ("llama-3.1-70b", "h100"): Measured(1, 4096, 850, 50.2, REFERENCE),
-}
-
-# Training FLOPs per token: forward + backward through the frozen weights (input grads) + the recompute that
-# gradient checkpointing adds = ~8 N. HF+peft QLoRA on one H100 reached 38% of peak at 8B (5,851 tok/s).
-TRAIN_FLOPS_PER_PARAM = 8
-TRAIN_MFU = 0.38
-FSDP_SCALING = 0.9  # share of N cards' throughput FSDP keeps (its gathers and reduce-scatters): assumed, not measured
-CHARS_PER_TOKEN_JA = 1.1  # Llama 3 tokenizer on Japanese prose (measured on the demo corpus: ~1.0–1.2)
-DOC_TOKENS = 1500  # a curated document
-# Prompt tokens around a passage: our prompted instruction with its few-shot example; the synthesizer's markers.
-PROMPT_TOKENS = {"prompted": 600, "synthesizer": 10}
-# Pairs one synthesizer answer holds (Instruction Pre-Training: ~200M pairs from ~40M raw texts).
-SYNTHESIZER_PAIRS = 5
-EVAL_PROMPT_TOKENS = 512  # an ELYZA-tasks-100 task with the system prompt, rounded up
-# Chat-template tokens around each message: Llama 3's <|start_header_id|>ROLE<|end_header_id|>\n\n and <|eot_id|>.
-TEMPLATE_TOKENS = 5
-# A held-out token's time beside a trained one's: a checkpointed step runs the forward, its recompute and the
-# backward; an evaluation the forward only.
-EVAL_COST = 1 / 3
-# Host memory per token of the tokenized data set (training and held-out rows): Python int lists of ids and labels
-# (before and after TRL's packing) and the Arrow table the trainer builds from them (int32 ids, int64 labels).
-# Measured: 188 bytes/token of peak RSS growth over 2.6 M tokens of 1.5–2k-token examples through train.data.pack
-# and Dataset.from_list, on the 2-core bench CPU.
-TOKENIZED_BYTES_PER_TOKEN = 190
-
 # Beside every stage of `ezo run`: the run itself and the fork server its stages start from (torch and transformers
 # imported, no model). Measured 0.43 GiB RSS together (82 + 359 MiB) during recipes/demo-prefer.yaml on this CPU.
 RUN_RAM_GIB = 0.5
-CURATE_WORKER_GIB = 1.0  # one curate worker process: Python, datatrove, a batch of documents
-# bench/curate_bench.py, whole chain (filters, MinHash, dedup) on FineWeb JSONL, 1 worker, idle 2-core CPU
-# (bench/RESULTS.md); wiki markup parsing and bz2 are not in that figure.
-CURATE_MB_PER_WORKER_S = 1.57
-DISK_BYTES_S = 1e9  # reading and writing weights (an NVMe-class disk)
-# bench/merge_bench.py (bench/RESULTS.md): the streaming merge made the Llama-3.1-8B shape (8.03 B params, bf16 in
-# and out) in 250.8 s on the 2-core bench CPU under load. It is CPU-bound (each LoRA target's W + B·A in float32,
-# cast, written), so its rate is counted in parameters per second.
-MERGE_PARAMS_PER_S = 8.03e9 / 250.8
-COMPRESSION = 2.5  # Parquet / gzip on Japanese text
 
 
-def task_type(spec: str):
-    """The eval task type a task spec names (`KIND` or `KIND:FILE`; an unknown one is refused, naming it): what it
-    declares is what the plan counts."""
-    from ezoforge.eval.tasks import TASK_TYPES, parse_spec
 
-    return TASK_TYPES[parse_spec(spec)[0]]
 
 
 # Compressed inputs are sized by typical expansion ratios for Japanese text (decompressing a 4 GB dump
@@ -214,16 +156,12 @@ def passage_conversations(recipe: Recipe, passage: float, pairs: int) -> tuple[i
     return len(sizes), sum(min(t.max_length, head + k * turn) for k in sizes)
 
 
-def synth_context(recipe: Recipe) -> int:
-    """The synth model's context as synth uses it (vLLM's max_model_len): synth.context_tokens or the model's."""
-    s = recipe.synth
-    if backend_class(s.backend).served:
-        return s.context_tokens or 4096
-    return min(model_shape(s.model or recipe.model.name).context, s.context_tokens or 1 << 30)
-
-
 class Planner:
-    """One recipe on one card: each stage's figures, and which stage first loads each model (it downloads it)."""
+    """One recipe on one card: each step's figures from its stage's own estimate (`stages.Step.estimate`, a
+    function of the planner and the step's name), and the pieces those share: the recipe, the card and its count,
+    the model's shape, the text volumes (`vol`), the base's dtype on the card, the adapter's size, eval's
+    quantization, which stage first loads each model (it downloads it) and what an engine is asked (`engine_job`).
+    An estimate adds the sentence behind its figures to `sources` (and a caveat to `notes`)."""
 
     def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float, num_gpus: int = 1):
         # A backend `auto` picks llama.cpp on a CPU only; on the planned card it is transformers.
@@ -234,8 +172,14 @@ class Planner:
         self.gpus = num_gpus  # cards of this kind on the machine: FSDP shards training, synth runs an engine per set
         self.shape = model_shape(recipe.model.name)
         self.vol = volume(recipe, docs_kept)
+        self.merged = STEPS["merge"].folder  # the merged model, as eval-tuned loads it
         self.sources: dict[str, str] = {}
         self.notes: dict[str, str] = {}
+        self.tps: float | None = None  # training tokens/s on the card, once the train estimate has made it
+
+    def train_tokens_per_s(self) -> float:
+        """Training tokens/s: the train estimate's (measured where it was), else the FLOPs model on one card."""
+        return self.tps or self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * self.shape.params)
 
     # ------------------------------------------------------------ shared pieces
 
@@ -276,22 +220,6 @@ class Planner:
 
     # ------------------------------------------------------------ stages
 
-    def curate(self) -> dict:
-        c = self.recipe.curate
-        text_bytes = self.vol.chars * 3
-        kept_bytes = self.vol.curated_tokens * CHARS_PER_TOKEN_JA * 3
-        signatures = self.vol.chars / (DOC_TOKENS * CHARS_PER_TOKEN_JA) * c.dedup.num_buckets * \
-            c.dedup.hashes_per_bucket * 8
-        self.sources["curate"] = (f"model: {CURATE_WORKER_GIB:g} GiB per worker (not measured); "
-                                  f"{CURATE_MB_PER_WORKER_S} MB of text per worker-second (measured: "
-                                  "bench/curate_bench.py on a 2-core CPU, FineWeb JSONL; wiki parsing not included)")
-        unknown = bool(self.vol.missing)
-        if unknown:
-            self.notes["curate"] = "inputs not on disk: their size, so curate's disk and hours, are unknown"
-        return {"gpu_gib": 0.0, "ram_gib": c.workers * CURATE_WORKER_GIB,
-                "disk_gib": None if unknown else (kept_bytes / COMPRESSION + signatures) / GIB,
-                "hours": None if unknown else text_bytes / (CURATE_MB_PER_WORKER_S * 1e6 * c.workers) / 3600}
-
     def engine_job(self, kind, spec: str, context: int, seq_tokens: float, batch: int, scheme: str,
                    adapter: bool = False) -> EngineJob:
         """What a stage asks of its backend (`kind`): the model in `scheme` (+ the adapter) where it loads here."""
@@ -305,128 +233,6 @@ class Planner:
         return EngineJob(self.card, shape, spec, self.base_dtype(), context, seq_tokens, batch, weights, traffic,
                          largest_shard(made_from, shape)[0])
 
-    def synth(self) -> dict:
-        r, s = self.recipe, self.recipe.synth
-        disk_out = self.vol.synth_out * CHARS_PER_TOKEN_JA * 3 * (1 + 1 / COMPRESSION)  # stored answers + pairs
-        kind, spec = backend_class(s.backend), s.model or r.model.name
-        seq_tokens = self.vol.passage_tokens + PROMPT_TOKENS[s.mode] + s.generation.max_new_tokens
-        job = self.engine_job(kind, spec, synth_context(r), seq_tokens, s.generation.batch_size, self.base_dtype())
-        engine = kind.estimate(s, job)
-        self.sources["synth"] = "model: " + engine.source
-        disk = disk_out + engine.disk_bytes + (self.download("synth", spec, job.shape) if job.shape else 0.0)
-        figures = {"gpu_gib": engine.gpu_gib, "disk_gib": disk / GIB}
-        if engine.fits_gpu is not None:
-            figures["fits_gpu"] = engine.fits_gpu
-        if engine.tokens_per_s is None:  # a server's or the CPU's speed
-            return {**figures, "ram_gib": engine.ram_gib, "hours": None}
-        rate, ram = engine.tokens_per_s, engine.ram_gib
-        engines = max(1, self.gpus // engine.cards)  # synth.workers tasks, each on its cards (executor gpus_per_task)
-        if self.gpus > 1:
-            rate *= engines
-            ram *= engines
-            self.sources["synth"] += (f"; {engines} engines of {engine.cards} card(s) on the {self.gpus} cards, one "
-                                      f"per synth task (synth.workers {engines}, synth.executor.gpus_per_task "
-                                      f"{engine.cards})")
-        prefill = engines * engine.cards * prefill_tokens_per_s(self.card, job.shape)
-        return {**figures, "ram_gib": ram, "hours": (self.vol.synth_out / rate + self.vol.synth_in / prefill) / 3600,
-                "tokens_per_s": rate}  # decoding, what `ezo run --smoke` compares synth's stats with
-
-    def train(self) -> dict:
-        r, t = self.recipe, self.recipe.train
-        shape, card = self.shape, self.card
-        qlora = t.qlora is not False
-        scheme = "nf4" if qlora else self.base_dtype()
-        weights = weight_bytes(shape, scheme)  # NF4 keeps embeddings and head 16-bit
-        activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 * \
-            (1 if t.gradient_checkpointing else 18)
-        # No logits: the loss goes through TRL's fused, chunked LM head (train/run.py), never tokens x vocab.
-        # FSDP over several cards: each holds 1/N of the weights, adapters and AdamW state, plus the one layer it
-        # gathers whole to compute and the next it prefetches; activations are its own batch's.
-        n = self.gpus
-        gathered = 2 * weights / shape.layers if n > 1 else 0.0
-        gpu = ((weights + self.lora_params() * 16) / n + gathered + activations) / GIB + CUDA_OVERHEAD_GIB
-        tps = n * FSDP_SCALING ** (n > 1) * card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
-        self.sources["train_tokens_per_s"] = (f"model: {TRAIN_FLOPS_PER_PARAM} FLOPs per parameter and token at "
-                                              f"{TRAIN_MFU:.0%} of the card's bf16 peak (calibrated on the 8B H100 "
-                                              "reference, 5,851 tok/s)")
-        self.sources["train_memory_gib"] = (f"model: {scheme} weights (16-bit embeddings and head), LoRA + AdamW, "
-                                            "hidden states (checkpointed or not), no logits (fused LM head)")
-        if n > 1:
-            self.sources["train_memory_gib"] += (f"; FSDP over {n} cards: weights, adapters and AdamW state sharded "
-                                                 "1/N, one layer gathered whole and one prefetched")
-            self.sources["train_tokens_per_s"] += f"; x {n} cards at {FSDP_SCALING:.0%} scaling (not measured)"
-        measured = MEASURED.get((known_shape(r.model.name), self.card_name)) if n == 1 else None
-        if measured and qlora and t.gradient_checkpointing and (t.batch_size, t.max_length) == (measured.rows,
-                                                                                                    measured.length):
-            tps, gpu = measured.tokens_per_s, measured.peak_gib
-            self.sources["train_tokens_per_s"] = self.sources["train_memory_gib"] = (
-                f"measured: {measured.rows} x {measured.length} tokens, {measured.source}")
-        # Checkpointed layers' inputs wait in pinned host memory (offload_activations, on with CUDA checkpointing).
-        offload = t.offload_activations is True or (t.offload_activations == "auto" and t.gradient_checkpointing)
-        host_activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 if offload else 0
-        shard, _ = largest_shard(r.model.name, shape)
-        adapter = self.lora_params() * 4
-        checkpoints = t.keep_checkpoints * self.lora_params() * 12  # fp32 adapter + AdamW moments
-        self.tps = tps
-        v = self.vol
-        tokenized = v.data_tokens * TOKENIZED_BYTES_PER_TOKEN
-        self.sources["train_hours"] = (
-            f"model: {v.train_tokens:,.0f} tokens trained (train.group_pairs {t.group_pairs}: "
-            f"{'one conversation per passage, split at max_length' if t.group_pairs == 'passage' else 'one per pair'}"
-            f"; each holds the passage, each pair its synth answer's token cap shared evenly and "
-            f"{2 * TEMPLATE_TOKENS} template tokens, the system prompt once) + {v.evals} held-out evaluations "
-            f"(before step 1, every {t.eval_every} of {v.steps} steps, after the last) of train.eval_fraction "
-            f"{t.eval_fraction:g} of the conversations: {v.held_out_tokens:,.0f} tokens at {EVAL_COST:.2f} of a "
-            "trained token's compute (forward only: no recompute, no backward)")
-        self.sources["train_ram_gib"] = (
-            f"model: the largest base shard, offloaded checkpoint inputs, and the tokenized rows: "
-            f"{v.data_tokens:,.0f} tokens x {TOKENIZED_BYTES_PER_TOKEN} bytes (measured: Python int lists and the "
-            "Arrow table of ids and labels)")
-        return {"gpu_gib": gpu, "ram_gib": PROCESS_RAM_GIB + (shard + host_activations + tokenized) / GIB,
-                "disk_gib": (adapter + checkpoints + self.download("train", r.model.name, shape)) / GIB,
-                "hours": (v.train_tokens + v.held_out_tokens * EVAL_COST) / tps / 3600, "tokens_per_s": tps}
-
-    def prefer(self) -> dict:
-        """Answers sampled from the SFT model (base + adapter, transformers), one judge call per candidate and
-        judgment, then DPO: policy and reference are two adapters on one base; a pair is two sequences, and the
-        reference adds a forward pass to each step's forward and backward (3 forwards' worth)."""
-        r, p, t, shape = self.recipe, self.recipe.prefer, self.recipe.train, self.shape
-        pairs_made = self.vol.requests * (r.synth.pairs_per_doc if r.synth.mode == "prompted" else SYNTHESIZER_PAIRS)
-        instructions = min(p.limit, pairs_made) if p.limit else pairs_made
-        prompt = self.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
-        answers = instructions * p.samples
-        judge_calls = instructions * (p.samples + p.include_reference) * r.eval.judgments
-        g = p.generation
-        quantize = self.eval_quantize()
-        sample_scheme = self.base_dtype() if quantize == "none" else quantize
-        sampling_gpu = (weight_bytes(shape, sample_scheme) + self.lora_params() * 2 + g.batch_size *
-                        (prompt + g.max_new_tokens) * shape.kv_bytes_per_token) / GIB + CUDA_OVERHEAD_GIB
-        qlora = t.qlora is not False
-        scheme = "nf4" if qlora else self.base_dtype()
-        sequences = 2 * p.batch_size
-        activations = shape.layers * sequences * p.max_length * shape.hidden * 2 * \
-            (1 if t.gradient_checkpointing else 18)
-        # TRL's fused LM head never holds the tokens x vocab logits; the reference adapter adds fp32 LoRA weights.
-        dpo_gpu = (weight_bytes(shape, scheme) + self.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
-        tps = getattr(self, "tps", None) or \
-            self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
-        steps_pairs = p.max_steps * p.batch_size * p.grad_accum if p.max_steps else instructions * (p.epochs or 1)
-        dpo_tokens = steps_pairs * 2 * p.max_length
-        decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, sample_scheme), g.batch_size)
-        sample_tokens = answers * g.max_new_tokens
-        shard, _ = largest_shard(r.model.name, shape)
-        self.sources["prefer"] = (
-            f"model: {answers:,.0f} answers ({instructions:,.0f} instructions x prefer.samples {p.samples}) decoded "
-            f"in {sample_scheme} at generation.batch_size {g.batch_size}; {judge_calls:,.0f} judge calls (their time is "
-            f"the judge's); DPO on at most {instructions:,.0f} pairs (all kept: an upper bound), {scheme} weights + "
-            "two adapters, 2 sequences per pair, at train's tokens/s x 3/4 for the reference's forward pass")
-        return {"gpu_gib": max(sampling_gpu, dpo_gpu), "ram_gib": PROCESS_RAM_GIB + shard / GIB,
-                "disk_gib": (self.lora_params() * 4 * (1 + p.keep_checkpoints * 3)
-                             + (answers + judge_calls) * (g.max_new_tokens + r.eval.judge_max_tokens) * 6) / GIB,
-                "hours": (sample_tokens / decode + answers * prompt / prefill_tokens_per_s(self.card, shape)
-                          + dpo_tokens * 4 / 3 / tps) / 3600,
-                "sample_tokens": int(sample_tokens), "judge_calls": int(judge_calls), "dpo_tokens": int(dpo_tokens)}
-
     def local_judge_gib(self) -> float:
         """A `local` judge's weights and the KV cache of eval.concurrency verdicts on the card (0 for a served one)."""
         e = self.recipe.eval
@@ -436,134 +242,13 @@ class Planner:
         return (weight_bytes(shape, self.base_dtype()) +
                 e.concurrency * (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * shape.kv_bytes_per_token) / GIB
 
-    def reinforce(self) -> dict:
-        """GRPO on one card, three things at once: the trainer (policy and reference as two adapters on one base;
-        a step's batch_size x num_generations sequences), the generation engine (vLLM colocated, holding
-        reinforce.vllm_gpu_memory_utilization of the card, or transformers' KV cache beside the training weights)
-        and a `local` judge (its weights and verdicts' KV cache)."""
-        r, c, t, shape = self.recipe, self.recipe.reinforce, self.recipe.train, self.shape
-        prompt = self.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
-        sequences = c.batch_size * c.num_generations
-        length = int(prompt + c.max_completion_length)
-        qlora = t.qlora is not False
-        scheme = "nf4" if qlora else self.base_dtype()
-        activations = shape.layers * sequences * length * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
-        trainer = (weight_bytes(shape, scheme) + self.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
-        vllm = c.engine == "vllm" or (c.engine == "auto" and importlib.util.find_spec("vllm") is not None)
-        engine_fits = True
-        if vllm:
-            # vLLM's own copy of the weights (16-bit), its overhead and one step's sequences of KV cache must fit in
-            # its share of the card.
-            engine = c.vllm_gpu_memory_utilization * self.card.memory_gib
-            need = (weight_bytes(shape, self.base_dtype()) + sequences * length * shape.kv_bytes_per_token) / GIB + \
-                VLLM_OVERHEAD_GIB
-            engine_fits = need <= engine
-            words = (f"vLLM colocated: reinforce.vllm_gpu_memory_utilization {c.vllm_gpu_memory_utilization:g} of the "
-                     f"card ({engine:.1f} GiB), which must hold its weights, overhead and {sequences} sequences of KV "
-                     f"cache ({need:.1f} GiB)")
-        else:
-            engine = sequences * length * shape.kv_bytes_per_token / GIB
-            words = (f"transformers: the KV cache of {sequences} sequences x {length:,} tokens ({engine:.1f} GiB) "
-                     "beside the training weights")
-        judge = self.local_judge_gib() if "judge" in c.active else 0.0
-        # + the scores before and after: num_generations completions per held-out prompt and per as many trained ones
-        completions = c.max_steps * sequences * c.grad_accum + 4 * c.held_out * c.num_generations
-        decode = decode_tokens_per_s(self.card, shape, weight_bytes(shape, scheme), sequences)
-        tps = getattr(self, "tps", None) or \
-            self.card.bf16_tflops * 1e12 * TRAIN_MFU / (TRAIN_FLOPS_PER_PARAM * shape.params)
-        train_tokens = c.max_steps * sequences * c.grad_accum * length
-        judge_calls = completions * r.eval.judgments if "judge" in c.active else 0
-        shard, _ = largest_shard(r.model.name, shape)
-        self.sources["reinforce"] = (
-            f"model: trainer {trainer:.1f} GiB ({scheme} weights + two adapters, {sequences} sequences of {length:,} "
-            f"tokens) + generation {engine:.1f} GiB ({words}) + judge {judge:.1f} GiB "
-            f"({'local: ' + str(r.eval.judge_model) if judge else 'none here'}); "
-            f"{completions:,} completions decoded, {judge_calls:,} judge calls (their time is the judge's); training "
-            "at train's tokens/s x 3/4 for the reference's forward pass")
-        return {"gpu_gib": trainer + engine + judge, "ram_gib": PROCESS_RAM_GIB + shard / GIB,
-                "fits_gpu": engine_fits and trainer + engine + judge <= self.card.memory_gib,
-                "disk_gib": self.lora_params() * 4 * (1 + c.keep_checkpoints * 3) / GIB,
-                "hours": (completions * c.max_completion_length / decode + train_tokens * 4 / 3 / tps) / 3600,
-                "completions": int(completions), "judge_calls": int(judge_calls), "train_tokens": int(train_tokens),
-                "gpu_parts_gib": {"trainer": round(trainer, 2), "generation": round(engine, 2), "judge": round(judge, 2)}}
-
-    def merge(self) -> dict:
-        # Tensor by tensor from the base's shards (train/merge.py): one shard mapped, the adapter, and the largest
-        # tensor being made: a LoRA target's W, B·A and their sum in float32, or a copied embedding.
-        shard, basis = largest_shard(self.recipe.model.name, self.shape)
-        tensor = max(3 * 4 * max(a * b for a, b in self.shape.linear_dims), 2 * self.shape.vocab * self.shape.hidden)
-        ram = PROCESS_RAM_GIB + (shard + self.lora_params() * 4 + tensor) / GIB
-        written = self.shape.params * self.merged_bytes()
-        self.sources["merge"] = (f"model: the streaming merge holds the largest base shard ({shard / 1e9:.1f} GB, "
-                                 f"{basis}), the adapter and the largest tensor it makes; GPU unused")
-        self.sources["merge_hours"] = (f"measured: {MERGE_PARAMS_PER_S / 1e6:.0f} M params/s, bench/merge_bench.py "
-                                       "on the Llama-3.1-8B shape, 2-core CPU under load (bench/RESULTS.md); "
-                                       "CPU-bound, so a host with more free cores is likely faster")
-        return {"gpu_gib": 0.0, "ram_gib": ram, "disk_gib": written / GIB,
-                "hours": self.shape.params / MERGE_PARAMS_PER_S / 3600}
-
-    def eval(self, name: str) -> dict:
-        """Answers from eval.backend; choice/perplexity tasks and a local judge load the model here (after a vLLM
-        engine has given the card back), with model.quantize."""
-        r, e = self.recipe, self.recipe.eval
-        kind = backend_class(e.backend)
-        quantize = self.eval_quantize()
-        scheme = self.base_dtype() if quantize == "none" else quantize
-        # The tuned model is the merged folder (a llama.cpp engine writes it once as a GGUF); the base as it is. The
-        # adapter rides on the base for eval-sft, and for eval-tuned without a merge or where the base is quantized
-        # (eval.run.scores_adapter: the quantized base + the adapter is what was trained).
-        adapter = name == "eval-sft" or (name == "eval-tuned" and ("merge" not in r.stages or quantize != "none"))
-        spec = r.model.name if name == "eval-base" or adapter else STEPS["merge"].folder
-        answer_tokens = EVAL_PROMPT_TOKENS + e.generation.max_new_tokens
-        job = self.engine_job(kind, spec, e.context_tokens or min(self.shape.context, 8192), answer_tokens,
-                              e.generation.batch_size, scheme, adapter)
-        engine = kind.estimate(e, job)
-        local_judge = e.judge_url == "local"
-        judge = 0.0
-        if local_judge and e.judge_model != r.model.name:
-            judge_shape = model_shape(e.judge_model)
-            judge = (weight_bytes(judge_shape, self.base_dtype()) + job.batch *
-                     (EVAL_PROMPT_TOKENS * 3 + e.judge_max_tokens) * judge_shape.kv_bytes_per_token) / GIB
-        here = f"the model here with model.quantize {r.model.quantize} (-> {quantize}): "
-        figures = [] if kind.in_process else [{"gpu_gib": engine.gpu_gib, "fits_gpu": engine.fits_gpu}]
-        sources = [] if kind.in_process else ["answers: " + engine.source]
-        loads_here = kind.in_process or local_judge or any(task_type(t).scoring.loads_model for t in e.tasks)
-        if loads_here:
-            figures.append({"gpu_gib": in_process_gib(job) + judge, "fits_gpu": None})
-            sources.append(here + (engine.source if kind.in_process else in_process_words(job)) +
-                           (" + the local judge" if judge else ""))
-        self.sources["eval"] = "model: " + "; then ".join(sources) + \
-            "; hours count the answers only (a judge's time is its server's)"
-        peak = max((f["gpu_gib"] for f in figures), default=0.0)
-        fits = all(self.card.memory_gib >= f["gpu_gib"] if f["fits_gpu"] is None else f["fits_gpu"] for f in figures)
-        shard, _ = largest_shard(r.model.name, self.shape)
-        rate = engine.tokens_per_s
-        return {"gpu_gib": peak, "fits_gpu": fits,
-                "ram_gib": max(engine.ram_gib, PROCESS_RAM_GIB + shard / GIB if loads_here else 0.0),
-                "disk_gib": (self.download(name, r.model.name, self.shape) + engine.disk_bytes) / GIB,
-                "hours": None if rate is None else self.vol.eval_out / rate / 3600, "tokens_per_s": rate}
-
-    def export(self) -> dict:
-        sizes = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 weights + one f16 scale
-        shard, _ = largest_shard(self.recipe.model.name, self.shape)
-        written = self.shape.params * (self.merged_bytes() +
-                                       sum(sizes[g] for g in self.recipe.export.gguf))
-        self.sources["export"] = "model: a copy of the merged weights + each GGUF, written tensor by tensor"
-        return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB + shard / GIB, "disk_gib": written / GIB,
-                "hours": (self.shape.params * 2 + written) / DISK_BYTES_S / 3600}
-
-    def pairwise(self) -> dict:
-        """No answers: the judge reads two evals' answers, two prompts per pair. A local judge is loaded here; a served
-        one's time and memory are its server's."""
-        self.sources["pairwise"] = "model: a local judge's weights + KV cache of eval.concurrency verdicts"
-        if self.recipe.eval.judge_url != "local":
-            return {"gpu_gib": 0.0, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0, "hours": None}
-        return {"gpu_gib": self.local_judge_gib() + CUDA_OVERHEAD_GIB, "ram_gib": PROCESS_RAM_GIB, "disk_gib": 0.0,
-                "hours": None}
+    def estimate(self, name: str) -> dict:
+        """The step's figures as its stage estimates them: gpu_gib, ram_gib, disk_gib, hours (None: not planned)."""
+        return imported(STEPS[name].estimate)(self, name)
 
     def stage(self, name: str) -> dict:
-        stage = STEPS[name].stage
-        est = self.pairwise() if name == "pairwise" else self.eval(name) if stage == "eval" else getattr(self, stage)()
+        """The step's figures and whether it fits the card and the host."""
+        est = self.estimate(name)
         est["fits"] = bool(est.pop("fits_gpu", est["gpu_gib"] <= self.card.memory_gib) and
                            est["ram_gib"] + RUN_RAM_GIB <= self.ram)
         return est
@@ -685,7 +370,7 @@ def group_pairs_training(recipe: Recipe, card_name: str, docs_kept: float, ram_g
     for setting in ("passage", "none"):
         changed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"group_pairs": setting})})
         planner = Planner(changed, card_name, docs_kept, ram_gib, num_gpus)
-        out[setting] = {"train_tokens": int(planner.vol.train_tokens), "hours": round(planner.train()["hours"], 2)}
+        out[setting] = {"train_tokens": int(planner.vol.train_tokens), "hours": round(planner.estimate("train")["hours"], 2)}
     return out
 
 

@@ -35,9 +35,9 @@ class Step:
     reads: tuple[str, ...]  # the steps whose folders it reads: redoing one of them redoes this one
     run: Runner
     settings: type[Section]  # the stage's recipe section, declared in its package (its steps name the same one)
-    # Its `ezo plan` figures, from the planner (`plan.Planner`: the recipe, the card, the volumes); None: the
-    # planner's method of the stage's name.
-    estimate: Callable[[Any], dict] | None = None
+    # "module:function" in its package: `estimate(planner, step) -> figures` for `ezo plan` (`plan.Planner`), imported
+    # only when a plan is made.
+    estimate: str
     when: Callable[[config.Recipe], bool] = lambda recipe: True  # whether the recipe runs it, when its stage is there
 
 
@@ -135,21 +135,26 @@ def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
 
 # In run order: prefer and reinforce between train and merge (merge folds the last adapter), export last (its card
 # reads the evals).
+ANSWERS = "ezoforge.eval.estimate:answers"
 STEPS = {s.name: s for s in (
-    Step("curate", "curate", "curate", (), _curate, CurateConfig),
-    Step("synth", "synth", "synth", ("curate",), _synth, SynthConfig),
-    Step("train", "train", "train", ("synth",), _train, TrainConfig),
-    Step("prefer", "prefer", "prefer", ("train",), _prefer, PreferConfig),
-    Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce, ReinforceConfig),
-    Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge, MergeConfig),
-    Step("eval-base", "eval", "eval-base", ("train",), _eval_base, EvalConfig),  # train: the base's revision it loaded
-    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, EvalConfig, when=after_sft),
+    Step("curate", "curate", "curate", (), _curate, CurateConfig, "ezoforge.curate.estimate:estimate"),
+    Step("synth", "synth", "synth", ("curate",), _synth, SynthConfig, "ezoforge.synth.estimate:estimate"),
+    Step("train", "train", "train", ("synth",), _train, TrainConfig, "ezoforge.train.estimate:train"),
+    Step("prefer", "prefer", "prefer", ("train",), _prefer, PreferConfig, "ezoforge.prefer.estimate:estimate"),
+    Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce, ReinforceConfig,
+         "ezoforge.reinforce.estimate:estimate"),
+    Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge, MergeConfig,
+         "ezoforge.train.estimate:merge"),
+    # eval-base reads train's folder for the base's revision it loaded
+    Step("eval-base", "eval", "eval-base", ("train",), _eval_base, EvalConfig, ANSWERS),
+    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, EvalConfig, ANSWERS, when=after_sft),
     Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "reinforce", "merge"), _eval_tuned, EvalConfig,
-         when=lambda r: "train" in r.stages or "merge" in r.stages),
+         ANSWERS, when=lambda r: "train" in r.stages or "merge" in r.stages),
     Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise, EvalConfig,
+         "ezoforge.eval.estimate:pairwise",
          when=lambda r: r.eval.pairwise and ("train" in r.stages or "merge" in r.stages)),
     Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned", "pairwise"), _export,
-         ExportConfig),
+         ExportConfig, "ezoforge.export.estimate:estimate"),
 )}
 
 

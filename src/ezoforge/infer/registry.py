@@ -2,15 +2,12 @@
 `config.BACKENDS` on first use."""
 from __future__ import annotations
 
-import importlib
-
-from ezoforge.config import BACKENDS
+from ezoforge.config import BACKENDS, imported
 from ezoforge.infer.backends import Backend
 
 
 def backend_class(name: str) -> type[Backend]:
-    module, _, attr = BACKENDS[name].partition(":")
-    kind = getattr(importlib.import_module(module), attr)
+    kind = imported(BACKENDS[name])
     if not (isinstance(kind, type) and issubclass(kind, Backend)) or kind.name != name:
         raise TypeError(f"config.BACKENDS[{name!r}] is {BACKENDS[name]}, which is not a Backend named {name!r}")
     return kind
