@@ -365,14 +365,12 @@ def eval_(
     if ctx.invoked_subcommand is not None:
         return
     from ezoforge.eval.run import run as run_eval
+    from ezoforge.eval.run import summary
 
     if out is None:
         raise ConfigError("ezo eval needs --out DIR")
     report = run_eval(recipe, out, adapter, force)
-    console.print(f"[bold]{report['status']}[/bold] · mean grade {report['mean_grade']} (95% CI {report['ci95']}) · "
-                  f"{report['n_scored']} verdicts over {report['n_tasks']} tasks · chrF {report['chrf']} · "
-                  f"accuracy {report['accuracy']} · perplexity {report['perplexity']} → {out / 'report.html'}",
-                  highlight=False)
+    console.print(f"[bold]{report['status']}[/bold] · {summary(out)} → {out / 'report.html'}", highlight=False)
 
 
 @eval_app.command("compare")
@@ -445,10 +443,10 @@ def curate(
 ) -> None:
     """Extract clean, deduplicated Japanese documents from Wikipedia dumps and FineWeb-style web text."""
     from ezoforge.curate.run import run as run_curate
+    from ezoforge.curate.run import summary
 
-    stats = run_curate(recipe, inputs or [], out, force=force, allow_empty=allow_empty)
-    removed = ", ".join(f"{k} {v}" for k, v in stats["removed_by_filter"].items()) or "none"
-    console.print(f"kept {stats['docs_out']} of {stats['docs_in']} documents in {out / 'data'} (removed: {removed})")
+    run_curate(recipe, inputs or [], out, force=force, allow_empty=allow_empty)
+    console.print(f"{summary(out)} → {out / 'data'}", highlight=False)
 
 
 @app.command()
@@ -471,10 +469,10 @@ def synth(
 ) -> None:
     """Synthesize instruction/response pairs from documents, resumably (completed requests are never resent)."""
     from ezoforge.synth.run import run as run_synth
+    from ezoforge.synth.run import summary
 
     stats = run_synth(recipe, input, out, force=force, allow_empty=allow_empty)
-    console.print(f"{stats['pairs']} pairs from {stats['documents']} documents ({stats['requests']} requests, "
-                  f"parse rate {stats['parse_rate']:.0%}, {stats['errors']} failed) in {out / 'data'}")
+    console.print(f"{summary(out)} → {out / 'data'}", highlight=False)
     if stats["errors"]:
         console.print(f"[yellow]{stats['errors']} request(s) failed[/yellow] — rerun the same command to retry only "
                       "those:", highlight=False)
@@ -499,12 +497,10 @@ def train(
 ) -> None:
     """Instruction-tune a LoRA/QLoRA adapter with assistant-only loss; rerun the same command to resume after a kill."""
     from ezoforge.train.run import run as run_train
+    from ezoforge.train.run import summary
 
-    stats = run_train(recipe, inputs, out, force=force)
-    if stats:
-        console.print(f"{stats['steps']} steps · loss {stats['train_loss_first']} → {stats['train_loss_last']} · "
-                      f"eval loss {stats['eval_loss']} · {stats['tokens_per_s']} tok/s → {out / 'adapter'}",
-                      highlight=False)
+    if run_train(recipe, inputs, out, force=force):  # nothing from the other ranks of a distributed run
+        console.print(f"{summary(out)} → {out / 'adapter'}", highlight=False)
 
 
 @app.command()
@@ -521,13 +517,10 @@ def prefer(
 ) -> None:
     """Preference pairs from the SFT model's own answers, graded by the judge, then DPO continuing the SFT adapter."""
     from ezoforge.prefer.run import run as run_prefer
+    from ezoforge.prefer.run import summary
 
-    stats = run_prefer(recipe, train_dir, out, force=force)
-    before, after = stats["held_out_before"], stats["held_out_after"]
-    held = f" · held-out log-prob margin {before['logp_margin']} → {after['logp_margin']}" if before and after else ""
-    console.print(f"{stats['pairs']} pairs of {stats['instructions']} instructions (margins {stats['margin_histogram']})"
-                  f" · DPO {stats['dpo_steps']} steps, loss {stats['dpo_loss_first']} → {stats['dpo_loss_last']}{held}"
-                  f" → {out / 'adapter'}", highlight=False)
+    run_prefer(recipe, train_dir, out, force=force)
+    console.print(f"{summary(out)} → {out / 'adapter'}", highlight=False)
 
 
 @app.command()
@@ -545,7 +538,8 @@ def reinforce(
     from ezoforge.reinforce.run import run as run_reinforce
     from ezoforge.reinforce.run import summary
 
-    console.print(summary(run_reinforce(recipe, tuned_dir, out, force=force), out), highlight=False)
+    run_reinforce(recipe, tuned_dir, out, force=force)
+    console.print(f"{summary(out)} → {out / 'adapter'}", highlight=False)
 
 
 @app.command()
@@ -559,9 +553,10 @@ def merge(
 ) -> None:
     """Merge the adapter into a full-precision copy of its base and save a model plain transformers and vLLM load."""
     from ezoforge.train.merge import run as run_merge
+    from ezoforge.train.merge import summary
 
-    stats = run_merge(train_dir, out, recipe.merge.dtype, force=force)
-    console.print(f"merged {stats['base']} + {train_dir / 'adapter'} → {out} ({stats['dtype']})", highlight=False)
+    run_merge(train_dir, out, recipe.merge.dtype, force=force)
+    console.print(f"{summary(out)} → {out}", highlight=False)
 
 
 def _force_takes_optional_stage(argv: list[str]) -> list[str]:
@@ -619,14 +614,12 @@ def export(
 ) -> None:
     """A folder ready to publish: weights, tokenizer, model card (README.md) from the run's records, optional GGUF."""
     from ezoforge.export.run import run as run_export
+    from ezoforge.export.run import summary
     from ezoforge.stages import STEPS, eval_folders
 
     out = out or merged.parent / STEPS["export"].folder
-    stats = run_export(merged, out, recipe.export, recipe.model.system_prompt, evals=eval_folders(merged.parent),
-                       force=force)
-    files = "".join(f", gguf/{g['file']}" for g in stats["gguf"])
-    console.print(f"exported {merged} → {out} (README.md{', eval.png' if stats['chart'] else ''}"
-                  f"{files + ', gguf/Modelfile' if files else ''})", highlight=False)
+    run_export(merged, out, recipe.export, recipe.model.system_prompt, evals=eval_folders(merged.parent), force=force)
+    console.print(f"{merged} exported: {summary(out)} → {out}", highlight=False)
 
 
 @app.command()

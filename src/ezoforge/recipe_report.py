@@ -14,12 +14,12 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ezoforge.config import imported
 from ezoforge.eval.compare import paired_diff
-from ezoforge.eval.eval_report import pairwise_words, scored_as
+from ezoforge.eval.eval_report import pairwise_words
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
-from ezoforge.metric_catalogue import grade_scale, grade_words
 from ezoforge.records import read_jsonl, write_json, write_text
-from ezoforge.report_kit import Cell, fmt, render
+from ezoforge.report_kit import Cell, counts, fmt, pct, rate, render, size_or_dash
 from ezoforge.stages import STEPS
 
 N_EXAMPLES = 3  # synthesized pairs shown with their provenance
@@ -72,75 +72,9 @@ def hms(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def pct(x: float | None, digits: int = 0) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def rate(tokens_per_s: float | None) -> str:
-    if tokens_per_s is None:
-        return "–"
-    return f"{tokens_per_s:,.0f} tokens/s" if tokens_per_s >= 10 else f"{tokens_per_s:.1f} tokens/s"
-
-
-def size(n_bytes: int | None) -> str:
-    if n_bytes is None:
-        return "–"
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
-
-
-def plural(n: int | None, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{'–' if n is None else f'{n:,}'} {noun}s"
-
-
-def counts(by_name: dict[str, int] | None) -> str:
-    """{"too_short": 5, "duplicate": 4} → "too_short 5, duplicate 4", largest first."""
-    return ", ".join(f"{k} {v:,}" for k, v in sorted((by_name or {}).items(), key=lambda kv: -kv[1])) or "none"
-
-
-def _eval_words(e: dict) -> str:
-    parts = [f"{metric.brief} {metric.shown(e[key])}" for key, metric in METRICS.items()
-             if key != "mean_grade" and e.get(key) is not None]
-    if e.get("mean_grade") is not None:
-        grade = METRICS["mean_grade"]
-        parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {grade_scale(e)[1]}")
-    elif e.get("n_tasks"):
-        parts.append(grade_words(e))
-    if (form := scored_as(e.get("model"))) is not None:
-        parts.append(f"scored {form}")
-    return " · ".join(parts) or "no figures"
-
-
-def _stage_words(step: str, stats: dict[str, dict], evals: dict[str, dict]) -> str:
-    c, s, t, m = stats["curate"], stats["synth"], stats["train"], stats["merge"]
-    if step == "curate":
-        share = c["docs_out"] / c["docs_in"] if c.get("docs_in") else None
-        return (f"kept {c.get('docs_out')} of {c.get('docs_in')} documents ({pct(share)}), "
-                f"{size(c.get('bytes_out'))} of text")
-    if step == "synth":
-        return (f"{plural(s.get('pairs'), 'pair')} from {s.get('documents_with_pairs')} of "
-                f"{plural(s.get('documents'), 'document')}, {rate(s.get('tokens_per_s'))}")
-    if step == "train":
-        return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss "
-                f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}, {rate(t.get('tokens_per_s'))}")
-    if step == "prefer":
-        p = stats["prefer"]
-        return (f"{plural(p.get('pairs'), 'preference pair')} from {plural(p.get('instructions'), 'instruction')} "
-                f"(margins {p.get('margin_histogram')}), DPO {plural(p.get('dpo_steps'), 'step')}, loss "
-                f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}")
-    if step == "reinforce":
-        from ezoforge.reinforce.run import summary
-        return summary(stats["reinforce"])
-    if step == "merge":
-        params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
-        return f"adapter merged into a standalone {m.get('dtype', '')} model{params}"
-    if step == "export":
-        ggufs = [g["file"] for g in stats["export"].get("gguf", [])]
-        return "model card" + (f" and {', '.join(ggufs)}" if ggufs else "")
-    if step == "pairwise":
-        return pairwise_words(stats["pairwise"])
-    if STEPS[step].stage == "eval":
-        return _eval_words(evals[step.removeprefix("eval-")])
-    return "done"  # a stage with no summary of its own here
+def _stage_words(step: str, folder: Path) -> str:
+    """A finished step's sentence, as its stage says it (`stages.Step.summary`, the stage's CLI prints the same)."""
+    return imported(STEPS[step].summary)(folder)
 
 
 # ---------------------------------------------------------------- collecting
@@ -279,7 +213,7 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
         "data_mix": _data_mix(_curated(folder["curate"]), pairs, synth, train),
         "examples": _examples(pairs, docs),
         "stages": {step: {"seconds": timings.get(step, {}).get("seconds"),
-                          "summary": _stage_words(step, stats, evals)} for step in plan},
+                          "summary": _stage_words(step, folder[step])} for step in plan},
     }
     ppl = next((r for r in versus if r["metric"] == "perplexity" and r["difference"] is not None), None)
     if ppl:
@@ -401,7 +335,7 @@ def _curation_view(workdir: Path, report: dict) -> dict | None:
         return None
     share = c["docs_out"] / c["docs_in"] if c["docs_in"] else None
     rows = [("Documents read", f"{c['docs_in']:,}"), ("Documents kept", f"{c['docs_out']:,} ({pct(share)})"),
-            ("Text kept", f"{size(c.get('bytes_out'))} of {size(c.get('bytes_in'))}"),
+            ("Text kept", f"{size_or_dash(c.get('bytes_out'))} of {size_or_dash(c.get('bytes_in'))}"),
             ("Removed, by filter", counts(c.get("removed_by_filter")))]
     if c.get("pages_skipped"):
         rows.append(("Wiki pages skipped before filtering", counts(c["pages_skipped"])))

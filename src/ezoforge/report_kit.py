@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from ezoforge.errors import size
 from ezoforge.metric_catalogue import Metric
 
 GRADE_COLORS = {1: "#d73027", 2: "#fc8d59", 3: "#fee08b", 4: "#91cf60", 5: "#1a9850"}
@@ -30,6 +31,29 @@ class Cell:
 
 def fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def pct(x: float | None, digits: int = 0) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def rate(tokens_per_s: float | None) -> str:
+    if tokens_per_s is None:
+        return "–"
+    return f"{tokens_per_s:,.0f} tokens/s" if tokens_per_s >= 10 else f"{tokens_per_s:.1f} tokens/s"
+
+
+def size_or_dash(n_bytes: int | None) -> str:
+    return "–" if n_bytes is None else size(n_bytes)
+
+
+def plural(n: int | None, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{'–' if n is None else f'{n:,}'} {noun}s"
+
+
+def counts(by_name: dict[str, int] | None) -> str:
+    """{"too_short": 5, "duplicate": 4} → "too_short 5, duplicate 4", largest first."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted((by_name or {}).items(), key=lambda kv: -kv[1])) or "none"
 
 
 def grade_color(grade: float, scale: tuple[int, int]) -> str:

@@ -38,6 +38,9 @@ class Step:
     # "module:function" in its package: `estimate(planner, step) -> figures` for `ezo plan` (`plan.Planner`), imported
     # only when a plan is made.
     estimate: str
+    # "module:function" in its package: `summary(folder) -> str`, the finished step in one sentence (the run report's
+    # and the stage's own command's)
+    summary: str
     when: Callable[[config.Recipe], bool] = lambda recipe: True  # whether the recipe runs it, when its stage is there
 
 
@@ -135,26 +138,30 @@ def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> di
 
 # In run order: prefer and reinforce between train and merge (merge folds the last adapter), export last (its card
 # reads the evals).
-ANSWERS = "ezoforge.eval.estimate:answers"
+ANSWERS, EVAL_WORDS = "ezoforge.eval.estimate:answers", "ezoforge.eval.run:summary"
 STEPS = {s.name: s for s in (
-    Step("curate", "curate", "curate", (), _curate, CurateConfig, "ezoforge.curate.estimate:estimate"),
-    Step("synth", "synth", "synth", ("curate",), _synth, SynthConfig, "ezoforge.synth.estimate:estimate"),
-    Step("train", "train", "train", ("synth",), _train, TrainConfig, "ezoforge.train.estimate:train"),
-    Step("prefer", "prefer", "prefer", ("train",), _prefer, PreferConfig, "ezoforge.prefer.estimate:estimate"),
+    Step("curate", "curate", "curate", (), _curate, CurateConfig, "ezoforge.curate.estimate:estimate",
+         "ezoforge.curate.run:summary"),
+    Step("synth", "synth", "synth", ("curate",), _synth, SynthConfig, "ezoforge.synth.estimate:estimate",
+         "ezoforge.synth.run:summary"),
+    Step("train", "train", "train", ("synth",), _train, TrainConfig, "ezoforge.train.estimate:train",
+         "ezoforge.train.run:summary"),
+    Step("prefer", "prefer", "prefer", ("train",), _prefer, PreferConfig, "ezoforge.prefer.estimate:estimate",
+         "ezoforge.prefer.run:summary"),
     Step("reinforce", "reinforce", "reinforce", ("train", "prefer"), _reinforce, ReinforceConfig,
-         "ezoforge.reinforce.estimate:estimate"),
+         "ezoforge.reinforce.estimate:estimate", "ezoforge.reinforce.run:summary"),
     Step("merge", "merge", "merged", ("train", "prefer", "reinforce"), _merge, MergeConfig,
-         "ezoforge.train.estimate:merge"),
+         "ezoforge.train.estimate:merge", "ezoforge.train.merge:summary"),
     # eval-base reads train's folder for the base's revision it loaded
-    Step("eval-base", "eval", "eval-base", ("train",), _eval_base, EvalConfig, ANSWERS),
-    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, EvalConfig, ANSWERS, when=after_sft),
+    Step("eval-base", "eval", "eval-base", ("train",), _eval_base, EvalConfig, ANSWERS, EVAL_WORDS),
+    Step("eval-sft", "eval", "eval-sft", ("train",), _eval_sft, EvalConfig, ANSWERS, EVAL_WORDS, when=after_sft),
     Step("eval-tuned", "eval", "eval-tuned", ("train", "prefer", "reinforce", "merge"), _eval_tuned, EvalConfig,
-         ANSWERS, when=lambda r: "train" in r.stages or "merge" in r.stages),
+         ANSWERS, EVAL_WORDS, when=lambda r: "train" in r.stages or "merge" in r.stages),
     Step("pairwise", "eval", "pairwise", ("eval-base", "eval-sft", "eval-tuned"), _pairwise, EvalConfig,
-         "ezoforge.eval.estimate:pairwise",
+         "ezoforge.eval.estimate:pairwise", "ezoforge.eval.pairwise:summary",
          when=lambda r: r.eval.pairwise and ("train" in r.stages or "merge" in r.stages)),
     Step("export", "export", "export", ("merge", "eval-base", "eval-sft", "eval-tuned", "pairwise"), _export,
-         ExportConfig, "ezoforge.export.estimate:estimate"),
+         ExportConfig, "ezoforge.export.estimate:estimate", "ezoforge.export.run:summary"),
 )}
 
 

@@ -45,7 +45,8 @@ from ezoforge.errors import EzoError, RecordError
 from ezoforge.executors import check_shared_storage, completed, executor, launch, pending_jobs
 from ezoforge.logs import console
 from ezoforge.records import CORPUS_SUFFIXES, atomic_path, files_under
-from ezoforge.stage import Stage, input_files, is_stage_folder
+from ezoforge.report_kit import counts, pct, plural, size_or_dash
+from ezoforge.stage import Stage, done_info, input_files, is_stage_folder
 
 
 
@@ -229,3 +230,11 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo curate` prints and the run report shows."""
+    s = done_info(folder).stats
+    share = s["docs_out"] / s["docs_in"] if s.get("docs_in") else None
+    return (f"kept {s.get('docs_out')} of {plural(s.get('docs_in'), 'document')} ({pct(share)}), "
+            f"{size_or_dash(s.get('bytes_out'))} of text (removed: {counts(s.get('removed_by_filter'))})")

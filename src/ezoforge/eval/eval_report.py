@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ezoforge.eval.tasks import METRICS, scorings
-from ezoforge.metric_catalogue import grade_scale
+from ezoforge.metric_catalogue import grade_scale, grade_words
 from ezoforge.report_kit import fmt, grade_color, metric_bars, png_base64, render
 
 
@@ -152,3 +152,16 @@ def pairwise_words(result: dict) -> str:
                     f"disagreed on {r['disagreements']})")
     return "; ".join(said) or "no pairs"
 
+
+def words(e: dict) -> str:
+    """An eval's headline figures in one line (its report.json, or the run report's summary of it)."""
+    parts = [f"{metric.brief} {metric.shown(e[key])}" for key, metric in METRICS.items()
+             if key != "mean_grade" and e.get(key) is not None]
+    if e.get("mean_grade") is not None:
+        grade = METRICS["mean_grade"]
+        parts.append(f"{grade.brief} {grade.shown(e['mean_grade'])} of {grade_scale(e)[1]}")
+    elif e.get("n_tasks"):
+        parts.append(grade_words(e))
+    if (form := scored_as(e.get("model"))) is not None:
+        parts.append(f"scored {form}")
+    return " · ".join(parts) or "no figures"

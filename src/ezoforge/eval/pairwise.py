@@ -20,6 +20,7 @@ from rich.progress import Progress
 from ezoforge.cache import RequestCache
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval.compare import judge_identity
+from ezoforge.eval.eval_report import pairwise_words
 from ezoforge.eval.judge_client import Judge
 from ezoforge.eval.judge_prompt import Verdict, converse, json_objects
 from ezoforge.eval.settings import EvalConfig
@@ -226,3 +227,7 @@ def _summary(folder: Path, keys: list[tuple[str, int]], outcomes: list[dict], cf
             "disagreements": sum(o["disagree"] for o in outcomes),
             "per_task": per_task}
 
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo eval compare --pairwise` prints and the run report shows."""
+    return pairwise_words(json.loads((Path(folder) / "pairwise.json").read_text(encoding="utf-8")))

@@ -216,3 +216,8 @@ def _evaluate(recipe: Recipe, out: Path, adapter: Path | None, stage: Stage, sui
 
 def _model_name(recipe: Recipe, adapter: Path | None) -> str:
     return recipe.model.name if adapter is None else f"{recipe.model.name}+{Path(adapter).name}"
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo eval` prints and the run report shows."""
+    return eval_report.words(json.loads((Path(folder) / "report.json").read_text(encoding="utf-8")))

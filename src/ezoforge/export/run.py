@@ -24,7 +24,7 @@ from ezoforge.export.provenance import RunRecords, gather
 from ezoforge.export.settings import ExportConfig
 from ezoforge.models import check_model_folder
 from ezoforge.records import DONE, write_text
-from ezoforge.stage import Stage
+from ezoforge.stage import Stage, done_info
 from ezoforge.turns import end_of_turn_id
 
 log = logging.getLogger(__name__)
@@ -113,3 +113,11 @@ def _build(merged: Path, stage: Stage, rec: RunRecords, cfg: ExportConfig, syste
     write_text(tmp / "README.md", card.render(rec, name, model_ref, system, ggufs, _paired_diff(rec), bool(chart)))
     return stage.finish({"title": name, "model_files": files, "gguf": gguf_stats, "chart": bool(chart),
                             "evals": sorted(rec.evals), "seconds": round(time.perf_counter() - start, 1)})
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo export` prints and the run report shows."""
+    s = done_info(folder).stats
+    ggufs = [f"gguf/{g['file']}" for g in s.get("gguf", [])]
+    return "model card (README.md" + (", eval.png" if s.get("chart") else "") + "".join(f", {g}" for g in ggufs) + \
+        (", gguf/Modelfile" if ggufs else "") + ")"

@@ -30,7 +30,8 @@ from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import judge_prompt
 from ezoforge.prefer.pairs import build_pairs, histogram
 from ezoforge.records import write_jsonl
-from ezoforge.stage import Stage
+from ezoforge.report_kit import fmt, plural
+from ezoforge.stage import Stage, done_info
 from ezoforge.train.continued import JUDGE_KEYS, Instruction, draw, read_instructions, sft
 from ezoforge.train.settings import TrainConfig
 
@@ -190,3 +191,13 @@ def _judge(instructions: list[Instruction], answers: dict[str, list[dict]], reci
             c["reason"] = mine[0]["reason"]
     served = sorted({v["judge_served"] for v in verdicts if v["judge_served"]})
     return candidates, verdicts, served
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo prefer` prints and the run report shows."""
+    p = done_info(folder).stats
+    before, after = p.get("held_out_before"), p.get("held_out_after")
+    held = f", held-out log-prob margin {before['logp_margin']} → {after['logp_margin']}" if before and after else ""
+    return (f"{plural(p.get('pairs'), 'preference pair')} from {plural(p.get('instructions'), 'instruction')} "
+            f"(margins {p.get('margin_histogram')}), DPO {plural(p.get('dpo_steps'), 'step')}, loss "
+            f"{fmt(p.get('dpo_loss_first'))} → {fmt(p.get('dpo_loss_last'))}{held}")

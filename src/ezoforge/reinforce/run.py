@@ -187,12 +187,16 @@ def _reinforce(recipe: Recipe, model: ModelConfig, train, tuned_dir: Path, out: 
     if judge is not None:
         stats.update(judge=ev.judge_model, judge_served=sorted(judge.served), judge_unusable=judge.unusable,
                      judge_sent=judge.judge.sent, judge_cached=judge.judge.cached)
-    log.info("%s", summary(stats))
-    return stage.finish(stats)
+    finished = stage.finish(stats)
+    log.info("%s", summary(out))
+    return finished
 
 
-def summary(stats: dict, out: Path | None = None) -> str:
-    """The stage in one sentence: steps, KL, and the weighted reward on held-out and trained prompts."""
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo reinforce` prints and the run report shows:
+    steps, KL, and the weighted reward on held-out and trained prompts."""
+    stats = done_info(folder).stats
+
     def change(kind: str) -> str:
         before, after = stats["before"][kind], stats["after"][kind]
         return f"{before['reward']:.3f} → {after['reward']:.3f}" if before and after else "–"
@@ -200,8 +204,7 @@ def summary(stats: dict, out: Path | None = None) -> str:
     weights = ", ".join(f"{n}×{w:g}" for n, w in stats["rewards"].items())
     kl = "" if stats["kl_last"] is None else f" · KL {stats['kl_first']} → {stats['kl_last']}"  # none at beta 0
     return (f"GRPO {stats['steps']} steps on {stats['prompts']} prompts ({weights}) · reward held-out "
-            f"{change('held_out')}, trained {change('trained')}{kl}"
-            + (f" → {out / 'adapter'}" if out else ""))
+            f"{change('held_out')}, trained {change('trained')}{kl}")
 
 
 def _gap(scores: dict[str, dict | None]) -> float | None:

@@ -28,7 +28,8 @@ from ezoforge.executors import check_shared_storage, completed, completed_ranks,
 from ezoforge.infer.generate import Sampling
 from ezoforge.logs import console, setup_logging
 from ezoforge.records import Pair, atomic_path, write_parquet
-from ezoforge.stage import Stage, input_files
+from ezoforge.report_kit import pct, plural, rate
+from ezoforge.stage import Stage, done_info, input_files
 from ezoforge.synth import prompts
 from ezoforge.completion import Completion
 from ezoforge.infer.backends import Backend, Target
@@ -457,3 +458,11 @@ def _shards(folder: Path, rows: list[dict], schema: pa.Schema) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for n, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
         write_parquet(folder / f"part-{n:05d}.parquet", rows[start: start + SHARD_ROWS], schema)
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo synth` prints and the run report shows."""
+    s = done_info(folder).stats
+    return (f"{plural(s.get('pairs'), 'pair')} from {s.get('documents_with_pairs')} of "
+            f"{plural(s.get('documents'), 'document')} ({plural(s.get('requests'), 'request')}, parse rate "
+            f"{pct(s.get('parse_rate'))}, {s.get('errors', 0)} failed), {rate(s.get('tokens_per_s'))}")

@@ -323,3 +323,10 @@ def generation_config(base: Path):
     if (base / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(base)
     return GenerationConfig.from_model_config(AutoConfig.from_pretrained(base))
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo merge` prints and the run report shows."""
+    m = done_info(folder).stats
+    params = f", {m['params'] / 1e6:,.0f}M parameters" if m.get("params") else ""
+    return f"{m.get('base')} + its adapter merged into a standalone {m.get('dtype', '')} model{params}"

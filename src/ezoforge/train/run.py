@@ -16,7 +16,8 @@ import torch
 from ezoforge.config import Recipe, output_settings
 from ezoforge.errors import ConfigError
 from ezoforge.models import check_model, load_tokenizer, pick_device, pin, pinned_revision, require_chat_template
-from ezoforge.stage import Stage, input_files
+from ezoforge.report_kit import fmt, plural, rate
+from ezoforge.stage import Stage, done_info, input_files
 from ezoforge.train import checkpoints
 from ezoforge.train.data import PackedCollator, prepare
 from ezoforge.train.model import (attn_implementation, float32_adapters, load_base, lora_config, name_base,
@@ -189,3 +190,11 @@ def _train(recipe: Recipe, inputs: list[Path], out: Path, stage: Stage, device: 
                          "offload_activations": offload, "kernels": kernels(trainer.model),
                          "device": str(device), "hardware": hardware(device), "resumed_from_step": resume_step,
                          "seconds": round(time.perf_counter() - start, 1), "distributed": setup, **data.stats})
+
+
+def summary(folder: Path) -> str:
+    """The stage in one sentence, from its finished folder: what `ezo train` prints and the run report shows."""
+    t = done_info(folder).stats
+    return (f"{plural(t.get('steps'), 'step')} of {'QLoRA' if t.get('qlora') else 'LoRA'}, loss "
+            f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}, held-out loss "
+            f"{fmt(t.get('eval_loss'))}, {rate(t.get('tokens_per_s'))}")
