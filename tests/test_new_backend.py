@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from canned_backend import REPLY, TOKENS_PER_S
+from canned_backend import REPLY, TOKENS_PER_S, CannedBackend
+from ezoforge.completion import Engine
 from ezoforge.config import BACKENDS, bundled_data
 from ezoforge.errors import ConfigError
 from ezoforge.plan import plan
@@ -51,3 +52,21 @@ def test_synth_answers_through_a_new_backend(canned, tmp_path):
     assert {p["instruction"] for p in pairs} >= {"それは何ですか。"}
     assert REPLY not in {p["response"] for p in pairs}  # synth's requests carry the prefill: the pair form answers
     assert json.loads((tmp_path / "synth" / "stats.json").read_text())["pairs"] == stats["pairs"]
+
+
+def test_every_way_of_answering_is_one_engine(canned, bundled, tmp_path):
+    """Backends and local engines share one protocol (completion.Engine), so any consumer of `complete` takes either:
+    `ezo generate`'s batch path answers through a synth/eval backend as through the bundled model."""
+    from ezoforge.infer.backends import OpenAIBackend
+    from ezoforge.infer.generate import Generator, Sampling, generate_file
+
+    engines = [Generator(bundled), CannedBackend(),
+               OpenAIBackend("http://127.0.0.1:9/v1", "m", None, 1.0, 0, 1, None, 4096)]
+    assert all(isinstance(e, Engine) for e in engines)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "こんにちは"}\n', encoding="utf-8")
+    for engine, expected in ((CannedBackend(), REPLY), (engines[0], None)):
+        out = tmp_path / f"{type(engine).__name__}.jsonl"
+        assert generate_file(engine, prompts, out, None, Sampling(max_new_tokens=4)) == 1
+        answer = json.loads(out.read_text(encoding="utf-8"))["answer"]
+        assert answer == expected if expected else answer

@@ -389,6 +389,17 @@ def _free_bytes(dev: torch.device) -> tuple[float, float]:
 HEADROOM_FRACTION, HEADROOM_MIN = 0.1, 2 * GIB
 
 
+def weight_room(free: float, total: float, device_type: str) -> float:
+    """Bytes the weights may take on a device with `free` of `total` bytes free: on CUDA, less the headroom."""
+    return free - (max(HEADROOM_MIN, HEADROOM_FRACTION * total) if device_type == "cuda" else 0)
+
+
+def quantize_for(weights: float, room: float) -> str:
+    """`model.quantize: auto`'s rule, here (`auto_quantize`) and in `ezo plan` on the planned card: none where the
+    unquantized weights fit the room, else nf4."""
+    return "none" if weights <= room else "nf4"
+
+
 @functools.lru_cache(maxsize=None)
 def auto_quantize(spec: str, device: str = "auto", dtype: str = "auto") -> str:
     """`model.quantize: auto`: none when the weights at the load dtype fit the device (on CUDA with headroom for
@@ -403,11 +414,10 @@ def auto_quantize(spec: str, device: str = "auto", dtype: str = "auto") -> str:
         log.info("model.quantize=auto: none (%s is already quantized: %s)", spec, method)
         return "none"
     linear, kept = param_counts(spec)
-    free, total = _free_bytes(dev)
-    room = free - (max(HEADROOM_MIN, HEADROOM_FRACTION * total) if dev.type == "cuda" else 0)
+    room = weight_room(*_free_bytes(dev), dev.type)
     need = {q: weight_bytes(linear, q, load_dtype, kept) for q in ("none", "nf4")}
     where = f"{room / GIB:.1f} GiB free on {dev}" + (" beyond the headroom for KV cache" if dev.type == "cuda" else "")
-    if need["none"] <= room:
+    if quantize_for(need["none"], room) == "none":
         log.info("model.quantize=auto: none (the weights take %.1f GiB in %s; %s)", need["none"] / GIB,
                  str(load_dtype).removeprefix("torch."), where)
         return "none"

@@ -18,8 +18,9 @@ from pathlib import Path
 from ezoforge.config import Recipe, deep_merge, imported, parse_overrides, to_plain
 from ezoforge.errors import RecordError, size
 from ezoforge.eval.estimate import task_type
+from ezoforge.infer.engines import llamacpp_ruled_out
 from ezoforge.infer.registry import backend_class
-from ezoforge.models import HEADROOM_FRACTION, HEADROOM_MIN
+from ezoforge.models import quantize_for, weight_room
 from ezoforge.records import CORPUS_SOURCES, CORPUS_SUFFIXES, corpus_suffix, files_under
 from ezoforge.sizing import (CHARS_PER_TOKEN_JA, DECODE_EFFICIENCY, DEQUANT_TRAFFIC, DOC_TOKENS, EVAL_PROMPT_TOKENS, GIB,
                              LINEAR_BYTES, PREFILL_MFU, PROMPT_TOKENS, SYNTHESIZER_PAIRS, TEMPLATE_TOKENS,
@@ -164,9 +165,10 @@ class Planner:
     An estimate adds the sentence behind its figures to `sources` (and a caveat to `notes`)."""
 
     def __init__(self, recipe: Recipe, card_name: str, docs_kept: float, ram_gib: float, num_gpus: int = 1):
-        # A backend `auto` picks llama.cpp on a CPU only; on the planned card it is transformers.
+        # A backend `auto` as the stages decide it, on the planned card (which rules llama.cpp out).
+        auto = "transformers" if llamacpp_ruled_out("cuda", None, recipe.model.quantize) else "llamacpp"
         recipe = recipe.model_copy(update={
-            s: getattr(recipe, s).model_copy(update={"backend": "transformers"})
+            s: getattr(recipe, s).model_copy(update={"backend": auto})
             for s in ("synth", "eval") if getattr(recipe, s).backend == "auto"})
         self.recipe, self.card_name, self.card, self.ram = recipe, card_name, CARDS[card_name], ram_gib
         self.gpus = num_gpus  # cards of this kind on the machine: FSDP shards training, synth runs an engine per set
@@ -215,8 +217,8 @@ class Planner:
         setting = self.recipe.model.quantize
         if setting != "auto":
             return setting
-        room = self.card.memory_gib - max(HEADROOM_MIN / GIB, HEADROOM_FRACTION * self.card.memory_gib)
-        return "none" if weight_bytes(self.shape, self.base_dtype()) / GIB <= room else "nf4"
+        card = self.card.memory_gib * GIB  # an idle card: all of it free
+        return quantize_for(weight_bytes(self.shape, self.base_dtype()), weight_room(card, card, "cuda"))
 
     # ------------------------------------------------------------ stages
 
@@ -356,7 +358,7 @@ def plan(recipe: Recipe, card_name: str = "h100", docs_kept: float = 0.5, ram_gi
                     f"bound at the batch decoded together, capped at {PREFILL_MFU:.0%} of bf16 peak; not measured"},
         "notes": p.notes,
         "assumptions": {"docs_kept_fraction": docs_kept, "chars_per_token": CHARS_PER_TOKEN_JA,
-                        "train_tokens_per_s": round(p.tps), "qlora": recipe.train.qlora is not False,
+                        "train_tokens_per_s": round(p.tps), "qlora": recipe.train.uses_qlora("cuda"),
                         "gradient_checkpointing": recipe.train.gradient_checkpointing,
                         "eval_quantize": p.eval_quantize(),
                         **({"inputs_missing": vol.missing, "documents_from": "synth.limit" if recipe.synth.limit

@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ezoforge.cache import RequestCache, request_key
+from ezoforge.completion import Engine
 from ezoforge.config import ModelConfig, Recipe, output_settings, to_plain
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import anchors, contamination, eval_report
@@ -78,8 +79,8 @@ class _Models:
         return load(self.m.name, self.adapter, self.m.device, self.m.dtype, self.m.chat_template, quantize=self.m.quantize)
 
     @functools.cached_property
-    def generator(self):
-        """Answers: `complete(conversations, sampling) -> [Completion]`."""
+    def generator(self) -> Engine:
+        """What answers: the backend, over this process's model where it answers here."""
         return self.engine if self.engine is not None else self._backend()
 
     @functools.cached_property

@@ -44,16 +44,24 @@ def in_own_thread(work: Callable[[], T]) -> T:
     return value
 
 
-def why_not_llamacpp(spec: str, adapter: str | Path | None, device: str, quantize: str) -> str | None:
-    """Why llama.cpp cannot answer for this model as stated (None: it can)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed"
+def llamacpp_ruled_out(device_type: str, adapter: str | Path | None, quantize: str) -> str | None:
+    """Why a backend `auto` cannot take llama.cpp on this kind of device, for this load (None: it may). `ezo plan`
+    asks it about the planned card ("cuda"): a card rules llama.cpp out."""
+    if device_type != "cpu":
+        return f"the model runs on {device_type}"
     if adapter is not None:
         return "an adapter is given (llama.cpp runs a whole model: merge it first)"
-    if (dev := pick_device(device)).type != "cpu":
-        return f"the model runs on {dev}"
     if quantize in ("nf4", "int8"):
         return f"model.quantize is {quantize} (bitsandbytes)"
+    return None
+
+
+def why_not_llamacpp(spec: str, adapter: str | Path | None, device: str, quantize: str) -> str | None:
+    """Why llama.cpp cannot answer for this model as stated, here (None: it can)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if reason := llamacpp_ruled_out(pick_device(device).type, adapter, quantize):
+        return reason
     try:
         check_convertible(spec)
     except EzoError as e:

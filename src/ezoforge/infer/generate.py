@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ezoforge.completion import Completion
+from ezoforge.completion import Completion, Engine
 from ezoforge.models import Loaded, stop_token_ids
 from ezoforge.records import RecordError, atomic_path, read_jsonl, require
 
@@ -251,7 +251,7 @@ class Generator(ChatEngine):
                          finish_reason(ended or so_far.stopped, n, sampling.max_new_tokens))
 
 
-def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
+def generate_file(engine: Engine, input_path: Path, out_path: Path, system: str | None, sampling: Sampling,
                   batch_size: int = 8, identity: str = "") -> int:
     """`{"id", "prompt"}` lines in, `{"id", "prompt", "answer"}` lines out, in input order.
 
@@ -285,7 +285,7 @@ def generate_file(gen: ChatEngine, input_path: Path, out_path: Path, system: str
         task = progress.add_task("generating", total=len(rows), completed=len(rows) - len(todo))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]
-            outs = gen.complete([r["messages"] for r in chunk], sampling)
+            outs = engine.complete([r["messages"] for r in chunk], sampling)
             for r, c in zip(chunk, outs):
                 done[r["key"]] = c.text
                 sink.write(json.dumps({"id": r["id"], "key": r["key"], "answer": c.text}, ensure_ascii=False) + "\n")

@@ -20,7 +20,7 @@ def estimate(plan, step: str) -> dict:
     sample_scheme = plan.base_dtype() if quantize == "none" else quantize
     sampling_gpu = (weight_bytes(shape, sample_scheme) + plan.lora_params() * 2 + g.batch_size *
                     (prompt + g.max_new_tokens) * shape.kv_bytes_per_token) / GIB + CUDA_OVERHEAD_GIB
-    qlora = t.qlora is not False
+    qlora = t.uses_qlora("cuda")  # bitsandbytes trains on the planned card
     scheme = "nf4" if qlora else plan.base_dtype()
     sequences = 2 * p.batch_size
     activations = shape.layers * sequences * p.max_length * shape.hidden * 2 * \

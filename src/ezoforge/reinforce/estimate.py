@@ -16,11 +16,11 @@ def estimate(plan, step: str) -> dict:
     prompt = plan.vol.passage_tokens + EVAL_PROMPT_TOKENS  # the passage, the instruction and the system prompt
     sequences = c.batch_size * c.num_generations
     length = int(prompt + c.max_completion_length)
-    qlora = t.qlora is not False
+    qlora = t.uses_qlora("cuda")  # bitsandbytes trains on the planned card
     scheme = "nf4" if qlora else plan.base_dtype()
     activations = shape.layers * sequences * length * shape.hidden * 2 * (1 if t.gradient_checkpointing else 18)
     trainer = (weight_bytes(shape, scheme) + plan.lora_params() * (16 + 4) + activations) / GIB + CUDA_OVERHEAD_GIB
-    vllm = c.engine == "vllm" or (c.engine == "auto" and importlib.util.find_spec("vllm") is not None)
+    vllm = c.uses_vllm("cuda", importlib.util.find_spec("vllm") is not None)  # installed: as on this machine
     engine_fits = True
     if vllm:
         # vLLM's own copy of the weights (16-bit), its overhead and one step's sequences of KV cache must fit in

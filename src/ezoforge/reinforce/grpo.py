@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 def use_vllm(cfg: ReinforceConfig, device: torch.device) -> bool:
     """Whether completions come from vLLM: stated, it must be able to run (a CUDA card, vLLM installed); auto, where
     it can (logged)."""
-    can = device.type == "cuda" and importlib.util.find_spec("vllm") is not None
-    if cfg.engine == "vllm" and not can:
+    installed = importlib.util.find_spec("vllm") is not None
+    if cfg.engine == "vllm" and not (device.type == "cuda" and installed):
         raise ConfigError(f"reinforce.engine is vllm but vLLM needs a CUDA card and `pip install vllm` (device "
-                          f"{device}, vLLM {'installed' if importlib.util.find_spec('vllm') else 'not installed'})")
-    chosen = cfg.engine == "vllm" or (cfg.engine == "auto" and can)
+                          f"{device}, vLLM {'installed' if installed else 'not installed'})")
+    chosen = cfg.uses_vllm(device.type, installed)
     if cfg.engine == "auto":
         log.info("reinforce.engine auto: completions from %s", "vLLM, colocated with training" if chosen else
                  "transformers" + ("" if device.type == "cuda" else " (the CPU)"))

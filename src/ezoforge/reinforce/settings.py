@@ -61,6 +61,12 @@ class ReinforceConfig(Section):
             raise ValueError("reinforce.rewards.judge grades completions with the recipe's judge: set eval.judge_url "
                              "and eval.judge_model, or drop that reward")
 
+    def uses_vllm(self, device_type: str, installed: bool) -> bool:
+        """Where completions come from: vLLM when stated, or under auto on CUDA where vLLM is `installed`.
+        `grpo.use_vllm` decides it so here (and refuses a stated vLLM that cannot run), `ezo plan` on the planned
+        card."""
+        return self.engine == "vllm" or (self.engine == "auto" and device_type == "cuda" and installed)
+
     @property
     def active(self) -> dict[str, float]:
         """The rewards that count: those with a weight other than 0, in the recipe's order."""

@@ -45,7 +45,7 @@ MERGE_PARAMS_PER_S = 8.03e9 / 250.8
 def train(plan, step: str) -> dict:
     r, t = plan.recipe, plan.recipe.train
     shape, card = plan.shape, plan.card
-    qlora = t.qlora is not False
+    qlora = t.uses_qlora("cuda")  # bitsandbytes trains on the planned card
     scheme = "nf4" if qlora else plan.base_dtype()
     weights = weight_bytes(shape, scheme)  # NF4 keeps embeddings and head 16-bit
     activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 * \

@@ -49,13 +49,13 @@ def use_qlora(cfg: TrainConfig, device: torch.device) -> bool:
     into a fallback."""
     if cfg.qlora is False:
         return False
-    if cfg.qlora == "auto" and device.type != "cuda":
+    if not cfg.uses_qlora(device.type):
         log.info("train.qlora=auto: LoRA on a float32 base, since on a CPU 4-bit saves nothing a small model needs "
                  "and each step took %s as long (bench/qlora_cpu_bench.py); set train.qlora=true to insist",
                  CPU_QLORA_SLOWDOWN)
         return False
     problem = four_bit_problem(device)
-    if problem is None:
+    if cfg.uses_qlora(device.type, problem):
         return True
     if cfg.qlora is True:
         raise ConfigError(f"train.qlora is true but 4-bit NF4 cannot train on {device}: {problem} "

@@ -59,6 +59,12 @@ class TrainConfig(Section):
     # Experiment trackers the trainer logs to: none, tensorboard (event files in the train folder), wandb, mlflow.
     report_to: Operational[TrackerName | list[TrackerName]] = "none"
 
+    def uses_qlora(self, device_type: str, problem: str | None = None) -> bool:
+        """`train.qlora` resolved on a kind of device, where 4-bit training has `problem` (None: none): auto is 4-bit
+        on CUDA where bitsandbytes trains. `train.model.use_qlora` decides it so here, `ezo plan` on the planned
+        card."""
+        return self.qlora is not False and (self.qlora is True or device_type == "cuda") and problem is None
+
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
         if self.max_steps is not None and self.epochs is not None:
