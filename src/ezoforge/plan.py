@@ -29,6 +29,7 @@ from ezoforge.sizing import (CHARS_PER_TOKEN_JA, DECODE_EFFICIENCY, DEQUANT_TRAF
 from ezoforge.stage import done_info
 from ezoforge.stages import STEPS, steps
 from ezoforge.synth.estimate import synth_context
+from ezoforge.train.merge import configured_dtype
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +190,12 @@ class Planner:
         return "float32" if self.recipe.model.dtype == "float32" else "bfloat16"  # auto is bf16 on a GPU
 
     def merged_bytes(self) -> float:
-        """Bytes per parameter of the merged model: merge.dtype, or with auto the base's (hub bases are 16-bit)."""
+        """Bytes per parameter of the merged model: merge.dtype, or with auto the base's as its config names it (a
+        hub base, whose config is not read here, is 16-bit)."""
         dtype = self.recipe.merge.dtype
         if dtype == "auto":
             config = Path(self.recipe.model.name).expanduser() / "config.json"
-            stored = json.loads(config.read_text()) if config.is_file() else {}
-            dtype = stored.get("dtype") or stored.get("torch_dtype") or "bfloat16"
+            dtype = configured_dtype(json.loads(config.read_text()) if config.is_file() else {}) or "bfloat16"
         return LINEAR_BYTES.get(dtype, 2.0)
 
     def lora_params(self) -> float:

@@ -14,13 +14,18 @@ from ezoforge.errors import RecordError
 IGNORE = -100  # the label of a token that is not learned
 
 
-def _text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+def chat_text(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = True,
+              continue_final: bool = False) -> str:
+    """The one rendering of a conversation as the model's text, for training and for every local engine and backend:
+    the chat template over each message's role and content, opening the assistant's turn (`generation_prompt`) or
+    leaving the last, an assistant's, open to extend (`continue_final`)."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # a template sees role and content only
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt,
+                                         continue_final_message=continue_final)
 
 
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    return tokenizer(_text(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(chat_text(tokenizer, messages, generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -52,9 +57,9 @@ def encode(tokenizer, messages: list[dict[str, str]], specials: set[int] | None 
         if m["role"] != "assistant":
             continue
         if text is None:
-            text = _text(tokenizer, messages, False)
-        through_reply = _text(tokenizer, messages[: i + 1], False)
-        if text.startswith(_text(tokenizer, messages[:i], True)) and text.startswith(through_reply):
+            text = chat_text(tokenizer, messages, False)
+        through_reply = chat_text(tokenizer, messages[: i + 1], False)
+        if text.startswith(chat_text(tokenizer, messages[:i], True)) and text.startswith(through_reply):
             # Shared prefixes, not lengths: a prefix rendering may tokenize its last characters differently.
             start = _shared_prefix(_render(tokenizer, messages[:i], True), ids)
             end = _shared_prefix(_render(tokenizer, messages[: i + 1], False), ids)
@@ -91,7 +96,7 @@ def length(tokenizer, messages: list[dict[str, str]]) -> int:
 
 def _label_contexts(tokenizer, messages: list[dict[str, str]], ids: list[int], labels: list[int]) -> None:
     """Label the tokens that lie wholly inside each passage, found by character offsets in the rendered text."""
-    text = _text(tokenizer, messages, False)
+    text = chat_text(tokenizer, messages, False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the same tokens as `ids`
     at = 0
     for m in messages:
@@ -119,10 +124,10 @@ def default_system(tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         return ""
     marker, user = "<ezo-system>", [{"role": "user", "content": "?"}]
-    head, _, tail = _text(tokenizer, [{"role": "system", "content": marker}, *user], False).partition(marker)
-    plain = _text(tokenizer, user, False)
+    head, _, tail = chat_text(tokenizer, [{"role": "system", "content": marker}, *user], False).partition(marker)
+    plain = chat_text(tokenizer, user, False)
     if len(plain) >= len(head) + len(tail) and plain.startswith(head) and plain.endswith(tail):
         found = plain[len(head): len(plain) - len(tail)]
-        if _text(tokenizer, [{"role": "system", "content": found}, *user], False) == plain:
+        if chat_text(tokenizer, [{"role": "system", "content": found}, *user], False) == plain:
             return found
     return ""

@@ -2,7 +2,7 @@
 
 Filters keep a document or drop it with a reason (the name stats and rejected/ use) and a detail
 ("hiragana_ratio=0.05 < 0.2"); their measurements go into the document's metadata and end up as the kept
-document's filter scores. Thresholds live in the recipe (`curate.filters.*`, see config.py for the
+document's filter scores. Thresholds live in the recipe (`curate.filters.*`, see curate/settings.py for the
 defaults and their sources). Datatrove's own Gopher/FineWeb quality filters count words, which needs a
 Japanese tokenizer and drops all Japanese at their defaults, so these work on characters instead.
 """
@@ -128,7 +128,7 @@ def _above(reason: str, key: str, m: dict[str, float], limit: float) -> tuple[st
 
 class MojibakeFilter(JaFilter):
     """Mis-decoded text: U+FFFD, C1 controls and Latin-1 letters (UTF-8 or Shift_JIS read as latin-1/cp1252),
-    and 縺/繧/繝 (UTF-8 kana read as cp932). Threshold ours: 0.05 (see config.py)."""
+    and 縺/繧/繝 (UTF-8 kana read as cp932). Threshold ours: 0.05 (see curate/settings.py)."""
 
     name = "🔣 mojibake"
     rule_type = MojibakeRule
@@ -191,7 +191,8 @@ class KanaFilter(JaFilter):
 
 class SentenceFilter(JaFilter):
     """Average sentence length 20–90 (Swallow) and longest sentence ≤ 400 characters (Swallow's 200 drops
-    clean Wikipedia, see config.py). Sentences end at 。！？!?, a "." not followed by a digit, or a line break."""
+    clean Wikipedia, see curate/settings.py). Sentences end at 。！？!?, a "." not followed by a digit, or a line
+    break."""
 
     name = "✂ sentence length"
     rule_type = SentenceRule
@@ -269,7 +270,7 @@ def _dense(text: str) -> np.ndarray:
 
 class TopNgramFilter(JaFilter):
     """Characters in the most frequent n-gram ≤ 0.20/0.18/0.16 for Swallow's word 2/3/4-grams, taken as
-    4/6/8 characters (see config.py): keyword stuffing."""
+    4/6/8 characters (see curate/settings.py): keyword stuffing."""
 
     name = "🔝 top n-gram"
     rule_type = TopNgramRule
@@ -288,7 +289,7 @@ class TopNgramFilter(JaFilter):
 
 class DupNgramFilter(JaFilter):
     """Characters in repeated n-grams ≤ 0.15 … 0.10 for Swallow's word 5..10-grams, taken as 10..20
-    characters (see config.py): repeated sentences and boilerplate."""
+    characters (see curate/settings.py): repeated sentences and boilerplate."""
 
     name = "🔁 duplicate n-grams"
     rule_type = DupNgramRule

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ezoforge.eval.tasks import TASK_TYPES, parse_spec
 from ezoforge.infer.registry import backend_class
-from ezoforge.sizing import (CUDA_OVERHEAD_GIB, EVAL_PROMPT_TOKENS, GIB, PROCESS_RAM_GIB, in_process_gib, in_process_words,
-                             largest_shard, model_shape, weight_bytes)
+from ezoforge.sizing import (CUDA_OVERHEAD_GIB, EVAL_PROMPT_TOKENS, GIB, PROCESS_RAM_GIB, in_process_gib,
+                             in_process_words, largest_shard, model_shape, weight_bytes)
 
 
 def task_type(spec: str):

@@ -26,6 +26,7 @@ from ezoforge.infer.generate import Generator, Sampling, as_finish_reason
 from ezoforge.models import Loaded
 from ezoforge.sizing import (GIB, PROCESS_RAM_GIB, VLLM_GRAPHS_GIB, VLLM_OVERHEAD_GIB, VLLM_RAM_GIB, EngineEstimate,
                              EngineJob, decode_tokens_per_s, in_process_gib, in_process_words, weight_bytes)
+from ezoforge.turns import chat_text
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class LocalBackend(Backend):
         same messages renders too."""
         if req.prompt is not None:
             return req.prompt
-        return self.tokenizer.apply_chat_template(req.chat(), tokenize=False, add_generation_prompt=True) + req.prefill
+        return chat_text(self.tokenizer, req.chat()) + req.prefill
 
     def prompt_ids(self, req: Request) -> list[int]:
         # The rendered text already holds the special tokens (BOS included where the model wants one).

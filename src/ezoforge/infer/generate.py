@@ -14,6 +14,7 @@ import torch
 from ezoforge.completion import Completion, Engine
 from ezoforge.models import Loaded, stop_token_ids
 from ezoforge.records import RecordError, atomic_path, read_jsonl, require
+from ezoforge.turns import chat_text
 
 
 def finish_reason(stopped: bool, tokens: int, max_new_tokens: int) -> str:
@@ -112,11 +113,10 @@ class ChatEngine:
 
     def prompt_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> str:
-        """The chat template applied; `continue_final_message` leaves the last (assistant) turn open to extend."""
+        """The conversation as the model's text (`turns.prompt`); `continue_final_message` leaves the last
+        (assistant) turn open to extend."""
         with self.tokenizer_lock:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
+            return chat_text(self.tokenizer, messages, add_generation_prompt, continue_final_message)
 
     def encode(self, text: str) -> list[int]:
         with self.tokenizer_lock:

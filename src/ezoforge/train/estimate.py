@@ -73,7 +73,7 @@ def train(plan, step: str) -> dict:
         plan.sources["train_tokens_per_s"] = plan.sources["train_memory_gib"] = (
             f"measured: {measured.rows} x {measured.length} tokens, {measured.source}")
     # Checkpointed layers' inputs wait in pinned host memory (offload_activations, on with CUDA checkpointing).
-    offload = t.offload_activations is True or (t.offload_activations == "auto" and t.gradient_checkpointing)
+    offload = t.offloads_activations("cuda")
     host_activations = shape.layers * t.batch_size * t.max_length * shape.hidden * 2 if offload else 0
     shard, _ = largest_shard(r.model.name, shape)
     adapter = plan.lora_params() * 4

@@ -149,12 +149,18 @@ def weight_files(base: Path, spec: str) -> tuple[dict[str, list[str]], bool]:
                      "(safetensors by default) and train against that folder")
 
 
+def configured_dtype(config: dict) -> str | None:
+    """The dtype a model's config.json names (`dtype`, or the older `torch_dtype`), where torch knows it: what
+    `merge.dtype: auto` keeps, here and in `ezo plan`."""
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype) else None
+
+
 def base_dtype(config: dict, base: Path, shards: dict[str, list[str]]) -> torch.dtype:
     """The base's dtype: its config's, else its first floating tensor's."""
     from safetensors import safe_open
 
-    named = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+    if (named := configured_dtype(config)) is not None:
         return getattr(torch, named)
     for file, names in shards.items():
         with safe_open(base / file, "pt") as f:

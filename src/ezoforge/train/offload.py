@@ -125,10 +125,8 @@ class OffloadCheckpoints(TrainerCallback):
 
 def wants_offload(cfg, device: torch.device) -> bool:
     """`train.offload_activations` resolved: auto is on where it frees accelerator memory (CUDA, checkpointing)."""
-    if cfg.offload_activations != "auto":
-        return cfg.offload_activations
-    on = device.type == "cuda" and cfg.gradient_checkpointing
-    if not on:
+    on = cfg.offloads_activations(device.type)
+    if cfg.offload_activations == "auto" and not on:
         log.info("offload_activations auto: off (%s)",
                  "no gradient checkpointing" if device.type == "cuda" else f"{device.type} holds activations already")
     return on

@@ -65,6 +65,13 @@ class TrainConfig(Section):
         card."""
         return self.qlora is not False and (self.qlora is True or device_type == "cuda") and problem is None
 
+    def offloads_activations(self, device_type: str) -> bool:
+        """`train.offload_activations` resolved: auto is on where it frees accelerator memory (CUDA, checkpointing).
+        `train.offload.wants_offload` decides it so here, `ezo plan` on the planned card."""
+        if self.offload_activations != "auto":
+            return self.offload_activations
+        return device_type == "cuda" and self.gradient_checkpointing
+
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
         if self.max_steps is not None and self.epochs is not None:
