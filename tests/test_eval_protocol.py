@@ -21,7 +21,7 @@ from ezoforge.eval.run import run
 from ezoforge.eval.task_types.judged import grade_summary
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.models import model_identity
-from ezoforge.records import write_jsonl
+from ezoforge.records import read_judgements, write_jsonl
 from ezoforge.stages import load_recipe
 from scripted_judge import FINGERPRINT, MODEL, ScriptedJudge
 
@@ -344,3 +344,15 @@ def test_mt_bench_without_references_fails_before_any_work(tmp_path, cache):
 ])
 def test_parse_rating(raw, grade):
     assert parse_rating(raw).grade == grade
+
+
+def test_a_verdict_row_is_read_as_the_judge_client_wrote_it_or_refused_by_line_and_field(tmp_path):
+    row = {"task_id": "elyza100/1", "model": "m", "answer": "はい", "judge": "j", "grade": 4, "error": None,
+           "reason": "良い", "prompt_version": "ezo-judge-ja-v1", "prompt": None, "sample": 0, "turn": 1,
+           "judgment": 0, "judge_served": "j", "system_fingerprint": None}
+    path = tmp_path / "judgements.jsonl"
+    write_jsonl(path, [row, {**row, "task_id": "elyza100/2", "grade": "high"}])
+    with pytest.raises(RecordError, match=r"judgements.jsonl:2: grade: "):
+        read_judgements(path)
+    write_jsonl(path, [row])
+    assert read_judgements(path) == [row] and read_judgements(tmp_path / "none.jsonl") == []

@@ -18,7 +18,7 @@ from ezoforge.config import imported
 from ezoforge.eval.compare import paired_diff
 from ezoforge.eval.eval_report import pairwise_words
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
-from ezoforge.records import read_jsonl, write_json, write_text
+from ezoforge.records import read_jsonl, read_judgements, write_json, write_text
 from ezoforge.report_kit import Cell, counts, fmt, pct, rate, render, size_or_dash
 from ezoforge.stages import STEPS
 
@@ -158,7 +158,7 @@ def _side_by_side(workdir: Path) -> list[dict]:
     for side in ("base", "tuned"):
         folder = workdir / STEPS[f"eval-{side}"].folder
         sides[side] = ({r["task_id"]: r for r in _jsonl(folder / "answers.jsonl")},
-                       {j["task_id"]: j for j in _jsonl(folder / "judgements.jsonl")})
+                       {j["task_id"]: j for j in read_judgements(folder / "judgements.jsonl")})
     (base_rows, base_j), (tuned_rows, tuned_j) = sides["base"], sides["tuned"]
     tasks = [r for r in base_rows.values()] + [r for t, r in tuned_rows.items() if t not in base_rows]
     out = []

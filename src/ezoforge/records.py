@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ezoforge.errors import RecordError
 
@@ -73,6 +73,9 @@ class Done(Record):
 
 
 class Judgement(Record):
+    """One verdict on one answer: a row of an eval's judgements.jsonl, written by the judge client and read back
+    through `read_judgements`."""
+
     task_id: str
     model: str
     answer: str
@@ -233,6 +236,22 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from read_jsonl(path)  # type: ignore[misc]
         return
     raise RecordError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+
+
+def read_judgements(path: str | Path) -> list[dict[str, Any]]:
+    """An eval's judgements.jsonl, each row checked against `Judgement` (a row that is not one raises, naming FILE:LINE
+    and the field); none where the eval judged nothing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for lineno, row in read_jsonl(path):
+        try:
+            rows.append(Judgement.model_validate(row).model_dump())
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise RecordError(f"{path}:{lineno}: {'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}") from None
+    return rows
 
 
 def require(path: str | Path, lineno: int, row: dict[str, Any], field: str, kind: type = str) -> Any:

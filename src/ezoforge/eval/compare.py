@@ -7,7 +7,7 @@ from pathlib import Path
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import eval_report, metrics
 from ezoforge.eval.tasks import METRICS
-from ezoforge.records import read_jsonl, write_json, write_text
+from ezoforge.records import read_judgements, write_json, write_text
 
 
 def _load_run(folder: Path) -> tuple[dict, dict[str, float]]:
@@ -16,8 +16,7 @@ def _load_run(folder: Path) -> tuple[dict, dict[str, float]]:
     if not path.is_file():
         raise EzoError(f"{folder}: no report.json (not an `ezo eval` output folder)")
     report = json.loads(path.read_text(encoding="utf-8"))
-    graded = folder / "judgements.jsonl"
-    per_task = metrics.task_grades([j for _, j in read_jsonl(graded)]) if graded.exists() else {}
+    per_task = metrics.task_grades(read_judgements(folder / "judgements.jsonl"))
     return report, {t: sum(g) / len(g) for t, g in per_task.items() if g}
 
 
