@@ -250,7 +250,7 @@ def read_judgements(path: str | Path) -> list[dict[str, Any]]:
             rows.append(Judgement.model_validate(row).model_dump())
         except ValidationError as e:
             err = e.errors()[0]
-            raise RecordError(f"{path}:{lineno}: {'.'.join(map(str, err['loc'])) or 'row'}: {err['msg']}") from None
+            raise RecordError(f"{path}:{lineno}: {err['loc'][0] if err['loc'] else 'row'}: {err['msg']}") from None
     return rows
 
 
