@@ -130,6 +130,32 @@ def test_decoding_together_equals_one_at_a_time(llama, requests, bundled):
 
 
 @needs_llama_cpp
+def test_a_call_s_prompts_are_all_queued_before_the_first_decodes(llama, requests, monkeypatch):
+    """Which sequences decode together sets each reply's rounding (above): a call queues all its prompts before the
+    loop admits any, however slowly they are queued, so the same call gives the same replies run to run."""
+    from ezoforge.infer.batching import Batcher
+
+    backend, _ = llama
+    submit, joining, sizes = Batcher.submit, Batcher._joining, []
+
+    def slow_submit(self, *args, **kwargs):
+        job = submit(self, *args, **kwargs)
+        time.sleep(0.05)  # time enough for the loop to start on what is queued so far, if it could
+        return job
+
+    def recording(self, rows):
+        if self.waiting:
+            sizes.append(len(self.waiting) + len(rows))
+        return joining(self, rows)
+
+    monkeypatch.setattr(Batcher, "submit", slow_submit)
+    monkeypatch.setattr(Batcher, "_joining", recording)
+    first = ran(backend, requests[:4], GREEDY)
+    assert sizes[0] == 4, sizes
+    assert [o.text for o in ran(backend, requests[:4], GREEDY)] == [o.text for o in first]
+
+
+@needs_llama_cpp
 def test_a_prompt_starting_with_the_shared_prefix_reads_the_logits_a_full_prefill_gives(llama):
     """Two prompts with 200 tokens in common make those the shared prefix; a third starting with them copies their
     cells and prefills only the rest, with the logits of a prefill from scratch."""
