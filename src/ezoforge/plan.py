@@ -1,10 +1,15 @@
 """`ezo plan`: what a recipe will cost before it runs — for every stage its peak GPU memory, host memory, disk
 written and hours on a card, and whether it fits; a stage that does not fit names the setting that makes it fit.
 
+Each stage estimates itself (`STAGE/estimate.py`, named by its `stages.Step` line) from the `Planner` it is handed;
+a backend estimates its share (`Backend.estimate`). Here: the cards, the text volumes, the pieces the estimates share,
+and the orchestration (fits, what would make a stage fit, the printout).
+
 Estimates, not promises: every assumption is printed with the figures, and `sources` says where each one comes
-from. Where a training step was measured at the recipe's shape on the chosen card (MEASURED), its tokens/s and peak
-memory are used as they are, as are the host-side rates measured by the benches (curate, merge); everything else is
-the memory and speed model below. Card memory is what nvidia-smi reports, not the GB in the card's name.
+from. Where a training step was measured at the recipe's shape on the chosen card (`train.estimate.MEASURED`), its
+tokens/s and peak memory are used as they are, as are the host-side rates measured by the benches (curate, merge);
+everything else is the memory and speed model (`sizing`). Card memory is what nvidia-smi reports, not the GB in the
+card's name.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""The stage registry: every `ezo run` step, its folder under the workdir, the steps whose folders it reads, and
-how it runs from the recipe. The pipeline (order, `--force STAGE`), the run report and the CLI read it from here.
+"""The stage registry: every `ezo run` step, its folder under the workdir, the steps whose folders it reads, how it
+runs from the recipe, and what its stage declares in its package (its settings, its `ezo plan` estimate, its
+sentence). The pipeline (order, `--force STAGE`), the run report, `ezo plan` and the CLI read it from here, and the
+whole recipe (`Recipe`) is built from it.
 
 A step belongs to one of the recipe's stages (`recipe.stages`); eval is three steps, the base model, the SFT model
-alone (with a prefer or reinforce stage) and the tuned one. Each `run` is handed the folders of the steps it reads, and only
-those, so what it reads and what a `--force` redoes after it cannot disagree.
+alone (with a prefer or reinforce stage) and the tuned one. Each `run` is handed the folders of the steps it reads,
+and only those, so what it reads and what a `--force` redoes after it cannot disagree.
 """
 from __future__ import annotations
 
