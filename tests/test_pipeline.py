@@ -48,6 +48,10 @@ def test_every_stage_writes_its_folder_and_the_report_reads_them(demo_run):
         assert (workdir / folder / "DONE").exists(), folder
     on_disk = json.loads((workdir / "report.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(report))
+    # One sentence per stage, said once: the card lists the model's stages in the run report's words.
+    made = [f"- **{s}**: {on_disk['stages'][s]['summary']}" for s in ("curate", "synth", "train", "merge")]
+    card = (workdir / "export" / "README.md").read_text(encoding="utf-8")
+    assert "## How it was made\n\n" + "\n".join(made) + "\n" in card
     curate = json.loads((workdir / "curate" / "stats.json").read_text(encoding="utf-8"))
     assert report["curate"]["docs_out"] == curate["docs_out"] and sum(report["curate"]["removed_by_filter"].values()) > 0
     synth = json.loads((workdir / "synth" / "stats.json").read_text(encoding="utf-8"))

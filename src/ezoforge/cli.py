@@ -615,10 +615,11 @@ def export(
     """A folder ready to publish: weights, tokenizer, model card (README.md) from the run's records, optional GGUF."""
     from ezoforge.export.run import run as run_export
     from ezoforge.export.run import summary
-    from ezoforge.stages import STEPS, eval_folders
+    from ezoforge.stages import STEPS, eval_folders, how_it_was_made
 
     out = out or merged.parent / STEPS["export"].folder
-    run_export(merged, out, recipe.export, recipe.model.system_prompt, evals=eval_folders(merged.parent), force=force)
+    run_export(merged, out, recipe.export, recipe.model.system_prompt, evals=eval_folders(merged.parent),
+               made=how_it_was_made(merged), force=force)
     console.print(f"{merged} exported: {summary(out)} → {out}", highlight=False)
 
 

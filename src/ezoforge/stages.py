@@ -135,7 +135,8 @@ def _pairwise(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> 
 def _export(recipe: Recipe, out: Path, read: dict[str, Path], force: bool) -> dict:
     from ezoforge.export.run import run
     evals = {step.removeprefix("eval-"): folder for step, folder in read.items() if STEPS[step].stage == "eval"}
-    return run(read["merge"], out, recipe.export, recipe.model.system_prompt, evals=evals, force=force)
+    return run(read["merge"], out, recipe.export, recipe.model.system_prompt, evals=evals,
+               made=how_it_was_made(read["merge"]), force=force)
 
 
 # In run order: prefer and reinforce between train and merge (merge folds the last adapter), export last (its card
@@ -187,6 +188,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     """A recipe file (or the defaults when path is None) as the whole recipe, `extra` (CLI flags, dotted key ->
     value, named in errors by `flag_names`) and --set overrides applied (`config.parse_recipe`)."""
     return config.parse_recipe(Recipe, path, overrides, extra, flag_names)
+
+
+def how_it_was_made(folder: Path) -> list[tuple[str, str]]:
+    """The finished folders behind `folder` (its lineage, `folder` last), each as (its stage, its sentence as the stage
+    says it, `Step.summary`): what the model card lists. A folder of a stage this registry does not hold is left out."""
+    from ezoforge.stage import lineage
+
+    said = {}
+    for step in STEPS.values():
+        said.setdefault(step.stage, step.summary)  # eval's folders are its evals'; pairwise's is its own stage
+        said.setdefault(step.name, step.summary)
+    return [(done.stage, config.imported(said[done.stage])(path))
+            for path, done in reversed(lineage(folder)) if done.stage in said]
 
 
 def steps(recipe: Recipe) -> list[str]:

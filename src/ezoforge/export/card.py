@@ -282,7 +282,7 @@ def usage(model_ref: str, system_prompt: str | None) -> str:
 
 
 def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | None, gguf: dict[str, str],
-           diff: dict | None, chart: bool) -> str:
+           diff: dict | None, chart: bool, made: list[tuple[str, str]] = ()) -> str:
     base = rec.base_model
     _, notice = licence(base)
     body = ["---", yaml.safe_dump(metadata(rec, list(gguf)), allow_unicode=True, sort_keys=False).strip(), "---", "",
@@ -293,6 +293,8 @@ def render(rec: RunRecords, title: str, model_ref: str, system_prompt: str | Non
              + (", then GRPO from named rewards" if rec.reinforce else "") + "." if rec.train else
              "A model exported with ezoforge (no training records were found beside it).")
             + (f" Base model: `{hub_id(base) or base}`." if base else ""), ""]
+    if made:  # each stage in the words its command and the run report use
+        body += ["## How it was made", "", *[f"- **{stage}**: {sentence}" for stage, sentence in made], ""]
     data = _data_section(rec)
     if data:
         body += ["## Data", "", *[p + "\n" for p in data]]

@@ -67,9 +67,10 @@ def _stops(model_dir: Path, tokenizer) -> list[str]:
 
 
 def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: str | None = None, *,
-        evals: dict[str, Path], force: bool = False) -> dict:
+        evals: dict[str, Path], made: list[tuple[str, str]] = (), force: bool = False) -> dict:
     """Export `merged` into `out`. `system_prompt` is used only when the run's train records name none; `evals`
-    ("base"/"sft"/"tuned" -> an eval folder) are the reports the card may show (those of this model or its base)."""
+    ("base"/"sft"/"tuned" -> an eval folder) are the reports the card may show (those of this model or its base);
+    `made` is each stage behind the model with its sentence (`stages.how_it_was_made`), which the card lists."""
     merged, out = Path(merged), Path(out)
     if not (merged / "config.json").is_file():
         raise ModelError(f"{merged}: not a model folder (no config.json); export takes an `ezo merge` output")
@@ -86,13 +87,13 @@ def run(merged: str | Path, out: str | Path, cfg: ExportConfig, system_prompt: s
         return finished
     start = time.perf_counter()
     with stage.claimed():
-        stats = _build(merged, stage, rec, cfg, system, title(rec, cfg, out), cfg.repo or str(out.resolve()))
+        stats = _build(merged, stage, rec, cfg, system, title(rec, cfg, out), cfg.repo or str(out.resolve()), made)
     log.info("exported %s to %s in %.0f s", merged, out, time.perf_counter() - start)
     return stats
 
 
 def _build(merged: Path, stage: Stage, rec: RunRecords, cfg: ExportConfig, system: str | None, name: str,
-           model_ref: str) -> dict:
+           model_ref: str, made: list[tuple[str, str]]) -> dict:
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -110,7 +111,8 @@ def _build(merged: Path, stage: Stage, rec: RunRecords, cfg: ExportConfig, syste
     chart = card.eval_chart(rec)
     if chart:
         (tmp / "eval.png").write_bytes(chart)
-    write_text(tmp / "README.md", card.render(rec, name, model_ref, system, ggufs, _paired_diff(rec), bool(chart)))
+    write_text(tmp / "README.md", card.render(rec, name, model_ref, system, ggufs, _paired_diff(rec), bool(chart),
+                                              made))
     return stage.finish({"title": name, "model_files": files, "gguf": gguf_stats, "chart": bool(chart),
                             "evals": sorted(rec.evals), "seconds": round(time.perf_counter() - start, 1)})
 
