@@ -34,6 +34,7 @@ from ezoforge.sizing import (CHARS_PER_TOKEN_JA, DECODE_EFFICIENCY, DEQUANT_TRAF
 from ezoforge.stage import done_info
 from ezoforge.stages import STEPS, steps
 from ezoforge.synth.estimate import synth_context
+from ezoforge.synth.passages import passage_budget
 from ezoforge.train.merge import configured_dtype
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def volume(recipe: Recipe, docs_kept: float) -> Volume:
     if s.limit:
         docs = s.limit if missing else min(docs, s.limit)
     prompt = PROMPT_TOKENS[s.mode]
-    budget = max(32, min(s.max_passage_tokens, synth_context(recipe) - prompt - s.generation.max_new_tokens - 16))
+    budget = max(32, passage_budget(s.max_passage_tokens, synth_context(recipe), prompt, s.generation.max_new_tokens))
     per_doc = math.ceil(DOC_TOKENS / budget)  # longer documents are split into passages
     passage = DOC_TOKENS / per_doc
     requests = docs * per_doc

@@ -15,6 +15,15 @@ from ezoforge.records import read_rows, require
 _ENDS = re.escape(ja.SENTENCE_ENDS)
 _SENTENCE = re.compile(rf"[^{_ENDS}\n]*(?:[{_ENDS}]+[{re.escape(ja.CLOSING_BRACKETS)}]*|\n+|$)")
 
+# Tokens kept free beyond prompt + passage + new tokens: sentence-wise counts can differ slightly from the whole.
+MARGIN = 16
+
+
+def passage_budget(max_passage_tokens: int, context: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """The tokens a passage may take: synth.max_passage_tokens, at most what the context leaves beside the prompt,
+    the answer and a margin. synth splits documents by it; `ezo plan` counts their passages by it."""
+    return min(max_passage_tokens, context - prompt_tokens - max_new_tokens - MARGIN)
+
 
 @dataclass
 class Doc:

@@ -38,15 +38,13 @@ from ezoforge.infer.engines import pick_backend
 from ezoforge.infer.registry import backend_class
 from ezoforge.synth.mix import draw
 from ezoforge.synth.parse import PairFilter, Parsed, parse_prompted, parse_synthesizer
-from ezoforge.synth.passages import read_docs, split
+from ezoforge.synth.passages import passage_budget, read_docs, split
 from ezoforge.text import japanese_ratio
 from ezoforge.turns import default_system
 
 log = logging.getLogger(__name__)
 
 SHARD_ROWS = 50_000
-# Tokens kept free beyond prompt + passage + new tokens: sentence-wise counts can differ slightly from the whole.
-MARGIN = 16
 PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in Pair.model_fields])
 REJECT_SCHEMA = pa.schema([("doc_id", pa.string()), ("passage", pa.int32()), ("reason", pa.string()),
                            ("text", pa.string()), ("output", pa.string())])
@@ -98,7 +96,7 @@ def build_requests(docs, backend, recipe: Recipe) -> list[prompts.Request]:
     else:
         make = prompts.synthesizer
     overhead = backend.request_tokens(make("", ""))
-    budget = min(cfg.max_passage_tokens, backend.context_length - overhead - cfg.generation.max_new_tokens - MARGIN)
+    budget = passage_budget(cfg.max_passage_tokens, backend.context_length, overhead, cfg.generation.max_new_tokens)
     if budget < 32:
         raise ConfigError(f"synth: the prompt ({overhead} tokens) and generation.max_new_tokens "
                           f"({cfg.generation.max_new_tokens}) leave no room for a passage in "
