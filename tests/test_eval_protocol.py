@@ -21,7 +21,7 @@ from ezoforge.eval.run import run
 from ezoforge.eval.task_types.judged import grade_summary
 from ezoforge.infer.generate import Sampling, build_messages
 from ezoforge.models import model_identity
-from ezoforge.records import read_judgements, write_jsonl
+from ezoforge.records import read_eval_report, read_judgements, write_json, write_jsonl
 from ezoforge.stages import load_recipe
 from scripted_judge import FINGERPRINT, MODEL, ScriptedJudge
 
@@ -356,3 +356,14 @@ def test_a_verdict_row_is_read_as_the_judge_client_wrote_it_or_refused_by_line_a
         read_judgements(path)
     write_jsonl(path, [row])
     assert read_judgements(path) == [row] and read_judgements(tmp_path / "none.jsonl") == []
+
+
+def test_an_eval_report_is_read_as_written_or_refused_by_file_and_field(tmp_path):
+    report = {"model": {"spec": "m", "adapter": False}, "judge": None, "tasks": ["elyza100"], "n_tasks": 3,
+              "status": "complete", "mean_grade": 3.5}  # a Scoring's figures ride beside the header
+    path = tmp_path / "report.json"
+    write_json(path, report)
+    assert read_eval_report(path) == report and list(read_eval_report(path)) == list(report)
+    write_json(path, {k: v for k, v in report.items() if k != "status"})
+    with pytest.raises(RecordError, match=r"report.json: status: Field required"):
+        read_eval_report(path)

@@ -38,7 +38,8 @@ def eval_folder(root: Path, name: str, better: bool) -> Path:
              "answer": f"富士山は高い山です（{s}）。{BETTER if better else ''}"} for t in range(TASKS) for s in range(2)]
     (folder / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     judge = {"model": "scripted", "served": ["scripted-judge-2026-12-01"], "prompt_version": "ezo-judge-ja-v1"}
-    (folder / "report.json").write_text(json.dumps({"model": {"name": name}, "judge": judge}))
+    (folder / "report.json").write_text(json.dumps({"model": {"name": name}, "judge": judge, "tasks": ["elyza100"],
+                                                    "n_tasks": TASKS, "status": "complete"}))
     return folder
 
 

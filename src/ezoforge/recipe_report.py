@@ -18,7 +18,7 @@ from ezoforge.config import imported
 from ezoforge.eval.compare import paired_diff
 from ezoforge.eval.eval_report import pairwise_words
 from ezoforge.eval.tasks import METRICS, SUMMARY_KEYS
-from ezoforge.records import read_jsonl, read_judgements, write_json, write_text
+from ezoforge.records import read_eval_report, read_jsonl, read_judgements, write_json, write_text
 from ezoforge.report_kit import Cell, counts, fmt, pct, rate, render, size_or_dash
 from ezoforge.stages import STEPS
 
@@ -79,7 +79,10 @@ def _stage_words(step: str, folder: Path) -> str:
 
 # ---------------------------------------------------------------- collecting
 
-def _eval_summary(rep: dict) -> dict:
+def _eval_summary(folder: Path) -> dict:
+    """An eval folder's headline figures (none where the run had no such eval)."""
+    path = folder / "report.json"
+    rep = read_eval_report(path) if path.exists() else {}
     keys = ("status", "n_tasks", "n_scored", "n_failed", *SUMMARY_KEYS, "model", "judge", "partial", "anchors",
             "contamination", "scale")
     return {k: rep.get(k) for k in keys if k in rep}
@@ -179,10 +182,9 @@ def collect(workdir: Path, plan: list[str], timings: dict) -> dict[str, Any]:
     stats = {step: _read(folder[step] / "stats.json") for step, s in STEPS.items() if s.stage != "eval"}
     stats["pairwise"] = _read(folder["pairwise"] / "pairwise.json")
     curate, synth, train = stats["curate"], stats["synth"], stats["train"]
-    evals = {"base": _eval_summary(_read(folder["eval-base"] / "report.json")),
-             "tuned": _eval_summary(_read(folder["eval-tuned"] / "report.json"))}
+    evals = {"base": _eval_summary(folder["eval-base"]), "tuned": _eval_summary(folder["eval-tuned"])}
     if folder["eval-sft"].is_dir():  # with a prefer or reinforce stage: SFT alone, before DPO or GRPO
-        evals["sft"] = _eval_summary(_read(folder["eval-sft"] / "report.json"))
+        evals["sft"] = _eval_summary(folder["eval-sft"])
     dpo_diff = _grade_diff(workdir, STEPS["eval-sft"].folder)[0] if "sft" in evals else None
     grade_diff, notes = _grade_diff(workdir)
     pairs = _pairs(folder["synth"])

@@ -238,6 +238,39 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     raise RecordError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
 
 
+class EvalReport(Record):
+    """An eval's report.json as every reader needs it: what was scored (`model`, `tasks`) and whether its verdicts
+    are whole (`status`). Each task type's Scoring adds its own figures beside these (`eval.run`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: dict[str, Any]
+    tasks: list[str]
+    n_tasks: int
+    status: str
+    judge: dict[str, Any] | None = None
+
+
+def read_eval_report(path: str | Path) -> dict[str, Any]:
+    """An eval's report.json, checked against `EvalReport` (a report that is not one raises, naming the file and the
+    field), as written: its keys in their order."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise RecordError(f"{path}: invalid JSON: {e}") from None
+    try:
+        EvalReport.model_validate(report)
+    except ValidationError as e:
+        raise _refused(str(path), e) from None
+    return report
+
+
+def _refused(where: str, e: ValidationError) -> RecordError:
+    """A record that is not its type, named by where it is and its first wrong field."""
+    err = e.errors()[0]
+    return RecordError(f"{where}: {err['loc'][0] if err['loc'] else 'record'}: {err['msg']}")
+
+
 def read_judgements(path: str | Path) -> list[dict[str, Any]]:
     """An eval's judgements.jsonl, each row checked against `Judgement` (a row that is not one raises, naming FILE:LINE
     and the field); none where the eval judged nothing."""
@@ -249,8 +282,7 @@ def read_judgements(path: str | Path) -> list[dict[str, Any]]:
         try:
             rows.append(Judgement.model_validate(row).model_dump())
         except ValidationError as e:
-            err = e.errors()[0]
-            raise RecordError(f"{path}:{lineno}: {err['loc'][0] if err['loc'] else 'row'}: {err['msg']}") from None
+            raise _refused(f"{path}:{lineno}", e) from None
     return rows
 
 

@@ -1,13 +1,12 @@
 """`ezo eval compare`: eval runs side by side, each later run's grades paired with the first run's."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ezoforge.errors import ConfigError, EzoError
 from ezoforge.eval import eval_report, metrics
 from ezoforge.eval.tasks import METRICS
-from ezoforge.records import read_judgements, write_json, write_text
+from ezoforge.records import read_eval_report, read_judgements, write_json, write_text
 
 
 def _load_run(folder: Path) -> tuple[dict, dict[str, float]]:
@@ -15,7 +14,7 @@ def _load_run(folder: Path) -> tuple[dict, dict[str, float]]:
     path = folder / "report.json"
     if not path.is_file():
         raise EzoError(f"{folder}: no report.json (not an `ezo eval` output folder)")
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = read_eval_report(path)
     per_task = metrics.task_grades(read_judgements(folder / "judgements.jsonl"))
     return report, {t: sum(g) / len(g) for t, g in per_task.items() if g}
 

@@ -26,7 +26,7 @@ from ezoforge.eval.judge_prompt import Verdict, converse, json_objects
 from ezoforge.eval.settings import EvalConfig
 from ezoforge.logs import console
 from ezoforge.models import cache_root, load
-from ezoforge.records import read_jsonl, write_json, write_jsonl
+from ezoforge.records import read_eval_report, read_jsonl, write_json, write_jsonl
 from ezoforge.remote import RemoteError
 from ezoforge.stage import Stage
 
@@ -98,7 +98,7 @@ def _answers(folder: Path) -> tuple[dict, dict[tuple[str, int], dict]]:
     report_path, answers_path = folder / "report.json", folder / "answers.jsonl"
     if not report_path.is_file() or not answers_path.is_file():
         raise EzoError(f"{folder}: no report.json and answers.jsonl (not an `ezo eval` output with judged tasks)")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report = read_eval_report(report_path)
     rows = {(r["task_id"], r.get("sample", 0)): r for _, r in read_jsonl(answers_path) if r.get("turn", 1) == 1}
     return report, rows
 

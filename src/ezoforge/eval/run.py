@@ -7,7 +7,6 @@ nothing to the judge and writes the identical report.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -24,7 +23,7 @@ from ezoforge.eval.task_types.base import Context, Scoring, Suite, prompt_versio
 from ezoforge.eval.tasks import load_suites, scorings
 from ezoforge.infer.engines import choose, identity, in_own_thread, pick_backend
 from ezoforge.models import cache_root, check_model, check_spec, model_identity, pick_quantize
-from ezoforge.records import write_json, write_jsonl, write_text
+from ezoforge.records import read_eval_report, write_json, write_jsonl, write_text
 from ezoforge.stage import Stage
 
 
@@ -167,7 +166,7 @@ def run(recipe: Recipe, out: Path, adapter: Path | None = None, force: bool = Fa
                          "fingerprint": fp, "system_prompt": recipe.model.system_prompt},
                   inputs=inputs)
     if stage.start(force) is not None:
-        return json.loads((out / "report.json").read_text(encoding="utf-8"))
+        return read_eval_report(out / "report.json")
     with stage.claimed():
         return _evaluate(recipe, out, adapter, stage, suites, fp)
 
@@ -221,4 +220,4 @@ def _model_name(recipe: Recipe, adapter: Path | None) -> str:
 
 def summary(folder: Path) -> str:
     """The stage in one sentence, from its finished folder: what `ezo eval` prints and the run report shows."""
-    return eval_report.words(json.loads((Path(folder) / "report.json").read_text(encoding="utf-8")))
+    return eval_report.words(read_eval_report(Path(folder) / "report.json"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ezoforge.models import folder_digest, split_revision
-from ezoforge.records import Done
+from ezoforge.records import Done, read_eval_report
 from ezoforge.stage import done_info, lineage
 
 
@@ -83,8 +83,8 @@ def gather(merged: Path, evals: dict[str, Path]) -> RunRecords:
     for kind, forms in scored.items():
         report = Path(evals[kind]) / "report.json" if kind in evals else None
         if report and report.is_file() and done_info(report.parent) is not None:
-            data = json.loads(report.read_text(encoding="utf-8"))
-            model = data.get("model", {})
+            data = read_eval_report(report)
+            model = data["model"]
             # A hub base is recorded as loaded: at the revision train pinned (`org/name@COMMIT`).
             recorded = split_revision(model.get("spec") or "")[0]
             if any(spec and _same(recorded, spec) and _same(model.get("adapter"), a) for spec, a in forms):
