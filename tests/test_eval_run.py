@@ -199,7 +199,8 @@ def test_compare_pairs_grades_on_shared_tasks(tmp_path):
         write_jsonl(d / "judgements.jsonl", judgements)
         scored = [g for g in grades if g]
         (d / "report.json").write_text(json.dumps({
-            "model": {"name": name}, "judge": {"model": judge, "prompt_version": "v"}, "status": "complete",
+            "model": {"name": name}, "judge": {"model": judge, "prompt_version": "v"}, "tasks": ["elyza100"],
+            "status": "complete",
             "n_tasks": len(grades), "n_scored": len(scored), "n_failed": len(grades) - len(scored),
             "mean_grade": sum(scored) / len(scored), "ci95": [1.0, 5.0], "chrf": 10.0, "accuracy": None,
             "perplexity": None, "bootstrap": {"samples": 1000, "seed": 0}}), encoding="utf-8")
