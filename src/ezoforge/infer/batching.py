@@ -113,6 +113,13 @@ class Batcher:
             self.wake.notify()
         return job
 
+    def submit_all(self, prompts: list[list[int]], sampling: Sampling, deliver: Callable[[int, object], None],
+                   top_k: int = 0) -> list[Job]:
+        """Queue a batch call's prompts together (`deliver(i, event)` for prompt i): the loop admits none before all
+        are queued, so which sequences decode together, and each reply's rounding, is the same run to run."""
+        with self.wake:
+            return [self.submit(p, sampling, lambda e, i=i: deliver(i, e), top_k=top_k) for i, p in enumerate(prompts)]
+
     def queued(self) -> int:
         return len(self.waiting)
 

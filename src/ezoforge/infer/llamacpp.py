@@ -255,12 +255,8 @@ class LlamaCppGenerator(ChatEngine):
         ended: queue.SimpleQueue = queue.SimpleQueue()
         batcher = Batcher(self, ServeConfig(max_batch=self.engine.sequences, max_queue=len(prompts)))
         try:
-            # Every prompt is queued before the loop takes any: which sequences decode together, and so each reply's
-            # rounding, is then the same run to run, not a race between this thread and the loop's.
-            with batcher.wake:
-                for i, prompt in enumerate(prompts):
-                    batcher.submit(prompt, sampling, lambda e, i=i: None if isinstance(e, str) else ended.put((i, e)),
-                                   top_k=self.top_k)
+            batcher.submit_all(prompts, sampling, lambda i, e: None if isinstance(e, str) else ended.put((i, e)),
+                               top_k=self.top_k)
             for _ in prompts:
                 done(*ended.get())
         finally:
